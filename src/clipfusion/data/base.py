@@ -1,0 +1,173 @@
+"""What every dataset yields, and the image/mask readers they share.
+
+Datasets only index files (cheap); pixels are read when a :class:`SampleRef` is loaded, so a
+category of 1000 images costs no memory until it is evaluated, and one unreadable file costs one
+sample, not the run.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from clipfusion.errors import DatasetError, ImageReadError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+NORMAL_DEFECT = "good"
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """An indexed test image: where its pixels and ground truth are, not the pixels themselves.
+
+    ``mask_path`` is None for normal images (their mask is all zero) and for anomalous images of a
+    dataset that has no pixel ground truth (``has_mask`` is then False).
+    """
+
+    image_path: Path
+    label: int
+    category: str
+    defect: str
+    mask_path: Path | None = None
+    has_mask: bool = True
+
+    def load(self) -> Sample:
+        """Read the image (RGB uint8) and its binary mask; raises ImageReadError or DatasetError."""
+        image = read_rgb(self.image_path)
+        height, width = image.shape[:2]
+        if self.mask_path is not None:
+            mask = read_mask(self.mask_path)
+            if mask.shape != (height, width):
+                raise DatasetError(
+                    f"mask {self.mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image "
+                    f"{self.image_path} is {width}x{height}; the ground truth must have the image's size"
+                )
+        elif self.has_mask:
+            mask = np.zeros((height, width), dtype=bool)
+        else:
+            mask = None
+        return Sample(image, mask, self.label, str(self.image_path), self.category, self.defect)
+
+
+@dataclass
+class Sample:
+    """One loaded test image.
+
+    image: (H, W, 3) uint8 RGB.  mask: (H, W) bool, True = anomalous pixel, or None when the
+    dataset has no pixel ground truth for it.  label: 0 normal, 1 anomalous.
+    """
+
+    image: np.ndarray
+    mask: np.ndarray | None
+    label: int
+    path: str
+    category: str
+    defect: str
+
+
+class AnomalyDataset:
+    """Index of one dataset root: categories, their test images and their normal training images."""
+
+    name = "base"
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise DatasetError(f"dataset root {self.root} does not exist or is not a folder")
+
+    def categories(self) -> list[str]:
+        raise NotImplementedError
+
+    def test_samples(self, category: str) -> list[SampleRef]:
+        raise NotImplementedError
+
+    def train_images(self, category: str) -> list[Path]:
+        """Normal training images (the pool few-shot references are drawn from)."""
+        raise NotImplementedError
+
+    def check_categories(self, requested: Sequence[str] | None) -> list[str]:
+        """The requested categories (all available ones when None), or a DatasetError naming the bad ones."""
+        available = self.categories()
+        if not available:
+            raise DatasetError(f"no categories found under {self.root} for the {self.name} layout")
+        if not requested:
+            return available
+        unknown = [c for c in requested if c not in available]
+        if unknown:
+            raise DatasetError(
+                f"unknown categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)} in {self.root}; "
+                f"available: {', '.join(available)}"
+            )
+        return list(requested)
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly in ``folder``, sorted by name (hidden files skipped)."""
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p for p in folder.iterdir()
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+    )
+
+
+def _open(path: Path) -> Image.Image:
+    try:
+        image = Image.open(path)
+        image.load()  # decode now so that truncated files fail here, with their path
+    except FileNotFoundError:
+        raise ImageReadError(path, "file not found") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(path, str(exc) or type(exc).__name__) from None
+    return image
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """Read any image file as (H, W, 3) uint8 RGB.
+
+    Grayscale, palette, RGBA/LA (alpha dropped) and CMYK are converted by Pillow; 16-bit and 32-bit
+    integer grayscale are scaled from their full range to 8 bits (Pillow's own conversion clips).
+    """
+    image = _open(Path(path))
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        values = np.asarray(image, dtype=np.float64)
+        full_scale = 65535.0 if image.mode.startswith("I;16") or values.max() <= 65535 else values.max()
+        gray = np.clip(np.round(values / full_scale * 255.0), 0, 255).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        span = max(float(values.max() - values.min()), 1e-12)
+        gray = np.round((values - values.min()) / span * 255.0).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Read a ground-truth mask as (H, W) bool: any non-zero value is anomalous.
+
+    ``> 0`` rather than ``> 127`` because VisA masks are label-valued (1, 2, ...) and look black.
+    """
+    image = _open(Path(path))
+    values = np.asarray(image)
+    if values.ndim == 3:
+        values = values.max(axis=2)
+    return values > 0
+
+
+def sample_references(train_images: Sequence[Path], k: int, seed: int) -> list[Path]:
+    """Draw ``k`` few-shot references from the normal training images, without replacement.
+
+    Deterministic for a given seed and file list (the list is sorted first, so the order in which
+    the file system lists files does not matter).
+    """
+    pool = sorted(train_images)
+    if k < 0:
+        raise ValueError("k must be >= 0")
+    if k > len(pool):
+        raise DatasetError(f"{k} references requested but only {len(pool)} normal training images exist")
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(len(pool), size=k, replace=False)
+    return [pool[i] for i in picked]
