@@ -16,7 +16,8 @@ logger = logging.getLogger("clipfusion")
 
 EVALUATE_EXAMPLES = """\
 examples:
-  clipfusion evaluate --dataset mvtec --root ~/data/mvtec_anomaly_detection --shots 0 1 2 4 --seeds 0 1 2 --out runs/mvtec
+  clipfusion evaluate --dataset mvtec --root ~/data/mvtec_anomaly_detection \
+      --shots 0 1 2 4 --seeds 0 1 2 --out runs/mvtec
   clipfusion evaluate --dataset visa --root ~/data/VisA_20220922 --categories candle pcb1 --out runs/visa
   clipfusion evaluate --dataset folder --root ~/data/my_part --shots 1 --eval-size native --out runs/mine
 
@@ -78,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="layout of --root")
     evaluate.add_argument("--root", required=True, help="dataset root folder")
     evaluate.add_argument("--categories", nargs="+", default=None, help="categories to run (default: all found)")
-    evaluate.add_argument("--shots", nargs="+", type=int, default=[0], help="numbers of normal references, 0 = zero-shot")
+    evaluate.add_argument("--shots", nargs="+", type=int, default=[0],
+                          help="numbers of normal references, 0 = zero-shot (default: 0)")
     evaluate.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds of the reference draws")
     evaluate.add_argument("--out", default="runs/evaluate", help="output folder (default: %(default)s)")
     _add_run_options(evaluate)

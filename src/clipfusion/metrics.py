@@ -143,10 +143,11 @@ def _curve_metrics(ranking: _PixelRanking, fpr_limit: float) -> dict[str, float]
         ends[:-1] = s[:-1] != s[1:]
         ends[-1] = nxt is None or s[-1] != nxt
         positive = r > 0
-        tps = tp + np.cumsum(positive)[ends]
-        fps = fp + np.cumsum(~positive)[ends]
-        pros = pro + np.cumsum(weights[r])[ends]
-        tp, fp, pro = int(tps[-1]), int(fps[-1]), float(pros[-1])
+        cum_pos, cum_neg, cum_pro = np.cumsum(positive), np.cumsum(~positive), np.cumsum(weights[r])
+        tps, fps, pros = tp + cum_pos[ends], fp + cum_neg[ends], pro + cum_pro[ends]
+        tp, fp, pro = tp + int(cum_pos[-1]), fp + int(cum_neg[-1]), pro + float(cum_pro[-1])
+        if not ends.any():  # one tie group spans the whole chunk: no curve point yet
+            continue
         tpr, fpr = tps / max(n_pos, 1), fps / max(n_neg, 1)
         all_tpr = np.concatenate(([prev_tpr], tpr))
         all_fpr = np.concatenate(([prev_fpr], fpr))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clipfusion.data.base import NORMAL_DEFECT, IMAGE_EXTENSIONS, AnomalyDataset, SampleRef, list_images
+from clipfusion.data.base import IMAGE_EXTENSIONS, NORMAL_DEFECT, AnomalyDataset, SampleRef, list_images
 from clipfusion.errors import DatasetError
 
 

@@ -10,6 +10,7 @@ does not depend on generation order and regenerating gives byte-identical files.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import zlib
 from collections.abc import Callable
@@ -184,8 +185,8 @@ def _boundary_point(object_mask: np.ndarray, rng: np.random.Generator) -> tuple[
 
 def _polyline_mask(shape: tuple[int, int], points: list[tuple[float, float]], width: int) -> np.ndarray:
     line = np.zeros(shape, bool)
-    for (y0, x0), (y1, x1) in zip(points[:-1], points[1:], strict=True):
-        rr, cc = draw.line(int(round(y0)), int(round(x0)), int(round(y1)), int(round(x1)))
+    for (y0, x0), (y1, x1) in itertools.pairwise(points):
+        rr, cc = draw.line(round(y0), round(x0), round(y1), round(x1))
         keep = (rr >= 0) & (rr < shape[0]) & (cc >= 0) & (cc < shape[1])
         line[rr[keep], cc[keep]] = True
     return morphology.dilation(line, morphology.disk(width // 2)) if width > 1 else line

@@ -1,0 +1,95 @@
+"""The command line as a user runs it: the installed ``clipfusion`` script, in a subprocess."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from clipfusion.evaluation import METRICS
+
+
+def clipfusion(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None):
+    script = Path(sys.executable).with_name("clipfusion")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "clipfusion"]
+    return subprocess.run([*command, *args], capture_output=True, text=True, cwd=cwd, timeout=600,
+                          env={**os.environ, **(env or {})})
+
+
+def test_evaluate_writes_the_three_files_and_resumes(synthetic_root, tmp_path):
+    out = tmp_path / "run"
+    args = ["evaluate", "--dataset", "mvtec", "--root", str(synthetic_root), "--method", "mean-image",
+            "--shots", "1", "--seeds", "0", "1", "--out", str(out), "--quiet"]
+    first = clipfusion(*args)
+    assert first.returncode == 0, first.stderr
+    assert "| **mean** |" in first.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["runs"]) == 4 and set(METRICS) <= set(results["runs"][0])
+    assert (out / "results.md").is_file() and (out / "per_image.csv").is_file()
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "units").rglob("*.json")}
+
+    second = clipfusion(*args)
+    assert second.returncode == 0, second.stderr
+    assert {p: p.stat().st_mtime_ns for p in (out / "units").rglob("*.json")} == stamps
+    assert json.loads((out / "results.json").read_text())["runs"] == results["runs"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--root", "/no/such/folder"], "/no/such/folder does not exist"),
+        (["--categories", "bottle"], "unknown category bottle"),
+        (["--method", "magic"], "unknown method 'magic'"),
+        (["--eval-size", "big"], "--eval-size must be a positive integer or 'native'"),
+    ],
+)
+def test_user_errors_are_one_line_without_traceback(synthetic_root, tmp_path, args, message):
+    base = {"--root": str(synthetic_root)}
+    for flag, value in zip(args[::2], args[1::2], strict=True):
+        base[flag] = value
+    flat = [item for pair in base.items() for item in pair]
+    result = clipfusion("evaluate", "--dataset", "mvtec", *flat, "--out", str(tmp_path / "o"), "--quiet")
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = clipfusion("evaluate", "--dataset", "mvtec", "--root", "/no/such/folder", "--debug")
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_help_explains_with_examples():
+    result = clipfusion("evaluate", "--help")
+    assert result.returncode == 0
+    assert "examples:" in result.stdout and "--eval-size" in result.stdout and "resume" in result.stdout
+
+
+def test_corrupt_file_is_reported_and_the_rest_is_scored(synthetic_root, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root / "fabric", root / "fabric")
+    (root / "fabric" / "test" / "good" / "000.png").write_text("garbage")
+    result = clipfusion("evaluate", "--dataset", "folder", "--root", str(root), "--out", str(tmp_path / "o"),
+                        "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "skipped" in result.stderr and "000.png" in result.stderr
+    assert json.loads((tmp_path / "o" / "results.json").read_text())["runs"][0]["n_images"] == 8
+
+
+def test_demo_runs_on_generated_data(tmp_path):
+    result = clipfusion("demo", "--out", str(tmp_path / "demo"), "--data", str(tmp_path / "data"), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "## 1-shot" in result.stdout
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert {r["category"] for r in results["runs"]} == {"fabric", "marble", "disc", "plate", "capsule"}
+
+
+def test_synth_writes_an_mvtec_layout(tmp_path):
+    result = clipfusion("synth", "--out", str(tmp_path / "s"), "--size", "48", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "s" / "disc" / "ground_truth" / "hole" / "000_mask.png").is_file()
