@@ -67,7 +67,7 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_help_explains_with_examples():
     result = clipfusion("evaluate", "--help")
     assert result.returncode == 0
-    assert "examples:" in result.stdout and "--eval-size" in result.stdout and "resume" in result.stdout
+    assert "examples:" in result.stdout and "--eval-size" in result.stdout and "skips" in result.stdout
 
 
 def test_corrupt_file_is_reported_and_the_rest_is_scored(synthetic_root, tmp_path):

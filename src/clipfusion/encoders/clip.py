@@ -1,0 +1,131 @@
+"""CLIP (OpenCLIP) image and text encoding, with patch tokens and a dense text-aligned embedding."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from clipfusion.config import ClipConfig, RuntimeConfig
+from clipfusion.encoders.loading import OpenClipParts, load_open_clip
+from clipfusion.imageops import resize_image
+
+
+@dataclass
+class ClipImageOutput:
+    """What one pass of the image tower gives.
+
+    global_embedding: (B, D) L2-normalised, exactly open_clip's ``encode_image`` direction.
+    patch_tokens: {block index: (B, h*w, C)} raw outputs of the requested blocks (no CLS token).
+    dense_embedding: (B, h*w, D) L2-normalised, text-aligned patch embeddings (value–value
+    attention in the last block), or None when not requested.
+    """
+
+    global_embedding: torch.Tensor
+    patch_tokens: dict[int, torch.Tensor]
+    dense_embedding: torch.Tensor | None
+
+
+class ClipEncoder:
+    """An open_clip CLIP model, read the way PatchCLIP needs it.
+
+    Images are resized (bicubic, whole image, no centre crop: anomaly maps must align with the
+    masks) to the model's input size and normalised with its mean/std.
+    """
+
+    def __init__(self, parts: OpenClipParts) -> None:
+        self.model = parts.model
+        self.tokenizer = parts.tokenizer
+        self.model_id = parts.model_id
+        visual = self.model.visual
+        self.image_size: tuple[int, int] = tuple(visual.image_size)
+        self.grid_size: tuple[int, int] = tuple(visual.grid_size)
+        self.num_blocks = len(visual.transformer.resblocks)
+        param = next(self.model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self._mean = torch.tensor(parts.mean).view(1, 3, 1, 1)
+        self._std = torch.tensor(parts.std).view(1, 3, 1, 1)
+        self._text_cache: dict[tuple[str, ...], torch.Tensor] = {}
+
+    @classmethod
+    def from_config(cls, config: ClipConfig, runtime: RuntimeConfig | None = None,
+                    device: str | torch.device | None = None) -> ClipEncoder:
+        return cls(load_open_clip(config, runtime or RuntimeConfig(), device=device))
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """(H, W, 3) uint8 images → (B, 3, S, S) normalised tensor on the model's device."""
+        resized = np.stack([resize_image(image, self.image_size) for image in images])
+        pixels = torch.from_numpy(resized).permute(0, 3, 1, 2).float() / 255.0
+        pixels = (pixels - self._mean) / self._std
+        return pixels.to(device=self.device, dtype=self.dtype)
+
+    def _block_index(self, block: int) -> int:
+        index = block if block >= 0 else self.num_blocks + block
+        if not 0 <= index < self.num_blocks:
+            raise ValueError(f"block {block} out of range for a {self.num_blocks}-block vision tower")
+        return index
+
+    @torch.inference_mode()
+    def encode_image(self, pixels: torch.Tensor, blocks: Sequence[int] = (), dense: bool = True) -> ClipImageOutput:
+        """One pass of the vision tower over ``pixels`` (B, 3, S, S) from :meth:`preprocess`.
+
+        blocks: indices of the blocks whose patch tokens to return (negative counts from the end).
+        dense: also compute the dense text-aligned embedding of the last block.
+        """
+        visual = self.model.visual
+        wanted = {b: self._block_index(b) for b in blocks}
+        before_last = self.num_blocks - 2
+        take = sorted(set(wanted.values()) | ({before_last} if dense else set())) or [self.num_blocks - 1]
+        out = visual.forward_intermediates(pixels, indices=take, output_fmt="NLC", output_extra_tokens=True)
+        by_index = dict(zip(take, out["image_intermediates"], strict=True))
+        prefix = dict(zip(take, out["image_intermediates_prefix"], strict=True))
+        dense_embedding = None
+        if dense:
+            sequence = torch.cat([prefix[before_last], by_index[before_last]], dim=1)
+            dense_embedding = self._value_value_last_block(sequence)[:, 1:]
+        return ClipImageOutput(
+            global_embedding=F.normalize(out["image_features"].float(), dim=-1),
+            patch_tokens={b: by_index[i].float() for b, i in wanted.items()},
+            dense_embedding=dense_embedding,
+        )
+
+    def _value_value_last_block(self, sequence: torch.Tensor) -> torch.Tensor:
+        """Dense embeddings (B, L, D) from the last block's input (B, L, C), value–value attention.
+
+        The last block's attention is recomputed with values as queries and keys (each token
+        attends to tokens with similar values rather than to the class token), without the
+        residual and MLP branches, then ``ln_post`` and the projection are applied: a training-free
+        dense read-out in the CLIP-Surgery / ClearCLIP family, run beside the normal path so the
+        global embedding is untouched.  Reconstruction choice, see docs/method.md.
+        """
+        visual = self.model.visual
+        block = visual.transformer.resblocks[-1]
+        attention = block.attn
+        if not isinstance(attention, torch.nn.MultiheadAttention):
+            raise NotImplementedError(f"dense mode 'vv' needs nn.MultiheadAttention, not {type(attention).__name__}")
+        batch, length, width = sequence.shape
+        heads = attention.num_heads
+        weight, bias = attention.in_proj_weight, attention.in_proj_bias
+        values = F.linear(block.ln_1(sequence), weight[2 * width:], None if bias is None else bias[2 * width:])
+        values = values.view(batch, length, heads, width // heads).transpose(1, 2)  # (B, heads, L, d)
+        mixed = F.scaled_dot_product_attention(values, values, values)
+        mixed = attention.out_proj(mixed.transpose(1, 2).reshape(batch, length, width))
+        embedded = visual.ln_post(mixed)
+        if visual.proj is not None:
+            embedded = embedded @ visual.proj
+        return F.normalize(embedded.float(), dim=-1)
+
+    @torch.inference_mode()
+    def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(N, D) L2-normalised text embeddings, cached per prompt list for the encoder's lifetime."""
+        key = tuple(prompts)
+        if key not in self._text_cache:
+            tokens = self.tokenizer(list(prompts)).to(self.device)
+            self._text_cache[key] = F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+        return self._text_cache[key]
+
+    def encode_prompt_ensembles(self, ensembles: Sequence[Sequence[str]]) -> torch.Tensor:
+        """(S, D): per state, the normalised mean of its normalised prompt embeddings."""
+        return torch.stack([F.normalize(self.encode_text(prompts).mean(dim=0), dim=-1) for prompts in ensembles])

@@ -1,0 +1,269 @@
+"""Stable Diffusion as a feature extractor: one noised UNet pass, cross-attention and features read out.
+
+Per call: VAE-encode the images → add DDPM forward noise at timestep ``t`` (one seeded draw shared by
+all images) → **one** UNet forward with every prompt in the same batch (no classifier-free
+guidance, no sampling loop).  Chosen ``attn2`` (cross-attention) layers get a capturing processor
+that computes the probabilities explicitly, averages heads and keeps only the requested token
+columns as they come out; every other layer keeps its fast (SDPA) processor, so self-attention
+probabilities are never built.  Up-block outputs are read with forward hooks removed after the call,
+and the UNet stops as soon as the last block any output needs has run.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from clipfusion.config import DiffusionConfig, RuntimeConfig
+from clipfusion.encoders.loading import DiffusionParts, load_diffusion
+from clipfusion.grids import tokens_to_grid
+from clipfusion.imageops import resize_image
+
+_LAYER = re.compile(r"^(down_blocks|up_blocks|mid_block)(?:\.(\d+))?\.attentions\.(\d+)\..*attn2$")
+_PLACE_RANK = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+
+
+@dataclass
+class DiffusionOutput:
+    """cross_attn_maps: {layer: (B, P, T, h, w)} float32 attention probability of each selected token
+    (T tokens; all 77 when no selection) at each position of the layer's grid, averaged over heads.
+    features: {up-block index: (B, P, C, h, w)} float32 outputs of the chosen up-blocks.
+    B images × P prompts; grids row-major, at the layer's own resolution."""
+
+    cross_attn_maps: dict[str, torch.Tensor]
+    features: dict[int, torch.Tensor]
+
+
+@dataclass
+class _CaptureState:
+    token_indices: list[int] | None = None
+    maps: dict[str, torch.Tensor] = field(default_factory=dict)
+    active: bool = False
+
+
+class _StopUNet(Exception):
+    """Raised by a hook once the last needed block has run (caught by the encoder)."""
+
+
+class CrossAttnCaptureProcessor:
+    """diffusers' plain attention maths for one ``attn2`` layer, with its probabilities captured.
+
+    Output is the same as diffusers' ``AttnProcessor`` (and, to float rounding, ``AttnProcessor2_0``).
+    While capturing, stores (batch, queries, T) = mean over heads of the probabilities of the
+    selected token columns, in float32.
+    """
+
+    def __init__(self, name: str, state: _CaptureState) -> None:
+        self.name = name
+        self.state = state
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channels, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
+        batch = hidden_states.shape[0]
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        attention_mask = attn.prepare_attention_mask(attention_mask, context.shape[1], batch)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        key = attn.head_to_batch_dim(attn.to_k(context))
+        value = attn.head_to_batch_dim(attn.to_v(context))
+        probs = attn.get_attention_scores(attn.head_to_batch_dim(query), key, attention_mask)  # (B·heads, Q, K)
+        if self.state.active:
+            per_head = probs.view(batch, attn.heads, probs.shape[1], probs.shape[2])
+            selected = per_head if self.state.token_indices is None else per_head[..., self.state.token_indices]
+            self.state.maps[self.name] = selected.mean(dim=1, dtype=torch.float32)
+        hidden_states = attn.batch_to_head_dim(torch.bmm(probs, value))
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channels, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def layer_order(name: str) -> tuple[int, int, float]:
+    """Execution order of a UNet module: down blocks, then mid, then up blocks, then attentions within."""
+    parts = name.split(".")
+    rank = _PLACE_RANK[parts[0]]
+    block = int(parts[1]) if parts[0] != "mid_block" else 0
+    inner = float(parts[parts.index("attentions") + 1]) if "attentions" in parts else math.inf
+    return rank, block, inner
+
+
+def cross_attention_layers(unet: torch.nn.Module) -> dict[str, tuple[str, int]]:
+    """{attn2 module name: (place, downsampling factor relative to the latent)} in execution order."""
+    n_down, n_up = len(unet.down_blocks), len(unet.up_blocks)
+    layers = {}
+    for key in unet.attn_processors:
+        name = key.removesuffix(".processor")
+        match = _LAYER.match(name)
+        if not match:
+            continue
+        place, block = match.group(1), int(match.group(2) or 0)
+        exponent = {"down_blocks": block, "mid_block": n_down - 1, "up_blocks": n_up - 1 - block}[place]
+        layers[name] = (place.split("_")[0], 2**exponent)
+    return dict(sorted(layers.items(), key=lambda item: layer_order(item[0])))
+
+
+def select_cross_attention_layers(
+    unet: torch.nn.Module, factors: Sequence[int], places: Sequence[str]
+) -> list[str]:
+    chosen = [name for name, (place, factor) in cross_attention_layers(unet).items()
+              if factor in factors and place in places]
+    if not chosen:
+        raise ValueError(f"no cross-attention layer at factors {list(factors)} in places {list(places)}")
+    return chosen
+
+
+class DiffusionEncoder:
+    """A Stable Diffusion UNet (diffusers) read as a feature extractor; see the module docstring."""
+
+    def __init__(self, parts: DiffusionParts, config: DiffusionConfig) -> None:
+        self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
+        self.tokenizer, self.scheduler, self.model_id = parts.tokenizer, parts.scheduler, parts.model_id
+        self.config = config
+        param = next(self.unet.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        vae_config = self.vae.config
+        vae_channels = getattr(vae_config, "block_out_channels", None) or vae_config.encoder_block_out_channels
+        self.vae_scale_factor = 2 ** (len(vae_channels) - 1)
+        self.latent_size = config.image_size // self.vae_scale_factor
+        self.layer_names = select_cross_attention_layers(self.unet, config.cross_attn_factors, config.cross_attn_places)
+        for block in config.feature_blocks:
+            if not 0 <= block < len(self.unet.up_blocks):
+                raise ValueError(f"feature block {block} out of range: {len(self.unet.up_blocks)} up-blocks")
+        self._state = _CaptureState()
+        processors = dict(self.unet.attn_processors)
+        for name in self.layer_names:
+            processors[f"{name}.processor"] = CrossAttnCaptureProcessor(name, self._state)
+        self.unet.set_attn_processor(processors)
+        self._text_cache: dict[tuple[str, ...], torch.Tensor] = {}
+        self._noise: torch.Tensor | None = None
+
+    @classmethod
+    def from_config(cls, config: DiffusionConfig, runtime: RuntimeConfig | None = None) -> DiffusionEncoder:
+        return cls(load_diffusion(config, runtime or RuntimeConfig()), config)
+
+    # --- inputs ----------------------------------------------------------------------------------
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """(H, W, 3) uint8 images → (B, 3, S, S) in [-1, 1] (bicubic resize of the whole image)."""
+        size = (self.config.image_size, self.config.image_size)
+        resized = np.stack([resize_image(image, size) for image in images])
+        pixels = torch.from_numpy(resized).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        return pixels.to(device=self.device, dtype=self.dtype)
+
+    @torch.inference_mode()
+    def encode_latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) → (B, 4, S/8, S/8) latents z0, scaled by the VAE's scaling factor (mean, no sampling)."""
+        encoded = self.vae.encode(pixels)
+        latents = encoded.latent_dist.mean if hasattr(encoded, "latent_dist") else encoded.latents
+        return latents * self.vae.config.scaling_factor
+
+    def noised(self, latents: torch.Tensor) -> torch.Tensor:
+        """z_t = √ᾱ_t z0 + √(1-ᾱ_t) ε at the absolute timestep t, with one seeded ε for every image."""
+        if self._noise is None or self._noise.shape[1:] != latents.shape[1:]:
+            generator = torch.Generator(device="cpu").manual_seed(self.config.noise_seed)
+            self._noise = torch.randn((1, *latents.shape[1:]), generator=generator)
+        noise = self._noise.to(device=latents.device, dtype=latents.dtype).expand_as(latents)
+        timesteps = torch.full((latents.shape[0],), self.config.timestep, dtype=torch.long, device=latents.device)
+        return self.scheduler.add_noise(latents, noise, timesteps)
+
+    @torch.inference_mode()
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(P, 77, D) text-encoder hidden states, cached per prompt list."""
+        key = tuple(prompts)
+        if key not in self._text_cache:
+            tokens = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+                                    truncation=True, return_tensors="pt").input_ids.to(self.device)
+            self._text_cache[key] = self.text_encoder(tokens)[0]
+        return self._text_cache[key]
+
+    def word_token_indices(self, prompt: str, word: str) -> list[int]:
+        """Positions of ``word``'s tokens in ``prompt`` as the UNet sees it (index 0 is the start token).
+
+        A word the tokenizer splits into several tokens gives several positions.
+        """
+        ids = self.tokenizer(prompt, truncation=True, max_length=self.tokenizer.model_max_length).input_ids
+        word_ids = self.tokenizer(word, add_special_tokens=False).input_ids
+        for start in range(len(ids) - len(word_ids) + 1):
+            if ids[start:start + len(word_ids)] == word_ids:
+                return list(range(start, start + len(word_ids)))
+        raise ValueError(f"word {word!r} does not occur in prompt {prompt!r}")
+
+    # --- the pass --------------------------------------------------------------------------------
+
+    def _stop_module(self, feature_blocks: Sequence[int]) -> str:
+        needed = list(self.layer_names) + [f"up_blocks.{b}" for b in feature_blocks]
+        return max(needed, key=layer_order)
+
+    @torch.inference_mode()
+    def encode(
+        self,
+        pixels: torch.Tensor,
+        prompts: Sequence[str],
+        token_indices: Sequence[int] | None = None,
+        feature_blocks: Sequence[int] | None = None,
+        stop_early: bool = True,
+    ) -> DiffusionOutput:
+        """One UNet pass for B images × P prompts.
+
+        pixels: (B, 3, S, S) from :meth:`preprocess`.  token_indices: token columns to keep in the
+        attention maps (the same positions for every prompt), None for all 77.  feature_blocks:
+        up-blocks to capture (default: the config's).  stop_early: skip every block after the last
+        one needed (off only to check that it changes nothing).
+        """
+        feature_blocks = list(self.config.feature_blocks if feature_blocks is None else feature_blocks)
+        n_images, n_prompts = pixels.shape[0], len(prompts)
+        latents = self.noised(self.encode_latents(pixels)).repeat_interleave(n_prompts, dim=0)
+        context = self.encode_prompts(prompts).repeat(n_images, 1, 1)  # row b·P + p: image b, prompt p
+        timesteps = torch.full((latents.shape[0],), self.config.timestep, dtype=torch.long, device=self.device)
+
+        features: dict[int, torch.Tensor] = {}
+        modules = dict(self.unet.named_modules())
+        handles = [
+            self.unet.up_blocks[block].register_forward_hook(
+                lambda _m, _i, output, block=block: features.__setitem__(block, output.float()))
+            for block in feature_blocks
+        ]
+        if stop_early:
+            handles.append(modules[self._stop_module(feature_blocks)].register_forward_hook(self._raise_stop))
+        self._state.token_indices = None if token_indices is None else list(token_indices)
+        self._state.maps = {}
+        self._state.active = True
+        try:
+            self.unet(latents, timesteps, encoder_hidden_states=context)
+        except _StopUNet:
+            pass
+        finally:
+            self._state.active = False
+            for handle in handles:
+                handle.remove()
+        maps = {name: self._to_grid(probs, n_images, n_prompts) for name, probs in self._state.maps.items()}
+        self._state.maps = {}
+        return DiffusionOutput(
+            cross_attn_maps=maps,
+            features={b: f.reshape(n_images, n_prompts, *f.shape[1:]) for b, f in sorted(features.items())},
+        )
+
+    @staticmethod
+    def _raise_stop(*_args) -> None:
+        raise _StopUNet
+
+    def _to_grid(self, probs: torch.Tensor, n_images: int, n_prompts: int) -> torch.Tensor:
+        """(B·P, Q, T) → (B, P, T, h, w) on the square latent grid of that layer."""
+        side = math.isqrt(probs.shape[1])
+        grid = tokens_to_grid(probs, (side, side))
+        return grid.reshape(n_images, n_prompts, *grid.shape[1:])

@@ -1,0 +1,244 @@
+"""Finding and building the models: hub ids, local paths, offline mode, tiny random models.
+
+Real weights come from the Hugging Face hub cache (``~/.cache/huggingface/hub`` or ``cache_dir``)
+or from local paths.  In offline mode (``offline=True`` or ``HF_HUB_OFFLINE=1``) nothing touches
+the network, and missing weights raise :class:`WeightsNotFoundError` naming the model, the cache
+looked in, and the two fixes.  ``tiny`` builds the same classes from the small configs in
+``clipfusion/model_configs`` with random weights under a fixed seed.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clipfusion.config import TINY, ClipConfig, DiffusionConfig, RuntimeConfig
+from clipfusion.errors import ClipfusionError
+
+TINY_SEED = 0
+TINY_CLIP_NAME = "clipfusion-tiny-clip"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class WeightsNotFoundError(ClipfusionError):
+    """Pretrained weights are neither in the local cache nor reachable."""
+
+
+def model_config(name: str) -> dict[str, Any]:
+    """A model config shipped with clipfusion (``model_configs/<name>.json``)."""
+    return json.loads(resources.files("clipfusion").joinpath("model_configs", f"{name}.json").read_text())
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ClipfusionError(f"unknown dtype {name!r}; choose one of {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def torch_device(name: str) -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``mps``, checked for availability with a clear error."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ClipfusionError("device 'cuda' requested but torch sees no CUDA GPU; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ClipfusionError("device 'mps' requested but this torch build has no MPS support; use --device cpu")
+    return device
+
+
+def is_offline(runtime: RuntimeConfig) -> bool:
+    return runtime.offline or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def hub_cache_dir(runtime: RuntimeConfig) -> str:
+    from huggingface_hub import constants
+
+    return runtime.cache_dir or constants.HF_HUB_CACHE
+
+
+def missing_weights(
+    model_id: str, runtime: RuntimeConfig, local_hint: str, cause: BaseException
+) -> WeightsNotFoundError:
+    where = "offline mode" if is_offline(runtime) else f"download failed: {type(cause).__name__}"
+    return WeightsNotFoundError(
+        f"weights for {model_id} not found in the cache {hub_cache_dir(runtime)} ({where}). Fix: run once with "
+        f"network access (without --offline / HF_HUB_OFFLINE=1) to download them into that cache, or pass a "
+        f"local path: {local_hint}"
+    )
+
+
+def _hub_file(repo_id: str, filenames: list[str], runtime: RuntimeConfig, local_hint: str) -> str:
+    """The first of ``filenames`` that the hub (or, offline, its cache) has for ``repo_id``."""
+    from huggingface_hub import hf_hub_download
+
+    error: BaseException | None = None
+    for filename in filenames:
+        try:
+            return hf_hub_download(repo_id, filename, cache_dir=runtime.cache_dir, local_files_only=is_offline(runtime))
+        except Exception as exc:  # huggingface_hub raises several unrelated types for "not there"
+            error = exc
+    raise missing_weights(repo_id, runtime, local_hint, error or FileNotFoundError(repo_id))
+
+
+@cache
+def _register_tiny_clip() -> None:
+    import open_clip
+
+    open_clip.add_model_config(resources.files("clipfusion").joinpath("model_configs", f"{TINY_CLIP_NAME}.json"))
+
+
+@dataclass
+class OpenClipParts:
+    model: torch.nn.Module
+    tokenizer: Any
+    model_id: str  # what the weights are, for caches and manifests
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def load_open_clip(
+    config: ClipConfig, runtime: RuntimeConfig, device: str | torch.device | None = None
+) -> OpenClipParts:
+    """Build the open_clip model of ``config``; ``device="meta"`` builds the architecture without memory."""
+    import open_clip
+
+    target = device if device is not None else torch_device(runtime.device)
+    hint = "--clip-pretrained /path/to/open_clip_model.safetensors (or a 'local-dir:/path' model name)"
+    name, pretrained, quick_gelu = config.model_name, config.pretrained, False
+    if name == TINY:
+        _register_tiny_clip()
+        name, pretrained = TINY_CLIP_NAME, None
+    elif name.startswith("hf-hub:"):
+        from huggingface_hub import snapshot_download
+
+        repo = name.removeprefix("hf-hub:")
+        try:
+            name = "local-dir:" + snapshot_download(repo, cache_dir=runtime.cache_dir,
+                                                    local_files_only=is_offline(runtime))
+        except Exception as exc:
+            raise missing_weights(repo, runtime, hint, exc) from exc
+        pretrained = None
+    elif pretrained is not None and not Path(pretrained).expanduser().is_file():
+        tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+        if not tag_cfg:
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            raise ClipfusionError(f"open_clip has no pretrained tag {pretrained!r} for {name}; known tags: {tags}")
+        repo, filename = os.path.split(tag_cfg["hf_hub"])  # "org/repo/" or "org/repo/file"
+        files = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        quick_gelu = bool(tag_cfg.get("quick_gelu", False))  # OpenAI weights need QuickGELU
+        pretrained = _hub_file(repo, files, runtime, hint) if str(target) != "meta" else None
+    elif pretrained is not None:
+        pretrained = str(Path(pretrained).expanduser())
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)  # random (tiny) weights are the same on every run
+        model = open_clip.create_model(
+            name, pretrained=pretrained, device=target, force_quick_gelu=quick_gelu,
+            force_image_size=config.image_size, cache_dir=runtime.cache_dir,
+        )
+    model.eval()
+    if str(target) != "meta":
+        model.to(dtype=torch_dtype(runtime.dtype))
+    preprocess = getattr(model.visual, "preprocess_cfg", {})
+    return OpenClipParts(
+        model=model,
+        tokenizer=open_clip.get_tokenizer(name),
+        model_id=f"{config.model_name}/{config.pretrained}",
+        mean=tuple(preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+        std=tuple(preprocess.get("std", open_clip.OPENAI_DATASET_STD)),
+    )
+
+
+@cache
+def tiny_tokenizer_dir() -> str:
+    """A CLIPTokenizer folder (vocab.json, merges.txt) made from the BPE merges open_clip ships.
+
+    The result gives OpenAI CLIP's token ids, the ones Stable Diffusion's tokenizer uses, offline.
+    """
+    import open_clip.tokenizer as oc_tokenizer
+
+    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clipfusion" / "clip-tokenizer"
+    if all((folder / name).is_file() for name in ("vocab.json", "merges.txt", "tokenizer_config.json")):
+        return str(folder)
+    with gzip.open(oc_tokenizer.default_bpe()) as handle:
+        merges = handle.read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    byte_chars = list(oc_tokenizer.bytes_to_unicode().values())
+    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+               "pad_token": "<|endoftext|>", "model_max_length": 77}
+    (folder / "tokenizer_config.json").write_text(json.dumps(special))
+    return str(folder)
+
+
+@dataclass
+class DiffusionParts:
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: Any
+    scheduler: Any
+    model_id: str
+
+
+def build_diffusion_from_configs(
+    unet: str, vae: str, text_encoder: str, device: str | torch.device = "cpu", seed: int = TINY_SEED
+) -> DiffusionParts:
+    """Models from shipped configs with random weights (tiny for tests; full size for benchmarks/meta)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(seed)
+        parts = DiffusionParts(
+            unet=UNet2DConditionModel(**model_config(unet)),
+            vae=AutoencoderKL(**model_config(vae)),
+            text_encoder=CLIPTextModel(CLIPTextConfig(**model_config(text_encoder))),
+            tokenizer=CLIPTokenizer.from_pretrained(tiny_tokenizer_dir()),
+            scheduler=DDPMScheduler.from_config(model_config("sd-scheduler")),
+            model_id=f"configs:{unet}+{vae}+{text_encoder}",
+        )
+    for module in (parts.unet, parts.vae, parts.text_encoder):
+        module.eval()
+    return parts
+
+
+def load_diffusion(config: DiffusionConfig, runtime: RuntimeConfig) -> DiffusionParts:
+    """UNet, autoencoder, text encoder, tokenizer and DDPM scheduler of ``config.model_id``."""
+    from diffusers import AutoModel, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    device, dtype = torch_device(runtime.device), torch_dtype(runtime.dtype)
+    if config.model_id == TINY:
+        parts = build_diffusion_from_configs("tiny-unet", "tiny-vae", "tiny-text-encoder")
+        if dtype != torch.float32:
+            for module in (parts.unet, parts.vae, parts.text_encoder):
+                module.to(dtype=dtype)
+    else:
+        common = {"cache_dir": runtime.cache_dir, "local_files_only": is_offline(runtime)}
+        source = config.model_id
+        vae_source = {"pretrained_model_name_or_path": config.vae_id} if config.vae_id else \
+            {"pretrained_model_name_or_path": source, "subfolder": "vae"}
+        try:
+            parts = DiffusionParts(
+                unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **common),
+                vae=AutoModel.from_pretrained(**vae_source, torch_dtype=dtype, **common),
+                text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **common),
+                tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common),
+                scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common),
+                model_id=source if not config.vae_id else f"{source}+{config.vae_id}",
+            )
+        except (OSError, ValueError) as exc:
+            raise missing_weights(source, runtime, "--sd-model /path/to/a/diffusers/folder", exc) from exc
+    for module in (parts.unet, parts.vae, parts.text_encoder):
+        module.to(device=device).eval()
+    return parts
