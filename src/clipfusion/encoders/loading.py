@@ -73,7 +73,7 @@ def missing_weights(
     )
 
 
-def _hub_file(repo_id: str, filenames: list[str], runtime: RuntimeConfig, local_hint: str) -> str:
+def _hub_file(repo_id: str, filenames: list[str], runtime: RuntimeConfig, local_hint: str, display: str) -> str:
     """The first of ``filenames`` that the hub (or, offline, its cache) has for ``repo_id``."""
     from huggingface_hub import hf_hub_download
 
@@ -83,7 +83,7 @@ def _hub_file(repo_id: str, filenames: list[str], runtime: RuntimeConfig, local_
             return hf_hub_download(repo_id, filename, cache_dir=runtime.cache_dir, local_files_only=is_offline(runtime))
         except Exception as exc:  # huggingface_hub raises several unrelated types for "not there"
             error = exc
-    raise missing_weights(repo_id, runtime, local_hint, error or FileNotFoundError(repo_id))
+    raise missing_weights(display, runtime, local_hint, error or FileNotFoundError(repo_id))
 
 
 @cache
@@ -132,7 +132,8 @@ def load_open_clip(
         repo, filename = os.path.split(tag_cfg["hf_hub"])  # "org/repo/" or "org/repo/file"
         files = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
         quick_gelu = bool(tag_cfg.get("quick_gelu", False))  # OpenAI weights need QuickGELU
-        pretrained = _hub_file(repo, files, runtime, hint) if str(target) != "meta" else None
+        display = f"{name} / {pretrained} (hub repo {repo})"
+        pretrained = _hub_file(repo, files, runtime, hint, display) if str(target) != "meta" else None
     elif pretrained is not None:
         pretrained = str(Path(pretrained).expanduser())
 
