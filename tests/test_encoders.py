@@ -73,7 +73,7 @@ def test_token_grid_is_row_major_and_aligned_with_the_image(clip, row, col):
     changed[row * 8:(row + 1) * 8, col * 8:(col + 1) * 8] = 255
     before = clip.encode_image(clip.preprocess([image]), blocks=[0])
     after = clip.encode_image(clip.preprocess([changed]), blocks=[0])
-    h, w = clip.grid_size
+    w = clip.grid_size[1]
     for tokens_before, tokens_after in ((before.patch_tokens[0], after.patch_tokens[0]),
                                         (before.dense_embedding, after.dense_embedding)):
         change = (tokens_after - tokens_before).norm(dim=-1)[0]
