@@ -56,6 +56,63 @@ class DiffusionConfig:
 
 
 @dataclass(frozen=True)
+class PatchClipConfig:
+    """PatchCLIP: CLIP's language map (patches vs state prompts) and visual map (patches vs memory).
+
+    dense_mode: how patches get text-aligned embeddings: ``vv`` (value–value attention in the last
+    block), ``window`` (WinCLIP masked windows at ``window_scales``, harmonic aggregation),
+    ``tile`` (class token of ``tile_grid``² crops), ``raw`` (final patch tokens; ablation only).
+    temperature: softmax temperature of the normal/anomalous similarity.  visual_blocks: blocks
+    whose patch tokens feed the visual map (averaged).  broken_prompt: add "broken {}" to the
+    anomalous states.
+    """
+
+    dense_mode: str = "vv"
+    temperature: float = 0.07
+    visual_blocks: tuple[int, ...] = (-1,)
+    window_scales: tuple[int, ...] = (2, 3)
+    tile_grid: int = 3
+    broken_prompt: bool = False
+
+
+@dataclass(frozen=True)
+class MapDiffConfig:
+    """MapDiff: diffusion language map (cross-attention on state words) and visual map (UNet features).
+
+    The UNet sees one prompt per state word, ``template`` filled with the word and the class name;
+    maps of several words of a state are averaged.  attention_rule turns the attention on
+    anomalous (A_a) and normal (A_n) words into an anomaly map in [0, 1]: ``ratio`` A_a/(A_a+A_n),
+    ``anomalous`` A_a alone, ``difference`` (A_a − A_n + 1)/2.
+    """
+
+    template: str = "a photo of a {state} {name}"
+    normal_words: tuple[str, ...] = ("flawless",)
+    anomalous_words: tuple[str, ...] = ("damaged",)
+    attention_rule: str = "ratio"
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """Fusion and read-out.
+
+    M = α (M_clip_L + M_clip_V) + (1 − α)(M_diff_L + M_diff_V), with α = alpha_seg for the pixel map
+    and alpha_cls for the map the image score reads; visual terms only when fitted.  maps: which of
+    ``clip_language``, ``clip_visual``, ``diff_language``, ``diff_visual`` take part (ablations).
+    sigma: Gaussian smoothing in pixels at a 256-pixel output (scaled with output_size; 0 = off).
+    score_rule: ``mean`` ½(s_clip + max M_cls), ``topk`` ½(s_clip + mean of the top ``topk_fraction``
+    of M_cls), ``max`` max M_cls, ``clip`` s_clip alone.
+    """
+
+    alpha_seg: float = 0.5
+    alpha_cls: float = 0.5
+    sigma: float = 4.0
+    output_size: int = 256
+    score_rule: str = "mean"
+    topk_fraction: float = 0.01
+    maps: tuple[str, ...] = ("clip_language", "clip_visual", "diff_language", "diff_visual")
+
+
+@dataclass(frozen=True)
 class RuntimeConfig:
     """Where and how models run.  offline: never touch the network (also when HF_HUB_OFFLINE=1)."""
 
@@ -71,6 +128,12 @@ class Preset:
     clip: ClipConfig = field(default_factory=ClipConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     description: str = ""
+    patchclip: PatchClipConfig = field(default_factory=PatchClipConfig)
+    mapdiff: MapDiffConfig = field(default_factory=MapDiffConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+
+
+_GROUPS = ("clip", "diffusion", "patchclip", "mapdiff", "fusion")
 
 
 PRESETS: dict[str, Preset] = {
@@ -103,21 +166,24 @@ PRESETS: dict[str, Preset] = {
 
 
 def get_preset(name: str, **overrides: Any) -> Preset:
-    """A preset by name, with ``clip`` / ``diffusion`` fields overridden by ``clip__<field>=`` style keys.
+    """A preset by name, with fields overridden by ``<group>__<field>=value`` keys.
 
-    Example: ``get_preset("paper-recon", diffusion__timestep=200, clip__image_size=336)``.
+    Groups: clip, diffusion, patchclip, mapdiff, fusion.  Example:
+    ``get_preset("paper-recon", diffusion__timestep=200, fusion__alpha_seg=0.3)``.
     """
     if name not in PRESETS:
         raise ClipfusionError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
-    preset = PRESETS[name]
-    grouped: dict[str, dict[str, Any]] = {"clip": {}, "diffusion": {}}
+    return override(PRESETS[name], **overrides)
+
+
+def override(preset: Preset, **overrides: Any) -> Preset:
+    """``preset`` with ``<group>__<field>=value`` overrides applied (see :func:`get_preset`)."""
+    grouped: dict[str, dict[str, Any]] = {group: {} for group in _GROUPS}
     for key, value in overrides.items():
         group, _, attribute = key.partition("__")
         if group not in grouped or attribute not in {f.name for f in dataclasses.fields(getattr(preset, group))}:
-            raise ClipfusionError(f"unknown setting {key!r} for preset {name!r}")
-        grouped[group][attribute] = value
+            raise ClipfusionError(f"unknown setting {key!r}; use <group>__<field> with a group of {_GROUPS}")
+        grouped[group][attribute] = tuple(value) if isinstance(value, list) else value
     return dataclasses.replace(
-        preset,
-        clip=dataclasses.replace(preset.clip, **grouped["clip"]),
-        diffusion=dataclasses.replace(preset.diffusion, **grouped["diffusion"]),
+        preset, **{group: dataclasses.replace(getattr(preset, group), **fields) for group, fields in grouped.items()}
     )

@@ -109,7 +109,7 @@ def load_open_clip(
     import open_clip
 
     target = device if device is not None else torch_device(runtime.device)
-    hint = "--clip-pretrained /path/to/open_clip_model.safetensors (or a 'local-dir:/path' model name)"
+    hint = "ClipConfig(pretrained='/path/to/open_clip_model.safetensors') or model_name='local-dir:/path/to/folder'"
     name, pretrained, quick_gelu = config.model_name, config.pretrained, False
     if name == TINY:
         _register_tiny_clip()
@@ -239,7 +239,7 @@ def load_diffusion(config: DiffusionConfig, runtime: RuntimeConfig) -> Diffusion
                 model_id=source if not config.vae_id else f"{source}+{config.vae_id}",
             )
         except (OSError, ValueError) as exc:
-            raise missing_weights(source, runtime, "--sd-model /path/to/a/diffusers/folder", exc) from exc
+            raise missing_weights(source, runtime, "DiffusionConfig(model_id='/path/to/a/diffusers/folder')", exc) from exc
     for module in (parts.unet, parts.vae, parts.text_encoder):
         module.to(device=device).eval()
     return parts

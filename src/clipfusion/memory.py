@@ -1,0 +1,98 @@
+"""Few-shot memory banks: normal reference features per branch and layer, nearest-neighbour distance.
+
+A bank holds, per named layer, every position of the k reference images' features, L2-normalised
+and flattened to (M, C).  The distance of a query feature is ``min over the bank of ½(1 − cos)``,
+in [0, 1], found by chunked matrix products so memory stays bounded (4 shots of 64×64 features
+are 16k rows).  Banks save as safetensors with a JSON manifest; loading one made with other
+settings is refused with the mismatching fields named.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from clipfusion import __version__
+from clipfusion.errors import ClipfusionError
+
+QUERY_CHUNK = 4096
+MEMORY_CHUNK = 8192
+
+
+class MemoryBankMismatch(ClipfusionError):
+    """A saved memory bank was made with settings other than the detector's."""
+
+
+def nearest_distance(queries: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+    """(Q, C) and (M, C), both L2-normalised → (Q,) min over memory of ½(1 − cos), in [0, 1].
+
+    Works in blocks of QUERY_CHUNK × MEMORY_CHUNK similarities (128 MB in float32 at most).
+    """
+    memory = memory.to(device=queries.device, dtype=queries.dtype)
+    best = torch.empty(queries.shape[0], device=queries.device, dtype=torch.float32)
+    for q0 in range(0, queries.shape[0], QUERY_CHUNK):
+        block = queries[q0:q0 + QUERY_CHUNK]
+        top = torch.full((block.shape[0],), -1.0, device=queries.device, dtype=torch.float32)
+        for m0 in range(0, memory.shape[0], MEMORY_CHUNK):
+            top = torch.maximum(top, (block @ memory[m0:m0 + MEMORY_CHUNK].T).amax(dim=1).float())
+        best[q0:q0 + QUERY_CHUNK] = top
+    return ((1.0 - best) / 2.0).clamp_(0.0, 1.0)
+
+
+@dataclass
+class MemoryBank:
+    """features: {layer name: (M, C) L2-normalised}; manifest: how they were made (JSON-able)."""
+
+    features: dict[str, torch.Tensor] = field(default_factory=dict)
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+    def add(self, name: str, tokens: torch.Tensor) -> None:
+        """Append (..., C) features of reference images to layer ``name`` (normalised here)."""
+        flat = F.normalize(tokens.reshape(-1, tokens.shape[-1]).float(), dim=-1).cpu()
+        self.features[name] = flat if name not in self.features else torch.cat([self.features[name], flat])
+
+    def distance(self, name: str, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) query features → (B, N) nearest-neighbour distance to layer ``name`` of the bank."""
+        queries = F.normalize(tokens.reshape(-1, tokens.shape[-1]).float(), dim=-1)
+        return nearest_distance(queries, self.features[name]).reshape(tokens.shape[:-1])
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        manifest = {**self.manifest, "version": __version__}
+        save_file({k: v.contiguous() for k, v in self.features.items()}, str(path),
+                  metadata={"manifest": json.dumps(manifest)})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> MemoryBank:
+        path = Path(path)
+        if not path.is_file():
+            raise ClipfusionError(f"memory bank {path} not found")
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                manifest = json.loads((handle.metadata() or {}).get("manifest", "{}"))
+            features = load_file(str(path))
+        except Exception as exc:  # a truncated or foreign file
+            raise ClipfusionError(f"{path} is not a clipfusion memory bank: {exc}") from None
+        return cls(features, manifest)
+
+    def check_compatible(self, expected: dict[str, Any], source: str = "the bank") -> None:
+        """Raise MemoryBankMismatch naming every setting in ``expected`` that the manifest contradicts."""
+        wrong = [
+            f"{key}: bank {self.manifest.get(key)!r} vs detector {value!r}"
+            for key, value in expected.items()
+            if json.loads(json.dumps(self.manifest.get(key))) != json.loads(json.dumps(value))
+        ]
+        if wrong:
+            raise MemoryBankMismatch(
+                f"{source} was made with other settings ({'; '.join(wrong)}); refit it with `clipfusion fit` "
+                "or use a detector with the bank's settings"
+            )
