@@ -6,9 +6,13 @@ from typing import Any
 
 from clipfusion.api import Detector
 from clipfusion.baselines import MeanImageDetector
+from clipfusion.detector import CLIPFusion
 from clipfusion.errors import ClipfusionError
+from clipfusion.winclip import WinCLIP
 
 METHODS: dict[str, Callable[..., Detector]] = {
+    "clipfusion": CLIPFusion,
+    "winclip": WinCLIP,
     "mean-image": MeanImageDetector,
 }
 

@@ -118,6 +118,39 @@ class ClipEncoder:
         return F.normalize(embedded.float(), dim=-1)
 
     @torch.inference_mode()
+    def token_embeddings(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) → (B, 1 + h*w, C): class token and patch embeddings with positions, after ln_pre.
+
+        The vision tower's input sequence, rebuilt from its public modules so that subsets of it
+        (WinCLIP windows) can be run through the transformer.
+        """
+        visual = self.model.visual
+        if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
+            raise NotImplementedError("window embeddings need a ViT pooled by its class token")
+        patches = visual.conv1(pixels).flatten(2).transpose(1, 2)  # (B, h*w, C), row-major
+        cls = visual.class_embedding.to(patches.dtype).expand(patches.shape[0], 1, -1)
+        sequence = torch.cat([cls, patches], dim=1) + visual.positional_embedding.to(patches.dtype)
+        return visual.ln_pre(sequence)  # per-token, so it commutes with taking subsets
+
+    @torch.inference_mode()
+    def encode_token_subsets(self, embeddings: torch.Tensor, subsets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+        """Class-token embedding of the image seen through each subset of its patches (WinCLIP windows).
+
+        embeddings: (B, 1 + N, C) from :meth:`token_embeddings`; subsets: (W, k) patch indices.
+        Returns (B, W, D), L2-normalised: for each window, the transformer runs on the class token
+        plus those k patch tokens only.
+        """
+        visual = self.model.visual
+        batch, n_windows = embeddings.shape[0], subsets.shape[0]
+        index = torch.cat([torch.zeros(n_windows, 1, dtype=torch.long), subsets.long() + 1], dim=1)
+        sequences = embeddings[:, index.to(embeddings.device)].flatten(0, 1)  # (B*W, 1 + k, C)
+        pooled = []
+        for start in range(0, sequences.shape[0], chunk):
+            out = visual.transformer(sequences[start:start + chunk])
+            pooled.append(visual.ln_post(out[:, 0]) @ visual.proj)
+        return F.normalize(torch.cat(pooled).float(), dim=-1).view(batch, n_windows, -1)
+
+    @torch.inference_mode()
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
         """(N, D) L2-normalised text embeddings, cached per prompt list for the encoder's lifetime."""
         key = tuple(prompts)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
 
 from clipfusion.config import DiffusionConfig, RuntimeConfig
 from clipfusion.encoders.loading import DiffusionParts, load_diffusion
@@ -145,10 +146,15 @@ class DiffusionEncoder:
             if not 0 <= block < len(self.unet.up_blocks):
                 raise ValueError(f"feature block {block} out of range: {len(self.unet.up_blocks)} up-blocks")
         self._state = _CaptureState()
-        processors = dict(self.unet.attn_processors)
-        for name in self.layer_names:
-            processors[f"{name}.processor"] = CrossAttnCaptureProcessor(name, self._state)
-        self.unet.set_attn_processor(processors)
+        self._processors = {}
+        for key, processor in self.unet.attn_processors.items():
+            name = key.removesuffix(".processor")
+            if name in self.layer_names:
+                processor = CrossAttnCaptureProcessor(name, self._state)
+            elif isinstance(processor, CrossAttnCaptureProcessor):  # left by another encoder of the same UNet
+                processor = AttnProcessor2_0()
+            self._processors[key] = processor
+        self.unet.set_attn_processor(dict(self._processors))
         self._text_cache: dict[tuple[str, ...], torch.Tensor] = {}
         self._noise: torch.Tensor | None = None
 
@@ -240,6 +246,7 @@ class DiffusionEncoder:
         ]
         if stop_early:
             handles.append(modules[self._stop_module(feature_blocks)].register_forward_hook(self._raise_stop))
+        self.unet.set_attn_processor(dict(self._processors))  # the UNet may be shared with another encoder
         self._state.token_indices = None if token_indices is None else list(token_indices)
         self._state.maps = {}
         self._state.active = True

@@ -239,7 +239,8 @@ def load_diffusion(config: DiffusionConfig, runtime: RuntimeConfig) -> Diffusion
                 model_id=source if not config.vae_id else f"{source}+{config.vae_id}",
             )
         except (OSError, ValueError) as exc:
-            raise missing_weights(source, runtime, "DiffusionConfig(model_id='/path/to/a/diffusers/folder')", exc) from exc
+            hint = "DiffusionConfig(model_id='/path/to/a/diffusers/folder')"
+            raise missing_weights(source, runtime, hint, exc) from exc
     for module in (parts.unet, parts.vae, parts.text_encoder):
         module.to(device=device).eval()
     return parts

@@ -1,0 +1,95 @@
+"""MapDiff: Stable Diffusion's anomaly maps from one noised UNet pass.
+
+language map M_diff_L: cross-attention of the UNet on anomalous-state words (A_a) against
+normal-state words (A_n), per latent position, averaged over the chosen layers (each upsampled to
+the latent grid first) and over the words of each state; default rule A_a / (A_a + A_n).
+visual map M_diff_V (few-shot): per position, ½(1 − cos) of the up-block features (normal prompt)
+to the nearest reference feature of the same block, upsampled to the finest block and averaged.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from clipfusion.branches.common import resize_grid
+from clipfusion.config import MapDiffConfig
+from clipfusion.encoders.diffusion import DiffusionEncoder
+from clipfusion.grids import grid_to_tokens
+from clipfusion.memory import MemoryBank
+from clipfusion.prompts import class_name
+
+ATTENTION_RULES = ("ratio", "anomalous", "difference")
+
+
+@dataclass
+class StatePrompts:
+    """prompts: normal-word prompts first, then anomalous; positions: each prompt's word-token positions."""
+
+    prompts: list[str]
+    n_normal: int
+    positions: list[list[int]]
+
+
+@dataclass
+class MapDiffOutput:
+    """language_map: (B, H, W) on the latent grid, in [0, 1]; features: {up-block: (B, C, h, w)}."""
+
+    language_map: torch.Tensor
+    features: dict[int, torch.Tensor]
+
+
+class MapDiff:
+    def __init__(self, encoder: DiffusionEncoder, config: MapDiffConfig) -> None:
+        if config.attention_rule not in ATTENTION_RULES:
+            raise ValueError(f"attention_rule must be one of {ATTENTION_RULES}, not {config.attention_rule!r}")
+        if not config.normal_words or not config.anomalous_words:
+            raise ValueError("MapDiff needs at least one normal and one anomalous word")
+        self.encoder = encoder
+        self.config = config
+        self._prompts: dict[str, StatePrompts] = {}
+
+    def state_prompts(self, category: str) -> StatePrompts:
+        if category not in self._prompts:
+            name = class_name(category)
+            words = list(self.config.normal_words) + list(self.config.anomalous_words)
+            prompts = [self.config.template.format(state=word, name=name) for word in words]
+            positions = [self.encoder.word_token_indices(p, w) for p, w in zip(prompts, words, strict=True)]
+            self._prompts[category] = StatePrompts(prompts, len(self.config.normal_words), positions)
+        return self._prompts[category]
+
+    @torch.inference_mode()
+    def run(self, images: Sequence[np.ndarray], category: str, with_features: bool = False) -> MapDiffOutput:
+        encoder = self.encoder
+        state = self.state_prompts(category)
+        columns = sorted({i for positions in state.positions for i in positions})
+        out = encoder.encode(encoder.preprocess(images), state.prompts, token_indices=columns,
+                             feature_blocks=encoder.config.feature_blocks if with_features else [])
+        latent = (encoder.latent_size, encoder.latent_size)
+        per_prompt = []
+        for p, positions in enumerate(state.positions):
+            keep = [columns.index(i) for i in positions]
+            layers = [resize_grid(maps[:, p, keep].mean(dim=1), latent) for maps in out.cross_attn_maps.values()]
+            per_prompt.append(torch.stack(layers).mean(dim=0))  # (B, H, W) attention mass on the word
+        normal = torch.stack(per_prompt[:state.n_normal]).mean(dim=0)
+        anomalous = torch.stack(per_prompt[state.n_normal:]).mean(dim=0)
+        features = {block: f[:, 0] for block, f in out.features.items()}  # the first normal prompt's pass
+        return MapDiffOutput(self._rule(anomalous, normal), features)
+
+    def _rule(self, anomalous: torch.Tensor, normal: torch.Tensor) -> torch.Tensor:
+        if self.config.attention_rule == "ratio":
+            return anomalous / (anomalous + normal + 1e-8)
+        if self.config.attention_rule == "anomalous":
+            return anomalous
+        return (anomalous - normal + 1.0) / 2.0
+
+    def visual_map(self, features: dict[int, torch.Tensor], bank: MemoryBank) -> torch.Tensor:
+        """(B, H, W) at the finest feature grid: nearest-reference distance averaged over blocks."""
+        size = max((f.shape[-2:] for f in features.values()), key=lambda s: s[0] * s[1])
+        maps = []
+        for block, grid in features.items():
+            distance = bank.distance(f"diffusion/up{block}", grid_to_tokens(grid))
+            maps.append(resize_grid(distance.view(grid.shape[0], *grid.shape[-2:]), tuple(size)))
+        return torch.stack(maps).mean(dim=0)

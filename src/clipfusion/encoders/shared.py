@@ -1,0 +1,31 @@
+"""Encoders shared within a process: weights load once, text caches persist across detectors.
+
+The evaluation runner makes a fresh detector for every (category, shots, seed) unit; without this,
+each unit would reload Stable Diffusion and re-encode the CLIP prompt ensembles.
+"""
+from __future__ import annotations
+
+import dataclasses
+from functools import lru_cache
+
+from clipfusion.config import ClipConfig, DiffusionConfig, RuntimeConfig
+from clipfusion.encoders.clip import ClipEncoder
+from clipfusion.encoders.diffusion import DiffusionEncoder
+from clipfusion.encoders.loading import DiffusionParts, load_diffusion
+
+
+@lru_cache(maxsize=2)
+def clip_encoder(config: ClipConfig, runtime: RuntimeConfig) -> ClipEncoder:
+    return ClipEncoder.from_config(config, runtime)
+
+
+@lru_cache(maxsize=2)
+def _diffusion_parts(model_id: str, vae_id: str | None, runtime: RuntimeConfig) -> DiffusionParts:
+    return load_diffusion(DiffusionConfig(model_id=model_id, vae_id=vae_id), runtime)
+
+
+@lru_cache(maxsize=4)
+def diffusion_encoder(config: DiffusionConfig, runtime: RuntimeConfig) -> DiffusionEncoder:
+    """Encoders differing only in read-out settings (layers, timestep...) share one set of weights."""
+    parts = _diffusion_parts(config.model_id, config.vae_id, runtime)
+    return DiffusionEncoder(dataclasses.replace(parts), config)

@@ -1,0 +1,88 @@
+"""Fusion of the branch maps into the pixel map and the image score.
+
+M = α (M_clip_L + M_clip_V) + (1 − α)(M_diff_L + M_diff_V), every map first resized bilinearly to
+the output size; the visual terms exist only when the detector was fitted.  Maps are never
+min-max normalised per image, so scores stay comparable across images.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from clipfusion.api import Prediction
+from clipfusion.branches.common import resize_grid
+from clipfusion.config import FusionConfig
+
+MAP_NAMES = ("clip_language", "clip_visual", "diff_language", "diff_visual")
+SCORE_RULES = ("mean", "topk", "max", "clip")
+
+
+@dataclass
+class BranchMaps:
+    """Everything fusion needs for B images, each map on its branch's own grid (float32, CPU).
+
+    clip_score: (B,) s_clip.  clip_language (B, h_c, w_c), diff_language (B, h_d, w_d); the visual maps
+    likewise, or None in zero-shot.  Fusion-level sweeps (α, σ, score rule, which maps) reuse one
+    BranchMaps without running any model again.
+    """
+
+    clip_score: torch.Tensor
+    clip_language: torch.Tensor
+    diff_language: torch.Tensor
+    clip_visual: torch.Tensor | None = None
+    diff_visual: torch.Tensor | None = None
+
+    @staticmethod
+    def concat(parts: list[BranchMaps]) -> BranchMaps:
+        def cat(name: str) -> torch.Tensor | None:
+            values = [getattr(p, name) for p in parts]
+            return None if values[0] is None else torch.cat(values)
+
+        return BranchMaps(**{name: cat(name) for name in ("clip_score", *MAP_NAMES)})
+
+
+def _smooth(maps: np.ndarray, sigma: float) -> np.ndarray:
+    return ndimage.gaussian_filter(maps, sigma=(0, sigma, sigma)) if sigma > 0 else maps
+
+
+def _branch_sum(resized: dict[str, torch.Tensor], prefix: str, like: torch.Tensor) -> torch.Tensor:
+    terms = [m for name, m in resized.items() if name.startswith(prefix)]
+    return torch.stack(terms).sum(dim=0) if terms else torch.zeros_like(like)
+
+
+def fuse(maps: BranchMaps, config: FusionConfig) -> Prediction:
+    """Pixel maps (N, S, S) with alpha_seg, image scores from a map fused with alpha_cls."""
+    if config.score_rule not in SCORE_RULES:
+        raise ValueError(f"score_rule must be one of {SCORE_RULES}, not {config.score_rule!r}")
+    unknown = set(config.maps) - set(MAP_NAMES)
+    if unknown:
+        raise ValueError(f"unknown maps {sorted(unknown)}; choose from {MAP_NAMES}")
+    size = (config.output_size, config.output_size)
+    resized = {name: resize_grid(getattr(maps, name), size) for name in MAP_NAMES
+               if name in config.maps and getattr(maps, name) is not None}
+    if not resized:
+        raise ValueError("fusion has no map to fuse: enable at least one available map")
+    like = next(iter(resized.values()))
+    clip_part, diff_part = _branch_sum(resized, "clip_", like), _branch_sum(resized, "diff_", like)
+    sigma = config.sigma * config.output_size / 256.0
+
+    def fused(alpha: float) -> np.ndarray:
+        return _smooth((alpha * clip_part + (1.0 - alpha) * diff_part).numpy(), sigma).astype(np.float32)
+
+    segmentation = fused(config.alpha_seg)
+    classification = segmentation if config.alpha_cls == config.alpha_seg else fused(config.alpha_cls)
+    flat = classification.reshape(len(classification), -1)
+    clip_score = maps.clip_score.numpy().astype(np.float32)
+    if config.score_rule == "clip":
+        scores = clip_score
+    elif config.score_rule == "max":
+        scores = flat.max(axis=1)
+    else:
+        k = max(1, round(config.topk_fraction * flat.shape[1]))
+        peak = flat.max(axis=1) if config.score_rule == "mean" else np.sort(flat, axis=1)[:, -k:].mean(axis=1)
+        scores = 0.5 * (clip_score + peak)
+    branch = {name: m.numpy() for name, m in resized.items()}
+    return Prediction(scores=scores.astype(np.float32), maps=segmentation, branch_maps=branch)

@@ -1,0 +1,93 @@
+"""WinCLIP / WinCLIP+ (Jeong et al., CVPR 2023) on the same CLIP encoder, for side-by-side comparison.
+
+Zero-shot: the harmonic mean of the image-scale score and, per window scale, the harmonic
+aggregation of every window's P(anomalous).  Few-shot (WinCLIP+): per patch, ½(1 − cos) to the
+nearest reference feature, for the full-resolution patch tokens and for each scale's window
+embeddings (aggregated to patches harmonically), averaged; map = (zero-shot + few-shot) / 2,
+image score = (image-scale score + max few-shot map) / 2.  Maps are upsampled bilinearly to
+``output_size``; no smoothing.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from clipfusion.api import Prediction
+from clipfusion.branches.common import resize_grid, state_probability
+from clipfusion.branches.patchclip import window_embeddings, window_zero_shot_map
+from clipfusion.branches.windows import harmonic_aggregate, window_indices
+from clipfusion.config import RuntimeConfig, get_preset
+from clipfusion.encoders import shared
+from clipfusion.errors import ClipfusionError
+from clipfusion.grids import tokens_to_grid
+from clipfusion.memory import MemoryBank
+from clipfusion.prompts import state_ensembles
+
+
+class WinCLIP:
+    def __init__(self, preset: str = "paper-recon", runtime: RuntimeConfig | None = None,
+                 scales: Sequence[int] = (2, 3), temperature: float = 0.07, output_size: int = 256,
+                 batch_size: int = 8) -> None:
+        self.preset = preset
+        self.runtime = runtime
+        self.scales = tuple(scales)
+        self.temperature = temperature
+        self.output_size = output_size
+        self.batch_size = batch_size
+
+    def get_params(self) -> dict[str, Any]:
+        return {"preset": self.preset, "clip": vars(get_preset(self.preset).clip), "scales": list(self.scales),
+                "temperature": self.temperature, "output_size": self.output_size, "batch_size": self.batch_size}
+
+    @property
+    def encoder(self):
+        return shared.clip_encoder(get_preset(self.preset).clip, self.runtime or RuntimeConfig())
+
+    @torch.inference_mode()
+    def _features(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+        """Global embeddings (B, D), final patch tokens after ln_post (B, N, C), window embeddings per scale."""
+        encoder = self.encoder
+        pixels = encoder.preprocess(images)
+        out = encoder.encode_image(pixels, blocks=[-1], dense=False)
+        tokens = encoder.model.visual.ln_post(out.patch_tokens[-1])
+        return out.global_embedding, tokens, window_embeddings(encoder, pixels, self.scales)
+
+    @torch.inference_mode()
+    def fit(self, images: Sequence[np.ndarray], category: str) -> WinCLIP:
+        if len(images) == 0:
+            raise ClipfusionError("fit needs at least one normal image")
+        bank = MemoryBank(manifest={"category": category, "k": len(images)})
+        for start in range(0, len(images), self.batch_size):
+            _, tokens, windows = self._features(images[start:start + self.batch_size])
+            bank.add("patch", tokens)
+            for scale, embedded in windows.items():
+                bank.add(f"window{scale}", embedded)
+        self.memory_bank_ = bank
+        return self
+
+    @torch.inference_mode()
+    def predict(self, images: Sequence[np.ndarray], category: str) -> Prediction:
+        encoder = self.encoder
+        prototypes = encoder.encode_prompt_ensembles(state_ensembles(category))
+        n_patches = encoder.grid_size[0] * encoder.grid_size[1]
+        scores, maps = [], []
+        for start in range(0, len(images), self.batch_size):
+            global_embedding, tokens, windows = self._features(images[start:start + self.batch_size])
+            image_score = state_probability(global_embedding, prototypes, self.temperature)
+            zero_shot = window_zero_shot_map(encoder, windows, prototypes, image_score, self.temperature)
+            anomaly_map, score = zero_shot, image_score
+            if hasattr(self, "memory_bank_"):
+                few_shot = [self.memory_bank_.distance("patch", tokens)]
+                for scale, embedded in windows.items():
+                    distance = self.memory_bank_.distance(f"window{scale}", embedded)
+                    few_shot.append(harmonic_aggregate(distance, window_indices(encoder.grid_size, scale), n_patches))
+                visual = torch.stack(few_shot).mean(dim=0)
+                anomaly_map = (zero_shot + visual) / 2
+                score = (image_score + visual.amax(dim=1)) / 2
+            grid = tokens_to_grid(anomaly_map[..., None], encoder.grid_size)[:, 0]
+            maps.append(resize_grid(grid, (self.output_size, self.output_size)).cpu())
+            scores.append(score.cpu())
+        return Prediction(scores=torch.cat(scores).numpy(), maps=torch.cat(maps).numpy())
