@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from clipfusion import __version__
 from clipfusion.errors import ClipfusionError
@@ -41,14 +43,69 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of errors")
 
 
-def _add_run_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", default="mean-image", help="detector to run (default: %(default)s)")
+def _add_run_options(parser: argparse.ArgumentParser, method: bool = True) -> None:
+    if method:
+        parser.add_argument("--method", default="clipfusion", choices=["clipfusion", "winclip", "mean-image"],
+                            help="detector to run (default: %(default)s)")
     parser.add_argument("--eval-size", default="256", metavar="N|native",
                         help="side of the square that maps and masks are resized to for pixel metrics, or "
                              "'native' for each mask's own size (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per predict call (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete the earlier results in --out instead of resuming them")
+    _add_model_options(parser)
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("models and method settings")
+    group.add_argument("--preset", default="paper-recon",
+                       help="paper-recon (default), sd21, vitl14, or tiny (random offline models, meaningless scores)")
+    group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: %(default)s)")
+    group.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                       help="float16 on GPUs; keep float32 on CPUs (default: %(default)s)")
+    group.add_argument("--offline", action="store_true", help="never touch the network (weights from the cache)")
+    group.add_argument("--cache-dir", default=None, help="Hugging Face cache folder (default: the hub's own)")
+    group.add_argument("--alpha", type=float, default=None, help="fusion weight α of CLIP (both tasks)")
+    group.add_argument("--sigma", type=float, default=None, help="Gaussian smoothing in pixels at 256 (0 = off)")
+    group.add_argument("--timestep", type=int, default=None, help="diffusion noise timestep t (0-999)")
+    group.add_argument("--dense-mode", default=None, choices=["vv", "window", "tile", "raw"],
+                       help="how PatchCLIP gets text-aligned patch embeddings")
+    group.add_argument("--set", action="append", default=[], metavar="GROUP__FIELD=VALUE",
+                       help="any CLIPFusion setting, e.g. --set fusion__maps='[\"clip_visual\"]' "
+                            "--set mapdiff__attention_rule=difference (repeatable; see docs/method.md)")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides: dict[str, Any] = {}
+    for item in args.set:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ClipfusionError(f"--set needs GROUP__FIELD=VALUE, not {item!r}")
+        try:
+            overrides[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = text
+    shortcuts = {"fusion__alpha_seg": args.alpha, "fusion__alpha_cls": args.alpha, "fusion__sigma": args.sigma,
+                 "diffusion__timestep": args.timestep, "patchclip__dense_mode": args.dense_mode}
+    overrides.update({key: value for key, value in shortcuts.items() if value is not None})
+    return overrides
+
+
+def method_params(args: argparse.Namespace, method: str) -> dict[str, Any]:
+    """Constructor arguments of ``method`` from the command line."""
+    if method == "mean-image":
+        return {}
+    from clipfusion.config import RuntimeConfig, get_preset
+
+    overrides = _overrides(args)
+    get_preset(args.preset, **overrides)  # fail early, before any model loads
+    params: dict[str, Any] = {"preset": args.preset, "batch_size": args.batch_size,
+                              "runtime": RuntimeConfig(args.device, args.dtype, args.offline, args.cache_dir)}
+    if method == "clipfusion":
+        params.update(overrides)
+    elif overrides:
+        raise ClipfusionError(f"{sorted(overrides)} are CLIPFusion settings; {method} does not take them")
+    return params
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default="clipfusion-demo", help="output folder (default: %(default)s)")
     demo.add_argument("--data", default=None, help="where the synthetic data lives (default: user cache)")
-    _add_run_options(demo)
+    _add_run_options(demo, method=False)
+    demo.set_defaults(preset="auto")
     _add_common(demo)
 
     evaluate = commands.add_parser(
@@ -109,8 +167,8 @@ def _eval_size(text: str) -> int | None:
     return value
 
 
-def _run_evaluation(args: argparse.Namespace, dataset_kind: str, root: Path, categories: Sequence[str] | None,
-                    shots: list[int], seeds: list[int], out: Path) -> dict:
+def _run_evaluation(args: argparse.Namespace, method: str, dataset_kind: str, root: Path,
+                    categories: Sequence[str] | None, shots: list[int], seeds: list[int], out: Path) -> dict:
     import shutil
 
     from clipfusion.data import load_dataset
@@ -123,11 +181,11 @@ def _run_evaluation(args: argparse.Namespace, dataset_kind: str, root: Path, cat
         raise ClipfusionError("--batch-size must be >= 1")
     dataset = load_dataset(dataset_kind, root)
     config = EvaluationConfig(
-        dataset=dataset_kind, root=str(root.resolve()), method=args.method,
+        dataset=dataset_kind, root=str(root.resolve()), method=method,
         categories=dataset.check_categories(categories), shots=shots, seeds=seeds,
         eval_size=_eval_size(args.eval_size), batch_size=args.batch_size,
     )
-    factory = make_detector_factory(args.method)
+    factory = make_detector_factory(method, **method_params(args, method))
     config.method_params = factory().get_params()
     if args.overwrite and out.exists():
         shutil.rmtree(out)
@@ -138,24 +196,52 @@ def _run_evaluation(args: argparse.Namespace, dataset_kind: str, root: Path, cat
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     out = Path(args.out)
-    _run_evaluation(args, args.dataset, Path(args.root).expanduser(), args.categories, args.shots, args.seeds, out)
+    _run_evaluation(args, args.method, args.dataset, Path(args.root).expanduser(), args.categories, args.shots,
+                    args.seeds, out)
     print((out / "results.md").read_text())
+
+
+DEMO_METHODS = ("clipfusion", "winclip", "mean-image")
+
+
+def _demo_preset(args: argparse.Namespace) -> str:
+    from clipfusion.config import get_preset
+    from clipfusion.encoders.loading import weights_cached
+
+    if args.preset != "auto":
+        return args.preset
+    paper = get_preset("paper-recon")
+    return "paper-recon" if weights_cached(paper.clip, paper.diffusion, args.cache_dir) else "tiny"
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
     from clipfusion.data.synthetic import ensure_synthetic
+    from clipfusion.evaluation import METRIC_TITLES
 
     data = Path(args.data) if args.data else _cache_dir() / "synthetic-v1"
-    print(
-        "clipfusion demo — synthetic data, the harness end to end.\n"
-        f"  method: {args.method} (the CLIPFusion and WinCLIP detectors join this demo as they land)\n"
-        f"  data:   {data} (generated once, then reused)\n"
-    )
+    args.preset = _demo_preset(args)
+    print(f"clipfusion demo: CLIPFusion, WinCLIP and a colour-distance baseline on synthetic data ({data}),\n"
+          f"zero-shot and 1-shot, preset '{args.preset}'.")
+    if args.preset == "tiny":
+        print("\n  NOTE: the real CLIP / Stable Diffusion weights are not in the local Hugging Face cache, so this\n"
+              "  demo runs the 'tiny' preset: untrained random models of the same architecture. Their scores are\n"
+              "  MEANINGLESS — the demo shows the pipeline, not the method's accuracy. To get the real models, run\n"
+              "  once with internet access `clipfusion demo --preset paper-recon` (downloads ~5 GB into the\n"
+              "  Hugging Face cache), or see README → Models and weights for offline copies.\n")
     ensure_synthetic(data, progress=not args.quiet)
     out = Path(args.out)
-    _run_evaluation(args, "mvtec", data, None, [0, 1], [0, 1], out)
-    print((out / "results.md").read_text())
-    print(f"report files: {out.resolve()}")
+    means = {}
+    for method in DEMO_METHODS:
+        results = _run_evaluation(args, method, "mvtec", data, None, [0, 1], [0], out / method)
+        means[method] = results["mean"]
+    metrics = ["image_auroc", "pixel_auroc", "pixel_aupro"]
+    print("| method | shots | " + " | ".join(METRIC_TITLES[m] for m in metrics) + " |")
+    print("|---|---:|" + "---:|" * len(metrics))
+    for method, by_shots in means.items():
+        for shots, values in by_shots.items():
+            cells = " | ".join("–" if values[m] is None else f"{100 * values[m]:.1f}" for m in metrics)
+            print(f"| {method} | {shots} | {cells} |")
+    print(f"\nper-method tables and files: {out.resolve()}/<method>/results.md")
 
 
 def _cmd_synth(args: argparse.Namespace) -> None:

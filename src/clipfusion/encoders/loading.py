@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 from dataclasses import dataclass
 from functools import cache
@@ -137,12 +138,18 @@ def load_open_clip(
     elif pretrained is not None:
         pretrained = str(Path(pretrained).expanduser())
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)  # random (tiny) weights are the same on every run
-        model = open_clip.create_model(
-            name, pretrained=pretrained, device=target, force_quick_gelu=quick_gelu,
-            force_image_size=config.image_size, cache_dir=runtime.cache_dir,
-        )
+    previous_disable = logging.root.manager.disable
+    if pretrained is None:  # random weights on purpose: silence open_clip's "no pretrained weights" warning
+        logging.disable(logging.WARNING)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(TINY_SEED)  # random (tiny) weights are the same on every run
+            model = open_clip.create_model(
+                name, pretrained=pretrained, device=target, force_quick_gelu=quick_gelu,
+                force_image_size=config.image_size, cache_dir=runtime.cache_dir,
+            )
+    finally:
+        logging.disable(previous_disable)
     model.eval()
     if str(target) != "meta":
         model.to(dtype=torch_dtype(runtime.dtype))
@@ -244,3 +251,22 @@ def load_diffusion(config: DiffusionConfig, runtime: RuntimeConfig) -> Diffusion
     for module in (parts.unet, parts.vae, parts.text_encoder):
         module.to(device=device).eval()
     return parts
+
+
+def weights_cached(clip: ClipConfig, diffusion: DiffusionConfig, cache_dir: str | None = None) -> bool:
+    """Whether both models' weights are already on this machine (hub cache or local paths); no network."""
+    import open_clip
+    from huggingface_hub import try_to_load_from_cache
+
+    def cached(repo: str, filename: str) -> bool:
+        return isinstance(try_to_load_from_cache(repo, filename, cache_dir=cache_dir), str)
+
+    if clip.pretrained and Path(clip.pretrained).expanduser().is_file():
+        clip_ok = True
+    else:
+        tag_cfg = open_clip.get_pretrained_cfg(clip.model_name, clip.pretrained or "") or {}
+        repo, filename = os.path.split(tag_cfg.get("hf_hub", ""))
+        files = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+        clip_ok = bool(repo) and any(cached(repo, f) for f in files)
+    sd_ok = Path(diffusion.model_id).expanduser().is_dir() or cached(diffusion.model_id, "unet/config.json")
+    return clip_ok and sd_ok
