@@ -43,7 +43,8 @@ def test_evaluate_writes_the_three_files_and_resumes(synthetic_root, tmp_path):
     [
         (["--root", "/no/such/folder"], "/no/such/folder does not exist"),
         (["--categories", "bottle"], "unknown category bottle"),
-        (["--method", "magic"], "unknown method 'magic'"),
+        (["--preset", "huge"], "unknown preset 'huge'"),
+        (["--set", "fusion__alpha=0.3"], "unknown setting 'fusion__alpha'"),
         (["--eval-size", "big"], "--eval-size must be a positive integer or 'native'"),
     ],
 )
@@ -52,7 +53,8 @@ def test_user_errors_are_one_line_without_traceback(synthetic_root, tmp_path, ar
     for flag, value in zip(args[::2], args[1::2], strict=True):
         base[flag] = value
     flat = [item for pair in base.items() for item in pair]
-    result = clipfusion("evaluate", "--dataset", "mvtec", *flat, "--out", str(tmp_path / "o"), "--quiet")
+    result = clipfusion("evaluate", "--dataset", "mvtec", *flat, "--out", str(tmp_path / "o"), "--quiet",
+                        "--method", "mean-image" if "--preset" not in base and "--set" not in base else "clipfusion")
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
@@ -75,18 +77,54 @@ def test_corrupt_file_is_reported_and_the_rest_is_scored(synthetic_root, tmp_pat
     shutil.copytree(synthetic_root / "fabric", root / "fabric")
     (root / "fabric" / "test" / "good" / "000.png").write_text("garbage")
     result = clipfusion("evaluate", "--dataset", "folder", "--root", str(root), "--out", str(tmp_path / "o"),
-                        "--quiet")
+                        "--method", "mean-image", "--quiet")
     assert result.returncode == 0, result.stderr
     assert "skipped" in result.stderr and "000.png" in result.stderr
     assert json.loads((tmp_path / "o" / "results.json").read_text())["runs"][0]["n_images"] == 8
 
 
-def test_demo_runs_on_generated_data(tmp_path):
-    result = clipfusion("demo", "--out", str(tmp_path / "demo"), "--data", str(tmp_path / "data"), "--quiet")
+def test_demo_runs_every_method_on_generated_data(tmp_path):
+    result = clipfusion("demo", "--out", str(tmp_path / "demo"), "--data", str(tmp_path / "data"), "--quiet",
+                        env={"HF_HUB_CACHE": str(tmp_path / "empty-cache")})
     assert result.returncode == 0, result.stderr
-    assert "## 1-shot" in result.stdout
-    results = json.loads((tmp_path / "demo" / "results.json").read_text())
-    assert {r["category"] for r in results["runs"]} == {"fabric", "marble", "disc", "plate", "capsule"}
+    assert "MEANINGLESS" in result.stdout  # no real weights here: the tiny preset, said plainly
+    for method in ("clipfusion", "winclip", "mean-image"):
+        assert f"| {method} | 1 |" in result.stdout
+        results = json.loads((tmp_path / "demo" / method / "results.json").read_text())
+        assert {r["category"] for r in results["runs"]} == {"fabric", "marble", "disc", "plate", "capsule"}
+
+
+@pytest.mark.parametrize("method", ["clipfusion", "winclip"])
+def test_evaluate_runs_the_real_methods_with_the_tiny_preset(synthetic_root, tmp_path, method):
+    out = tmp_path / method
+    result = clipfusion("evaluate", "--dataset", "mvtec", "--root", str(synthetic_root), "--method", method,
+                        "--preset", "tiny", "--shots", "0", "1", "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["category"], r["shots"]) for r in results["runs"]] == [
+        ("disc", 0), ("disc", 1), ("fabric", 0), ("fabric", 1)]
+    assert results["config"]["method_params"]["preset"] == "tiny"
+    assert all(0 <= r["pixel_auroc"] <= 1 for r in results["runs"])
+
+
+def test_ablation_flags_reach_the_detector(synthetic_root, tmp_path):
+    out = tmp_path / "ablation"
+    result = clipfusion("evaluate", "--dataset", "mvtec", "--root", str(synthetic_root), "--categories", "disc",
+                        "--preset", "tiny", "--alpha", "0.2", "--timestep", "250",
+                        "--set", 'fusion__maps=["clip_language", "diff_language"]', "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    params = json.loads((out / "results.json").read_text())["config"]["method_params"]
+    assert params["fusion"]["alpha_seg"] == params["fusion"]["alpha_cls"] == 0.2
+    assert params["diffusion"]["timestep"] == 250
+    assert params["fusion"]["maps"] == ["clip_language", "diff_language"]
+
+
+def test_missing_weights_offline_is_one_clear_line(synthetic_root, tmp_path):
+    result = clipfusion("evaluate", "--dataset", "mvtec", "--root", str(synthetic_root), "--offline",
+                        "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "o"))
+    assert result.returncode == 2
+    assert "weights for ViT-B-16-plus-240" in result.stderr and "network access" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_synth_writes_an_mvtec_layout(tmp_path):
