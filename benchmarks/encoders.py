@@ -11,13 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
-import subprocess
-import sys
 import time
-from pathlib import Path
+
+from _common import run_isolated, write_results
 
 SIZES = {
     "tiny": {"clip": ("tiny", None), "diffusion": ("tiny-unet", "sd-vae", "tiny-text-encoder"), "image_size": 128},
@@ -106,19 +104,8 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure(args.one, args.repeats)))
         return
-    runs = []
-    for size in args.sizes:
-        done = subprocess.run([sys.executable, __file__, "--one", size, "--repeats", str(args.repeats)],
-                              check=True, capture_output=True, text=True)
-        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(json.dumps(runs[-1], indent=2))
-    import torch
-
-    machine = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
-               "processor": platform.processor() or platform.machine(), "dtype": "float32"}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"runs": runs, "machine": machine}, indent=2) + "\n")
-
+    runs = [run_isolated(__file__, ["--one", size, "--repeats", str(args.repeats)]) for size in args.sizes]
+    write_results(args.out, runs, dtype="float32")
 
 if __name__ == "__main__":
     main()

@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
-import subprocess
-import sys
 import time
-from pathlib import Path
+
+from _common import run_isolated, write_results
 
 
 def measure(size: int, images: int) -> dict:
@@ -54,17 +52,8 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure(args.one, args.images)))
         return
-    runs = []
-    for size in args.sizes:
-        output = subprocess.run([sys.executable, __file__, "--one", str(size), "--images", str(args.images)],
-                                check=True, capture_output=True, text=True).stdout
-        runs.append(json.loads(output.strip().splitlines()[-1]))
-        print(runs[-1])
-    machine = {"python": platform.python_version(), "processor": platform.processor() or platform.machine(),
-               "cpus": __import__("os").cpu_count()}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"runs": runs, "machine": machine}, indent=2) + "\n")
-
+    runs = [run_isolated(__file__, ["--one", str(size), "--images", str(args.images)]) for size in args.sizes]
+    write_results(args.out, runs)
 
 if __name__ == "__main__":
     main()
