@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from clipfusion import __version__
 from clipfusion.errors import ClipfusionError
 
@@ -24,6 +26,23 @@ examples:
   clipfusion evaluate --dataset folder --root ~/data/my_part --shots 1 --eval-size native --out runs/mine
 
 Running the same command again skips the (category, shots, seed) units already in --out.
+"""
+
+PREDICT_EXAMPLES = """\
+examples:
+  clipfusion predict photos/ --category bottle                          # zero-shot, real weights
+  clipfusion predict photos/*.jpg --category bottle --normal good/ --shots 4 --threshold auto
+  clipfusion predict part.png --memory bottle-4shot.safetensors --category bottle --threshold 0.62
+  clipfusion predict photos/ --preset tiny --out /tmp/try                # offline smoke test (meaningless scores)
+
+Writes overlays/*.png (heatmap over the image, one colour scale for the whole run), maps/*.npy
+(raw maps), scores.csv and scores.json (path, score, decision, seconds per image).
+"""
+
+FIT_EXAMPLES = """\
+examples:
+  clipfusion fit --normal data/bottle/train/good --category bottle --shots 4 --out bottle-4shot.safetensors
+  clipfusion predict new_parts/ --category bottle --memory bottle-4shot.safetensors
 """
 
 DEMO_EXAMPLES = """\
@@ -144,6 +163,44 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(evaluate)
     _add_common(evaluate)
 
+    predict = commands.add_parser(
+        "predict", help="score your own images: overlays, raw maps, scores.csv/json",
+        description="Score image files, folders (recursive) or glob patterns. Zero-shot by default; few-shot "
+                    "with --normal DIR --shots k, or with a memory bank from `clipfusion fit` (--memory).",
+        epilog=PREDICT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    predict.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
+    predict.add_argument("--category", default="object", help="what the images show, used in prompts "
+                         "(e.g. bottle, metal_nut; default: %(default)s)")
+    predict.add_argument("--normal", default=None, metavar="DIR", help="folder of normal images")
+    predict.add_argument("--shots", type=int, default=0, help="normal references drawn from --normal (default: 0)")
+    predict.add_argument("--seed", type=int, default=0, help="seed of the reference draw (default: 0)")
+    predict.add_argument("--memory", default=None, metavar="FILE", help="memory bank written by `clipfusion fit`")
+    predict.add_argument("--threshold", default=None, metavar="VALUE|auto",
+                         help="image score above which an image is flagged; 'auto' derives it from the normal "
+                              "images of --normal not used as references")
+    predict.add_argument("--scale", default=None, metavar="LOW,HIGH",
+                         help="fixed colour scale of the overlays (default: min and max over all maps of the run)")
+    predict.add_argument("--out", default="clipfusion-predict", help="output folder (default: %(default)s)")
+    predict.add_argument("--method", default="clipfusion", choices=["clipfusion", "winclip", "mean-image"])
+    predict.add_argument("--batch-size", type=int, default=8, help="images per predict call (default: %(default)s)")
+    _add_model_options(predict)
+    _add_common(predict)
+
+    fit = commands.add_parser(
+        "fit", help="build a few-shot memory bank from normal images, for predict --memory",
+        description="Draw k normal references from a folder and save CLIPFusion's memory bank (safetensors).",
+        epilog=FIT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    fit.add_argument("--normal", required=True, metavar="DIR", help="folder of normal images")
+    fit.add_argument("--category", required=True, help="what the images show, used in prompts")
+    fit.add_argument("--shots", type=int, required=True, help="number of references to draw")
+    fit.add_argument("--seed", type=int, default=0, help="seed of the reference draw (default: 0)")
+    fit.add_argument("--out", required=True, help="memory bank file to write (.safetensors)")
+    fit.add_argument("--batch-size", type=int, default=8, help="images per encoder call (default: %(default)s)")
+    _add_model_options(fit)
+    _add_common(fit)
+
     synth = commands.add_parser(
         "synth", help="write the synthetic dataset (MVTec layout, exact masks) to a folder",
         description="Generate the deterministic synthetic anomaly dataset used by the demo and the tests.",
@@ -174,6 +231,7 @@ def _run_evaluation(args: argparse.Namespace, method: str, dataset_kind: str, ro
     from clipfusion.data import load_dataset
     from clipfusion.evaluation import EvaluationConfig, EvaluationRunner
     from clipfusion.methods import make_detector_factory
+    from clipfusion.report import write_report
 
     if any(k < 0 for k in shots):
         raise ClipfusionError("--shots must be >= 0")
@@ -190,7 +248,8 @@ def _run_evaluation(args: argparse.Namespace, method: str, dataset_kind: str, ro
     if args.overwrite and out.exists():
         shutil.rmtree(out)
     results = EvaluationRunner(config, dataset, factory, out, progress=not args.quiet).run()
-    logger.info("wrote %s, %s and %s", out / "results.json", out / "results.md", out / "per_image.csv")
+    write_report({method: out}, out / "report.html", title=f"{method} on {dataset_kind}")
+    logger.info("wrote results.json, results.md, per_image.csv and report.html to %s", out)
     return results
 
 
@@ -217,6 +276,7 @@ def _demo_preset(args: argparse.Namespace) -> str:
 def _cmd_demo(args: argparse.Namespace) -> None:
     from clipfusion.data.synthetic import ensure_synthetic
     from clipfusion.evaluation import METRIC_TITLES
+    from clipfusion.report import write_report
 
     data = Path(args.data) if args.data else _cache_dir() / "synthetic-v1"
     args.preset = _demo_preset(args)
@@ -241,7 +301,88 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         for shots, values in by_shots.items():
             cells = " | ".join("–" if values[m] is None else f"{100 * values[m]:.1f}" for m in metrics)
             print(f"| {method} | {shots} | {cells} |")
-    print(f"\nper-method tables and files: {out.resolve()}/<method>/results.md")
+    report = write_report({m: out / m for m in DEMO_METHODS}, out / "report.html",
+                          title=f"clipfusion demo (preset {args.preset})")
+    print(f"\nreport: {report.resolve()}   (per-method files in {out.resolve()}/<method>/)")
+
+
+def _make_detector(args: argparse.Namespace, method: str):
+    from clipfusion.methods import make_detector_factory
+
+    if args.batch_size < 1:
+        raise ClipfusionError("--batch-size must be >= 1")
+    return make_detector_factory(method, **method_params(args, method))()
+
+
+def _cmd_fit(args: argparse.Namespace) -> None:
+    from clipfusion.inference import draw_references, load_images
+
+    if args.shots < 1:
+        raise ClipfusionError("--shots must be >= 1 for a memory bank")
+    references = draw_references(args.normal, args.shots, args.seed)
+    paths, images, _ = load_images(references.used)
+    if not images:
+        raise ClipfusionError(f"none of the drawn references in {args.normal} could be read")
+    detector = _make_detector(args, "clipfusion")
+    detector.fit(images, args.category, reference_names=[p.name for p in paths])
+    path = detector.save_memory(args.out)
+    print(f"wrote {path}: {len(images)} references of {args.category} ({', '.join(p.name for p in paths)})")
+
+
+def _threshold(args: argparse.Namespace, detector, held_out: list[Path]):
+    from clipfusion.inference import Threshold, auto_threshold, load_images
+
+    if args.threshold is None:
+        return None
+    if args.threshold != "auto":
+        try:
+            return Threshold(float(args.threshold), "given with --threshold")
+        except ValueError:
+            raise ClipfusionError(f"--threshold must be a number or 'auto', not {args.threshold!r}") from None
+    if args.normal is None:
+        raise ClipfusionError("--threshold auto needs --normal DIR: normal images to set it from")
+    _, images, _ = load_images(held_out)
+    scores = detector.predict(images, args.category).scores if images else np.array([])
+    threshold = auto_threshold(scores)
+    logger.info("threshold %.4f: %s", threshold.value, threshold.how)
+    return threshold
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    from clipfusion.inference import collect_images, draw_references, load_images, predict_paths
+
+    if args.memory and args.normal and args.shots:
+        raise ClipfusionError("give either --memory or --normal with --shots, not both")
+    paths = collect_images(args.paths)
+    detector = _make_detector(args, args.method)
+    references, held_out = [], []
+    if args.memory:
+        if not hasattr(detector, "load_memory"):
+            raise ClipfusionError(f"--memory works with --method clipfusion, not {args.method}")
+        detector.load_memory(args.memory)
+        references = detector.memory_bank_.manifest.get("references", [])
+    if args.normal:
+        drawn = draw_references(args.normal, args.shots, args.seed)
+        held_out = drawn.held_out
+        if drawn.used:
+            used, images, _ = load_images(drawn.used)
+            detector.fit(images, args.category)
+            references = [p.name for p in used]
+    scale = None
+    if args.scale:
+        try:
+            low, high = (float(v) for v in args.scale.split(","))
+        except ValueError:
+            raise ClipfusionError(f"--scale must be LOW,HIGH, not {args.scale!r}") from None
+        scale = (low, high)
+    threshold = _threshold(args, detector, held_out)
+    info = {"method": args.method, "preset": getattr(args, "preset", None), "references": references}
+    summary = predict_paths(detector, paths, args.category, args.out, threshold, scale, args.batch_size,
+                            progress=not args.quiet, info=info)
+    flagged = sum(row["decision"] == "anomalous" for row in summary["images"])
+    print(f"scored {len(summary['images'])} images ({len(summary['skipped'])} skipped) → {Path(args.out).resolve()}")
+    if threshold is not None:
+        print(f"threshold {threshold.value:.4f} ({threshold.how}): {flagged} flagged as anomalous")
 
 
 def _cmd_synth(args: argparse.Namespace) -> None:
@@ -263,7 +404,8 @@ def _configure_output(quiet: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_output(args.quiet)
-    commands = {"demo": _cmd_demo, "evaluate": _cmd_evaluate, "synth": _cmd_synth}
+    commands = {"demo": _cmd_demo, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "fit": _cmd_fit,
+                "synth": _cmd_synth}
     try:
         commands[args.command](args)
     except ClipfusionError as exc:

@@ -28,8 +28,9 @@ from clipfusion import __version__
 from clipfusion.api import Detector
 from clipfusion.data import AnomalyDataset, SampleRef, read_rgb, sample_references
 from clipfusion.errors import ClipfusionError, DatasetError, ImageReadError
-from clipfusion.imageops import resize_maps, resize_mask
+from clipfusion.imageops import resize_image, resize_mask, resize_maps
 from clipfusion.metrics import IMAGE_METRICS, PIXEL_METRICS, image_metrics, pixel_metrics
+from clipfusion.viz import overlay, thumbnail_jpeg
 
 logger = logging.getLogger(__name__)
 METRICS = IMAGE_METRICS + PIXEL_METRICS
@@ -210,14 +211,43 @@ class EvaluationRunner:
         with_masks = [i for i, m in enumerate(masks) if m is not None]
         result.update(pixel_metrics([masks[i] for i in with_masks], [maps[i] for i in with_masks],
                                     fpr_limit=self.config.fpr_limit))
+        seconds = time.perf_counter() - start
+        gallery = self._write_gallery(f"{category}/k{shots}_s{seed}", rows, maps, masks)
         return {
             "category": category, "shots": shots, "seed": seed, "n_images": len(rows),
-            "references": references, **result, "seconds": time.perf_counter() - start,
-            "per_image": rows, "skipped": [asdict(s) for s in skipped],
+            "references": references, **result, "seconds": seconds,
+            "per_image": rows, "skipped": [asdict(s) for s in skipped], "gallery": gallery,
         }
 
+    def _write_gallery(self, unit: str, rows: list[dict[str, Any]], maps: list[np.ndarray],
+                       masks: list[np.ndarray | None]) -> list[dict[str, Any]]:
+        """Overlays of the unit's most and least convincing detections, for the report.
+
+        best: the two highest-scored anomalous images; worst: the lowest-scored anomalous image and
+        the highest-scored normal one.  One colour scale for all of them: the unit's map range.
+        """
+        anomalous = sorted((i for i, r in enumerate(rows) if r["label"] == 1), key=lambda i: -rows[i]["score"])
+        normal = sorted((i for i, r in enumerate(rows) if r["label"] == 0), key=lambda i: -rows[i]["score"])
+        picks = [("best", i) for i in anomalous[:2]]
+        if len(anomalous) > 2:
+            picks.append(("missed", anomalous[-1]))
+        if normal:
+            picks.append(("false alarm", normal[0]))
+        low = float(min(m.min() for m in maps))
+        high = float(max(m.max() for m in maps))
+        folder = self.out_dir / "units" / f"{unit}_gallery"
+        folder.mkdir(parents=True, exist_ok=True)
+        gallery = []
+        for rank, (kind, i) in enumerate(picks):
+            image = resize_image(read_rgb(rows[i]["path"]), maps[i].shape)
+            picture = overlay(image, maps[i], low, high, masks[i])
+            name = f"{rank}.jpg"
+            (folder / name).write_bytes(thumbnail_jpeg(picture))
+            gallery.append({"file": f"units/{unit}_gallery/{name}", "kind": kind, **rows[i]})
+        return gallery
+
     def _write_results(self, records: list[dict[str, Any]]) -> dict[str, Any]:
-        runs = [{k: v for k, v in r.items() if k not in ("per_image", "skipped")} for r in records]
+        runs = [{k: v for k, v in r.items() if k not in ("per_image", "skipped", "gallery")} for r in records]
         summary = summarise(runs)
         results = {
             "config": {**asdict(self.config), "version": __version__,

@@ -1,0 +1,155 @@
+"""A self-contained HTML report of one or several evaluation folders (images embedded as data URIs)."""
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import roc_curve
+
+from clipfusion.evaluation import METRIC_TITLES, METRICS
+from clipfusion.metrics import f1max_threshold
+from clipfusion.viz import metric_vs_shots, roc_curves, score_histogram
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 24px; color: #222; max-width: 1200px; }
+h1 { font-size: 22px; } h2 { font-size: 18px; margin-top: 32px; border-bottom: 1px solid #ccc; }
+h3 { font-size: 15px; margin-top: 20px; }
+table { border-collapse: collapse; margin: 8px 0 16px; font-size: 13px; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+tr.mean td { font-weight: bold; background: #f3f3f3; }
+.banner { background: #fff3cd; border: 1px solid #e0b000; padding: 10px 14px; margin: 12px 0; }
+.row { display: flex; flex-wrap: wrap; gap: 12px; }
+figure { margin: 0; font-size: 11px; text-align: center; }
+figure img { display: block; width: 180px; height: 180px; object-fit: contain; }
+.plots img { width: 360px; }
+.meta { color: #555; font-size: 13px; }
+"""
+
+
+def _data_uri(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode("ascii")
+
+
+def _percent(value: float | None, std: float | None = None) -> str:
+    if value is None or not math.isfinite(value):
+        return "–"
+    return f"{100 * value:.1f}" + (f" ± {100 * std:.1f}" if std is not None and math.isfinite(std) else "")
+
+
+def _table(header: list[str], rows: list[list[str]], mean_row: list[str] | None = None) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    if mean_row:
+        body += '<tr class="mean">' + "".join(f"<td>{html.escape(c)}</td>" for c in mean_row) + "</tr>"
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _load(folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
+    results = json.loads((folder / "results.json").read_text())
+    with (folder / "per_image.csv").open() as handle:
+        per_image = [{**r, "label": int(r["label"]), "score": float(r["score"]), "shots": int(r["shots"]),
+                      "seed": int(r["seed"])} for r in csv.DictReader(handle)]
+    units = [json.loads(p.read_text()) for p in sorted((folder / "units").rglob("*.json"))]
+    return results, per_image, units
+
+
+def _method_section(label: str, folder: Path) -> tuple[str, dict[str, dict[str, float]]]:
+    results, per_image, units = _load(folder)
+    config = results["config"]
+    params = config.get("method_params", {})
+    parts = [f"<h2>{html.escape(label)}</h2>",
+             f'<p class="meta">dataset {html.escape(config["dataset"])} at {html.escape(config["root"])}; '
+             f'preset {html.escape(str(params.get("preset", "–")))}; evaluation size {config["eval_size"]}; '
+             f'seeds {config["seeds"]}; AUPRO to FPR {config["fpr_limit"]}</p>']
+    if params.get("preset") == "tiny":
+        parts.append('<div class="banner">Preset <b>tiny</b>: untrained random models. These numbers show that the '
+                     "pipeline runs; they say nothing about the method.</div>")
+
+    header = ["category", *(METRIC_TITLES[m] for m in METRICS)]
+    for shots, mean in results["mean"].items():
+        rows = [[r["category"], *(_percent(r[f"{m}_mean"], r[f"{m}_std"] if r["n_seeds"] > 1 else None)
+                                  for m in METRICS)]
+                for r in results["summary"] if str(r["shots"]) == shots]
+        parts.append(f"<h3>{shots}-shot (percent; mean ± std over seeds)</h3>")
+        parts.append(_table(header, rows, ["mean", *(_percent(mean[m]) for m in METRICS)]))
+
+    groups: dict[tuple[str, int, int], list[dict[str, Any]]] = defaultdict(list)
+    for row in per_image:
+        groups[(row["category"], row["shots"], row["seed"])].append(row)
+    threshold_rows = []
+    for (category, shots, seed), rows in groups.items():
+        labels = np.array([r["label"] for r in rows])
+        f1, threshold = f1max_threshold(labels, np.array([r["score"] for r in rows])) \
+            if 0 < labels.sum() < len(labels) else (float("nan"), float("nan"))
+        threshold_rows.append([category, str(shots), str(seed), _percent(f1),
+                               "–" if not math.isfinite(threshold) else f"{threshold:.4f}"])
+    parts.append("<h3>Image-level F1-max thresholds</h3><p class=\"meta\">Chosen on the test labels: an upper "
+                 "bound for comparison, not a deployable threshold (use <code>predict --threshold auto</code>)."
+                 "</p>")
+    parts.append(_table(["category", "shots", "seed", "F1-max", "threshold"], threshold_rows))
+
+    parts.append("<h3>Scores and ROC curves</h3><div class=\"row plots\">")
+    for category in dict.fromkeys(r["category"] for r in per_image):
+        curves = {}
+        for (cat, shots, seed), rows in groups.items():
+            if cat != category or seed != min(s for c, k, s in groups if c == cat and k == shots):
+                continue
+            labels = np.array([r["label"] for r in rows])
+            scores = np.array([r["score"] for r in rows])
+            normal, anomalous = scores[labels == 0], scores[labels == 1]
+            png = score_histogram(normal, anomalous, f"{category}, {shots}-shot (seed {seed})")
+            parts.append(f'<img src="{_data_uri(png)}" alt="score histogram {html.escape(category)}">')
+            if 0 < labels.sum() < len(labels):
+                fpr, tpr, _ = roc_curve(labels, scores)
+                run = next(u for u in units if (u["category"], u["shots"], u["seed"]) == (cat, shots, seed))
+                curves[f"{shots}-shot"] = (fpr, tpr, run["image_auroc"])
+        if curves:
+            png = roc_curves(curves, f"{category}: image ROC")
+            parts.append(f'<img src="{_data_uri(png)}" alt="ROC {html.escape(category)}">')
+    if len(results["mean"]) > 1:
+        series = {METRIC_TITLES[m]: {int(k): v[m] for k, v in results["mean"].items() if v[m] is not None}
+                  for m in ("image_auroc", "pixel_auroc", "pixel_aupro")}
+        parts.append(f'<img src="{_data_uri(metric_vs_shots(series, "mean over categories"))}" alt="metric vs shots">')
+    parts.append("</div>")
+
+    parts.append("<h3>Gallery: best and worst detections (first seed; white outline = ground truth)</h3>")
+    for unit in units:
+        if unit["seed"] != min(u["seed"] for u in units if u["shots"] == unit["shots"]) or not unit.get("gallery"):
+            continue
+        parts.append(f'<p class="meta">{html.escape(unit["category"])}, {unit["shots"]}-shot</p><div class="row">')
+        for item in unit["gallery"]:
+            jpeg = (folder / item["file"]).read_bytes()
+            caption = f'{item["kind"]}: {item["defect"]}, score {item["score"]:.3f}'
+            parts.append(f'<figure><img src="{_data_uri(jpeg, "image/jpeg")}" alt="{html.escape(caption)}">'
+                         f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        parts.append("</div>")
+    return "\n".join(parts), results["mean"]
+
+
+def write_report(folders: dict[str, Path], target: Path, title: str = "clipfusion evaluation") -> Path:
+    """Render the evaluation folders (label → folder) into one self-contained HTML file at ``target``."""
+    sections, means = [], {}
+    for label, folder in folders.items():
+        section, means[label] = _method_section(label, Path(folder))
+        sections.append(section)
+    comparison = ""
+    if len(folders) > 1:
+        metrics = ["image_auroc", "image_ap", "pixel_auroc", "pixel_aupro"]
+        rows = [[label, shots, *(_percent(values[m]) for m in metrics)]
+                for label, by_shots in means.items() for shots, values in by_shots.items()]
+        comparison = "<h2>Comparison (mean over categories, percent)</h2>" + _table(
+            ["method", "shots", *(METRIC_TITLES[m] for m in metrics)], rows)
+    document = (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+                f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{comparison}"
+                + "\n".join(sections) + "</body></html>")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(document)
+    return target
