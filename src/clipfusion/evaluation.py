@@ -28,7 +28,7 @@ from clipfusion import __version__
 from clipfusion.api import Detector
 from clipfusion.data import AnomalyDataset, SampleRef, read_rgb, sample_references
 from clipfusion.errors import ClipfusionError, DatasetError, ImageReadError
-from clipfusion.imageops import resize_image, resize_mask, resize_maps
+from clipfusion.imageops import resize_image, resize_maps, resize_mask
 from clipfusion.metrics import IMAGE_METRICS, PIXEL_METRICS, image_metrics, pixel_metrics
 from clipfusion.viz import overlay, thumbnail_jpeg
 

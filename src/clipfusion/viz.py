@@ -7,13 +7,13 @@ from collections.abc import Sequence
 import matplotlib
 
 matplotlib.use("Agg")  # files only, never a window
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib import colormaps  # noqa: E402
-from PIL import Image  # noqa: E402
-from scipy import ndimage  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib import colormaps
+from PIL import Image
+from scipy import ndimage
 
-from clipfusion.imageops import resize_mask, resize_maps  # noqa: E402
+from clipfusion.imageops import resize_maps, resize_mask
 
 COLORMAP = "jet"
 
