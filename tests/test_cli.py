@@ -1,6 +1,7 @@
 """The command line as a user runs it: the installed ``clipfusion`` script, in a subprocess."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -8,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from clipfusion.evaluation import METRICS
@@ -131,3 +133,81 @@ def test_synth_writes_an_mvtec_layout(tmp_path):
     result = clipfusion("synth", "--out", str(tmp_path / "s"), "--size", "48", "--quiet")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "s" / "disc" / "ground_truth" / "hole" / "000_mask.png").is_file()
+
+
+# --- predict, fit, sweep, report ------------------------------------------------------------------
+
+def test_predict_folder_with_a_corrupt_file_writes_every_other_result(synthetic_root, tmp_path):
+    folder = tmp_path / "photos"
+    shutil.copytree(synthetic_root / "disc" / "test" / "hole", folder / "hole")
+    shutil.copytree(synthetic_root / "disc" / "test" / "good", folder / "good")
+    (folder / "good" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = tmp_path / "out"
+    result = clipfusion("predict", str(folder), "--category", "disc", "--preset", "tiny", "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "broken.png" in result.stderr
+    summary = json.loads((out / "scores.json").read_text())
+    assert len(summary["images"]) == 5 and [s["path"] for s in summary["skipped"]] == [str(folder / "good" /
+                                                                                          "broken.png")]
+    assert len(list((out / "overlays").glob("*.png"))) == 5 and len(list((out / "maps").glob("*.npy"))) == 5
+    maps = [np.load(p) for p in sorted((out / "maps").glob("*.npy"))]
+    assert summary["scale"] == pytest.approx([min(m.min() for m in maps), max(m.max() for m in maps)])
+    with (out / "scores.csv").open() as handle:
+        assert next(iter(csv.DictReader(handle))).keys() == {"path", "score", "decision", "seconds"}
+
+
+def test_predict_few_shot_with_auto_threshold(synthetic_root, tmp_path):
+    out = tmp_path / "out"
+    result = clipfusion("predict", str(synthetic_root / "disc" / "test"), "--category", "disc", "--preset", "tiny",
+                        "--normal", str(synthetic_root / "disc" / "train" / "good"), "--shots", "2",
+                        "--threshold", "auto", "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "scores.json").read_text())
+    assert "held-out normal images" in summary["threshold"]["how"] and "2 held-out" in summary["threshold"]["how"]
+    assert len(summary["references"]) == 2
+    threshold = summary["threshold"]["value"]
+    assert all(row["decision"] == ("anomalous" if row["score"] > threshold else "normal") for row in summary["images"])
+    assert "flagged as anomalous" in result.stdout
+
+
+def test_fit_then_predict_with_the_memory_bank_and_refuse_a_mismatch(synthetic_root, tmp_path):
+    bank = tmp_path / "disc.safetensors"
+    normal = str(synthetic_root / "disc" / "train" / "good")
+    fitted = clipfusion("fit", "--normal", normal, "--category", "disc", "--shots", "2", "--preset", "tiny",
+                        "--out", str(bank), "--quiet")
+    assert fitted.returncode == 0, fitted.stderr
+    assert bank.is_file() and "2 references of disc" in fitted.stdout
+    images = str(synthetic_root / "disc" / "test" / "hole")
+    ok = clipfusion("predict", images, "--memory", str(bank), "--category", "disc", "--preset", "tiny",
+                    "--out", str(tmp_path / "p"), "--quiet")
+    assert ok.returncode == 0, ok.stderr
+    assert len(json.loads((tmp_path / "p" / "scores.json").read_text())["references"]) == 2
+    wrong = clipfusion("predict", images, "--memory", str(bank), "--category", "disc", "--preset", "tiny",
+                       "--timestep", "300", "--out", str(tmp_path / "q"), "--quiet")
+    assert wrong.returncode == 2
+    assert "timestep: bank 100 vs detector 300" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+def test_sweep_writes_the_table_and_the_best_setting(synthetic_root, tmp_path):
+    out = tmp_path / "sweep"
+    result = clipfusion("sweep", "--dataset", "mvtec", "--root", str(synthetic_root), "--categories", "disc",
+                        "--preset", "tiny", "--shots", "1", "--grid", "fusion__alpha_seg=0.2,0.8",
+                        "--grid", "diffusion__timestep=50,150", "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert len(sweep["rows"]) == 4 and len(sweep["summary"]) == 4
+    assert sweep["best"] == max(sweep["summary"], key=lambda entry: entry["pixel_aupro"])
+    assert "Best by AUPRO" in (out / "sweep.md").read_text()
+
+
+def test_evaluate_writes_a_self_contained_report(synthetic_root, tmp_path):
+    out = tmp_path / "run"
+    result = clipfusion("evaluate", "--dataset", "mvtec", "--root", str(synthetic_root), "--method", "mean-image",
+                        "--shots", "0", "1", "--seeds", "0", "1", "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    report = (out / "report.html").read_text()
+    assert report.count("<table") >= 3  # 0-shot, 1-shot, thresholds
+    assert "± " in report and "F1-max thresholds" in report
+    assert report.count("data:image/jpeg;base64,") >= 8  # gallery: 2 categories × 2 shots × up to 4
+    assert report.count("data:image/png;base64,") >= 5  # histograms, ROC curves, metric vs shots
+    assert "src=\"http" not in report and "src=\"/" not in report  # nothing outside the file

@@ -45,6 +45,16 @@ examples:
   clipfusion predict new_parts/ --category bottle --memory bottle-4shot.safetensors
 """
 
+SWEEP_EXAMPLES = """\
+examples:
+  clipfusion sweep --dataset mvtec --root ~/data/mvtec_anomaly_detection --categories bottle screw \\
+      --grid fusion__alpha_seg=0.1,0.3,0.5,0.7,0.9 --grid diffusion__timestep=50,100,200 --device cuda
+  clipfusion sweep --dataset mvtec --root data/synthetic --preset tiny --shots 1 \\
+      --grid patchclip__dense_mode=vv,window --grid 'fusion__maps=[["clip_visual"],["clip_visual","diff_visual"]]'
+
+Writes sweep.json (every row, the per-setting means, the best setting) and sweep.md.
+"""
+
 DEMO_EXAMPLES = """\
 examples:
   clipfusion demo                      # synthetic data in the user cache, report in ./clipfusion-demo
@@ -200,6 +210,26 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--batch-size", type=int, default=8, help="images per encoder call (default: %(default)s)")
     _add_model_options(fit)
     _add_common(fit)
+
+    sweep = commands.add_parser(
+        "sweep", help="grid-search CLIPFusion settings on a dataset (calibrate the reconstructed settings)",
+        description="Score every combination of --grid values. Fusion-level settings (fusion__*) reuse the "
+                    "encoder outputs and cost no extra model pass; others re-encode once per combination.",
+        epilog=SWEEP_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sweep.add_argument("--dataset", required=True, choices=["mvtec", "visa", "folder", "meta"])
+    sweep.add_argument("--root", required=True, help="dataset root folder")
+    sweep.add_argument("--categories", nargs="+", default=None, help="categories (default: all found)")
+    sweep.add_argument("--shots", nargs="+", type=int, default=[0], help="numbers of references (default: 0)")
+    sweep.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds of the reference draws")
+    sweep.add_argument("--grid", action="append", required=True, metavar="GROUP__FIELD=V1,V2",
+                       help="values to try for one setting (repeatable); JSON list for list values")
+    sweep.add_argument("--metric", default="pixel_aupro", help="what 'best' means (default: %(default)s)")
+    sweep.add_argument("--eval-size", default="256", metavar="N|native", help="as for evaluate (default: 256)")
+    sweep.add_argument("--batch-size", type=int, default=8, help="images per encoder call (default: %(default)s)")
+    sweep.add_argument("--out", default="runs/sweep", help="output folder (default: %(default)s)")
+    _add_model_options(sweep)
+    _add_common(sweep)
 
     synth = commands.add_parser(
         "synth", help="write the synthetic dataset (MVTec layout, exact masks) to a folder",
@@ -385,6 +415,22 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         print(f"threshold {threshold.value:.4f} ({threshold.how}): {flagged} flagged as anomalous")
 
 
+def _cmd_sweep(args: argparse.Namespace) -> None:
+    from clipfusion.config import RuntimeConfig
+    from clipfusion.data import load_dataset
+    from clipfusion.sweep import SweepConfig, parse_grid, run_sweep
+
+    dataset = load_dataset(args.dataset, Path(args.root).expanduser())
+    config = SweepConfig(
+        preset=args.preset, categories=dataset.check_categories(args.categories), shots=args.shots,
+        seeds=args.seeds, grid=parse_grid(args.grid), overrides=_overrides(args), eval_size=_eval_size(args.eval_size),
+        metric=args.metric, batch_size=args.batch_size,
+    )
+    runtime = RuntimeConfig(args.device, args.dtype, args.offline, args.cache_dir)
+    run_sweep(config, dataset, runtime, args.out, progress=not args.quiet)
+    print((Path(args.out) / "sweep.md").read_text())
+
+
 def _cmd_synth(args: argparse.Namespace) -> None:
     from clipfusion.data.synthetic import SyntheticSpec, generate
 
@@ -405,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_output(args.quiet)
     commands = {"demo": _cmd_demo, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "fit": _cmd_fit,
-                "synth": _cmd_synth}
+                "sweep": _cmd_sweep, "synth": _cmd_synth}
     try:
         commands[args.command](args)
     except ClipfusionError as exc:

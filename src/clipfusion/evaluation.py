@@ -78,12 +78,12 @@ class SkippedFile:
     category: str
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """NaN/inf → null (JSON has no NaN), NumPy scalars → Python numbers."""
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -109,6 +109,37 @@ def _load_images(paths: Sequence[Path], skipped: list[SkippedFile], category: st
     return loaded
 
 
+def load_references(dataset: AnomalyDataset, category: str, shots: int, seed: int,
+                    skipped: list[SkippedFile]) -> tuple[list[str], list[np.ndarray]]:
+    """File names and pixels of the ``shots`` references drawn with ``seed`` (none for zero-shot)."""
+    if shots == 0:
+        return [], []
+    pool = dataset.train_images(category)
+    if not pool:
+        raise DatasetError(f"{category}: no normal training images to draw {shots} references from")
+    loaded = _load_images(sample_references(pool, shots, seed), skipped, category)
+    if not loaded:
+        raise DatasetError(f"{category}: none of the {shots} drawn references could be read")
+    return [p.name for p, _ in loaded], [image for _, image in loaded]
+
+
+def at_eval_size(mask: np.ndarray | None, amap: np.ndarray, eval_size: int | None
+                 ) -> tuple[np.ndarray | None, np.ndarray]:
+    """Mask (nearest) and map (bilinear) at the evaluation size: a square side, or the mask's own (None)."""
+    native = mask.shape if mask is not None else amap.shape
+    size = (eval_size, eval_size) if eval_size is not None else native
+    return (None if mask is None else resize_mask(mask, size)), resize_maps(amap[None], size)[0]
+
+
+def unit_metrics(labels: np.ndarray, scores: np.ndarray, masks: list[np.ndarray | None],
+                 maps: list[np.ndarray], fpr_limit: float) -> dict[str, float]:
+    """Image metrics over all images, pixel metrics over the images that have ground-truth masks."""
+    result = image_metrics(labels, scores)
+    with_masks = [i for i, m in enumerate(masks) if m is not None]
+    result.update(pixel_metrics([masks[i] for i in with_masks], [maps[i] for i in with_masks], fpr_limit=fpr_limit))
+    return result
+
+
 class EvaluationRunner:
     """Runs one :class:`EvaluationConfig` with detectors made by ``detector_factory``."""
 
@@ -132,7 +163,7 @@ class EvaluationRunner:
     def _check_out_dir(self) -> None:
         """Refuse to mix units of different settings in one folder."""
         marker = self.out_dir / "identity.json"
-        identity = _json_safe(self.config.identity())
+        identity = json_safe(self.config.identity())
         if marker.is_file():
             previous = json.loads(marker.read_text())
             changed = [k for k in identity if previous.get(k) != identity[k]]
@@ -158,29 +189,17 @@ class EvaluationRunner:
             if category not in test_samples:
                 test_samples[category] = self.dataset.test_samples(category)
             record = self._run_unit(category, shots, seed, test_samples[category])
-            _write_atomic(path, json.dumps(_json_safe(record)))
+            _write_atomic(path, json.dumps(json_safe(record)))
             records.append(record)
         return self._write_results(records)
-
-    def _eval_size(self, mask: np.ndarray | None, amap: np.ndarray) -> tuple[int, int]:
-        if self.config.eval_size is not None:
-            return (self.config.eval_size, self.config.eval_size)
-        return mask.shape if mask is not None else amap.shape
 
     def _run_unit(self, category: str, shots: int, seed: int, samples: list[SampleRef]) -> dict[str, Any]:
         start = time.perf_counter()
         skipped: list[SkippedFile] = []
         detector = self.detector_factory()
-        references: list[str] = []
+        references, reference_images = load_references(self.dataset, category, shots, seed, skipped)
         if shots > 0:
-            pool = self.dataset.train_images(category)
-            if not pool:
-                raise DatasetError(f"{category}: no normal training images to draw {shots} references from")
-            loaded = _load_images(sample_references(pool, shots, seed), skipped, category)
-            if not loaded:
-                raise DatasetError(f"{category}: none of the {shots} drawn references could be read")
-            references = [p.name for p, _ in loaded]
-            detector.fit([image for _, image in loaded], category)
+            detector.fit(reference_images, category)
 
         scores, maps, masks, rows = [], [], [], []
         bar = tqdm(total=len(samples), desc=f"{category} {shots}-shot seed {seed}", disable=not self.progress)
@@ -195,9 +214,9 @@ class EvaluationRunner:
             if batch:
                 prediction = detector.predict([s.image for s in batch], category)
                 for sample, score, amap in zip(batch, prediction.scores, prediction.maps, strict=True):
-                    size = self._eval_size(sample.mask, amap)
-                    maps.append(resize_maps(amap[None], size)[0])
-                    masks.append(None if sample.mask is None else resize_mask(sample.mask, size))
+                    mask, resized = at_eval_size(sample.mask, amap, self.config.eval_size)
+                    maps.append(resized)
+                    masks.append(mask)
                     scores.append(float(score))
                     rows.append({"path": sample.path, "category": category, "defect": sample.defect,
                                  "label": sample.label, "score": float(score), "shots": shots, "seed": seed})
@@ -207,10 +226,7 @@ class EvaluationRunner:
             raise DatasetError(f"{category}: no test image could be read")
 
         labels = np.array([r["label"] for r in rows])
-        result = image_metrics(labels, np.array(scores))
-        with_masks = [i for i, m in enumerate(masks) if m is not None]
-        result.update(pixel_metrics([masks[i] for i in with_masks], [maps[i] for i in with_masks],
-                                    fpr_limit=self.config.fpr_limit))
+        result = unit_metrics(labels, np.array(scores), masks, maps, self.config.fpr_limit)
         seconds = time.perf_counter() - start
         gallery = self._write_gallery(f"{category}/k{shots}_s{seed}", rows, maps, masks)
         return {
@@ -257,7 +273,7 @@ class EvaluationRunner:
             "summary": summary,
             "mean": category_mean(summary),
         }
-        results = _json_safe(results)
+        results = json_safe(results)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         _write_atomic(self.out_dir / "results.json", json.dumps(results, indent=2))
         _write_atomic(self.out_dir / "results.md", render_markdown(results))

@@ -1,0 +1,168 @@
+"""Grid search over CLIPFusion settings on a dataset: the tool to calibrate the reconstructed settings.
+
+Encoder-level settings (timestep, layers, dense mode, prompts...) need new model passes: each of
+their combinations encodes every test image once.  Fusion-level settings (``fusion__*``: α, σ,
+score rule, which maps) reuse those encodings, so they cost no model pass.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from clipfusion.config import RuntimeConfig, get_preset
+from clipfusion.data import AnomalyDataset, Sample
+from clipfusion.detector import CLIPFusion
+from clipfusion.errors import ClipfusionError, ImageReadError
+from clipfusion.evaluation import (
+    METRIC_TITLES,
+    METRICS,
+    SkippedFile,
+    at_eval_size,
+    json_safe,
+    load_references,
+    unit_metrics,
+)
+
+
+def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
+    """``group__field=v1,v2`` or ``group__field=[json, values]`` → {key: [values]}."""
+    grid: dict[str, list[Any]] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not text:
+            raise ClipfusionError(f"--grid needs GROUP__FIELD=V1,V2,..., not {item!r}")
+        try:
+            values = json.loads(text) if text.lstrip().startswith("[") else None
+        except json.JSONDecodeError as exc:
+            raise ClipfusionError(f"--grid {key}: {exc}") from None
+        if values is None:
+            values = []
+            for part in text.split(","):
+                try:
+                    values.append(json.loads(part))
+                except json.JSONDecodeError:
+                    values.append(part)
+        grid[key.strip()] = values if isinstance(values, list) else [values]
+    return grid
+
+
+def _combinations(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    keys = list(grid)
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+@dataclass
+class SweepConfig:
+    preset: str
+    categories: list[str]
+    shots: list[int]
+    seeds: list[int]
+    grid: dict[str, list[Any]]
+    overrides: dict[str, Any]
+    eval_size: int | None = 256
+    metric: str = "pixel_aupro"
+    batch_size: int = 8
+    fpr_limit: float = 0.3
+
+
+def _load_samples(dataset: AnomalyDataset, category: str, skipped: list[SkippedFile]) -> list[Sample]:
+    samples = []
+    for ref in dataset.test_samples(category):
+        try:
+            samples.append(ref.load())
+        except ImageReadError as exc:
+            skipped.append(SkippedFile(exc.path, exc.reason, category))
+    return samples
+
+
+def run_sweep(config: SweepConfig, dataset: AnomalyDataset, runtime: RuntimeConfig, out: str | Path,
+              progress: bool = True) -> dict[str, Any]:
+    """Score every combination of ``config.grid``; write sweep.json and sweep.md to ``out``."""
+    if config.metric not in METRICS:
+        raise ClipfusionError(f"--metric must be one of {', '.join(METRICS)}, not {config.metric!r}")
+    fusion_grid = {k: v for k, v in config.grid.items() if k.startswith("fusion__")}
+    encoder_grid = {k: v for k, v in config.grid.items() if not k.startswith("fusion__")}
+    for setting in _combinations(config.grid):  # refuse a bad setting before any model runs
+        get_preset(config.preset, **config.overrides, **setting)
+    rows: list[dict[str, Any]] = []
+    skipped: list[SkippedFile] = []
+    units = [(category, shots, seed) for category in config.categories for shots in config.shots
+             for seed in (config.seeds if shots else config.seeds[:1])]
+    encoder_combos = _combinations(encoder_grid)
+    bar = tqdm(total=len(encoder_combos) * len(units), desc="sweep (model passes)", disable=not progress)
+    samples_by_category: dict[str, list[Sample]] = {}
+    for encoder_setting in encoder_combos:
+        for category, shots, seed in units:
+            if category not in samples_by_category:
+                samples_by_category[category] = _load_samples(dataset, category, skipped)
+            samples = samples_by_category[category]
+            detector = CLIPFusion(config.preset, runtime, config.batch_size, **config.overrides, **encoder_setting)
+            names, references = load_references(dataset, category, shots, seed, skipped)
+            if shots:
+                detector.fit(references, category, reference_names=names)
+            maps = detector.encode([s.image for s in samples], category)
+            labels = np.array([s.label for s in samples])
+            for fusion_setting in _combinations(fusion_grid):
+                fusion = dataclasses.replace(detector.config.fusion,
+                                             **{k.removeprefix("fusion__"): v for k, v in fusion_setting.items()})
+                prediction = detector.fuse(maps, fusion)
+                pairs = [at_eval_size(s.mask, m, config.eval_size) for s, m in zip(samples, prediction.maps,
+                                                                                   strict=True)]
+                metrics = unit_metrics(labels, prediction.scores, [p[0] for p in pairs], [p[1] for p in pairs],
+                                       config.fpr_limit)
+                rows.append({"setting": {**encoder_setting, **fusion_setting}, "category": category,
+                             "shots": shots, "seed": seed, **metrics})
+            bar.update(1)
+    bar.close()
+    summary = _summarise(rows, config.metric)
+    result = {"config": {**dataclasses.asdict(config), "eval_size": config.eval_size or "native"},
+              "rows": rows, "summary": summary, "best": summary[0] if summary else None,
+              "skipped": [dataclasses.asdict(s) for s in skipped]}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps(json_safe(result), indent=2))
+    (out / "sweep.md").write_text(render_sweep(result))
+    return result
+
+
+def _summarise(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """Per setting: every metric averaged over categories, shots and seeds; best ``metric`` first."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(json.dumps(row["setting"], sort_keys=True), []).append(row)
+    summary = []
+    for key, members in groups.items():
+        entry = {"setting": json.loads(key)}
+        for name in METRICS:
+            values = [m[name] for m in members if m[name] is not None and math.isfinite(m[name])]
+            entry[name] = float(np.mean(values)) if values else float("nan")
+        summary.append(entry)
+    return sorted(summary, key=lambda e: -e[metric] if math.isfinite(e[metric]) else math.inf)
+
+
+def render_sweep(result: dict[str, Any]) -> str:
+    config = result["config"]
+    keys = list(config["grid"])
+    lines = [f"# Sweep on preset {config['preset']}: {', '.join(keys)}", "",
+             f"Mean over categories {config['categories']}, shots {config['shots']}, seeds {config['seeds']}; "
+             f"percent; sorted by {METRIC_TITLES[config['metric']]}.", "",
+             "| " + " | ".join(keys + [METRIC_TITLES[m] for m in METRICS]) + " |",
+             "|" + "---|" * len(keys) + "---:|" * len(METRICS)]
+    for entry in result["summary"]:
+        cells = [json.dumps(entry["setting"][k]) for k in keys]
+        cells += ["–" if entry[m] is None or not math.isfinite(entry[m]) else f"{100 * entry[m]:.1f}"
+                  for m in METRICS]
+        lines.append("| " + " | ".join(cells) + " |")
+    if result["best"]:
+        lines += ["", f"Best by {METRIC_TITLES[config['metric']]}: " + ", ".join(
+            f"`{k}={json.dumps(v)}`" for k, v in result["best"]["setting"].items())]
+    return "\n".join(lines) + "\n"
