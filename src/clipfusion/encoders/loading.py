@@ -77,13 +77,18 @@ def missing_weights(
 def _hub_file(repo_id: str, filenames: list[str], runtime: RuntimeConfig, local_hint: str, display: str) -> str:
     """The first of ``filenames`` that the hub (or, offline, its cache) has for ``repo_id``."""
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     error: BaseException | None = None
     for filename in filenames:
         try:
             return hf_hub_download(repo_id, filename, cache_dir=runtime.cache_dir, local_files_only=is_offline(runtime))
-        except Exception as exc:  # huggingface_hub raises several unrelated types for "not there"
+        except LocalEntryNotFoundError as exc:  # not cached and the hub unreachable: other names fail alike
+            raise missing_weights(display, runtime, local_hint, exc) from exc
+        except EntryNotFoundError as exc:  # the hub answered that the repo has no such file: next name
             error = exc
+        except Exception as exc:  # no access, bad repo id...
+            raise missing_weights(display, runtime, local_hint, exc) from exc
     raise missing_weights(display, runtime, local_hint, error or FileNotFoundError(repo_id))
 
 
@@ -110,7 +115,8 @@ def load_open_clip(
     import open_clip
 
     target = device if device is not None else torch_device(runtime.device)
-    hint = "ClipConfig(pretrained='/path/to/open_clip_model.safetensors') or model_name='local-dir:/path/to/folder'"
+    hint = ("--set clip__pretrained=/path/to/open_clip_model.safetensors (Python: "
+            "ClipConfig(pretrained=...)), or clip__model_name=local-dir:/path/to/folder")
     name, pretrained, quick_gelu = config.model_name, config.pretrained, False
     if name == TINY:
         _register_tiny_clip()
@@ -246,7 +252,7 @@ def load_diffusion(config: DiffusionConfig, runtime: RuntimeConfig) -> Diffusion
                 model_id=source if not config.vae_id else f"{source}+{config.vae_id}",
             )
         except (OSError, ValueError) as exc:
-            hint = "DiffusionConfig(model_id='/path/to/a/diffusers/folder')"
+            hint = "--set diffusion__model_id=/path/to/a/diffusers/folder (Python: DiffusionConfig(model_id=...))"
             raise missing_weights(source, runtime, hint, exc) from exc
     for module in (parts.unet, parts.vae, parts.text_encoder):
         module.to(device=device).eval()
