@@ -47,6 +47,8 @@ def test_evaluate_writes_the_three_files_and_resumes(synthetic_root, tmp_path):
         (["--categories", "bottle"], "unknown category bottle"),
         (["--preset", "huge"], "unknown preset 'huge'"),
         (["--set", "fusion__alpha=0.3"], "unknown setting 'fusion__alpha'"),
+        (["--set", "patchclip__dense_mode=foo"], "patchclip__dense_mode must be one of vv, window, tile, raw"),
+        (["--alpha", "1.5"], "fusion__alpha_seg must lie in [0, 1]"),
         (["--eval-size", "big"], "--eval-size must be a positive integer or 'native'"),
     ],
 )
@@ -56,7 +58,7 @@ def test_user_errors_are_one_line_without_traceback(synthetic_root, tmp_path, ar
         base[flag] = value
     flat = [item for pair in base.items() for item in pair]
     result = clipfusion("evaluate", "--dataset", "mvtec", *flat, "--out", str(tmp_path / "o"), "--quiet",
-                        "--method", "mean-image" if "--preset" not in base and "--set" not in base else "clipfusion")
+                        "--method", "clipfusion" if {"--preset", "--set", "--alpha"} & set(base) else "mean-image")
     assert result.returncode == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr

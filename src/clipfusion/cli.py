@@ -234,6 +234,10 @@ def build_parser() -> argparse.ArgumentParser:
     synth = commands.add_parser(
         "synth", help="write the synthetic dataset (MVTec layout, exact masks) to a folder",
         description="Generate the deterministic synthetic anomaly dataset used by the demo and the tests.",
+        epilog="examples:\n  clipfusion synth --out data/synthetic\n"
+               "  clipfusion synth --out data/synthetic-512 --size 512 --seed 1\n"
+               "  clipfusion evaluate --dataset mvtec --root data/synthetic --preset tiny --shots 0 1",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     synth.add_argument("--out", required=True, help="folder to write")
     synth.add_argument("--seed", type=int, default=0)

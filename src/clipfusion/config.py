@@ -10,9 +10,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from clipfusion.errors import ClipfusionError
+from clipfusion.errors import ClipfusionError, SettingError
 
 TINY = "tiny"  # model id meaning "build the tiny random-weight architecture shipped with clipfusion"
+DENSE_MODES = ("vv", "window", "tile", "raw")
+ATTENTION_RULES = ("ratio", "anomalous", "difference")
+SCORE_RULES = ("mean", "topk", "max", "clip")
+MAP_NAMES = ("clip_language", "clip_visual", "diff_language", "diff_visual")
 
 
 @dataclass(frozen=True)
@@ -184,6 +188,31 @@ def override(preset: Preset, **overrides: Any) -> Preset:
         if group not in grouped or attribute not in {f.name for f in dataclasses.fields(getattr(preset, group))}:
             raise ClipfusionError(f"unknown setting {key!r}; use <group>__<field> with a group of {_GROUPS}")
         grouped[group][attribute] = tuple(value) if isinstance(value, list) else value
-    return dataclasses.replace(
+    updated = dataclasses.replace(
         preset, **{group: dataclasses.replace(getattr(preset, group), **fields) for group, fields in grouped.items()}
     )
+    check(updated)
+    return updated
+
+
+def _choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
+    if value not in allowed:
+        raise SettingError(f"{name} must be one of {', '.join(map(str, allowed))}, not {value!r}")
+
+
+def check(preset: Preset) -> None:
+    """Refuse impossible settings before any model loads (SettingError naming the setting)."""
+    _choice("patchclip__dense_mode", preset.patchclip.dense_mode, DENSE_MODES)
+    _choice("mapdiff__attention_rule", preset.mapdiff.attention_rule, ATTENTION_RULES)
+    _choice("fusion__score_rule", preset.fusion.score_rule, SCORE_RULES)
+    for name in preset.fusion.maps:
+        _choice("each of fusion__maps", name, MAP_NAMES)
+    if not preset.fusion.maps:
+        raise SettingError("fusion__maps must name at least one map")
+    if not preset.mapdiff.normal_words or not preset.mapdiff.anomalous_words:
+        raise SettingError("mapdiff needs at least one normal and one anomalous word")
+    for name in ("alpha_seg", "alpha_cls"):
+        if not 0.0 <= getattr(preset.fusion, name) <= 1.0:
+            raise SettingError(f"fusion__{name} must lie in [0, 1], not {getattr(preset.fusion, name)}")
+    if not 0 <= preset.diffusion.timestep < 1000:
+        raise SettingError(f"diffusion__timestep must lie in 0-999, not {preset.diffusion.timestep}")

@@ -6,6 +6,10 @@ class ClipfusionError(Exception):
     """Base class of every error caused by input or configuration rather than by a bug."""
 
 
+class SettingError(ClipfusionError, ValueError):
+    """A method setting has a value it cannot take (names the setting and the allowed values)."""
+
+
 class DatasetError(ClipfusionError):
     """A dataset folder, index file or ground-truth mask is missing or inconsistent."""
 

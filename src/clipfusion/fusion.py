@@ -14,10 +14,8 @@ from scipy import ndimage
 
 from clipfusion.api import Prediction
 from clipfusion.branches.common import resize_grid
-from clipfusion.config import FusionConfig
-
-MAP_NAMES = ("clip_language", "clip_visual", "diff_language", "diff_visual")
-SCORE_RULES = ("mean", "topk", "max", "clip")
+from clipfusion.config import MAP_NAMES, SCORE_RULES, FusionConfig
+from clipfusion.errors import SettingError
 
 
 @dataclass
@@ -55,16 +53,13 @@ def _branch_sum(resized: dict[str, torch.Tensor], prefix: str, like: torch.Tenso
 
 def fuse(maps: BranchMaps, config: FusionConfig) -> Prediction:
     """Pixel maps (N, S, S) with alpha_seg, image scores from a map fused with alpha_cls."""
-    if config.score_rule not in SCORE_RULES:
-        raise ValueError(f"score_rule must be one of {SCORE_RULES}, not {config.score_rule!r}")
-    unknown = set(config.maps) - set(MAP_NAMES)
-    if unknown:
-        raise ValueError(f"unknown maps {sorted(unknown)}; choose from {MAP_NAMES}")
+    if config.score_rule not in SCORE_RULES:  # a FusionConfig built by hand skips config.check
+        raise SettingError(f"score_rule must be one of {SCORE_RULES}, not {config.score_rule!r}")
     size = (config.output_size, config.output_size)
     resized = {name: resize_grid(getattr(maps, name), size) for name in MAP_NAMES
                if name in config.maps and getattr(maps, name) is not None}
     if not resized:
-        raise ValueError("fusion has no map to fuse: enable at least one available map")
+        raise SettingError("fusion has no map to fuse: enable at least one available map")
     like = next(iter(resized.values()))
     clip_part, diff_part = _branch_sum(resized, "clip_", like), _branch_sum(resized, "diff_", like)
     sigma = config.sigma * config.output_size / 256.0

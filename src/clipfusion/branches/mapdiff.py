@@ -21,8 +21,6 @@ from clipfusion.grids import grid_to_tokens
 from clipfusion.memory import MemoryBank
 from clipfusion.prompts import class_name
 
-ATTENTION_RULES = ("ratio", "anomalous", "difference")
-
 
 @dataclass
 class StatePrompts:
@@ -43,10 +41,6 @@ class MapDiffOutput:
 
 class MapDiff:
     def __init__(self, encoder: DiffusionEncoder, config: MapDiffConfig) -> None:
-        if config.attention_rule not in ATTENTION_RULES:
-            raise ValueError(f"attention_rule must be one of {ATTENTION_RULES}, not {config.attention_rule!r}")
-        if not config.normal_words or not config.anomalous_words:
-            raise ValueError("MapDiff needs at least one normal and one anomalous word")
         self.encoder = encoder
         self.config = config
         self._prompts: dict[str, StatePrompts] = {}

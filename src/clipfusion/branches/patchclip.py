@@ -16,13 +16,12 @@ import torch
 
 from clipfusion.branches.common import state_probability
 from clipfusion.branches.windows import harmonic_aggregate, harmonic_mean, window_indices
-from clipfusion.config import PatchClipConfig
+from clipfusion.config import DENSE_MODES, PatchClipConfig
 from clipfusion.encoders.clip import ClipEncoder
+from clipfusion.errors import SettingError
 from clipfusion.grids import tokens_to_grid
 from clipfusion.memory import MemoryBank
 from clipfusion.prompts import state_ensembles
-
-DENSE_MODES = ("vv", "window", "tile", "raw")
 
 
 @dataclass
@@ -58,8 +57,6 @@ def window_zero_shot_map(encoder: ClipEncoder, windows: dict[int, torch.Tensor],
 
 class PatchClip:
     def __init__(self, encoder: ClipEncoder, config: PatchClipConfig) -> None:
-        if config.dense_mode not in DENSE_MODES:
-            raise ValueError(f"dense_mode must be one of {DENSE_MODES}, not {config.dense_mode!r}")
         self.encoder = encoder
         self.config = config
         self._prototypes: dict[str, torch.Tensor] = {}
@@ -88,8 +85,10 @@ class PatchClip:
         elif mode == "window":
             windows = window_embeddings(encoder, pixels, config.window_scales)
             language = window_zero_shot_map(encoder, windows, prototypes, image_score, config.temperature)
-        else:
+        elif mode == "tile":
             return PatchClipOutput(self._tile_map(images, prototypes), image_score, self._visual(out))
+        else:
+            raise SettingError(f"patchclip__dense_mode must be one of {', '.join(DENSE_MODES)}, not {mode!r}")
         grid = tokens_to_grid(language[..., None], encoder.grid_size)[:, 0]
         return PatchClipOutput(grid, image_score, self._visual(out))
 

@@ -5,6 +5,8 @@ from collections.abc import Sequence
 
 import torch
 
+from clipfusion.errors import SettingError
+
 
 def window_indices(grid: tuple[int, int], size: int) -> torch.Tensor:
     """(W, size²) patch indices of every size×size window of a row-major grid, stride 1.
@@ -13,7 +15,7 @@ def window_indices(grid: tuple[int, int], size: int) -> torch.Tensor:
     """
     height, width = grid
     if not 1 <= size <= min(height, width):
-        raise ValueError(f"window size {size} does not fit a {height}x{width} grid")
+        raise SettingError(f"window size {size} does not fit a {height}x{width} grid")
     index = torch.arange(height * width).view(1, 1, height, width).float()
     windows = torch.nn.functional.unfold(index, kernel_size=size, stride=1)  # (1, size², W)
     return windows[0].T.long()

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from clipfusion.config import ClipConfig, RuntimeConfig
 from clipfusion.encoders.loading import OpenClipParts, load_open_clip
+from clipfusion.errors import SettingError
 from clipfusion.imageops import resize_image
 
 
@@ -64,7 +65,7 @@ class ClipEncoder:
     def _block_index(self, block: int) -> int:
         index = block if block >= 0 else self.num_blocks + block
         if not 0 <= index < self.num_blocks:
-            raise ValueError(f"block {block} out of range for a {self.num_blocks}-block vision tower")
+            raise SettingError(f"block {block} out of range for a {self.num_blocks}-block vision tower")
         return index
 
     @torch.inference_mode()

@@ -21,6 +21,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 from clipfusion.config import DiffusionConfig, RuntimeConfig
 from clipfusion.encoders.loading import DiffusionParts, load_diffusion
+from clipfusion.errors import SettingError
 from clipfusion.grids import tokens_to_grid
 from clipfusion.imageops import resize_image
 
@@ -124,7 +125,7 @@ def select_cross_attention_layers(
     chosen = [name for name, (place, factor) in cross_attention_layers(unet).items()
               if factor in factors and place in places]
     if not chosen:
-        raise ValueError(f"no cross-attention layer at factors {list(factors)} in places {list(places)}")
+        raise SettingError(f"no cross-attention layer at factors {list(factors)} in places {list(places)}")
     return chosen
 
 
@@ -144,7 +145,7 @@ class DiffusionEncoder:
         self.layer_names = select_cross_attention_layers(self.unet, config.cross_attn_factors, config.cross_attn_places)
         for block in config.feature_blocks:
             if not 0 <= block < len(self.unet.up_blocks):
-                raise ValueError(f"feature block {block} out of range: {len(self.unet.up_blocks)} up-blocks")
+                raise SettingError(f"feature block {block} out of range: {len(self.unet.up_blocks)} up-blocks")
         self._state = _CaptureState()
         self._processors = {}
         for key, processor in self.unet.attn_processors.items():
@@ -207,7 +208,7 @@ class DiffusionEncoder:
         for start in range(len(ids) - len(word_ids) + 1):
             if ids[start:start + len(word_ids)] == word_ids:
                 return list(range(start, start + len(word_ids)))
-        raise ValueError(f"word {word!r} does not occur in prompt {prompt!r}")
+        raise SettingError(f"word {word!r} does not occur in prompt {prompt!r}")
 
     # --- the pass --------------------------------------------------------------------------------
 
