@@ -274,3 +274,26 @@ def test_memory_bank_refuses_foreign_files(tmp_path):
     path.write_text("nonsense")
     with pytest.raises(Exception, match="not a clipfusion memory bank"):
         MemoryBank.load(path)
+
+
+def test_naive_reference_gives_the_same_maps_as_the_fast_path(scenes):
+    """Fast path (one batched UNet pass, early stop, SDPA outside the captured layers, one VAE encode)
+    against the naive one (per prompt: VAE encode, full UNet, probabilities in every layer)."""
+    normal, defective, _ = scenes
+    fast = CLIPFusion("tiny").fit(normal[:2], "plate")
+    naive = CLIPFusion("tiny", diffusion__naive=True).fit(normal[:2], "plate")
+    fast_maps, naive_maps = fast.encode(defective[:3], "plate"), naive.encode(defective[:3], "plate")
+    for name in ("diff_language", "diff_visual", "clip_language", "clip_visual"):
+        torch.testing.assert_close(getattr(fast_maps, name), getattr(naive_maps, name), rtol=1e-4, atol=1e-5)
+    assert naive.timings_.seconds["unet"] > 0 and "vae" not in naive.timings_.seconds
+    assert set(fast.timings_.seconds) >= {"clip", "vae", "unet", "maps", "memory"}
+
+
+def test_fast_preset_geometry_with_random_tiny_autoencoder(scenes):
+    _, defective, _ = scenes
+    detector = CLIPFusion("tiny", diffusion__vae_id="random:taesd", diffusion__image_size=64)
+    maps = detector.encode(defective[:2], "plate")
+    assert maps.diff_language.shape == (2, 8, 8)  # 64 px through TAESD's factor 8
+    assert detector.predict(defective[:2], "plate").maps.shape == (2, 256, 256)
+    assert get_preset("fast").diffusion.image_size == 256
+    assert get_preset("fast").diffusion.vae_id == "madebyollin/taesd"

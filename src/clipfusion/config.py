@@ -47,6 +47,9 @@ class DiffusionConfig:
     cross_attn_factors: which cross-attention layers to read, by their downsampling factor relative
     to the latent (1 = latent resolution, 2 = half...); cross_attn_places: ``down``, ``mid``, ``up``.
     feature_blocks: indices of ``unet.up_blocks`` whose outputs are captured as feature maps.
+    naive: compute the same maps the slow, straightforward way — per prompt its own VAE encode and a
+    full UNet pass with attention probabilities built in every layer — as the reference that tests
+    and benchmarks compare the fast path with.  Never faster; never needed otherwise.
     """
 
     model_id: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -57,6 +60,7 @@ class DiffusionConfig:
     cross_attn_factors: tuple[int, ...] = (2, 4)
     cross_attn_places: tuple[str, ...] = ("down", "up")
     feature_blocks: tuple[int, ...] = (1, 2)
+    naive: bool = False
 
 
 @dataclass(frozen=True)
@@ -159,6 +163,13 @@ PRESETS: dict[str, Preset] = {
         ClipConfig(model_name="ViT-L-14-336", pretrained="openai"),
         DiffusionConfig(),
         "as paper-recon, with OpenAI CLIP ViT-L/14 at 336 px",
+    ),
+    "fast": Preset(
+        "fast",
+        ClipConfig(),
+        DiffusionConfig(image_size=256, vae_id="madebyollin/taesd"),
+        "paper-recon's method at Stable Diffusion input 256 px (latent 32²) with the tiny autoencoder TAESD: "
+        "a speed/accuracy trade-off; check its accuracy on your data with `clipfusion sweep`",
     ),
     TINY: Preset(
         TINY,

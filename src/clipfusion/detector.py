@@ -17,6 +17,7 @@ from clipfusion.encoders import shared
 from clipfusion.errors import ClipfusionError
 from clipfusion.fusion import BranchMaps, fuse
 from clipfusion.memory import MemoryBank
+from clipfusion.timing import StageTimer
 
 
 class CLIPFusion:
@@ -60,6 +61,13 @@ class CLIPFusion:
         return {"preset": config.name, **{g: dataclasses.asdict(getattr(config, g)) for g in
                                           ("clip", "diffusion", "patchclip", "mapdiff", "fusion")},
                 "runtime": dataclasses.asdict(self.runtime or RuntimeConfig()), "batch_size": self.batch_size}
+
+    @property
+    def timings_(self) -> StageTimer:
+        """Seconds per stage (clip, vae, unet, maps, memory, fusion), summed over calls; for benchmarks."""
+        if not hasattr(self, "_timer"):
+            self._timer = StageTimer()
+        return self._timer
 
     def _branches(self) -> tuple[PatchClip, MapDiff]:
         if not hasattr(self, "_built"):
@@ -126,23 +134,27 @@ class CLIPFusion:
         if fitted and self.category_ != category:
             raise ClipfusionError(f"the memory bank was fit on {self.category_!r}, not {category!r}")
         patchclip, mapdiff = self._branches()
+        timer = self.timings_
         parts = []
         for start in range(0, len(images), self.batch_size):
             batch = images[start:start + self.batch_size]
-            clip_out = patchclip.run(batch, category)
-            diff_out = mapdiff.run(batch, category, with_features=fitted)
-            parts.append(BranchMaps(
-                clip_score=clip_out.image_score.cpu(),
-                clip_language=clip_out.language_map.cpu(),
-                diff_language=diff_out.language_map.cpu(),
-                clip_visual=patchclip.visual_map(clip_out.visual_tokens, self.memory_bank_).cpu() if fitted else None,
-                diff_visual=mapdiff.visual_map(diff_out.features, self.memory_bank_).cpu() if fitted else None,
-            ))
+            with timer("clip"):
+                clip_out = patchclip.run(batch, category)
+            diff_out = mapdiff.run(batch, category, with_features=fitted, timer=timer)
+            clip_visual = diff_visual = None
+            if fitted:
+                with timer("memory"):
+                    clip_visual = patchclip.visual_map(clip_out.visual_tokens, self.memory_bank_).cpu()
+                    diff_visual = mapdiff.visual_map(diff_out.features, self.memory_bank_).cpu()
+            parts.append(BranchMaps(clip_score=clip_out.image_score.cpu(), clip_language=clip_out.language_map.cpu(),
+                                    diff_language=diff_out.language_map.cpu(), clip_visual=clip_visual,
+                                    diff_visual=diff_visual))
         return BranchMaps.concat(parts)
 
     def fuse(self, maps: BranchMaps, fusion: FusionConfig | None = None) -> Prediction:
         """Fuse branch maps from :meth:`encode`; pass another FusionConfig to sweep α, σ... for free."""
-        return fuse(maps, fusion or self.config.fusion)
+        with self.timings_("fusion"):
+            return fuse(maps, fusion or self.config.fusion)
 
     def predict(self, images: Sequence[np.ndarray], category: str) -> Prediction:
         """Image scores (N,) and pixel maps (N, S, S) at the fusion output size; higher = more anomalous."""

@@ -9,6 +9,7 @@ image score = (image-scale score + max few-shot map) / 2.  Maps are upsampled bi
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,16 +20,18 @@ from clipfusion.api import Prediction
 from clipfusion.branches.common import resize_grid, state_probability
 from clipfusion.branches.patchclip import window_embeddings, window_zero_shot_map
 from clipfusion.branches.windows import harmonic_aggregate, window_indices
-from clipfusion.config import RuntimeConfig, get_preset
+from clipfusion.config import ClipConfig, Preset, RuntimeConfig, get_preset
 from clipfusion.encoders import shared
+from clipfusion.encoders.clip import ClipEncoder
 from clipfusion.errors import ClipfusionError
 from clipfusion.grids import tokens_to_grid
 from clipfusion.memory import MemoryBank
 from clipfusion.prompts import state_ensembles
+from clipfusion.timing import StageTimer
 
 
 class WinCLIP:
-    def __init__(self, preset: str = "paper-recon", runtime: RuntimeConfig | None = None,
+    def __init__(self, preset: str | Preset = "paper-recon", runtime: RuntimeConfig | None = None,
                  scales: Sequence[int] = (2, 3), temperature: float = 0.07, output_size: int = 256,
                  batch_size: int = 8) -> None:
         self.preset = preset
@@ -38,22 +41,37 @@ class WinCLIP:
         self.output_size = output_size
         self.batch_size = batch_size
 
+    @property
+    def clip_config(self) -> ClipConfig:
+        return (get_preset(self.preset) if isinstance(self.preset, str) else self.preset).clip
+
     def get_params(self) -> dict[str, Any]:
-        return {"preset": self.preset, "clip": vars(get_preset(self.preset).clip), "scales": list(self.scales),
+        name = self.preset if isinstance(self.preset, str) else self.preset.name
+        return {"preset": name, "clip": dataclasses.asdict(self.clip_config), "scales": list(self.scales),
                 "temperature": self.temperature, "output_size": self.output_size, "batch_size": self.batch_size}
 
     @property
-    def encoder(self):
-        return shared.clip_encoder(get_preset(self.preset).clip, self.runtime or RuntimeConfig())
+    def encoder(self) -> ClipEncoder:
+        return shared.clip_encoder(self.clip_config, self.runtime or RuntimeConfig())
+
+    @property
+    def timings_(self) -> StageTimer:
+        """Seconds per stage (clip, windows, maps, memory, fusion), summed over calls; for benchmarks."""
+        if not hasattr(self, "_timer"):
+            self._timer = StageTimer()
+        return self._timer
 
     @torch.inference_mode()
     def _features(self, images: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
         """Global embeddings (B, D), final patch tokens after ln_post (B, N, C), window embeddings per scale."""
         encoder = self.encoder
-        pixels = encoder.preprocess(images)
-        out = encoder.encode_image(pixels, blocks=[-1], dense=False)
-        tokens = encoder.model.visual.ln_post(out.patch_tokens[-1])
-        return out.global_embedding, tokens, window_embeddings(encoder, pixels, self.scales)
+        with self.timings_("clip"):
+            pixels = encoder.preprocess(images)
+            out = encoder.encode_image(pixels, blocks=[-1], dense=False)
+            tokens = encoder.model.visual.ln_post(out.patch_tokens[-1])
+        with self.timings_("windows"):
+            windows = window_embeddings(encoder, pixels, self.scales)
+        return out.global_embedding, tokens, windows
 
     @torch.inference_mode()
     def fit(self, images: Sequence[np.ndarray], category: str) -> WinCLIP:
@@ -76,18 +94,22 @@ class WinCLIP:
         scores, maps = [], []
         for start in range(0, len(images), self.batch_size):
             global_embedding, tokens, windows = self._features(images[start:start + self.batch_size])
-            image_score = state_probability(global_embedding, prototypes, self.temperature)
-            zero_shot = window_zero_shot_map(encoder, windows, prototypes, image_score, self.temperature)
+            with self.timings_("maps"):
+                image_score = state_probability(global_embedding, prototypes, self.temperature)
+                zero_shot = window_zero_shot_map(encoder, windows, prototypes, image_score, self.temperature)
             anomaly_map, score = zero_shot, image_score
             if hasattr(self, "memory_bank_"):
-                few_shot = [self.memory_bank_.distance("patch", tokens)]
-                for scale, embedded in windows.items():
-                    distance = self.memory_bank_.distance(f"window{scale}", embedded)
-                    few_shot.append(harmonic_aggregate(distance, window_indices(encoder.grid_size, scale), n_patches))
-                visual = torch.stack(few_shot).mean(dim=0)
+                with self.timings_("memory"):
+                    few_shot = [self.memory_bank_.distance("patch", tokens)]
+                    for scale, embedded in windows.items():
+                        distance = self.memory_bank_.distance(f"window{scale}", embedded)
+                        few_shot.append(harmonic_aggregate(distance, window_indices(encoder.grid_size, scale),
+                                                           n_patches))
+                    visual = torch.stack(few_shot).mean(dim=0)
                 anomaly_map = (zero_shot + visual) / 2
                 score = (image_score + visual.amax(dim=1)) / 2
-            grid = tokens_to_grid(anomaly_map[..., None], encoder.grid_size)[:, 0]
-            maps.append(resize_grid(grid, (self.output_size, self.output_size)).cpu())
+            with self.timings_("fusion"):
+                grid = tokens_to_grid(anomaly_map[..., None], encoder.grid_size)[:, 0]
+                maps.append(resize_grid(grid, (self.output_size, self.output_size)).cpu())
             scores.append(score.cpu())
         return Prediction(scores=torch.cat(scores).numpy(), maps=torch.cat(maps).numpy())

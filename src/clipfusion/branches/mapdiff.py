@@ -20,6 +20,7 @@ from clipfusion.encoders.diffusion import DiffusionEncoder
 from clipfusion.grids import grid_to_tokens
 from clipfusion.memory import MemoryBank
 from clipfusion.prompts import class_name
+from clipfusion.timing import StageTimer
 
 
 @dataclass
@@ -55,22 +56,34 @@ class MapDiff:
         return self._prompts[category]
 
     @torch.inference_mode()
-    def run(self, images: Sequence[np.ndarray], category: str, with_features: bool = False) -> MapDiffOutput:
+    def run(self, images: Sequence[np.ndarray], category: str, with_features: bool = False,
+            timer: StageTimer | None = None) -> MapDiffOutput:
         encoder = self.encoder
+        timer = timer or StageTimer()
         state = self.state_prompts(category)
         columns = sorted({i for positions in state.positions for i in positions})
-        out = encoder.encode(encoder.preprocess(images), state.prompts, token_indices=columns,
-                             feature_blocks=encoder.config.feature_blocks if with_features else [])
-        latent = (encoder.latent_size, encoder.latent_size)
-        per_prompt = []
-        for p, positions in enumerate(state.positions):
-            keep = [columns.index(i) for i in positions]
-            layers = [resize_grid(maps[:, p, keep].mean(dim=1), latent) for maps in out.cross_attn_maps.values()]
-            per_prompt.append(torch.stack(layers).mean(dim=0))  # (B, H, W) attention mass on the word
-        normal = torch.stack(per_prompt[:state.n_normal]).mean(dim=0)
-        anomalous = torch.stack(per_prompt[state.n_normal:]).mean(dim=0)
+        feature_blocks = encoder.config.feature_blocks if with_features else []
+        pixels = encoder.preprocess(images)
+        if encoder.config.naive:
+            with timer("unet"):
+                out = encoder.encode_naive(pixels, state.prompts, columns, feature_blocks)
+        else:
+            with timer("vae"):
+                latents = encoder.encode_latents(pixels)
+            with timer("unet"):
+                out = encoder.run_unet(latents, state.prompts, columns, feature_blocks)
+        with timer("maps"):
+            latent = (encoder.latent_size, encoder.latent_size)
+            per_prompt = []
+            for p, positions in enumerate(state.positions):
+                keep = [columns.index(i) for i in positions]
+                layers = [resize_grid(maps[:, p, keep].mean(dim=1), latent) for maps in out.cross_attn_maps.values()]
+                per_prompt.append(torch.stack(layers).mean(dim=0))  # (B, H, W) attention mass on the word
+            normal = torch.stack(per_prompt[:state.n_normal]).mean(dim=0)
+            anomalous = torch.stack(per_prompt[state.n_normal:]).mean(dim=0)
+            language = self._rule(anomalous, normal)
         features = {block: f[:, 0] for block, f in out.features.items()}  # the first normal prompt's pass
-        return MapDiffOutput(self._rule(anomalous, normal), features)
+        return MapDiffOutput(language, features)
 
     def _rule(self, anomalous: torch.Tensor, normal: torch.Tensor) -> torch.Tensor:
         if self.config.attention_rule == "ratio":

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from clipfusion.config import DiffusionConfig, RuntimeConfig
 from clipfusion.encoders.loading import DiffusionParts, load_diffusion
@@ -156,6 +156,9 @@ class DiffusionEncoder:
                 processor = AttnProcessor2_0()
             self._processors[key] = processor
         self.unet.set_attn_processor(dict(self._processors))
+        # the naive reference: the plain processor, probabilities materialised, in every other layer
+        self._naive_processors = {key: processor if isinstance(processor, CrossAttnCaptureProcessor)
+                                  else AttnProcessor() for key, processor in self._processors.items()}
         self._text_cache: dict[tuple[str, ...], torch.Tensor] = {}
         self._noise: torch.Tensor | None = None
 
@@ -225,16 +228,45 @@ class DiffusionEncoder:
         feature_blocks: Sequence[int] | None = None,
         stop_early: bool = True,
     ) -> DiffusionOutput:
-        """One UNet pass for B images × P prompts.
+        """VAE encode, then one UNet pass for B images × P prompts (see :meth:`run_unet`).
 
-        pixels: (B, 3, S, S) from :meth:`preprocess`.  token_indices: token columns to keep in the
-        attention maps (the same positions for every prompt), None for all 77.  feature_blocks:
-        up-blocks to capture (default: the config's).  stop_early: skip every block after the last
-        one needed (off only to check that it changes nothing).
+        With ``config.naive`` the same outputs come the slow way (:meth:`encode_naive`).
+        """
+        if self.config.naive:
+            return self.encode_naive(pixels, prompts, token_indices, feature_blocks)
+        return self.run_unet(self.encode_latents(pixels), prompts, token_indices, feature_blocks, stop_early)
+
+    def encode_naive(self, pixels: torch.Tensor, prompts: Sequence[str], token_indices: Sequence[int] | None = None,
+                     feature_blocks: Sequence[int] | None = None) -> DiffusionOutput:
+        """The reference computation: per prompt, its own VAE encode and a full UNet pass with
+        probabilities built in every attention layer.  Same outputs as :meth:`encode`, much slower."""
+        outputs = [self.run_unet(self.encode_latents(pixels), [prompt], token_indices, feature_blocks,
+                                 stop_early=False, processors=self._naive_processors) for prompt in prompts]
+        return DiffusionOutput(
+            cross_attn_maps={name: torch.cat([o.cross_attn_maps[name] for o in outputs], dim=1)
+                             for name in outputs[0].cross_attn_maps},
+            features={block: torch.cat([o.features[block] for o in outputs], dim=1) for block in outputs[0].features},
+        )
+
+    @torch.inference_mode()
+    def run_unet(
+        self,
+        latents: torch.Tensor,
+        prompts: Sequence[str],
+        token_indices: Sequence[int] | None = None,
+        feature_blocks: Sequence[int] | None = None,
+        stop_early: bool = True,
+        processors: dict | None = None,
+    ) -> DiffusionOutput:
+        """One UNet pass over noised ``latents`` (B, 4, h, w) for every prompt.
+
+        token_indices: token columns to keep in the attention maps (the same positions for every
+        prompt), None for all 77.  feature_blocks: up-blocks to capture (default: the config's).
+        stop_early: skip every block after the last one needed (off only to check it changes nothing).
         """
         feature_blocks = list(self.config.feature_blocks if feature_blocks is None else feature_blocks)
-        n_images, n_prompts = pixels.shape[0], len(prompts)
-        latents = self.noised(self.encode_latents(pixels)).repeat_interleave(n_prompts, dim=0)
+        n_images, n_prompts = latents.shape[0], len(prompts)
+        latents = self.noised(latents).repeat_interleave(n_prompts, dim=0)
         context = self.encode_prompts(prompts).repeat(n_images, 1, 1)  # row b·P + p: image b, prompt p
         timesteps = torch.full((latents.shape[0],), self.config.timestep, dtype=torch.long, device=self.device)
 
@@ -247,7 +279,7 @@ class DiffusionEncoder:
         ]
         if stop_early:
             handles.append(modules[self._stop_module(feature_blocks)].register_forward_hook(self._raise_stop))
-        self.unet.set_attn_processor(dict(self._processors))  # the UNet may be shared with another encoder
+        self.unet.set_attn_processor(dict(processors or self._processors))  # the UNet may be shared
         self._state.token_indices = None if token_indices is None else list(token_indices)
         self._state.maps = {}
         self._state.active = True

@@ -208,14 +208,14 @@ def build_diffusion_from_configs(
     unet: str, vae: str, text_encoder: str, device: str | torch.device = "cpu", seed: int = TINY_SEED
 ) -> DiffusionParts:
     """Models from shipped configs with random weights (tiny for tests; full size for benchmarks/meta)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, AutoencoderTiny, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         parts = DiffusionParts(
             unet=UNet2DConditionModel(**model_config(unet)),
-            vae=AutoencoderKL(**model_config(vae)),
+            vae=AutoencoderTiny() if vae == "taesd" else AutoencoderKL(**model_config(vae)),  # TAESD = defaults
             text_encoder=CLIPTextModel(CLIPTextConfig(**model_config(text_encoder))),
             tokenizer=CLIPTokenizer.from_pretrained(tiny_tokenizer_dir()),
             scheduler=DDPMScheduler.from_config(model_config("sd-scheduler")),
@@ -226,14 +226,41 @@ def build_diffusion_from_configs(
     return parts
 
 
+# "random:<name>" model ids: full-size architectures with random weights, for speed benchmarks only.
+RANDOM_ARCHITECTURES = {
+    "sd15": ("sd15-unet", "sd-vae", "sd15-text-encoder"),
+    "sd21-base": ("sd21-base-unet", "sd-vae", "sd21-base-text-encoder"),
+    TINY: ("tiny-unet", "tiny-vae", "tiny-text-encoder"),
+}
+RANDOM_PREFIX = "random:"
+
+
+def _random_architecture(config: DiffusionConfig) -> DiffusionParts | None:
+    name = TINY if config.model_id == TINY else config.model_id.removeprefix(RANDOM_PREFIX)
+    if name == config.model_id and config.model_id != TINY:
+        return None
+    if name not in RANDOM_ARCHITECTURES:
+        raise ClipfusionError(f"unknown architecture {config.model_id!r}; random ones: "
+                              f"{', '.join(RANDOM_PREFIX + n for n in RANDOM_ARCHITECTURES)}")
+    unet, vae, text = RANDOM_ARCHITECTURES[name]
+    if config.vae_id is not None:
+        if config.vae_id != RANDOM_PREFIX + "taesd":
+            raise ClipfusionError(f"a random architecture needs a random autoencoder, not {config.vae_id!r}")
+        vae = "taesd"
+    return build_diffusion_from_configs(unet, vae, text)
+
+
 def load_diffusion(config: DiffusionConfig, runtime: RuntimeConfig) -> DiffusionParts:
-    """UNet, autoencoder, text encoder, tokenizer and DDPM scheduler of ``config.model_id``."""
+    """UNet, autoencoder, text encoder, tokenizer and DDPM scheduler of ``config.model_id``.
+
+    ``tiny`` and ``random:<architecture>`` (benchmarks) build random weights from shipped configs.
+    """
     from diffusers import AutoModel, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     device, dtype = torch_device(runtime.device), torch_dtype(runtime.dtype)
-    if config.model_id == TINY:
-        parts = build_diffusion_from_configs("tiny-unet", "tiny-vae", "tiny-text-encoder")
+    parts = _random_architecture(config)
+    if parts is not None:
         if dtype != torch.float32:
             for module in (parts.unet, parts.vae, parts.text_encoder):
                 module.to(dtype=dtype)
