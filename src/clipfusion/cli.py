@@ -231,6 +231,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(sweep)
     _add_common(sweep)
 
+    bench = commands.add_parser(
+        "benchmark", help="time CLIPFusion and WinCLIP side by side (full-size models, random weights)",
+        description="Per-image time and per-stage split of each method, preset, shots and batch size, measured "
+                    "in one run with random-weight models (speed does not depend on weights): benchmark.json "
+                    "and benchmark.md in --out.",
+        epilog="examples:\n  clipfusion benchmark --methods clipfusion winclip --presets paper-recon fast --images 4 "
+               "--out bench\n  clipfusion benchmark --device cuda --dtype float16 --batch-size 1 8 32 --out bench-gpu",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench.add_argument("--methods", nargs="+", default=["clipfusion", "winclip"], choices=["clipfusion", "winclip"])
+    bench.add_argument("--presets", nargs="+", default=["paper-recon", "fast"])
+    bench.add_argument("--shots", nargs="+", type=int, default=[0, 4])
+    bench.add_argument("--batch-size", nargs="+", type=int, default=[1, 8], dest="batch_sizes")
+    bench.add_argument("--images", type=int, default=4, help="test images per measurement (default: %(default)s)")
+    bench.add_argument("--repeats", type=int, default=2, help="measurements per configuration (default: %(default)s)")
+    bench.add_argument("--no-naive", action="store_true", help="skip the naive reference run of paper-recon")
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    bench.add_argument("--out", default="runs/benchmark", help="output folder (default: %(default)s)")
+    _add_common(bench)
+
     synth = commands.add_parser(
         "synth", help="write the synthetic dataset (MVTec layout, exact masks) to a folder",
         description="Generate the deterministic synthetic anomaly dataset used by the demo and the tests.",
@@ -435,6 +456,18 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
     print((Path(args.out) / "sweep.md").read_text())
 
 
+def _cmd_benchmark(args: argparse.Namespace) -> None:
+    from clipfusion.benchmark import BenchmarkSpec, run_benchmark, write_benchmark
+
+    if args.images < 1 or args.repeats < 1 or min(args.batch_sizes) < 1:
+        raise ClipfusionError("--images, --repeats and --batch-size must be >= 1")
+    spec = BenchmarkSpec(methods=args.methods, presets=args.presets, shots=args.shots, batch_sizes=args.batch_sizes,
+                         images=args.images, repeats=args.repeats, naive_reference=not args.no_naive,
+                         device=args.device, dtype=args.dtype)
+    out = write_benchmark(run_benchmark(spec, progress=not args.quiet), args.out)
+    print((out / "benchmark.md").read_text())
+
+
 def _cmd_synth(args: argparse.Namespace) -> None:
     from clipfusion.data.synthetic import SyntheticSpec, generate
 
@@ -455,7 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_output(args.quiet)
     commands = {"demo": _cmd_demo, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "fit": _cmd_fit,
-                "sweep": _cmd_sweep, "synth": _cmd_synth}
+                "sweep": _cmd_sweep, "benchmark": _cmd_benchmark, "synth": _cmd_synth}
     try:
         commands[args.command](args)
     except ClipfusionError as exc:

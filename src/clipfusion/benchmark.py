@@ -1,0 +1,202 @@
+"""Side-by-side speed of CLIPFusion and WinCLIP: full-size architectures, random weights, one run.
+
+Speed does not depend on weight values, so every model is built at full size with random weights
+(``clip__pretrained=None``, ``diffusion__model_id=random:sd15``; ``random:taesd`` for the fast
+preset): nothing is downloaded.  Every configuration is warmed up once, then all configurations are
+measured in turn, ``repeats`` times (interleaved, so slow drifts of the machine hit all alike), and
+the median per image is reported with the per-stage split from the detectors' stage timers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from clipfusion import __version__
+from clipfusion.config import TINY, Preset, RuntimeConfig, get_preset, override
+from clipfusion.data import MVTecDataset, read_rgb
+from clipfusion.data.synthetic import SyntheticSpec, generate
+from clipfusion.detector import CLIPFusion
+from clipfusion.errors import ClipfusionError
+from clipfusion.winclip import WinCLIP
+
+RANDOM_DIFFUSION = {"stable-diffusion-v1-5/stable-diffusion-v1-5": "random:sd15",
+                    "stabilityai/stable-diffusion-2-1-base": "random:sd21-base"}
+
+
+def random_weight_preset(name: str, naive: bool = False) -> Preset:
+    """Preset ``name`` with its models swapped for the same architectures with random weights."""
+    preset = get_preset(name)
+    if preset.diffusion.model_id == TINY:
+        return override(preset, diffusion__naive=naive)
+    model_id = RANDOM_DIFFUSION.get(preset.diffusion.model_id)
+    if model_id is None:
+        raise ClipfusionError(f"no random-weight architecture known for {preset.diffusion.model_id}")
+    vae_id = "random:taesd" if preset.diffusion.vae_id else None
+    return override(preset, clip__pretrained=None, diffusion__model_id=model_id, diffusion__vae_id=vae_id,
+                    diffusion__naive=naive)
+
+
+@dataclass
+class BenchmarkSpec:
+    methods: list[str] = field(default_factory=lambda: ["clipfusion", "winclip"])
+    presets: list[str] = field(default_factory=lambda: ["paper-recon", "fast"])
+    shots: list[int] = field(default_factory=lambda: [0, 4])
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    images: int = 4
+    repeats: int = 2
+    naive_reference: bool = True
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
+@dataclass
+class _Config:
+    method: str
+    preset: str
+    shots: int
+    batch_size: int
+    detector: Any
+    times: list[float] = field(default_factory=list)
+    stages: list[dict[str, float]] = field(default_factory=list)
+    peak_rss_mb: float = 0.0
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _images(count: int, shots: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Test images and normal references from the synthetic generator (256², like MVTec's smaller side)."""
+    with tempfile.TemporaryDirectory() as folder:
+        spec = SyntheticSpec(categories=("disc",), n_train=max(shots, 1), n_test_good=count, n_test_per_defect=count)
+        dataset = MVTecDataset(generate(folder, spec, progress=False))
+        tests = [s.load().image for s in dataset.test_samples("disc")][:count]
+        references = [read_rgb(p) for p in dataset.train_images("disc")][:shots]
+    return tests, references
+
+
+def _configs(spec: BenchmarkSpec, runtime: RuntimeConfig, references: list[np.ndarray]) -> list[_Config]:
+    configs: list[_Config] = []
+    fitted: dict[tuple[str, str, int], Any] = {}
+
+    def detector(method: str, preset_name: str, shots: int, naive: bool = False) -> Any:
+        key = (method, preset_name + ("-naive" if naive else ""), shots)
+        if key not in fitted:
+            preset = random_weight_preset(preset_name, naive)
+            made = CLIPFusion(preset, runtime) if method == "clipfusion" else WinCLIP(preset, runtime)
+            if shots:
+                made.fit(references[:shots], "disc")
+            fitted[key] = made
+        return fitted[key]
+
+    for method in spec.methods:
+        # WinCLIP reads CLIP only, which every preset shares: measure it once
+        presets = spec.presets if method == "clipfusion" else spec.presets[:1]
+        for preset_name in presets:
+            for shots in spec.shots:
+                for batch in spec.batch_sizes:
+                    configs.append(_Config(method, preset_name, shots, batch, detector(method, preset_name, shots)))
+    if spec.naive_reference and "clipfusion" in spec.methods and "paper-recon" in spec.presets:
+        configs.append(_Config("clipfusion-naive", "paper-recon", 0, 1, detector("clipfusion", "paper-recon", 0, True)))
+    return configs
+
+
+def run_benchmark(spec: BenchmarkSpec, progress: bool = True) -> dict[str, Any]:
+    runtime = RuntimeConfig(spec.device, spec.dtype)
+    tests, references = _images(spec.images, max(spec.shots))
+    build_start = time.perf_counter()
+    configs = _configs(spec, runtime, references)
+    for config in tqdm(configs, desc="warm-up (builds the models)", disable=not progress):
+        config.detector.batch_size = config.batch_size
+        config.detector.predict(tests[:1], "disc")
+    build_seconds = time.perf_counter() - build_start
+    with tqdm(total=spec.repeats * len(configs), desc="measuring", disable=not progress) as bar:
+        for _ in range(spec.repeats):
+            for config in configs:
+                config.detector.batch_size = config.batch_size
+                config.detector.timings_.reset()
+                start = time.perf_counter()
+                config.detector.predict(tests, "disc")
+                config.times.append((time.perf_counter() - start) / len(tests))
+                config.stages.append({k: v / len(tests) for k, v in config.detector.timings_.seconds.items()})
+                config.peak_rss_mb = _peak_rss_mb()
+                bar.update(1)
+    runs = [{
+        "method": c.method, "preset": c.preset, "shots": c.shots, "batch_size": c.batch_size,
+        "ms_per_image": round(1000 * statistics.median(c.times), 1),
+        "stages": {k: round(1000 * statistics.median(s.get(k, 0.0) for s in c.stages), 1)
+                   for k in sorted({k for s in c.stages for k in s})},
+        "peak_rss_mb": round(c.peak_rss_mb),
+    } for c in configs]
+    return {"runs": runs, "ratios": _ratios(runs), "spec": spec.__dict__, "build_and_warmup_seconds":
+            round(build_seconds, 1), "machine": machine_info(runtime)}
+
+
+def _find(runs: list[dict[str, Any]], **where: Any) -> dict[str, Any] | None:
+    return next((r for r in runs if all(r[k] == v for k, v in where.items())), None)
+
+
+def _ratios(runs: list[dict[str, Any]]) -> dict[str, float]:
+    """Speed-ups the project tracks (larger = faster), from batch-1 runs."""
+    ratios = {}
+    winclip = _find(runs, method="winclip", shots=0, batch_size=1)
+    for preset in ("fast", "paper-recon"):
+        ours = _find(runs, method="clipfusion", preset=preset, shots=0, batch_size=1)
+        if winclip and ours:
+            ratios[f"{preset}_vs_winclip_zero_shot"] = round(winclip["ms_per_image"] / ours["ms_per_image"], 2)
+    naive = _find(runs, method="clipfusion-naive")
+    paper = _find(runs, method="clipfusion", preset="paper-recon", shots=0, batch_size=1)
+    if naive and paper:
+        ratios["paper_recon_vs_naive"] = round(naive["ms_per_image"] / paper["ms_per_image"], 2)
+    for run in runs:
+        if run["method"] == "clipfusion" and run["shots"] > 0 and run["batch_size"] == 1:
+            share = run["stages"].get("memory", 0.0) / run["ms_per_image"]
+            ratios[f"{run['preset']}_{run['shots']}shot_memory_search_share"] = round(share, 3)
+    return ratios
+
+
+def machine_info(runtime: RuntimeConfig) -> dict[str, Any]:
+    info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                            "clipfusion": __version__, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+                            "processor": platform.processor() or platform.machine(), "device": runtime.device,
+                            "dtype": runtime.dtype}
+    if runtime.device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    stages = sorted({k for r in result["runs"] for k in r["stages"]})
+    lines = ["# clipfusion benchmark", "",
+             f"Full-size architectures with random weights; {result['spec']['images']} images; median of "
+             f"{result['spec']['repeats']} interleaved repeats after a warm-up; ms per image. Machine: "
+             + ", ".join(f"{k} {v}" for k, v in result["machine"].items()) + ".", "",
+             "| method | preset | shots | batch | ms/image | " + " | ".join(stages) + " | peak RSS MB |",
+             "|---|---|---:|---:|---:|" + "---:|" * len(stages) + "---:|"]
+    for r in result["runs"]:
+        cells = [str(r["stages"].get(s, "–")) for s in stages]
+        lines.append(f"| {r['method']} | {r['preset']} | {r['shots']} | {r['batch_size']} | {r['ms_per_image']} | "
+                     + " | ".join(cells) + f" | {r['peak_rss_mb']} |")
+    lines += ["", "Ratios (larger = faster):", ""]
+    lines += [f"- {name}: {value}" for name, value in result["ratios"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_benchmark(result: dict[str, Any], out: str | Path) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "benchmark.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "benchmark.md").write_text(render_markdown(result))
+    return out
