@@ -213,3 +213,18 @@ def test_evaluate_writes_a_self_contained_report(synthetic_root, tmp_path):
     assert report.count("data:image/jpeg;base64,") >= 8  # gallery: 2 categories × 2 shots × up to 4
     assert report.count("data:image/png;base64,") >= 5  # histograms, ROC curves, metric vs shots
     assert "src=\"http" not in report and "src=\"/" not in report  # nothing outside the file
+
+
+def test_benchmark_writes_both_files_with_stage_split(tmp_path):
+    out = tmp_path / "bench"
+    result = clipfusion("benchmark", "--presets", "tiny", "--images", "2", "--repeats", "1", "--out", str(out),
+                        "--quiet")
+    assert result.returncode == 0, result.stderr
+    bench = json.loads((out / "benchmark.json").read_text())
+    assert {(r["method"], r["shots"], r["batch_size"]) for r in bench["runs"]} == {
+        (m, k, b) for m in ("clipfusion", "winclip") for k in (0, 4) for b in (1, 8)}
+    fused = next(r for r in bench["runs"] if r["method"] == "clipfusion" and r["shots"] == 4)
+    assert {"clip", "vae", "unet", "maps", "memory", "fusion"} <= set(fused["stages"])
+    assert sum(fused["stages"].values()) <= fused["ms_per_image"] * 1.05
+    assert "tiny_4shot_memory_search_share" in bench["ratios"]
+    assert "| clipfusion | tiny | 4 |" in (out / "benchmark.md").read_text()

@@ -297,3 +297,19 @@ def test_fast_preset_geometry_with_random_tiny_autoencoder(scenes):
     assert detector.predict(defective[:2], "plate").maps.shape == (2, 256, 256)
     assert get_preset("fast").diffusion.image_size == 256
     assert get_preset("fast").diffusion.vae_id == "madebyollin/taesd"
+
+
+def test_joint_prompt_runs_one_unet_row_per_image(scenes, monkeypatch):
+    _, defective, _ = scenes
+    detector = CLIPFusion("tiny", mapdiff__joint_prompt=True)
+    _, mapdiff = detector._branches()
+    state = mapdiff.state_prompts("plate")
+    assert state.prompts == ["a photo of a flawless or damaged plate"]
+    assert state.words == [(0, [5]), (0, [7])]
+    rows = []
+    original = mapdiff.encoder.run_unet
+    monkeypatch.setattr(mapdiff.encoder, "run_unet", lambda latents, prompts, *a, **k: rows.append(
+        len(latents) * len(prompts)) or original(latents, prompts, *a, **k))
+    maps = detector.encode(defective[:3], "plate")
+    assert rows == [3]
+    assert float(maps.diff_language.min()) >= 0 and float(maps.diff_language.max()) <= 1

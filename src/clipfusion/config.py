@@ -90,13 +90,16 @@ class MapDiffConfig:
     The UNet sees one prompt per state word, ``template`` filled with the word and the class name;
     maps of several words of a state are averaged.  attention_rule turns the attention on
     anomalous (A_a) and normal (A_n) words into an anomaly map in [0, 1]: ``ratio`` A_a/(A_a+A_n),
-    ``anomalous`` A_a alone, ``difference`` (A_a − A_n + 1)/2.
+    ``anomalous`` A_a alone, ``difference`` (A_a − A_n + 1)/2.  joint_prompt: one prompt carrying every
+    state word ("a photo of a flawless or damaged bottle"), so the words compete in one attention
+    softmax and the UNet runs one row per image instead of one per word (the fast preset's choice).
     """
 
     template: str = "a photo of a {state} {name}"
     normal_words: tuple[str, ...] = ("flawless",)
     anomalous_words: tuple[str, ...] = ("damaged",)
     attention_rule: str = "ratio"
+    joint_prompt: bool = False
 
 
 @dataclass(frozen=True)
@@ -168,8 +171,9 @@ PRESETS: dict[str, Preset] = {
         "fast",
         ClipConfig(),
         DiffusionConfig(image_size=256, vae_id="madebyollin/taesd"),
-        "paper-recon's method at Stable Diffusion input 256 px (latent 32²) with the tiny autoencoder TAESD: "
-        "a speed/accuracy trade-off; check its accuracy on your data with `clipfusion sweep`",
+        "paper-recon's method at Stable Diffusion input 256 px (latent 32²), the tiny autoencoder TAESD and one "
+        "joint state prompt: a speed/accuracy trade-off; check its accuracy on your data with `clipfusion sweep`",
+        mapdiff=MapDiffConfig(joint_prompt=True),
     ),
     TINY: Preset(
         TINY,

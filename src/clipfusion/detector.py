@@ -89,7 +89,9 @@ class CLIPFusion:
             "timestep": config.diffusion.timestep,
             "noise_seed": config.diffusion.noise_seed,
             "feature_blocks": list(config.diffusion.feature_blocks),
-            "feature_prompt": [config.mapdiff.template, config.mapdiff.normal_words[0]],
+            "feature_prompt": [config.mapdiff.template, " or ".join(config.mapdiff.normal_words
+                                                                     + config.mapdiff.anomalous_words)
+                               if config.mapdiff.joint_prompt else config.mapdiff.normal_words[0]],
         }
 
     # --- learning ---------------------------------------------------------------------------------

@@ -25,11 +25,15 @@ from clipfusion.timing import StageTimer
 
 @dataclass
 class StatePrompts:
-    """prompts: normal-word prompts first, then anomalous; positions: each prompt's word-token positions."""
+    """The UNet's prompts and where each state word sits in them.
+
+    prompts: one per word (normal words first), or a single joint prompt holding every word.
+    words: (prompt index, token positions) per word, normal words first; n_normal: how many are normal.
+    """
 
     prompts: list[str]
     n_normal: int
-    positions: list[list[int]]
+    words: list[tuple[int, list[int]]]
 
 
 @dataclass
@@ -50,9 +54,14 @@ class MapDiff:
         if category not in self._prompts:
             name = class_name(category)
             words = list(self.config.normal_words) + list(self.config.anomalous_words)
-            prompts = [self.config.template.format(state=word, name=name) for word in words]
-            positions = [self.encoder.word_token_indices(p, w) for p, w in zip(prompts, words, strict=True)]
-            self._prompts[category] = StatePrompts(prompts, len(self.config.normal_words), positions)
+            if self.config.joint_prompt:  # one UNet row: the state words compete in one softmax
+                prompts = [self.config.template.format(state=" or ".join(words), name=name)]
+                located = [(0, self.encoder.word_token_indices(prompts[0], word)) for word in words]
+            else:
+                prompts = [self.config.template.format(state=word, name=name) for word in words]
+                located = [(i, self.encoder.word_token_indices(p, w))
+                           for i, (p, w) in enumerate(zip(prompts, words, strict=True))]
+            self._prompts[category] = StatePrompts(prompts, len(self.config.normal_words), located)
         return self._prompts[category]
 
     @torch.inference_mode()
@@ -61,7 +70,7 @@ class MapDiff:
         encoder = self.encoder
         timer = timer or StageTimer()
         state = self.state_prompts(category)
-        columns = sorted({i for positions in state.positions for i in positions})
+        columns = sorted({i for _, positions in state.words for i in positions})
         feature_blocks = encoder.config.feature_blocks if with_features else []
         pixels = encoder.preprocess(images)
         if encoder.config.naive:
@@ -74,15 +83,15 @@ class MapDiff:
                 out = encoder.run_unet(latents, state.prompts, columns, feature_blocks)
         with timer("maps"):
             latent = (encoder.latent_size, encoder.latent_size)
-            per_prompt = []
-            for p, positions in enumerate(state.positions):
+            per_word = []
+            for p, positions in state.words:
                 keep = [columns.index(i) for i in positions]
                 layers = [resize_grid(maps[:, p, keep].mean(dim=1), latent) for maps in out.cross_attn_maps.values()]
-                per_prompt.append(torch.stack(layers).mean(dim=0))  # (B, H, W) attention mass on the word
-            normal = torch.stack(per_prompt[:state.n_normal]).mean(dim=0)
-            anomalous = torch.stack(per_prompt[state.n_normal:]).mean(dim=0)
+                per_word.append(torch.stack(layers).mean(dim=0))  # (B, H, W) attention mass on the word
+            normal = torch.stack(per_word[:state.n_normal]).mean(dim=0)
+            anomalous = torch.stack(per_word[state.n_normal:]).mean(dim=0)
             language = self._rule(anomalous, normal)
-        features = {block: f[:, 0] for block, f in out.features.items()}  # the first normal prompt's pass
+        features = {block: f[:, 0] for block, f in out.features.items()}  # the first (normal or joint) prompt
         return MapDiffOutput(language, features)
 
     def _rule(self, anomalous: torch.Tensor, normal: torch.Tensor) -> torch.Tensor:
