@@ -72,6 +72,17 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of errors")
 
 
+def _add_dataset_options(parser: argparse.ArgumentParser, out_default: str) -> None:
+    parser.add_argument("--dataset", required=True, choices=["mvtec", "visa", "folder", "meta"],
+                        help="layout of --root")
+    parser.add_argument("--root", required=True, help="dataset root folder")
+    parser.add_argument("--categories", nargs="+", default=None, help="categories to run (default: all found)")
+    parser.add_argument("--shots", nargs="+", type=int, default=[0],
+                        help="numbers of normal references, 0 = zero-shot (default: 0)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds of the reference draws")
+    parser.add_argument("--out", default=out_default, help="output folder (default: %(default)s)")
+
+
 def _add_run_options(parser: argparse.ArgumentParser, method: bool = True) -> None:
     if method:
         parser.add_argument("--method", default="clipfusion", choices=["clipfusion", "winclip", "mean-image"],
@@ -162,14 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "results.json, results.md and per_image.csv to --out.",
         epilog=EVALUATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    evaluate.add_argument("--dataset", required=True, choices=["mvtec", "visa", "folder", "meta"],
-                          help="layout of --root")
-    evaluate.add_argument("--root", required=True, help="dataset root folder")
-    evaluate.add_argument("--categories", nargs="+", default=None, help="categories to run (default: all found)")
-    evaluate.add_argument("--shots", nargs="+", type=int, default=[0],
-                          help="numbers of normal references, 0 = zero-shot (default: 0)")
-    evaluate.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds of the reference draws")
-    evaluate.add_argument("--out", default="runs/evaluate", help="output folder (default: %(default)s)")
+    _add_dataset_options(evaluate, "runs/evaluate")
     _add_run_options(evaluate)
     _add_common(evaluate)
 
@@ -217,17 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "encoder outputs and cost no extra model pass; others re-encode once per combination.",
         epilog=SWEEP_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sweep.add_argument("--dataset", required=True, choices=["mvtec", "visa", "folder", "meta"])
-    sweep.add_argument("--root", required=True, help="dataset root folder")
-    sweep.add_argument("--categories", nargs="+", default=None, help="categories (default: all found)")
-    sweep.add_argument("--shots", nargs="+", type=int, default=[0], help="numbers of references (default: 0)")
-    sweep.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds of the reference draws")
+    _add_dataset_options(sweep, "runs/sweep")
     sweep.add_argument("--grid", action="append", required=True, metavar="GROUP__FIELD=V1,V2",
                        help="values to try for one setting (repeatable); JSON list for list values")
     sweep.add_argument("--metric", default="pixel_aupro", help="what 'best' means (default: %(default)s)")
     sweep.add_argument("--eval-size", default="256", metavar="N|native", help="as for evaluate (default: 256)")
     sweep.add_argument("--batch-size", type=int, default=8, help="images per encoder call (default: %(default)s)")
-    sweep.add_argument("--out", default="runs/sweep", help="output folder (default: %(default)s)")
     _add_model_options(sweep)
     _add_common(sweep)
 
