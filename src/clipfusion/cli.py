@@ -55,6 +55,19 @@ examples:
 Writes sweep.json (every row, the per-setting means, the best setting) and sweep.md.
 """
 
+BENCHMARK_EXAMPLES = """\
+examples:
+  clipfusion benchmark --methods clipfusion winclip --presets paper-recon fast --images 4 --out bench
+  clipfusion benchmark --device cuda --dtype float16 --batch-size 1 8 32 --images 32 --out bench-gpu
+"""
+
+SYNTH_EXAMPLES = """\
+examples:
+  clipfusion synth --out data/synthetic
+  clipfusion synth --out data/synthetic-512 --size 512 --seed 1
+  clipfusion evaluate --dataset mvtec --root data/synthetic --preset tiny --shots 0 1
+"""
+
 DEMO_EXAMPLES = """\
 examples:
   clipfusion demo                      # synthetic data in the user cache, report in ./clipfusion-demo
@@ -70,6 +83,20 @@ def _cache_dir() -> Path:
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars, only warnings and errors")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of errors")
+
+
+def _command(commands: Any, name: str, summary: str, description: str, examples: str) -> argparse.ArgumentParser:
+    return commands.add_parser(name, help=summary, description=description, epilog=examples,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _add_reference_options(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument("--normal", required=required, default=None, metavar="DIR", help="folder of normal images")
+    parser.add_argument("--category", required=required, default="object",
+                        help="what the images show, used in prompts (e.g. bottle, metal_nut)")
+    parser.add_argument("--shots", type=int, required=required, default=0,
+                        help="normal references drawn from --normal")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the reference draw (default: 0)")
 
 
 def _add_dataset_options(parser: argparse.ArgumentParser, out_default: str) -> None:
@@ -156,39 +183,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"clipfusion {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = commands.add_parser(
-        "demo", help="run the main job on the bundled synthetic data and write a report",
-        description="Generate (or reuse) the synthetic demo dataset and evaluate on it, zero- and few-shot.",
-        epilog=DEMO_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    demo = _command(commands, "demo", "run the main job on the bundled synthetic data and write a report",
+                    "Generate (or reuse) the synthetic demo dataset and evaluate on it, zero- and few-shot.",
+                    DEMO_EXAMPLES)
     demo.add_argument("--out", default="clipfusion-demo", help="output folder (default: %(default)s)")
     demo.add_argument("--data", default=None, help="where the synthetic data lives (default: user cache)")
     _add_run_options(demo, method=False)
     demo.set_defaults(preset="auto")
     _add_common(demo)
 
-    evaluate = commands.add_parser(
-        "evaluate", help="score a method on a dataset: categories × shots × seeds, resumable",
-        description="Evaluate a detector on MVTec-AD, VisA, your own folder or a meta.json index and write "
-                    "results.json, results.md and per_image.csv to --out.",
-        epilog=EVALUATE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    evaluate = _command(commands, "evaluate", "score a method on a dataset: categories × shots × seeds, resumable",
+                        "Evaluate a detector on MVTec-AD, VisA, your own folder or a meta.json index and write "
+                        "results.json, results.md, per_image.csv and report.html to --out.",
+                        EVALUATE_EXAMPLES)
     _add_dataset_options(evaluate, "runs/evaluate")
     _add_run_options(evaluate)
     _add_common(evaluate)
 
-    predict = commands.add_parser(
-        "predict", help="score your own images: overlays, raw maps, scores.csv/json",
-        description="Score image files, folders (recursive) or glob patterns. Zero-shot by default; few-shot "
-                    "with --normal DIR --shots k, or with a memory bank from `clipfusion fit` (--memory).",
-        epilog=PREDICT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    predict = _command(commands, "predict", "score your own images: overlays, raw maps, scores.csv/json",
+                       "Score image files, folders (recursive) or glob patterns. Zero-shot by default; few-shot "
+                       "with --normal DIR --shots k, or with a memory bank from `clipfusion fit` (--memory).",
+                       PREDICT_EXAMPLES)
     predict.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
-    predict.add_argument("--category", default="object", help="what the images show, used in prompts "
-                         "(e.g. bottle, metal_nut; default: %(default)s)")
-    predict.add_argument("--normal", default=None, metavar="DIR", help="folder of normal images")
-    predict.add_argument("--shots", type=int, default=0, help="normal references drawn from --normal (default: 0)")
-    predict.add_argument("--seed", type=int, default=0, help="seed of the reference draw (default: 0)")
+    _add_reference_options(predict, required=False)
     predict.add_argument("--memory", default=None, metavar="FILE", help="memory bank written by `clipfusion fit`")
     predict.add_argument("--threshold", default=None, metavar="VALUE|auto",
                          help="image score above which an image is flagged; 'auto' derives it from the normal "
@@ -201,26 +218,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(predict)
     _add_common(predict)
 
-    fit = commands.add_parser(
-        "fit", help="build a few-shot memory bank from normal images, for predict --memory",
-        description="Draw k normal references from a folder and save CLIPFusion's memory bank (safetensors).",
-        epilog=FIT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    fit.add_argument("--normal", required=True, metavar="DIR", help="folder of normal images")
-    fit.add_argument("--category", required=True, help="what the images show, used in prompts")
-    fit.add_argument("--shots", type=int, required=True, help="number of references to draw")
-    fit.add_argument("--seed", type=int, default=0, help="seed of the reference draw (default: 0)")
+    fit = _command(commands, "fit", "build a few-shot memory bank from normal images, for predict --memory",
+                   "Draw k normal references from a folder and save CLIPFusion's memory bank (safetensors).",
+                   FIT_EXAMPLES)
+    _add_reference_options(fit, required=True)
     fit.add_argument("--out", required=True, help="memory bank file to write (.safetensors)")
     fit.add_argument("--batch-size", type=int, default=8, help="images per encoder call (default: %(default)s)")
     _add_model_options(fit)
     _add_common(fit)
 
-    sweep = commands.add_parser(
-        "sweep", help="grid-search CLIPFusion settings on a dataset (calibrate the reconstructed settings)",
-        description="Score every combination of --grid values. Fusion-level settings (fusion__*) reuse the "
-                    "encoder outputs and cost no extra model pass; others re-encode once per combination.",
-        epilog=SWEEP_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    sweep = _command(commands, "sweep", "grid-search CLIPFusion settings on a dataset (calibrates settings)",
+                     "Score every combination of --grid values. Fusion-level settings (fusion__*) reuse the "
+                     "encoder outputs and cost no extra model pass; others re-encode once per combination.",
+                     SWEEP_EXAMPLES)
     _add_dataset_options(sweep, "runs/sweep")
     sweep.add_argument("--grid", action="append", required=True, metavar="GROUP__FIELD=V1,V2",
                        help="values to try for one setting (repeatable); JSON list for list values")
@@ -230,15 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(sweep)
     _add_common(sweep)
 
-    bench = commands.add_parser(
-        "benchmark", help="time CLIPFusion and WinCLIP side by side (full-size models, random weights)",
-        description="Per-image time and per-stage split of each method, preset, shots and batch size, measured "
-                    "in one run with random-weight models (speed does not depend on weights): benchmark.json "
-                    "and benchmark.md in --out.",
-        epilog="examples:\n  clipfusion benchmark --methods clipfusion winclip --presets paper-recon fast --images 4 "
-               "--out bench\n  clipfusion benchmark --device cuda --dtype float16 --batch-size 1 8 32 --out bench-gpu",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    bench = _command(commands, "benchmark", "time CLIPFusion and WinCLIP side by side (full size, random weights)",
+                     "Per-image time and per-stage split of each method, preset, shots and batch size, measured "
+                     "in one run with random-weight models (speed does not depend on weights): benchmark.json "
+                     "and benchmark.md in --out.", BENCHMARK_EXAMPLES)
     bench.add_argument("--methods", nargs="+", default=["clipfusion", "winclip"], choices=["clipfusion", "winclip"])
     bench.add_argument("--presets", nargs="+", default=["paper-recon", "fast"])
     bench.add_argument("--shots", nargs="+", type=int, default=[0, 4])
@@ -251,14 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="runs/benchmark", help="output folder (default: %(default)s)")
     _add_common(bench)
 
-    synth = commands.add_parser(
-        "synth", help="write the synthetic dataset (MVTec layout, exact masks) to a folder",
-        description="Generate the deterministic synthetic anomaly dataset used by the demo and the tests.",
-        epilog="examples:\n  clipfusion synth --out data/synthetic\n"
-               "  clipfusion synth --out data/synthetic-512 --size 512 --seed 1\n"
-               "  clipfusion evaluate --dataset mvtec --root data/synthetic --preset tiny --shots 0 1",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    synth = _command(commands, "synth", "write the synthetic dataset (MVTec layout, exact masks) to a folder",
+                     "Generate the deterministic synthetic anomaly dataset used by the demo and the tests.",
+                     SYNTH_EXAMPLES)
     synth.add_argument("--out", required=True, help="folder to write")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--size", type=int, default=256, help="image side in pixels (default: %(default)s)")
