@@ -1,4 +1,29 @@
-"""clipfusion: zero- and few-shot anomaly detection with CLIP and Stable Diffusion."""
+"""clipfusion: zero- and few-shot anomaly detection with CLIP and Stable Diffusion.
+
+The public API, imported on first use so that ``clipfusion --help`` does not load torch:
+``CLIPFusion``, ``WinCLIP``, ``Prediction``, ``get_preset``, ``load_dataset``,
+``EvaluationConfig``, ``EvaluationRunner``.
+"""
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_PUBLIC = {
+    "CLIPFusion": "clipfusion.detector",
+    "WinCLIP": "clipfusion.winclip",
+    "Prediction": "clipfusion.api",
+    "get_preset": "clipfusion.config",
+    "load_dataset": "clipfusion.data",
+    "EvaluationConfig": "clipfusion.evaluation",
+    "EvaluationRunner": "clipfusion.evaluation",
+}
+__all__ = ["__version__", *_PUBLIC]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'clipfusion' has no attribute {name!r}")
