@@ -333,15 +333,21 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     from clipfusion.report import write_report
 
     data = Path(args.data) if args.data else _cache_dir() / "synthetic-v1"
+    asked = args.preset
     args.preset = _demo_preset(args)
     print(f"clipfusion demo: CLIPFusion, WinCLIP and a colour-distance baseline on synthetic data ({data}),\n"
           f"zero-shot and 1-shot, preset '{args.preset}'.")
     if args.preset == "tiny":
-        print("\n  NOTE: the real CLIP / Stable Diffusion weights are not in the local Hugging Face cache, so this\n"
-              "  demo runs the 'tiny' preset: untrained random models of the same architecture. Their scores are\n"
+        why = ("you chose" if asked == "tiny" else
+               "the real CLIP / Stable Diffusion weights are not in the local Hugging Face cache, so this demo runs")
+        print(f"\n  NOTE: {why} the 'tiny' preset:\n"
+              "  untrained random models of the same architecture. Their scores are\n"
               "  MEANINGLESS — the demo shows the pipeline, not the method's accuracy. To get the real models, run\n"
               "  once with internet access `clipfusion demo --preset paper-recon` (downloads ~5 GB into the\n"
               "  Hugging Face cache), or see README → Models and weights for offline copies.\n")
+    elif args.device == "cpu":
+        logger.warning("real models on the CPU: expect 20-30 minutes (about 9 s per image); add --device cuda on "
+                       "a GPU machine, or --preset tiny for the quick offline run")
     ensure_synthetic(data, progress=not args.quiet)
     out = Path(args.out)
     means = {}
