@@ -313,3 +313,15 @@ def test_joint_prompt_runs_one_unet_row_per_image(scenes, monkeypatch):
     maps = detector.encode(defective[:3], "plate")
     assert rows == [3]
     assert float(maps.diff_language.min()) >= 0 and float(maps.diff_language.max()) <= 1
+
+
+def test_fit_runs_one_unet_row_per_reference(scenes, monkeypatch):
+    normal, _, _ = scenes
+    detector = CLIPFusion("tiny")
+    _, mapdiff = detector._branches()
+    rows = []
+    original = mapdiff.encoder.run_unet
+    monkeypatch.setattr(mapdiff.encoder, "run_unet", lambda latents, prompts, *a, **k: rows.append(
+        len(latents) * len(prompts)) or original(latents, prompts, *a, **k))
+    detector.fit(normal[:3], "plate")
+    assert rows == [3]  # the feature prompt only, not one row per state word

@@ -375,12 +375,13 @@ def _make_detector(args: argparse.Namespace, method: str):
 
 
 def _cmd_fit(args: argparse.Namespace) -> None:
-    from clipfusion.inference import draw_references, load_images
+    from clipfusion.data.base import read_images
+    from clipfusion.inference import draw_references
 
     if args.shots < 1:
         raise ClipfusionError("--shots must be >= 1 for a memory bank")
     references = draw_references(args.normal, args.shots, args.seed)
-    paths, images, _ = load_images(references.used)
+    paths, images, _ = read_images(references.used)
     if not images:
         raise ClipfusionError(f"none of the drawn references in {args.normal} could be read")
     detector = _make_detector(args, "clipfusion")
@@ -390,7 +391,8 @@ def _cmd_fit(args: argparse.Namespace) -> None:
 
 
 def _threshold(args: argparse.Namespace, detector, held_out: list[Path]):
-    from clipfusion.inference import Threshold, auto_threshold, load_images
+    from clipfusion.data.base import read_images
+    from clipfusion.inference import Threshold, auto_threshold
 
     if args.threshold is None:
         return None
@@ -401,7 +403,7 @@ def _threshold(args: argparse.Namespace, detector, held_out: list[Path]):
             raise ClipfusionError(f"--threshold must be a number or 'auto', not {args.threshold!r}") from None
     if args.normal is None:
         raise ClipfusionError("--threshold auto needs --normal DIR: normal images to set it from")
-    _, images, _ = load_images(held_out)
+    _, images, _ = read_images(held_out)
     scores = detector.predict(images, args.category).scores if images else np.array([])
     threshold = auto_threshold(scores)
     logger.info("threshold %.4f: %s", threshold.value, threshold.how)
@@ -409,7 +411,8 @@ def _threshold(args: argparse.Namespace, detector, held_out: list[Path]):
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
-    from clipfusion.inference import collect_images, draw_references, load_images, predict_paths
+    from clipfusion.data.base import read_images
+    from clipfusion.inference import collect_images, draw_references, predict_paths
 
     if args.memory and args.normal and args.shots:
         raise ClipfusionError("give either --memory or --normal with --shots, not both")
@@ -425,7 +428,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         drawn = draw_references(args.normal, args.shots, args.seed)
         held_out = drawn.held_out
         if drawn.used:
-            used, images, _ = load_images(drawn.used)
+            used, images, _ = read_images(drawn.used)
             detector.fit(images, args.category)
             references = [p.name for p in used]
     scale = None

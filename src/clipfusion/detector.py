@@ -109,7 +109,7 @@ class CLIPFusion:
             batch = images[start:start + self.batch_size]
             for block, tokens in patchclip.run(batch, category).visual_tokens.items():
                 bank.add(f"clip/block{block}", tokens)
-            for block, grid in mapdiff.run(batch, category, with_features=True).features.items():
+            for block, grid in mapdiff.reference_features(batch, category).items():
                 bank.add(f"diffusion/up{block}", grid.permute(0, 2, 3, 1))
         self.memory_bank_ = bank
         self.category_ = category

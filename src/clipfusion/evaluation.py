@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from clipfusion import __version__
 from clipfusion.api import Detector
 from clipfusion.data import AnomalyDataset, SampleRef, read_rgb, sample_references
+from clipfusion.data.base import read_images
 from clipfusion.errors import ClipfusionError, DatasetError, ImageReadError
 from clipfusion.imageops import resize_image, resize_maps, resize_mask
 from clipfusion.metrics import IMAGE_METRICS, PIXEL_METRICS, image_metrics, pixel_metrics
@@ -98,17 +99,6 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _load_images(paths: Sequence[Path], skipped: list[SkippedFile], category: str) -> list[tuple[Path, np.ndarray]]:
-    loaded = []
-    for path in paths:
-        try:
-            loaded.append((path, read_rgb(path)))
-        except ImageReadError as exc:
-            logger.warning("skipped %s", exc)
-            skipped.append(SkippedFile(str(path), exc.reason, category))
-    return loaded
-
-
 def load_references(dataset: AnomalyDataset, category: str, shots: int, seed: int,
                     skipped: list[SkippedFile]) -> tuple[list[str], list[np.ndarray]]:
     """File names and pixels of the ``shots`` references drawn with ``seed`` (none for zero-shot)."""
@@ -117,10 +107,11 @@ def load_references(dataset: AnomalyDataset, category: str, shots: int, seed: in
     pool = dataset.train_images(category)
     if not pool:
         raise DatasetError(f"{category}: no normal training images to draw {shots} references from")
-    loaded = _load_images(sample_references(pool, shots, seed), skipped, category)
-    if not loaded:
+    paths, images, bad = read_images(sample_references(pool, shots, seed))
+    skipped += [SkippedFile(path, reason, category) for path, reason in bad]
+    if not images:
         raise DatasetError(f"{category}: none of the {shots} drawn references could be read")
-    return [p.name for p, _ in loaded], [image for _, image in loaded]
+    return [p.name for p in paths], images
 
 
 def at_eval_size(mask: np.ndarray | None, amap: np.ndarray, eval_size: int | None

@@ -15,8 +15,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from clipfusion.api import Detector
-from clipfusion.data.base import IMAGE_EXTENSIONS, read_rgb, sample_references
-from clipfusion.errors import ClipfusionError, ImageReadError
+from clipfusion.data.base import IMAGE_EXTENSIONS, read_images, read_rgb, sample_references
+from clipfusion.errors import ClipfusionError
 from clipfusion.viz import overlay, png_bytes
 
 logger = logging.getLogger(__name__)
@@ -38,19 +38,6 @@ def collect_images(inputs: Sequence[str]) -> list[Path]:
             raise ClipfusionError(f"no image files found at {item}")
         found += [m for m in matches if m.suffix.lower() in IMAGE_EXTENSIONS or path.is_file()]
     return list(dict.fromkeys(found))
-
-
-def load_images(paths: Sequence[Path]) -> tuple[list[Path], list[np.ndarray], list[tuple[str, str]]]:
-    """Read what can be read; the rest is returned as (path, reason) and logged."""
-    kept, images, skipped = [], [], []
-    for path in paths:
-        try:
-            images.append(read_rgb(path))
-            kept.append(path)
-        except ImageReadError as exc:
-            logger.warning("skipped %s", exc)
-            skipped.append((str(path), exc.reason))
-    return kept, images, skipped
 
 
 @dataclass
@@ -106,7 +93,7 @@ def predict_paths(detector: Detector, paths: Sequence[Path], category: str, out:
     written: list[tuple[Path, str]] = []
     bar = tqdm(total=len(paths), desc="predict", disable=not progress)
     for begin in range(0, len(paths), batch_size):
-        batch_paths, images, bad = load_images(paths[begin:begin + batch_size])
+        batch_paths, images, bad = read_images(paths[begin:begin + batch_size])
         skipped += bad
         if images:
             start = time.perf_counter()

@@ -94,6 +94,16 @@ class MapDiff:
         features = {block: f[:, 0] for block, f in out.features.items()}  # the first (normal or joint) prompt
         return MapDiffOutput(language, features)
 
+    @torch.inference_mode()
+    def reference_features(self, images: Sequence[np.ndarray], category: str) -> dict[int, torch.Tensor]:
+        """{up-block: (B, C, h, w)} of normal references: only the prompt the features come from is run,
+        so a reference costs one UNet row, not one per state word."""
+        encoder = self.encoder
+        state = self.state_prompts(category)
+        prompt, positions = state.prompts[0], state.words[0][1]
+        out = encoder.encode(encoder.preprocess(images), [prompt], token_indices=positions)
+        return {block: f[:, 0] for block, f in out.features.items()}
+
     def _rule(self, anomalous: torch.Tensor, normal: torch.Tensor) -> torch.Tensor:
         if self.config.attention_rule == "ratio":
             return anomalous / (anomalous + normal + 1e-8)

@@ -6,6 +6,7 @@ sample, not the run.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from clipfusion.errors import DatasetError, ImageReadError
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 NORMAL_DEFECT = "good"
@@ -143,6 +146,19 @@ def read_rgb(path: str | Path) -> np.ndarray:
         gray = np.round((values - values.min()) / span * 255.0).astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2)
     return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+
+
+def read_images(paths: Sequence[Path]) -> tuple[list[Path], list[np.ndarray], list[tuple[str, str]]]:
+    """Read what can be read: (paths read, their RGB images, [(path, reason)] of the rest, logged)."""
+    kept, images, skipped = [], [], []
+    for path in paths:
+        try:
+            images.append(read_rgb(path))
+            kept.append(path)
+        except ImageReadError as exc:
+            logger.warning("skipped %s", exc)
+            skipped.append((str(path), exc.reason))
+    return kept, images, skipped
 
 
 def read_mask(path: str | Path) -> np.ndarray:
