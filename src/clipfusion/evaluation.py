@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from clipfusion import __version__
 from clipfusion.api import Detector
-from clipfusion.data import AnomalyDataset, SampleRef, read_rgb, sample_references
+from clipfusion.data import AnomalyDataset, Sample, SampleRef, read_rgb, sample_references
 from clipfusion.data.base import read_images
 from clipfusion.errors import ClipfusionError, DatasetError, ImageReadError
 from clipfusion.imageops import resize_image, resize_maps, resize_mask
@@ -97,6 +97,18 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def load_samples(refs: Sequence[SampleRef], skipped: list[SkippedFile]) -> list[Sample]:
+    """Load test samples; an unreadable image is logged, recorded in ``skipped`` and left out."""
+    samples = []
+    for ref in refs:
+        try:
+            samples.append(ref.load())
+        except ImageReadError as exc:
+            logger.warning("skipped %s", exc)
+            skipped.append(SkippedFile(exc.path, exc.reason, ref.category))
+    return samples
 
 
 def load_references(dataset: AnomalyDataset, category: str, shots: int, seed: int,
@@ -195,13 +207,7 @@ class EvaluationRunner:
         scores, maps, masks, rows = [], [], [], []
         bar = tqdm(total=len(samples), desc=f"{category} {shots}-shot seed {seed}", disable=not self.progress)
         for begin in range(0, len(samples), self.config.batch_size):
-            batch = []
-            for ref in samples[begin:begin + self.config.batch_size]:
-                try:
-                    batch.append(ref.load())
-                except ImageReadError as exc:
-                    logger.warning("skipped %s", exc)
-                    skipped.append(SkippedFile(exc.path, exc.reason, category))
+            batch = load_samples(samples[begin:begin + self.config.batch_size], skipped)
             if batch:
                 prediction = detector.predict([s.image for s in batch], category)
                 for sample, score, amap in zip(batch, prediction.scores, prediction.maps, strict=True):

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from clipfusion.config import RuntimeConfig, get_preset
 from clipfusion.data import AnomalyDataset, Sample
 from clipfusion.detector import CLIPFusion
-from clipfusion.errors import ClipfusionError, ImageReadError
+from clipfusion.errors import ClipfusionError
 from clipfusion.evaluation import (
     METRIC_TITLES,
     METRICS,
@@ -29,6 +29,7 @@ from clipfusion.evaluation import (
     at_eval_size,
     json_safe,
     load_references,
+    load_samples,
     unit_metrics,
 )
 
@@ -74,16 +75,6 @@ class SweepConfig:
     fpr_limit: float = 0.3
 
 
-def _load_samples(dataset: AnomalyDataset, category: str, skipped: list[SkippedFile]) -> list[Sample]:
-    samples = []
-    for ref in dataset.test_samples(category):
-        try:
-            samples.append(ref.load())
-        except ImageReadError as exc:
-            skipped.append(SkippedFile(exc.path, exc.reason, category))
-    return samples
-
-
 def run_sweep(config: SweepConfig, dataset: AnomalyDataset, runtime: RuntimeConfig, out: str | Path,
               progress: bool = True) -> dict[str, Any]:
     """Score every combination of ``config.grid``; write sweep.json and sweep.md to ``out``."""
@@ -103,7 +94,7 @@ def run_sweep(config: SweepConfig, dataset: AnomalyDataset, runtime: RuntimeConf
     for encoder_setting in encoder_combos:
         for category, shots, seed in units:
             if category not in samples_by_category:
-                samples_by_category[category] = _load_samples(dataset, category, skipped)
+                samples_by_category[category] = load_samples(dataset.test_samples(category), skipped)
             samples = samples_by_category[category]
             detector = CLIPFusion(config.preset, runtime, config.batch_size, **config.overrides, **encoder_setting)
             names, references = load_references(dataset, category, shots, seed, skipped)
