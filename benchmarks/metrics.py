@@ -16,7 +16,7 @@ from _common import run_isolated, write_results
 def measure(size: int, images: int) -> dict:
     import numpy as np
 
-    from clipfusion.metrics import _curve_metrics, _legacy_aupro, _rank_pixels
+    from clipfusion.evaluation.metrics import _curve_metrics, _legacy_aupro, _rank_pixels
 
     rng = np.random.default_rng(0)
     masks = np.zeros((images, size, size), bool)

@@ -12,11 +12,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from clipfusion.benchmark import machine_info, random_weight_preset
 from clipfusion.config import RuntimeConfig
 from clipfusion.data import MVTecDataset
 from clipfusion.data.synthetic import SyntheticSpec, generate
-from clipfusion.sweep import SweepConfig, run_sweep
+from clipfusion.tasks.benchmark import machine_info, random_weight_preset
+from clipfusion.tasks.sweep import SweepConfig, run_sweep
 
 
 def main() -> None:

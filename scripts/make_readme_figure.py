@@ -14,8 +14,8 @@ from PIL import Image, ImageDraw
 
 from clipfusion.data import MVTecDataset, read_rgb
 from clipfusion.data.synthetic import SyntheticSpec, generate
-from clipfusion.detector import CLIPFusion
-from clipfusion.viz import overlay
+from clipfusion.methods.clipfusion.detector import CLIPFusion
+from clipfusion.overlays import overlay
 
 PICKS = [("disc", "hole"), ("plate", "scratch"), ("fabric", "stain"), ("capsule", "crack")]
 

@@ -9,7 +9,7 @@ import clipfusion
 def test_public_api_is_importable_from_the_package():
     from clipfusion import CLIPFusion, EvaluationRunner, Prediction, WinCLIP, get_preset, load_dataset
 
-    assert CLIPFusion.__module__ == "clipfusion.detector"
+    assert CLIPFusion.__module__ == "clipfusion.methods.clipfusion.detector"
     assert {WinCLIP.__name__, Prediction.__name__, EvaluationRunner.__name__} == {
         "WinCLIP", "Prediction", "EvaluationRunner"}
     assert get_preset("tiny").name == "tiny" and callable(load_dataset)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from clipfusion.evaluation import METRICS
+from clipfusion.evaluation.tables import METRICS
 
 
 def clipfusion(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None):
@@ -45,7 +45,7 @@ def test_evaluate_writes_the_three_files_and_resumes(synthetic_root, tmp_path):
     [
         (["--root", "/no/such/folder"], "/no/such/folder does not exist"),
         (["--categories", "bottle"], "unknown category bottle"),
-        (["--preset", "huge"], "unknown preset 'huge'"),
+        (["--preset", "huge"], "invalid choice: 'huge' (choose from 'paper-recon', 'sd21', 'vitl14', 'fast', 'tiny')"),
         (["--set", "fusion__alpha=0.3"], "unknown setting 'fusion__alpha'"),
         (["--set", "patchclip__dense_mode=foo"], "patchclip__dense_mode must be one of vv, window, tile, raw"),
         (["--alpha", "1.5"], "fusion__alpha_seg must lie in [0, 1]"),

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from clipfusion.config import ClipConfig, DiffusionConfig, RuntimeConfig, get_preset
 from clipfusion.encoders import ClipEncoder, DiffusionEncoder, WeightsNotFoundError
-from clipfusion.encoders.diffusion import cross_attention_layers
+from clipfusion.encoders.attention import cross_attention_layers
 from clipfusion.encoders.loading import build_diffusion_from_configs, load_open_clip
 
 PROMPTS = ["a photo of a flawless disc", "a photo of a damaged disc"]

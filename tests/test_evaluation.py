@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipfusion.api import Prediction
-from clipfusion.baselines import MeanImageDetector
 from clipfusion.data import MVTecDataset
 from clipfusion.errors import ClipfusionError
-from clipfusion.evaluation import METRICS, EvaluationConfig, EvaluationRunner
+from clipfusion.evaluation.runner import EvaluationConfig, EvaluationRunner
+from clipfusion.evaluation.tables import METRICS
+from clipfusion.methods.mean_image import MeanImageDetector
+from clipfusion.protocol import Prediction
 
 RUN_KEYS = {"category", "shots", "seed", "n_images", "references", *METRICS, "seconds"}
 

@@ -8,15 +8,15 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from clipfusion.branches.patchclip import window_embeddings, window_zero_shot_map
-from clipfusion.branches.windows import harmonic_aggregate, window_indices
 from clipfusion.config import FusionConfig, RuntimeConfig, get_preset
-from clipfusion.detector import CLIPFusion
-from clipfusion.encoders import shared
-from clipfusion.fusion import BranchMaps, fuse
-from clipfusion.imageops import resize_mask
-from clipfusion.memory import MemoryBank, MemoryBankMismatch, nearest_distance
-from clipfusion.winclip import WinCLIP
+from clipfusion.encoders import cache
+from clipfusion.errors import MemoryBankMismatchError
+from clipfusion.geometry import resize_mask, window_indices
+from clipfusion.methods.clipfusion.detector import CLIPFusion
+from clipfusion.methods.clipfusion.fusion import BranchMaps, fuse
+from clipfusion.methods.memory import MemoryBank, nearest_distance
+from clipfusion.methods.winclip import WinCLIP
+from clipfusion.methods.windows import harmonic_aggregate, window_zero_shot_map
 
 SIZE = 128
 
@@ -52,8 +52,8 @@ def test_nearest_distance_matches_brute_force_and_is_zero_on_references(monkeypa
     memory = torch.nn.functional.normalize(torch.randn(50, 8, generator=rng), dim=1)
     queries = torch.nn.functional.normalize(torch.randn(30, 8, generator=rng), dim=1)
     queries[:5] = memory[10:15]
-    monkeypatch.setattr("clipfusion.memory.QUERY_CHUNK", 7)
-    monkeypatch.setattr("clipfusion.memory.MEMORY_CHUNK", 11)
+    monkeypatch.setattr("clipfusion.methods.memory.QUERY_CHUNK", 7)
+    monkeypatch.setattr("clipfusion.methods.memory.MEMORY_CHUNK", 11)
     got = nearest_distance(queries, memory)
     expected = ((1 - queries @ memory.T) / 2).min(dim=1).values.clamp(0, 1)
     torch.testing.assert_close(got, expected)
@@ -122,13 +122,14 @@ def test_window_indices_and_harmonic_aggregation_by_hand():
 
 
 def test_window_maps_match_a_slow_per_window_reference():
-    encoder = shared.clip_encoder(get_preset("tiny").clip, RuntimeConfig())
+    encoder = cache.clip_encoder(get_preset("tiny").clip, RuntimeConfig())
     images = [_scene(0, (4, 84))[0], _scene(1)[0]]
     pixels = encoder.preprocess(images)
     prototypes = encoder.encode_prompt_ensembles([["a photo of a plate."], ["a photo of a damaged plate."]])
     out = encoder.encode_image(pixels, dense=False)
     image_score = (out.global_embedding @ prototypes.T / 0.07).softmax(-1)[:, 1]
-    fast = window_zero_shot_map(encoder, window_embeddings(encoder, pixels, (2, 3)), prototypes, image_score, 0.07)
+    fast = window_zero_shot_map(encoder.grid_size, encoder.window_embeddings(pixels, (2, 3)), prototypes, image_score,
+                                0.07)
 
     visual = encoder.model.visual
     h, w = encoder.grid_size
@@ -246,7 +247,7 @@ def test_memory_bank_round_trip_and_mismatch(scenes, tmp_path):
         assert torch.equal(reloaded.memory_bank_.features[name], tensor)
     np.testing.assert_array_equal(reloaded.predict(defective[:2], "plate").maps,
                                   detector.predict(defective[:2], "plate").maps)
-    with pytest.raises(MemoryBankMismatch, match=r"timestep: bank 100 vs detector 300"):
+    with pytest.raises(MemoryBankMismatchError, match=r"timestep: bank 100 vs detector 300"):
         CLIPFusion("tiny", diffusion__timestep=300).load_memory(path)
     with pytest.raises(Exception, match="fit on 'plate', not 'disc'"):
         reloaded.predict(defective[:1], "disc")

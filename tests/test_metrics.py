@@ -5,8 +5,8 @@ import pytest
 from skimage import measure
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score
 
-from clipfusion import metrics
-from clipfusion.metrics import (
+from clipfusion.evaluation import metrics
+from clipfusion.evaluation.metrics import (
     f1max_threshold,
     image_ap,
     image_auroc,

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 from matplotlib import colormaps
 
-from clipfusion.viz import COLORMAP, overlay
+from clipfusion.overlays import COLORMAP, overlay
 
 
 def test_overlay_uses_the_given_scale_not_the_image_range():

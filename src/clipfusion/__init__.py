@@ -12,13 +12,13 @@ from typing import Any
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "CLIPFusion": "clipfusion.detector",
-    "WinCLIP": "clipfusion.winclip",
-    "Prediction": "clipfusion.api",
+    "CLIPFusion": "clipfusion.methods.clipfusion.detector",
+    "WinCLIP": "clipfusion.methods.winclip",
+    "Prediction": "clipfusion.protocol",
     "get_preset": "clipfusion.config",
     "load_dataset": "clipfusion.data",
-    "EvaluationConfig": "clipfusion.evaluation",
-    "EvaluationRunner": "clipfusion.evaluation",
+    "EvaluationConfig": "clipfusion.evaluation.runner",
+    "EvaluationRunner": "clipfusion.evaluation.runner",
 }
 __all__ = ["__version__", *_PUBLIC]
 

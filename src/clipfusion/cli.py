@@ -1,19 +1,17 @@
-"""The ``clipfusion`` command line: demo, evaluate, synth."""
+"""The ``clipfusion`` command line: argument parsing and dispatch only; the work is in ``clipfusion.tasks``."""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import os
 import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import Any, NoReturn
 
 from clipfusion import __version__
+from clipfusion.config import BENCHMARK_METHODS, DATASET_NAMES, DTYPES, METHOD_NAMES, PRESET_NAMES, RuntimeConfig
 from clipfusion.errors import ClipfusionError
 
 logger = logging.getLogger("clipfusion")
@@ -47,8 +45,9 @@ examples:
 
 SWEEP_EXAMPLES = """\
 examples:
-  clipfusion sweep --dataset mvtec --root ~/data/mvtec_anomaly_detection --categories bottle screw \\
-      --grid fusion__alpha_seg=0.1,0.3,0.5,0.7,0.9 --grid diffusion__timestep=50,100,200 --device cuda
+  clipfusion sweep --dataset mvtec --root ~/data/mvtec_anomaly_detection --categories bottle screw carpet \\
+      --select-on bottle screw --grid fusion__alpha_seg=0.1,0.3,0.5,0.7,0.9 --grid diffusion__timestep=50,100,200 \\
+      --device cuda
   clipfusion sweep --dataset mvtec --root data/synthetic --preset tiny --shots 1 \\
       --grid patchclip__dense_mode=vv,window --grid 'fusion__maps=[["clip_visual"],["clip_visual","diff_visual"]]'
 
@@ -75,9 +74,11 @@ examples:
 """
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "clipfusion"
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit 2), like every other user error of clipfusion."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -100,7 +101,7 @@ def _add_reference_options(parser: argparse.ArgumentParser, required: bool) -> N
 
 
 def _add_dataset_options(parser: argparse.ArgumentParser, out_default: str) -> None:
-    parser.add_argument("--dataset", required=True, choices=["mvtec", "visa", "folder", "meta"],
+    parser.add_argument("--dataset", required=True, choices=DATASET_NAMES,
                         help="layout of --root")
     parser.add_argument("--root", required=True, help="dataset root folder")
     parser.add_argument("--categories", nargs="+", default=None, help="categories to run (default: all found)")
@@ -112,7 +113,7 @@ def _add_dataset_options(parser: argparse.ArgumentParser, out_default: str) -> N
 
 def _add_run_options(parser: argparse.ArgumentParser, method: bool = True) -> None:
     if method:
-        parser.add_argument("--method", default="clipfusion", choices=["clipfusion", "winclip", "mean-image"],
+        parser.add_argument("--method", default="clipfusion", choices=METHOD_NAMES,
                             help="detector to run (default: %(default)s)")
     parser.add_argument("--eval-size", default="256", metavar="N|native",
                         help="side of the square that maps and masks are resized to for pixel metrics, or "
@@ -125,10 +126,11 @@ def _add_run_options(parser: argparse.ArgumentParser, method: bool = True) -> No
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("models and method settings")
-    group.add_argument("--preset", default="paper-recon",
-                       help="paper-recon (default), sd21, vitl14, or tiny (random offline models, meaningless scores)")
+    group.add_argument("--preset", default="paper-recon", choices=PRESET_NAMES, metavar="PRESET",
+                       help=f"{', '.join(PRESET_NAMES)} (default: %(default)s; tiny = random offline models, "
+                            "meaningless scores; docs/method.md)")
     group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: %(default)s)")
-    group.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+    group.add_argument("--dtype", default="float32", choices=DTYPES,
                        help="float16 on GPUs; keep float32 on CPUs (default: %(default)s)")
     group.add_argument("--offline", action="store_true", help="never touch the network (weights from the cache)")
     group.add_argument("--cache-dir", default=None, help="Hugging Face cache folder (default: the hub's own)")
@@ -158,25 +160,19 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
-def method_params(args: argparse.Namespace, method: str) -> dict[str, Any]:
-    """Constructor arguments of ``method`` from the command line."""
-    if method == "mean-image":
-        return {}
-    from clipfusion.config import RuntimeConfig, get_preset
+def _runtime(args: argparse.Namespace) -> RuntimeConfig:
+    return RuntimeConfig(args.device, args.dtype, args.offline, args.cache_dir)
 
-    overrides = _overrides(args)
-    get_preset(args.preset, **overrides)  # fail early, before any model loads
-    params: dict[str, Any] = {"preset": args.preset, "batch_size": args.batch_size,
-                              "runtime": RuntimeConfig(args.device, args.dtype, args.offline, args.cache_dir)}
-    if method == "clipfusion":
-        params.update(overrides)
-    elif overrides:
-        raise ClipfusionError(f"{sorted(overrides)} are CLIPFusion settings; {method} does not take them")
-    return params
+
+def _params(args: argparse.Namespace, method: str, preset: str | None = None) -> dict[str, Any]:
+    """Constructor arguments of ``method`` from the command line (settings checked, no model loaded)."""
+    from clipfusion.methods.registry import detector_params
+
+    return detector_params(method, preset or args.preset, _overrides(args), _runtime(args), args.batch_size)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="clipfusion",
         description="Zero- and few-shot visual anomaly detection with CLIP and Stable Diffusion (CLIPFusion).",
     )
@@ -213,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--scale", default=None, metavar="LOW,HIGH",
                          help="fixed colour scale of the overlays (default: min and max over all maps of the run)")
     predict.add_argument("--out", default="clipfusion-predict", help="output folder (default: %(default)s)")
-    predict.add_argument("--method", default="clipfusion", choices=["clipfusion", "winclip", "mean-image"])
+    predict.add_argument("--method", default="clipfusion", choices=METHOD_NAMES)
     predict.add_argument("--batch-size", type=int, default=8, help="images per predict call (default: %(default)s)")
     _add_model_options(predict)
     _add_common(predict)
@@ -235,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--grid", action="append", required=True, metavar="GROUP__FIELD=V1,V2",
                        help="values to try for one setting (repeatable); JSON list for list values")
     sweep.add_argument("--metric", default="pixel_aupro", help="what 'best' means (default: %(default)s)")
+    sweep.add_argument("--select-on", nargs="+", default=None, metavar="CATEGORY",
+                       help="choose the best setting on these categories only and report it on the others "
+                            "(without it, choice and report use the same test labels: optimistic)")
     sweep.add_argument("--eval-size", default="256", metavar="N|native", help="as for evaluate (default: 256)")
     sweep.add_argument("--batch-size", type=int, default=8, help="images per encoder call (default: %(default)s)")
     _add_model_options(sweep)
@@ -244,15 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
                      "Per-image time and per-stage split of each method, preset, shots and batch size, measured "
                      "in one run with random-weight models (speed does not depend on weights): benchmark.json "
                      "and benchmark.md in --out.", BENCHMARK_EXAMPLES)
-    bench.add_argument("--methods", nargs="+", default=["clipfusion", "winclip"], choices=["clipfusion", "winclip"])
-    bench.add_argument("--presets", nargs="+", default=["paper-recon", "fast"])
+    bench.add_argument("--methods", nargs="+", default=["clipfusion", "winclip"], choices=BENCHMARK_METHODS)
+    bench.add_argument("--presets", nargs="+", default=["paper-recon", "fast"], choices=PRESET_NAMES)
     bench.add_argument("--shots", nargs="+", type=int, default=[0, 4])
     bench.add_argument("--batch-size", nargs="+", type=int, default=[1, 8], dest="batch_sizes")
     bench.add_argument("--images", type=int, default=4, help="test images per measurement (default: %(default)s)")
     bench.add_argument("--repeats", type=int, default=2, help="measurements per configuration (default: %(default)s)")
     bench.add_argument("--no-naive", action="store_true", help="skip the naive reference run of paper-recon")
     bench.add_argument("--device", default="cpu")
-    bench.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    bench.add_argument("--dtype", default="float32", choices=DTYPES)
     bench.add_argument("--out", default="runs/benchmark", help="output folder (default: %(default)s)")
     _add_common(bench)
 
@@ -266,182 +265,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _eval_size(text: str) -> int | None:
-    if text == "native":
-        return None
-    try:
-        value = int(text)
-    except ValueError:
-        raise ClipfusionError(f"--eval-size must be a positive integer or 'native', not {text!r}") from None
-    if value <= 0:
-        raise ClipfusionError(f"--eval-size must be positive, not {value}")
-    return value
-
-
-def _run_evaluation(args: argparse.Namespace, method: str, dataset_kind: str, root: Path,
-                    categories: Sequence[str] | None, shots: list[int], seeds: list[int], out: Path) -> dict:
-    import shutil
-
-    from clipfusion.data import load_dataset
-    from clipfusion.evaluation import EvaluationConfig, EvaluationRunner
-    from clipfusion.methods import make_detector_factory
-    from clipfusion.report import write_report
-
-    if any(k < 0 for k in shots):
-        raise ClipfusionError("--shots must be >= 0")
-    if args.batch_size < 1:
-        raise ClipfusionError("--batch-size must be >= 1")
-    dataset = load_dataset(dataset_kind, root)
-    config = EvaluationConfig(
-        dataset=dataset_kind, root=str(root.resolve()), method=method,
-        categories=dataset.check_categories(categories), shots=shots, seeds=seeds,
-        eval_size=_eval_size(args.eval_size), batch_size=args.batch_size,
-    )
-    factory = make_detector_factory(method, **method_params(args, method))
-    config.method_params = factory().get_params()
-    if args.overwrite and out.exists():
-        shutil.rmtree(out)
-    results = EvaluationRunner(config, dataset, factory, out, progress=not args.quiet).run()
-    write_report({method: out}, out / "report.html", title=f"{method} on {dataset_kind}")
-    logger.info("wrote results.json, results.md, per_image.csv and report.html to %s", out)
-    return results
-
-
 def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from clipfusion.tasks.evaluate import parse_eval_size, run_evaluation
+
     out = Path(args.out)
-    _run_evaluation(args, args.method, args.dataset, Path(args.root).expanduser(), args.categories, args.shots,
-                    args.seeds, out)
+    run_evaluation(args.method, _params(args, args.method), args.dataset, Path(args.root).expanduser(),
+                   args.categories, args.shots, args.seeds, out, parse_eval_size(args.eval_size), args.batch_size,
+                   args.overwrite, progress=not args.quiet)
     print((out / "results.md").read_text())
 
 
-DEMO_METHODS = ("clipfusion", "winclip", "mean-image")
-
-
-def _demo_preset(args: argparse.Namespace) -> str:
-    from clipfusion.config import get_preset
-    from clipfusion.encoders.loading import weights_cached
-
-    if args.preset != "auto":
-        return args.preset
-    paper = get_preset("paper-recon")
-    return "paper-recon" if weights_cached(paper.clip, paper.diffusion, args.cache_dir) else "tiny"
-
-
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from clipfusion.data.synthetic import ensure_synthetic
-    from clipfusion.evaluation import METRIC_TITLES
-    from clipfusion.report import write_report
+    from clipfusion.tasks.demo import default_data_dir, demo_preset, run_demo, tiny_notice
+    from clipfusion.tasks.evaluate import parse_eval_size
 
-    data = Path(args.data) if args.data else _cache_dir() / "synthetic-v1"
-    asked = args.preset
-    args.preset = _demo_preset(args)
+    data = Path(args.data) if args.data else default_data_dir()
+    preset = demo_preset(args.preset, args.cache_dir)
     print(f"clipfusion demo: CLIPFusion, WinCLIP and a colour-distance baseline on synthetic data ({data}),\n"
-          f"zero-shot and 1-shot, preset '{args.preset}'.")
-    if args.preset == "tiny":
-        why = ("you chose" if asked == "tiny" else
-               "the real CLIP / Stable Diffusion weights are not in the local Hugging Face cache, so this demo runs")
-        print(f"\n  NOTE: {why} the 'tiny' preset:\n"
-              "  untrained random models of the same architecture. Their scores are\n"
-              "  MEANINGLESS — the demo shows the pipeline, not the method's accuracy. To get the real models, run\n"
-              "  once with internet access `clipfusion demo --preset paper-recon` (downloads ~5 GB into the\n"
-              "  Hugging Face cache), or see README → Models and weights for offline copies.\n")
+          f"zero-shot and 1-shot, preset '{preset}'.")
+    if preset == "tiny":
+        print(tiny_notice(chosen_by_user=args.preset == "tiny"))
     elif args.device == "cpu":
         logger.warning("real models on the CPU: expect 20-30 minutes (about 9 s per image); add --device cuda on "
                        "a GPU machine, or --preset tiny for the quick offline run")
-    ensure_synthetic(data, progress=not args.quiet)
-    out = Path(args.out)
-    means = {}
-    for method in DEMO_METHODS:
-        results = _run_evaluation(args, method, "mvtec", data, None, [0, 1], [0], out / method)
-        means[method] = results["mean"]
-    metrics = ["image_auroc", "pixel_auroc", "pixel_aupro"]
-    print("| method | shots | " + " | ".join(METRIC_TITLES[m] for m in metrics) + " |")
-    print("|---|---:|" + "---:|" * len(metrics))
-    for method, by_shots in means.items():
-        for shots, values in by_shots.items():
-            cells = " | ".join("–" if values[m] is None else f"{100 * values[m]:.1f}" for m in metrics)
-            print(f"| {method} | {shots} | {cells} |")
-    report = write_report({m: out / m for m in DEMO_METHODS}, out / "report.html",
-                          title=f"clipfusion demo (preset {args.preset})")
-    print(f"\nreport: {report.resolve()}   (per-method files in {out.resolve()}/<method>/)")
+    table, report = run_demo(data, Path(args.out), preset, lambda method, name: _params(args, method, name),
+                             parse_eval_size(args.eval_size), args.batch_size, args.overwrite,
+                             progress=not args.quiet)
+    print(table)
+    print(f"\nreport: {report.resolve()}   (per-method files in {Path(args.out).resolve()}/<method>/)")
 
 
-def _make_detector(args: argparse.Namespace, method: str):
-    from clipfusion.methods import make_detector_factory
+def _make_detector(args: argparse.Namespace, method: str) -> Any:
+    from clipfusion.methods.registry import make_detector_factory
 
-    if args.batch_size < 1:
-        raise ClipfusionError("--batch-size must be >= 1")
-    return make_detector_factory(method, **method_params(args, method))()
+    return make_detector_factory(method, **_params(args, method))()
 
 
 def _cmd_fit(args: argparse.Namespace) -> None:
-    from clipfusion.data.base import read_images
-    from clipfusion.inference import draw_references
+    from clipfusion.tasks.fit import fit_memory
 
-    if args.shots < 1:
-        raise ClipfusionError("--shots must be >= 1 for a memory bank")
-    references = draw_references(args.normal, args.shots, args.seed)
-    paths, images, _ = read_images(references.used)
-    if not images:
-        raise ClipfusionError(f"none of the drawn references in {args.normal} could be read")
-    detector = _make_detector(args, "clipfusion")
-    detector.fit(images, args.category, reference_names=[p.name for p in paths])
-    path = detector.save_memory(args.out)
-    print(f"wrote {path}: {len(images)} references of {args.category} ({', '.join(p.name for p in paths)})")
-
-
-def _threshold(args: argparse.Namespace, detector, held_out: list[Path]):
-    from clipfusion.data.base import read_images
-    from clipfusion.inference import Threshold, auto_threshold
-
-    if args.threshold is None:
-        return None
-    if args.threshold != "auto":
-        try:
-            return Threshold(float(args.threshold), "given with --threshold")
-        except ValueError:
-            raise ClipfusionError(f"--threshold must be a number or 'auto', not {args.threshold!r}") from None
-    if args.normal is None:
-        raise ClipfusionError("--threshold auto needs --normal DIR: normal images to set it from")
-    _, images, _ = read_images(held_out)
-    scores = detector.predict(images, args.category).scores if images else np.array([])
-    threshold = auto_threshold(scores)
-    logger.info("threshold %.4f: %s", threshold.value, threshold.how)
-    return threshold
+    path, names = fit_memory(_make_detector(args, "clipfusion"), args.normal, args.category, args.shots, args.seed,
+                             args.out)
+    print(f"wrote {path}: {len(names)} references of {args.category} ({', '.join(names)})")
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
-    from clipfusion.data.base import read_images
-    from clipfusion.inference import collect_images, draw_references, predict_paths
+    from clipfusion.tasks.predict import PredictJob, run_predict
 
-    if args.memory and args.normal and args.shots:
-        raise ClipfusionError("give either --memory or --normal with --shots, not both")
-    paths = collect_images(args.paths)
-    detector = _make_detector(args, args.method)
-    references, held_out = [], []
-    if args.memory:
-        if not hasattr(detector, "load_memory"):
-            raise ClipfusionError(f"--memory works with --method clipfusion, not {args.method}")
-        detector.load_memory(args.memory)
-        references = detector.memory_bank_.manifest.get("references", [])
-    if args.normal:
-        drawn = draw_references(args.normal, args.shots, args.seed)
-        held_out = drawn.held_out
-        if drawn.used:
-            used, images, _ = read_images(drawn.used)
-            detector.fit(images, args.category)
-            references = [p.name for p in used]
-    scale = None
-    if args.scale:
-        try:
-            low, high = (float(v) for v in args.scale.split(","))
-        except ValueError:
-            raise ClipfusionError(f"--scale must be LOW,HIGH, not {args.scale!r}") from None
-        scale = (low, high)
-    threshold = _threshold(args, detector, held_out)
-    info = {"method": args.method, "preset": getattr(args, "preset", None), "references": references}
-    summary = predict_paths(detector, paths, args.category, args.out, threshold, scale, args.batch_size,
-                            progress=not args.quiet, info=info)
+    job = PredictJob(inputs=args.paths, category=args.category, out=args.out, method=args.method, preset=args.preset,
+                     normal=args.normal, shots=args.shots, seed=args.seed, memory=args.memory,
+                     threshold=args.threshold, scale=args.scale, batch_size=args.batch_size, progress=not args.quiet)
+    summary, threshold = run_predict(job, _make_detector(args, args.method))
     flagged = sum(row["decision"] == "anomalous" for row in summary["images"])
     print(f"scored {len(summary['images'])} images ({len(summary['skipped'])} skipped) → {Path(args.out).resolve()}")
     if threshold is not None:
@@ -449,23 +323,23 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> None:
-    from clipfusion.config import RuntimeConfig
     from clipfusion.data import load_dataset
-    from clipfusion.sweep import SweepConfig, parse_grid, run_sweep
+    from clipfusion.tasks.evaluate import parse_eval_size
+    from clipfusion.tasks.sweep import SweepConfig, parse_grid, run_sweep
 
     dataset = load_dataset(args.dataset, Path(args.root).expanduser())
     config = SweepConfig(
         preset=args.preset, categories=dataset.check_categories(args.categories), shots=args.shots,
-        seeds=args.seeds, grid=parse_grid(args.grid), overrides=_overrides(args), eval_size=_eval_size(args.eval_size),
-        metric=args.metric, batch_size=args.batch_size,
+        seeds=args.seeds, grid=parse_grid(args.grid), overrides=_overrides(args),
+        eval_size=parse_eval_size(args.eval_size), metric=args.metric, batch_size=args.batch_size,
+        select_on=args.select_on,
     )
-    runtime = RuntimeConfig(args.device, args.dtype, args.offline, args.cache_dir)
-    run_sweep(config, dataset, runtime, args.out, progress=not args.quiet)
+    run_sweep(config, dataset, _runtime(args), args.out, progress=not args.quiet)
     print((Path(args.out) / "sweep.md").read_text())
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> None:
-    from clipfusion.benchmark import BenchmarkSpec, run_benchmark, write_benchmark
+    from clipfusion.tasks.benchmark import BenchmarkSpec, run_benchmark, write_benchmark
 
     if args.images < 1 or args.repeats < 1 or min(args.batch_sizes) < 1:
         raise ClipfusionError("--images, --repeats and --batch-size must be >= 1")

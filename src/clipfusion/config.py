@@ -17,6 +17,11 @@ DENSE_MODES = ("vv", "window", "tile", "raw")
 ATTENTION_RULES = ("ratio", "anomalous", "difference")
 SCORE_RULES = ("mean", "topk", "max", "clip")
 MAP_NAMES = ("clip_language", "clip_visual", "diff_language", "diff_visual")
+# Names the command line offers; the registries they select from (methods/registry.py, data/__init__.py)
+# import torch or image libraries, so the names are kept here.
+METHOD_NAMES = ("clipfusion", "winclip", "mean-image")
+DATASET_NAMES = ("mvtec", "visa", "folder", "meta")
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -153,7 +158,7 @@ PRESETS: dict[str, Preset] = {
         ClipConfig(),
         DiffusionConfig(),
         "OpenCLIP ViT-B-16-plus-240 (laion400m_e31) + Stable Diffusion v1.5 at 512 px, t = 100: "
-        "the reconstruction's defaults (paper-notes §2.6)",
+        "the reconstruction's defaults (docs/method.md)",
     ),
     "sd21": Preset(
         "sd21",
@@ -182,6 +187,10 @@ PRESETS: dict[str, Preset] = {
         "tiny random-weight models of the same classes: offline, fast, meaningless scores (tests, demos)",
     ),
 }
+
+
+PRESET_NAMES = tuple(PRESETS)
+BENCHMARK_METHODS = METHOD_NAMES[:2]  # the mean-image baseline is not worth timing
 
 
 def get_preset(name: str, **overrides: Any) -> Preset:

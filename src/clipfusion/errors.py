@@ -14,6 +14,14 @@ class DatasetError(ClipfusionError):
     """A dataset folder, index file or ground-truth mask is missing or inconsistent."""
 
 
+class MemoryBankMismatchError(ClipfusionError):
+    """A saved memory bank was made with settings other than the detector's."""
+
+
+class WeightsNotFoundError(ClipfusionError):
+    """Model weights are neither in the local cache nor reachable (names the model and both fixes)."""
+
+
 class ImageReadError(ClipfusionError):
     """One image file could not be read; runs report it and go on with the other images."""
 

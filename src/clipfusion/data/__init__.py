@@ -11,8 +11,9 @@ from clipfusion.data.base import (
     read_rgb,
     sample_references,
 )
-from clipfusion.data.folder import MVTEC_CATEGORIES, FolderDataset, MVTecDataset
-from clipfusion.data.meta import MetaJsonDataset
+from clipfusion.data.folder import FolderDataset
+from clipfusion.data.metajson import MetaJsonDataset
+from clipfusion.data.mvtec import MVTEC_CATEGORIES, MVTecDataset
 from clipfusion.data.visa import VISA_CATEGORIES, VisADataset
 from clipfusion.errors import DatasetError
 

@@ -3,6 +3,6 @@ from __future__ import annotations
 
 from clipfusion.encoders.clip import ClipEncoder, ClipImageOutput
 from clipfusion.encoders.diffusion import DiffusionEncoder, DiffusionOutput
-from clipfusion.encoders.loading import WeightsNotFoundError
+from clipfusion.errors import WeightsNotFoundError
 
 __all__ = ["ClipEncoder", "ClipImageOutput", "DiffusionEncoder", "DiffusionOutput", "WeightsNotFoundError"]

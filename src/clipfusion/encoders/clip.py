@@ -11,7 +11,16 @@ import torch.nn.functional as F
 from clipfusion.config import ClipConfig, RuntimeConfig
 from clipfusion.encoders.loading import OpenClipParts, load_open_clip
 from clipfusion.errors import SettingError
-from clipfusion.imageops import resize_image
+from clipfusion.geometry import resize_image, window_indices
+
+
+def state_probability(embeddings: torch.Tensor, prototypes: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(..., D) normalised embeddings, (2, D) [normal, anomalous] prototypes → (...) P(anomalous).
+
+    The two-way softmax of cosine similarities at ``temperature`` (CLIP's 0.07 = logit scale 100).
+    """
+    logits = embeddings.float() @ prototypes.T.float() / temperature
+    return logits.softmax(dim=-1)[..., 1]
 
 
 @dataclass
@@ -113,10 +122,23 @@ class ClipEncoder:
         values = values.view(batch, length, heads, width // heads).transpose(1, 2)  # (B, heads, L, d)
         mixed = F.scaled_dot_product_attention(values, values, values)
         mixed = attention.out_proj(mixed.transpose(1, 2).reshape(batch, length, width))
-        embedded = visual.ln_post(mixed)
-        if visual.proj is not None:
-            embedded = embedded @ visual.proj
-        return F.normalize(embedded.float(), dim=-1)
+        return self.final_patch_tokens(mixed, project=True)
+
+    def final_patch_tokens(self, tokens: torch.Tensor, project: bool = False) -> torch.Tensor:
+        """(B, N, C) raw patch tokens of the last block → ``ln_post`` applied (B, N, C), or, with
+        ``project``, also the projection into the joint text–image space, L2-normalised (B, N, D)."""
+        visual = self.model.visual
+        normed = visual.ln_post(tokens)
+        if not project:
+            return normed
+        return F.normalize((normed @ visual.proj if visual.proj is not None else normed).float(), dim=-1)
+
+    @torch.inference_mode()
+    def window_embeddings(self, pixels: torch.Tensor, scales: Sequence[int]) -> dict[int, torch.Tensor]:
+        """{scale: (B, W, D)} normalised class-token embeddings of every scale×scale window of patches."""
+        embeddings = self.token_embeddings(pixels)
+        return {scale: self.encode_token_subsets(embeddings, window_indices(self.grid_size, scale))
+                for scale in scales}
 
     @torch.inference_mode()
     def token_embeddings(self, pixels: torch.Tensor) -> torch.Tensor:

@@ -21,16 +21,12 @@ from typing import Any
 import torch
 
 from clipfusion.config import TINY, ClipConfig, DiffusionConfig, RuntimeConfig
-from clipfusion.errors import ClipfusionError
+from clipfusion.errors import ClipfusionError, WeightsNotFoundError
 
 TINY_SEED = 0
 logger = logging.getLogger(__name__)
 TINY_CLIP_NAME = "clipfusion-tiny-clip"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class WeightsNotFoundError(ClipfusionError):
-    """Pretrained weights are neither in the local cache nor reachable."""
 
 
 def model_config(name: str) -> dict[str, Any]:

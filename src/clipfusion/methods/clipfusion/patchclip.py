@@ -14,13 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from clipfusion.branches.common import state_probability
-from clipfusion.branches.windows import harmonic_aggregate, harmonic_mean, window_indices
 from clipfusion.config import DENSE_MODES, PatchClipConfig
-from clipfusion.encoders.clip import ClipEncoder
+from clipfusion.encoders.clip import ClipEncoder, ClipImageOutput, state_probability
 from clipfusion.errors import SettingError
-from clipfusion.grids import tokens_to_grid
-from clipfusion.memory import MemoryBank
+from clipfusion.geometry import tokens_to_grid
+from clipfusion.methods.memory import MemoryBank
+from clipfusion.methods.windows import window_zero_shot_map
 from clipfusion.prompts import state_ensembles
 
 
@@ -31,28 +30,6 @@ class PatchClipOutput:
     language_map: torch.Tensor
     image_score: torch.Tensor
     visual_tokens: dict[int, torch.Tensor]
-
-
-def window_embeddings(encoder: ClipEncoder, pixels: torch.Tensor, scales: Sequence[int]) -> dict[int, torch.Tensor]:
-    """{scale: (B, W, D)} normalised class-token embeddings of every scale×scale window of patches."""
-    embeddings = encoder.token_embeddings(pixels)
-    return {scale: encoder.encode_token_subsets(embeddings, window_indices(encoder.grid_size, scale))
-            for scale in scales}
-
-
-def window_zero_shot_map(encoder: ClipEncoder, windows: dict[int, torch.Tensor], prototypes: torch.Tensor,
-                         image_score: torch.Tensor, temperature: float) -> torch.Tensor:
-    """(B, h*w): WinCLIP's zero-shot map.
-
-    Per scale, each window's P(anomalous) is spread to the patches it covers by harmonic
-    aggregation; the result is the harmonic mean of the image-scale score and every scale's map.
-    """
-    n_patches = encoder.grid_size[0] * encoder.grid_size[1]
-    maps = [image_score[:, None].expand(-1, n_patches)]
-    for scale, embedded in windows.items():
-        scores = state_probability(embedded, prototypes, temperature)
-        maps.append(harmonic_aggregate(scores, window_indices(encoder.grid_size, scale), n_patches))
-    return harmonic_mean(maps)
 
 
 class PatchClip:
@@ -79,12 +56,11 @@ class PatchClip:
         if mode == "vv":
             language = state_probability(out.dense_embedding, prototypes, config.temperature)
         elif mode == "raw":
-            visual = encoder.model.visual
-            projected = torch.nn.functional.normalize(visual.ln_post(out.patch_tokens[-1]) @ visual.proj, dim=-1)
+            projected = encoder.final_patch_tokens(out.patch_tokens[-1], project=True)
             language = state_probability(projected, prototypes, config.temperature)
         elif mode == "window":
-            windows = window_embeddings(encoder, pixels, config.window_scales)
-            language = window_zero_shot_map(encoder, windows, prototypes, image_score, config.temperature)
+            windows = encoder.window_embeddings(pixels, config.window_scales)
+            language = window_zero_shot_map(encoder.grid_size, windows, prototypes, image_score, config.temperature)
         elif mode == "tile":
             return PatchClipOutput(self._tile_map(images, prototypes), image_score, self._visual(out))
         else:
@@ -92,7 +68,7 @@ class PatchClip:
         grid = tokens_to_grid(language[..., None], encoder.grid_size)[:, 0]
         return PatchClipOutput(grid, image_score, self._visual(out))
 
-    def _visual(self, out) -> dict[int, torch.Tensor]:
+    def _visual(self, out: ClipImageOutput) -> dict[int, torch.Tensor]:
         return {block: out.patch_tokens[block] for block in self.config.visual_blocks}
 
     def _tile_map(self, images: Sequence[np.ndarray], prototypes: torch.Tensor) -> torch.Tensor:

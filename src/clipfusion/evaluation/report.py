@@ -13,9 +13,10 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_curve
 
-from clipfusion.evaluation import METRIC_TITLES, METRICS
-from clipfusion.metrics import f1max_threshold
-from clipfusion.viz import metric_vs_shots, roc_curves, score_histogram
+from clipfusion.evaluation.metrics import f1max_threshold
+from clipfusion.evaluation.plots import metric_vs_shots, roc_curves, score_histogram
+from clipfusion.evaluation.tables import METRIC_TITLES, METRICS
+from clipfusion.outputs import write_atomic
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 24px; color: #222; max-width: 1200px; }
@@ -151,5 +152,5 @@ def write_report(folders: dict[str, Path], target: Path, title: str = "clipfusio
                 f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{comparison}"
                 + "\n".join(sections) + "</body></html>")
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(document)
+    write_atomic(target, document)
     return target

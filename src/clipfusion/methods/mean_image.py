@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from clipfusion.api import Prediction
-from clipfusion.imageops import resize_image
+from clipfusion.geometry import resize_image
+from clipfusion.protocol import Prediction
 
 
 class MeanImageDetector:

@@ -16,17 +16,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from clipfusion.api import Prediction
-from clipfusion.branches.common import resize_grid, state_probability
-from clipfusion.branches.patchclip import window_embeddings, window_zero_shot_map
-from clipfusion.branches.windows import harmonic_aggregate, window_indices
 from clipfusion.config import ClipConfig, Preset, RuntimeConfig, get_preset
-from clipfusion.encoders import shared
-from clipfusion.encoders.clip import ClipEncoder
+from clipfusion.encoders import cache
+from clipfusion.encoders.clip import ClipEncoder, state_probability
 from clipfusion.errors import ClipfusionError
-from clipfusion.grids import tokens_to_grid
-from clipfusion.memory import MemoryBank
+from clipfusion.geometry import resize_grid, tokens_to_grid, window_indices
+from clipfusion.methods.memory import MemoryBank
+from clipfusion.methods.windows import harmonic_aggregate, window_zero_shot_map
 from clipfusion.prompts import state_ensembles
+from clipfusion.protocol import Prediction
 from clipfusion.timing import StageTimer
 
 
@@ -52,7 +50,7 @@ class WinCLIP:
 
     @property
     def encoder(self) -> ClipEncoder:
-        return shared.clip_encoder(self.clip_config, self.runtime or RuntimeConfig())
+        return cache.clip_encoder(self.clip_config, self.runtime or RuntimeConfig())
 
     @property
     def timings_(self) -> StageTimer:
@@ -68,9 +66,9 @@ class WinCLIP:
         with self.timings_("clip"):
             pixels = encoder.preprocess(images)
             out = encoder.encode_image(pixels, blocks=[-1], dense=False)
-            tokens = encoder.model.visual.ln_post(out.patch_tokens[-1])
+            tokens = encoder.final_patch_tokens(out.patch_tokens[-1])
         with self.timings_("windows"):
-            windows = window_embeddings(encoder, pixels, self.scales)
+            windows = encoder.window_embeddings(pixels, self.scales)
         return out.global_embedding, tokens, windows
 
     @torch.inference_mode()
@@ -96,7 +94,7 @@ class WinCLIP:
             global_embedding, tokens, windows = self._features(images[start:start + self.batch_size])
             with self.timings_("maps"):
                 image_score = state_probability(global_embedding, prototypes, self.temperature)
-                zero_shot = window_zero_shot_map(encoder, windows, prototypes, image_score, self.temperature)
+                zero_shot = window_zero_shot_map(encoder.grid_size, windows, prototypes, image_score, self.temperature)
             anomaly_map, score = zero_shot, image_score
             if hasattr(self, "memory_bank_"):
                 with self.timings_("memory"):

@@ -14,11 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from clipfusion.branches.common import resize_grid
 from clipfusion.config import MapDiffConfig
 from clipfusion.encoders.diffusion import DiffusionEncoder
-from clipfusion.grids import grid_to_tokens
-from clipfusion.memory import MemoryBank
+from clipfusion.geometry import grid_to_tokens, resize_grid
+from clipfusion.methods.memory import MemoryBank
 from clipfusion.prompts import class_name
 from clipfusion.timing import StageTimer
 

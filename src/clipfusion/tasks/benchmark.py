@@ -27,9 +27,10 @@ from clipfusion import __version__
 from clipfusion.config import TINY, Preset, RuntimeConfig, get_preset, override
 from clipfusion.data import MVTecDataset, read_rgb
 from clipfusion.data.synthetic import SyntheticSpec, generate
-from clipfusion.detector import CLIPFusion
 from clipfusion.errors import ClipfusionError
-from clipfusion.winclip import WinCLIP
+from clipfusion.methods.clipfusion.detector import CLIPFusion
+from clipfusion.methods.winclip import WinCLIP
+from clipfusion.outputs import write_atomic
 
 RANDOM_DIFFUSION = {"stable-diffusion-v1-5/stable-diffusion-v1-5": "random:sd15",
                     "stabilityai/stable-diffusion-2-1-base": "random:sd21-base"}
@@ -197,6 +198,6 @@ def render_markdown(result: dict[str, Any]) -> str:
 def write_benchmark(result: dict[str, Any], out: str | Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "benchmark.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "benchmark.md").write_text(render_markdown(result))
+    write_atomic(out / "benchmark.json", json.dumps(result, indent=2) + "\n")
+    write_atomic(out / "benchmark.md", render_markdown(result))
     return out

@@ -18,14 +18,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from clipfusion import __version__
-from clipfusion.errors import ClipfusionError
+from clipfusion.errors import ClipfusionError, MemoryBankMismatchError
 
 QUERY_CHUNK = 4096
 MEMORY_CHUNK = 8192
-
-
-class MemoryBankMismatch(ClipfusionError):
-    """A saved memory bank was made with settings other than the detector's."""
 
 
 def nearest_distance(queries: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
@@ -85,14 +81,14 @@ class MemoryBank:
         return cls(features, manifest)
 
     def check_compatible(self, expected: dict[str, Any], source: str = "the bank") -> None:
-        """Raise MemoryBankMismatch naming every setting in ``expected`` that the manifest contradicts."""
+        """Raise MemoryBankMismatchError naming every setting in ``expected`` that the manifest contradicts."""
         wrong = [
             f"{key}: bank {self.manifest.get(key)!r} vs detector {value!r}"
             for key, value in expected.items()
             if json.loads(json.dumps(self.manifest.get(key))) != json.loads(json.dumps(value))
         ]
         if wrong:
-            raise MemoryBankMismatch(
+            raise MemoryBankMismatchError(
                 f"{source} was made with other settings ({'; '.join(wrong)}); refit it with `clipfusion fit` "
                 "or use a detector with the bank's settings"
             )

@@ -9,14 +9,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from clipfusion.api import Prediction
-from clipfusion.branches.mapdiff import MapDiff
-from clipfusion.branches.patchclip import PatchClip
 from clipfusion.config import FusionConfig, Preset, RuntimeConfig, get_preset, override
-from clipfusion.encoders import shared
+from clipfusion.encoders import cache
 from clipfusion.errors import ClipfusionError
-from clipfusion.fusion import BranchMaps, fuse
-from clipfusion.memory import MemoryBank
+from clipfusion.methods.clipfusion.fusion import BranchMaps, fuse
+from clipfusion.methods.clipfusion.mapdiff import MapDiff
+from clipfusion.methods.clipfusion.patchclip import PatchClip
+from clipfusion.methods.memory import MemoryBank
+from clipfusion.protocol import Prediction
 from clipfusion.timing import StageTimer
 
 
@@ -72,8 +72,8 @@ class CLIPFusion:
     def _branches(self) -> tuple[PatchClip, MapDiff]:
         if not hasattr(self, "_built"):
             config, runtime = self.config, self.runtime or RuntimeConfig()
-            self._built = (PatchClip(shared.clip_encoder(config.clip, runtime), config.patchclip),
-                           MapDiff(shared.diffusion_encoder(config.diffusion, runtime), config.mapdiff))
+            self._built = (PatchClip(cache.clip_encoder(config.clip, runtime), config.patchclip),
+                           MapDiff(cache.diffusion_encoder(config.diffusion, runtime), config.mapdiff))
         return self._built
 
     def bank_settings(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,18 +21,20 @@ from tqdm.auto import tqdm
 
 from clipfusion.config import RuntimeConfig, get_preset
 from clipfusion.data import AnomalyDataset, Sample
-from clipfusion.detector import CLIPFusion
 from clipfusion.errors import ClipfusionError
-from clipfusion.evaluation import (
-    METRIC_TITLES,
-    METRICS,
+from clipfusion.evaluation.tables import METRIC_TITLES, METRICS
+from clipfusion.evaluation.units import (
     SkippedFile,
     at_eval_size,
-    json_safe,
     load_references,
     load_samples,
+    unit_keys,
     unit_metrics,
 )
+from clipfusion.methods.clipfusion.detector import CLIPFusion
+from clipfusion.outputs import json_safe, write_atomic
+
+logger = logging.getLogger(__name__)
 
 
 def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
@@ -73,6 +76,23 @@ class SweepConfig:
     metric: str = "pixel_aupro"
     batch_size: int = 8
     fpr_limit: float = 0.3
+    select_on: list[str] | None = None
+
+    def split(self) -> tuple[list[str], list[str]]:
+        """(categories the best setting is chosen on, categories it is reported on).
+
+        Without ``select_on`` both are every category: the reported figure is then chosen on the
+        very test labels it is measured with, hence optimistic (the caller warns).
+        """
+        if not self.select_on:
+            return list(self.categories), list(self.categories)
+        unknown = [c for c in self.select_on if c not in self.categories]
+        if unknown:
+            raise ClipfusionError(f"--select-on {unknown} not among the swept categories {self.categories}")
+        report = [c for c in self.categories if c not in self.select_on]
+        if not report:
+            raise ClipfusionError("--select-on names every category: leave some out to report the chosen setting on")
+        return list(self.select_on), report
 
 
 def run_sweep(config: SweepConfig, dataset: AnomalyDataset, runtime: RuntimeConfig, out: str | Path,
@@ -80,14 +100,18 @@ def run_sweep(config: SweepConfig, dataset: AnomalyDataset, runtime: RuntimeConf
     """Score every combination of ``config.grid``; write sweep.json and sweep.md to ``out``."""
     if config.metric not in METRICS:
         raise ClipfusionError(f"--metric must be one of {', '.join(METRICS)}, not {config.metric!r}")
+    select, report = config.split()
+    if select == report:
+        logger.warning("the best setting is selected and reported on the same test images (%s): its figures are "
+                       "optimistic; pass --select-on CATEGORIES to choose on some categories and report on the "
+                       "others", ", ".join(select))
     fusion_grid = {k: v for k, v in config.grid.items() if k.startswith("fusion__")}
     encoder_grid = {k: v for k, v in config.grid.items() if not k.startswith("fusion__")}
     for setting in _combinations(config.grid):  # refuse a bad setting before any model runs
         get_preset(config.preset, **config.overrides, **setting)
     rows: list[dict[str, Any]] = []
     skipped: list[SkippedFile] = []
-    units = [(category, shots, seed) for category in config.categories for shots in config.shots
-             for seed in (config.seeds if shots else config.seeds[:1])]
+    units = unit_keys(config.categories, config.shots, config.seeds)
     encoder_combos = _combinations(encoder_grid)
     bar = tqdm(total=len(encoder_combos) * len(units), desc="sweep (model passes)", disable=not progress)
     samples_by_category: dict[str, list[Sample]] = {}
@@ -114,14 +138,19 @@ def run_sweep(config: SweepConfig, dataset: AnomalyDataset, runtime: RuntimeConf
                              "shots": shots, "seed": seed, **metrics})
             bar.update(1)
     bar.close()
-    summary = _summarise(rows, config.metric)
+    summary = _summarise([r for r in rows if r["category"] in select], config.metric)
+    best = summary[0] if summary else None
+    held_out = None
+    if best is not None and select != report:
+        chosen = [r for r in rows if r["category"] in report and r["setting"] == best["setting"]]
+        held_out = {"categories": report, **_summarise(chosen, config.metric)[0]}
     result = {"config": {**dataclasses.asdict(config), "eval_size": config.eval_size or "native"},
-              "rows": rows, "summary": summary, "best": summary[0] if summary else None,
+              "selected_on": select, "rows": rows, "summary": summary, "best": best, "held_out": held_out,
               "skipped": [dataclasses.asdict(s) for s in skipped]}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps(json_safe(result), indent=2))
-    (out / "sweep.md").write_text(render_sweep(result))
+    write_atomic(out / "sweep.json", json.dumps(json_safe(result), indent=2))
+    write_atomic(out / "sweep.md", render_sweep(result))
     return result
 
 
@@ -140,20 +169,30 @@ def _summarise(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
     return sorted(summary, key=lambda e: -e[metric] if math.isfinite(e[metric]) else math.inf)
 
 
+def _percent(value: float | None) -> str:
+    return "–" if value is None or not math.isfinite(value) else f"{100 * value:.1f}"
+
+
 def render_sweep(result: dict[str, Any]) -> str:
     config = result["config"]
     keys = list(config["grid"])
     lines = [f"# Sweep on preset {config['preset']}: {', '.join(keys)}", "",
-             f"Mean over categories {config['categories']}, shots {config['shots']}, seeds {config['seeds']}; "
+             f"Mean over categories {result['selected_on']}, shots {config['shots']}, seeds {config['seeds']}; "
              f"percent; sorted by {METRIC_TITLES[config['metric']]}.", "",
              "| " + " | ".join(keys + [METRIC_TITLES[m] for m in METRICS]) + " |",
              "|" + "---|" * len(keys) + "---:|" * len(METRICS)]
     for entry in result["summary"]:
         cells = [json.dumps(entry["setting"][k]) for k in keys]
-        cells += ["–" if entry[m] is None or not math.isfinite(entry[m]) else f"{100 * entry[m]:.1f}"
-                  for m in METRICS]
+        cells += [_percent(entry[m]) for m in METRICS]
         lines.append("| " + " | ".join(cells) + " |")
     if result["best"]:
         lines += ["", f"Best by {METRIC_TITLES[config['metric']]}: " + ", ".join(
             f"`{k}={json.dumps(v)}`" for k, v in result["best"]["setting"].items())]
+    held_out = result["held_out"]
+    if held_out:
+        lines += ["", f"The best setting on the held-out categories {held_out['categories']} (not used to choose it): "
+                  + ", ".join(f"{METRIC_TITLES[m]} {_percent(held_out[m])}" for m in METRICS)]
+    elif result["best"]:
+        lines += ["", "**Chosen and measured on the same test images: optimistic.** Use `--select-on` to report "
+                      "on categories the choice did not see."]
     return "\n".join(lines) + "\n"

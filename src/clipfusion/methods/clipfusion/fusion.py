@@ -12,10 +12,10 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from clipfusion.api import Prediction
-from clipfusion.branches.common import resize_grid
 from clipfusion.config import MAP_NAMES, SCORE_RULES, FusionConfig
 from clipfusion.errors import SettingError
+from clipfusion.geometry import resize_grid
+from clipfusion.protocol import Prediction
 
 
 @dataclass

@@ -1,1 +1,0 @@
-"""The two branches of CLIPFusion, each turning encoder outputs into anomaly maps on its own grid."""

@@ -1,0 +1,1 @@
+"""Scoring a detector on a dataset: exact metrics, the resumable runner, tables, the HTML report."""

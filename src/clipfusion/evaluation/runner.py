@@ -1,0 +1,180 @@
+"""The evaluation runner: categories × shots × seeds → metrics, resumable, written to a folder.
+
+Each finished (category, shots, seed) unit is stored as ``units/<category>/k<shots>_s<seed>.json``
+(written atomically), and skipped when the same command runs again, so an interrupted run loses
+at most the unit in flight.  Zero-shot runs once (with the first seed): it has no references to
+draw, and a method's own randomness is fixed by its settings.
+
+Output files: ``results.json`` (config, runs, summary, mean), ``results.md`` (tables, percent),
+``per_image.csv`` (one row per scored image), and ``skipped.csv`` when some files could not be read.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from clipfusion import __version__
+from clipfusion.data import AnomalyDataset, SampleRef
+from clipfusion.errors import ClipfusionError, DatasetError
+from clipfusion.evaluation.gallery import write_gallery
+from clipfusion.evaluation.tables import category_mean, render_markdown, summarise
+from clipfusion.evaluation.units import (
+    SkippedFile,
+    at_eval_size,
+    load_references,
+    load_samples,
+    unit_keys,
+    unit_metrics,
+)
+from clipfusion.outputs import csv_text, json_safe, write_atomic
+from clipfusion.protocol import Detector
+
+# Settings that make two runs' units interchangeable; anything else may change between resumes.
+_IDENTITY_KEYS = ("dataset", "root", "method", "method_params", "eval_size", "fpr_limit")
+
+
+@dataclass
+class EvaluationConfig:
+    """What to evaluate.  ``eval_size`` is the side of the square the maps and masks are resized to
+    for pixel metrics, or None for each mask's native size."""
+
+    dataset: str
+    root: str
+    method: str
+    categories: list[str]
+    shots: list[int] = field(default_factory=lambda: [0])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    method_params: dict[str, Any] = field(default_factory=dict)
+    eval_size: int | None = 256
+    batch_size: int = 8
+    fpr_limit: float = 0.3
+
+    def identity(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in _IDENTITY_KEYS}
+
+    def units(self) -> list[tuple[str, int, int]]:
+        return unit_keys(self.categories, self.shots, self.seeds)
+
+
+class EvaluationRunner:
+    """Runs one :class:`EvaluationConfig` with detectors made by ``detector_factory``."""
+
+    def __init__(
+        self,
+        config: EvaluationConfig,
+        dataset: AnomalyDataset,
+        detector_factory: Callable[[], Detector],
+        out_dir: str | Path,
+        progress: bool = True,
+    ) -> None:
+        self.config = config
+        self.dataset = dataset
+        self.detector_factory = detector_factory
+        self.out_dir = Path(out_dir)
+        self.progress = progress
+
+    def _unit_path(self, category: str, shots: int, seed: int) -> Path:
+        return self.out_dir / "units" / category / f"k{shots}_s{seed}.json"
+
+    def _check_out_dir(self) -> None:
+        """Refuse to mix units of different settings in one folder."""
+        marker = self.out_dir / "identity.json"
+        identity = json_safe(self.config.identity())
+        if marker.is_file():
+            previous = json.loads(marker.read_text())
+            changed = [k for k in identity if previous.get(k) != identity[k]]
+            if changed:
+                details = "; ".join(f"{k}: {previous.get(k)!r} → {identity[k]!r}" for k in changed)
+                raise ClipfusionError(
+                    f"{self.out_dir} holds results of other settings ({details}); "
+                    "choose another --out folder or pass --overwrite"
+                )
+        else:
+            write_atomic(marker, json.dumps(identity, indent=2))
+
+    def run(self) -> dict[str, Any]:
+        """Run every unit not yet on disk, then write and return the results."""
+        self._check_out_dir()
+        records = []
+        test_samples: dict[str, list[SampleRef]] = {}
+        for category, shots, seed in self.config.units():
+            path = self._unit_path(category, shots, seed)
+            if path.is_file():
+                records.append(json.loads(path.read_text()))
+                continue
+            if category not in test_samples:
+                test_samples[category] = self.dataset.test_samples(category)
+            record = self._run_unit(category, shots, seed, test_samples[category])
+            write_atomic(path, json.dumps(json_safe(record)))
+            records.append(record)
+        return self._write_results(records)
+
+    def _run_unit(self, category: str, shots: int, seed: int, samples: list[SampleRef]) -> dict[str, Any]:
+        start = time.perf_counter()
+        skipped: list[SkippedFile] = []
+        detector = self.detector_factory()
+        references, reference_images = load_references(self.dataset, category, shots, seed, skipped)
+        if shots > 0:
+            detector.fit(reference_images, category)
+
+        scores, maps, masks, rows = [], [], [], []
+        bar = tqdm(total=len(samples), desc=f"{category} {shots}-shot seed {seed}", disable=not self.progress)
+        for begin in range(0, len(samples), self.config.batch_size):
+            batch = load_samples(samples[begin:begin + self.config.batch_size], skipped)
+            if batch:
+                prediction = detector.predict([s.image for s in batch], category)
+                for sample, score, amap in zip(batch, prediction.scores, prediction.maps, strict=True):
+                    mask, resized = at_eval_size(sample.mask, amap, self.config.eval_size)
+                    maps.append(resized)
+                    masks.append(mask)
+                    scores.append(float(score))
+                    rows.append({"path": sample.path, "category": category, "defect": sample.defect,
+                                 "label": sample.label, "score": float(score), "shots": shots, "seed": seed})
+            bar.update(len(samples[begin:begin + self.config.batch_size]))
+        bar.close()
+        if not rows:
+            raise DatasetError(f"{category}: no test image could be read")
+
+        labels = np.array([r["label"] for r in rows])
+        result = unit_metrics(labels, np.array(scores), masks, maps, self.config.fpr_limit)
+        seconds = time.perf_counter() - start
+        gallery = write_gallery(self.out_dir, f"{category}/k{shots}_s{seed}", rows, maps, masks)
+        return {
+            "category": category, "shots": shots, "seed": seed, "n_images": len(rows),
+            "references": references, **result, "seconds": seconds,
+            "per_image": rows, "skipped": [asdict(s) for s in skipped], "gallery": gallery,
+        }
+
+    def _write_results(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        runs = [{k: v for k, v in r.items() if k not in ("per_image", "skipped", "gallery")} for r in records]
+        summary = summarise(runs)
+        results = {
+            "config": {**asdict(self.config), "version": __version__,
+                       "eval_size": self.config.eval_size or "native",
+                       "zero_shot_seeds": "zero-shot runs once, with the first seed"},
+            "runs": runs,
+            "summary": summary,
+            "mean": category_mean(summary),
+        }
+        results = json_safe(results)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.out_dir / "results.json", json.dumps(results, indent=2))
+        write_atomic(self.out_dir / "results.md", render_markdown(results))
+        rows = [row for record in records for row in record["per_image"]]
+        write_atomic(self.out_dir / "per_image.csv",
+                     csv_text(["path", "category", "defect", "label", "score", "shots", "seed"], rows))
+        skipped = [s for r in records for s in r["skipped"]]
+        skipped_path = self.out_dir / "skipped.csv"
+        if skipped:
+            write_atomic(skipped_path, csv_text(["path", "reason", "category"],
+                                                ({k: s[k] for k in ("path", "reason", "category")} for s in skipped)))
+        elif skipped_path.exists():
+            skipped_path.unlink()
+        return results

@@ -1,0 +1,52 @@
+"""Decision thresholds on image scores: given by the user, or derived from held-out normal images only."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from clipfusion.data.base import read_images
+from clipfusion.errors import ClipfusionError
+from clipfusion.protocol import Detector
+
+logger = logging.getLogger(__name__)
+AUTO_QUANTILE = 0.99
+
+
+@dataclass
+class Threshold:
+    value: float
+    how: str
+
+
+def auto_threshold(normal_scores: np.ndarray) -> Threshold:
+    """The 99th percentile (the highest score below 100 images) of normal images' scores."""
+    if len(normal_scores) == 0:
+        raise ClipfusionError("--threshold auto needs held-out normal images: give --normal DIR with more images "
+                              "than --shots")
+    value = float(np.quantile(normal_scores, AUTO_QUANTILE, method="higher"))
+    return Threshold(value, f"99th percentile (method 'higher') of the scores of {len(normal_scores)} held-out "
+                            "normal images: images scoring above it are flagged")
+
+
+def resolve_threshold(spec: str | None, detector: Detector, category: str, held_out: Sequence[Path] | None
+                      ) -> Threshold | None:
+    """``spec`` is None (no decisions), a number, or ``auto``: :func:`auto_threshold` over the scores
+    of the ``held_out`` normal images (None: no folder of normals was given)."""
+    if spec is None:
+        return None
+    if spec != "auto":
+        try:
+            return Threshold(float(spec), "given with --threshold")
+        except ValueError:
+            raise ClipfusionError(f"--threshold must be a number or 'auto', not {spec!r}") from None
+    if held_out is None:
+        raise ClipfusionError("--threshold auto needs --normal DIR: normal images to set it from")
+    _, images, _ = read_images(held_out)
+    scores = detector.predict(images, category).scores if images else np.array([])
+    threshold = auto_threshold(scores)
+    logger.info("threshold %.4f: %s", threshold.value, threshold.how)
+    return threshold
