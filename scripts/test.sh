@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# README command 2 (and CI): set up .venv if needed, then run the whole test suite.
+# README command 2 (and CI): set up .venv if needed, check style and types, then run the whole test suite.
 # pytest exits non-zero when a test fails and 5 when no test ran; both fail this script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+echo "test: ruff" >&2
+.venv/bin/python -m ruff check src tests benchmarks scripts
+echo "test: mypy" >&2
+.venv/bin/python -m mypy
 exec .venv/bin/python -m pytest "$@"

@@ -57,7 +57,7 @@ def resize_maps(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return resize_grid(torch.from_numpy(np.ascontiguousarray(array)), size).numpy()
 
 
-def resize_image(image: np.ndarray, size: tuple[int, int], resample: int = Image.BICUBIC) -> np.ndarray:
+def resize_image(image: np.ndarray, size: tuple[int, int], resample: int = Image.Resampling.BICUBIC) -> np.ndarray:
     """(H, W, 3) uint8 → (size[0], size[1], 3) uint8; whole image, no crop (keeps mask alignment)."""
     height, width = size
     if image.shape[:2] == (height, width):
@@ -70,4 +70,5 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     height, width = size
     if mask.shape == (height, width):
         return mask
-    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.NEAREST)) > 0
+    picture = Image.fromarray(mask.astype(np.uint8) * 255)
+    return np.asarray(picture.resize((width, height), Image.Resampling.NEAREST)) > 0

@@ -41,7 +41,7 @@ def png_bytes(image: np.ndarray) -> bytes:
 def thumbnail_jpeg(image: np.ndarray, side: int = 192) -> bytes:
     """A small JPEG of an (H, W, 3) uint8 image, longest side ``side``: keeps reports light."""
     picture = Image.fromarray(image)
-    picture.thumbnail((side, side), Image.BICUBIC)
+    picture.thumbnail((side, side), Image.Resampling.BICUBIC)
     buffer = io.BytesIO()
     picture.save(buffer, format="JPEG", quality=85)
     return buffer.getvalue()

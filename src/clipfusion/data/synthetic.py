@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from scipy import ndimage
-from skimage import draw, morphology
+from skimage import draw
+from skimage.morphology import dilation, disk
 from tqdm.auto import tqdm
 
 GENERATOR_VERSION = 1
@@ -189,7 +190,7 @@ def _polyline_mask(shape: tuple[int, int], points: list[tuple[float, float]], wi
         rr, cc = draw.line(round(y0), round(x0), round(y1), round(x1))
         keep = (rr >= 0) & (rr < shape[0]) & (cc >= 0) & (cc < shape[1])
         line[rr[keep], cc[keep]] = True
-    return morphology.dilation(line, morphology.disk(width // 2)) if width > 1 else line
+    return dilation(line, disk(width // 2)) if width > 1 else line
 
 
 def _disk_mask(shape: tuple[int, int], centre: tuple[int, int], radius: float) -> np.ndarray:

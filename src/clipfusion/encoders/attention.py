@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+from diffusers import UNet2DConditionModel
 
 from clipfusion.errors import SettingError
 
@@ -78,7 +79,7 @@ def layer_order(name: str) -> tuple[int, int, float]:
     return rank, block, inner
 
 
-def cross_attention_layers(unet: torch.nn.Module) -> dict[str, tuple[str, int]]:
+def cross_attention_layers(unet: UNet2DConditionModel) -> dict[str, tuple[str, int]]:
     """{attn2 module name: (place, downsampling factor relative to the latent)} in execution order."""
     n_down, n_up = len(unet.down_blocks), len(unet.up_blocks)
     layers = {}
@@ -94,7 +95,7 @@ def cross_attention_layers(unet: torch.nn.Module) -> dict[str, tuple[str, int]]:
 
 
 def select_cross_attention_layers(
-    unet: torch.nn.Module, factors: Sequence[int], places: Sequence[str]
+    unet: UNet2DConditionModel, factors: Sequence[int], places: Sequence[str]
 ) -> list[str]:
     chosen = [name for name, (place, factor) in cross_attention_layers(unet).items()
               if factor in factors and place in places]

@@ -49,9 +49,12 @@ class ClipEncoder:
         self.model = parts.model
         self.tokenizer = parts.tokenizer
         self.model_id = parts.model_id
-        visual = self.model.visual
-        self.image_size: tuple[int, int] = tuple(visual.image_size)
-        self.grid_size: tuple[int, int] = tuple(visual.grid_size)
+        self.visual = self.model.visual  # open_clip's VisionTransformer
+        visual = self.visual
+        height, width = visual.image_size
+        self.image_size = (int(height), int(width))
+        rows, cols = visual.grid_size
+        self.grid_size = (int(rows), int(cols))
         self.num_blocks = len(visual.transformer.resblocks)
         param = next(self.model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -84,7 +87,7 @@ class ClipEncoder:
         blocks: indices of the blocks whose patch tokens to return (negative counts from the end).
         dense: also compute the dense text-aligned embedding of the last block.
         """
-        visual = self.model.visual
+        visual = self.visual
         wanted = {b: self._block_index(b) for b in blocks}
         before_last = self.num_blocks - 2
         take = sorted(set(wanted.values()) | ({before_last} if dense else set())) or [self.num_blocks - 1]
@@ -110,7 +113,7 @@ class ClipEncoder:
         dense read-out in the CLIP-Surgery / ClearCLIP family, run beside the normal path so the
         global embedding is untouched.  Reconstruction choice, see docs/method.md.
         """
-        visual = self.model.visual
+        visual = self.visual
         block = visual.transformer.resblocks[-1]
         attention = block.attn
         if not isinstance(attention, torch.nn.MultiheadAttention):
@@ -127,7 +130,7 @@ class ClipEncoder:
     def final_patch_tokens(self, tokens: torch.Tensor, project: bool = False) -> torch.Tensor:
         """(B, N, C) raw patch tokens of the last block → ``ln_post`` applied (B, N, C), or, with
         ``project``, also the projection into the joint text–image space, L2-normalised (B, N, D)."""
-        visual = self.model.visual
+        visual = self.visual
         normed = visual.ln_post(tokens)
         if not project:
             return normed
@@ -147,7 +150,7 @@ class ClipEncoder:
         The vision tower's input sequence, rebuilt from its public modules so that subsets of it
         (WinCLIP windows) can be run through the transformer.
         """
-        visual = self.model.visual
+        visual = self.visual
         if getattr(visual, "attn_pool", None) is not None or getattr(visual, "pool_type", "tok") != "tok":
             raise NotImplementedError("window embeddings need a ViT pooled by its class token")
         patches = visual.conv1(pixels).flatten(2).transpose(1, 2)  # (B, h*w, C), row-major
@@ -163,7 +166,7 @@ class ClipEncoder:
         Returns (B, W, D), L2-normalised: for each window, the transformer runs on the class token
         plus those k patch tokens only.
         """
-        visual = self.model.visual
+        visual = self.visual
         batch, n_windows = embeddings.shape[0], subsets.shape[0]
         index = torch.cat([torch.zeros(n_windows, 1, dtype=torch.long), subsets.long() + 1], dim=1)
         sequences = embeddings[:, index.to(embeddings.device)].flatten(0, 1)  # (B*W, 1 + k, C)

@@ -215,7 +215,7 @@ class DiffusionEncoder:
         )
 
     @staticmethod
-    def _raise_stop(*_args) -> None:
+    def _raise_stop(*_args: object) -> None:
         raise _StopUNet
 
     def _to_grid(self, probs: torch.Tensor, n_images: int, n_prompts: int) -> torch.Tensor:

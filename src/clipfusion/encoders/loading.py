@@ -16,12 +16,16 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from clipfusion.config import TINY, ClipConfig, DiffusionConfig, RuntimeConfig
 from clipfusion.errors import ClipfusionError, WeightsNotFoundError
+
+if TYPE_CHECKING:  # diffusers and transformers load only when a model is built
+    from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
 TINY_SEED = 0
 logger = logging.getLogger(__name__)
@@ -31,7 +35,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 def model_config(name: str) -> dict[str, Any]:
     """A model config shipped with clipfusion (``model_configs/<name>.json``)."""
-    return json.loads(resources.files("clipfusion").joinpath("model_configs", f"{name}.json").read_text())
+    return json.loads(resources.files("clipfusion").joinpath(f"model_configs/{name}.json").read_text())
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -102,12 +106,12 @@ def _hub_file(repo_id: str, filenames: list[str], runtime: RuntimeConfig, local_
 def _register_tiny_clip() -> None:
     import open_clip
 
-    open_clip.add_model_config(resources.files("clipfusion").joinpath("model_configs", f"{TINY_CLIP_NAME}.json"))
+    open_clip.add_model_config(resources.files("clipfusion").joinpath(f"model_configs/{TINY_CLIP_NAME}.json"))
 
 
 @dataclass
 class OpenClipParts:
-    model: torch.nn.Module
+    model: Any  # open_clip.CLIP; open_clip is untyped, its submodules are read by name
     tokenizer: Any
     model_id: str  # what the weights are, for caches and manifests
     mean: tuple[float, float, float]
@@ -202,9 +206,9 @@ def tiny_tokenizer_dir() -> str:
 
 @dataclass
 class DiffusionParts:
-    unet: torch.nn.Module
-    vae: torch.nn.Module
-    text_encoder: torch.nn.Module
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL | AutoencoderTiny
+    text_encoder: CLIPTextModel
     tokenizer: Any
     scheduler: Any
     model_id: str

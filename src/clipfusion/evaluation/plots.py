@@ -19,7 +19,7 @@ def score_histogram(normal: Sequence[float], anomalous: Sequence[float], title: 
     fig = Figure(figsize=(4, 2.6))
     ax = fig.subplots()
     values = np.concatenate([np.asarray(normal, float), np.asarray(anomalous, float)])
-    bins = np.linspace(values.min(), values.max() + 1e-9, 20) if values.size else 10
+    bins: int | list[float] = np.linspace(values.min(), values.max() + 1e-9, 20).tolist() if values.size else 10
     ax.hist(normal, bins=bins, alpha=0.6, label="normal", color="tab:blue")
     ax.hist(anomalous, bins=bins, alpha=0.6, label="anomalous", color="tab:red")
     ax.set_title(title, fontsize=9)

@@ -76,11 +76,11 @@ def _method_section(label: str, folder: Path) -> tuple[str, dict[str, dict[str, 
 
     header = ["category", *(METRIC_TITLES[m] for m in METRICS)]
     for shots, mean in results["mean"].items():
-        rows = [[r["category"], *(_percent(r[f"{m}_mean"], r[f"{m}_std"] if r["n_seeds"] > 1 else None)
-                                  for m in METRICS)]
-                for r in results["summary"] if str(r["shots"]) == shots]
+        table = [[r["category"], *(_percent(r[f"{m}_mean"], r[f"{m}_std"] if r["n_seeds"] > 1 else None)
+                                   for m in METRICS)]
+                 for r in results["summary"] if str(r["shots"]) == shots]
         parts.append(f"<h3>{shots}-shot (percent; mean ± std over seeds)</h3>")
-        parts.append(_table(header, rows, ["mean", *(_percent(mean[m]) for m in METRICS)]))
+        parts.append(_table(header, table, ["mean", *(_percent(mean[m]) for m in METRICS)]))
 
     groups: dict[tuple[str, int, int], list[dict[str, Any]]] = defaultdict(list)
     for row in per_image:

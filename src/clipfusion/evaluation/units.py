@@ -71,5 +71,6 @@ def unit_metrics(labels: np.ndarray, scores: np.ndarray, masks: list[np.ndarray 
     """Image metrics over all images, pixel metrics over the images that have ground-truth masks."""
     result = image_metrics(labels, scores)
     with_masks = [i for i, m in enumerate(masks) if m is not None]
-    result.update(pixel_metrics([masks[i] for i in with_masks], [maps[i] for i in with_masks], fpr_limit=fpr_limit))
+    result.update(pixel_metrics([m for m in masks if m is not None], [maps[i] for i in with_masks],
+                                fpr_limit=fpr_limit))
     return result

@@ -43,13 +43,17 @@ def tiny_notice(chosen_by_user: bool) -> str:
             "  Hugging Face cache), or see README → Models and weights for offline copies.\n")
 
 
+def _percent(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.1f}"
+
+
 def summary_table(means: dict[str, dict[str, dict[str, float | None]]]) -> str:
     """Markdown: one row per (method, shots), the demo's metrics in percent."""
     lines = ["| method | shots | " + " | ".join(METRIC_TITLES[m] for m in DEMO_METRICS) + " |",
              "|---|---:|" + "---:|" * len(DEMO_METRICS)]
     for method, by_shots in means.items():
         for shots, values in by_shots.items():
-            cells = " | ".join("–" if values[m] is None else f"{100 * values[m]:.1f}" for m in DEMO_METRICS)
+            cells = " | ".join(_percent(values[m]) for m in DEMO_METRICS)
             lines.append(f"| {method} | {shots} | {cells} |")
     return "\n".join(lines)
 

@@ -124,7 +124,7 @@ class CLIPFusion:
         bank = MemoryBank.load(path)
         bank.check_compatible(self.bank_settings(), source=str(path))
         self.memory_bank_ = bank
-        self.category_ = bank.manifest.get("category")
+        self.category_ = str(bank.manifest.get("category"))
         return self
 
     # --- inference --------------------------------------------------------------------------------

@@ -35,11 +35,15 @@ class BranchMaps:
 
     @staticmethod
     def concat(parts: list[BranchMaps]) -> BranchMaps:
-        def cat(name: str) -> torch.Tensor | None:
-            values = [getattr(p, name) for p in parts]
-            return None if values[0] is None else torch.cat(values)
+        def optional(values: list[torch.Tensor | None]) -> torch.Tensor | None:
+            present = [v for v in values if v is not None]
+            return torch.cat(present) if present else None
 
-        return BranchMaps(**{name: cat(name) for name in ("clip_score", *MAP_NAMES)})
+        return BranchMaps(clip_score=torch.cat([p.clip_score for p in parts]),
+                          clip_language=torch.cat([p.clip_language for p in parts]),
+                          diff_language=torch.cat([p.diff_language for p in parts]),
+                          clip_visual=optional([p.clip_visual for p in parts]),
+                          diff_visual=optional([p.diff_visual for p in parts]))
 
 
 def _smooth(maps: np.ndarray, sigma: float) -> np.ndarray:

@@ -112,9 +112,9 @@ class MapDiff:
 
     def visual_map(self, features: dict[int, torch.Tensor], bank: MemoryBank) -> torch.Tensor:
         """(B, H, W) at the finest feature grid: nearest-reference distance averaged over blocks."""
-        size = max((f.shape[-2:] for f in features.values()), key=lambda s: s[0] * s[1])
+        height, width = max((tuple(f.shape[-2:]) for f in features.values()), key=lambda s: s[0] * s[1])
         maps = []
         for block, grid in features.items():
             distance = bank.distance(f"diffusion/up{block}", grid_to_tokens(grid))
-            maps.append(resize_grid(distance.view(grid.shape[0], *grid.shape[-2:]), tuple(size)))
+            maps.append(resize_grid(distance.view(grid.shape[0], *grid.shape[-2:]), (height, width)))
         return torch.stack(maps).mean(dim=0)

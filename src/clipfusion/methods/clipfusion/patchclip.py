@@ -54,6 +54,7 @@ class PatchClip:
         out = encoder.encode_image(pixels, blocks=sorted(set(config.visual_blocks) | {-1}), dense=mode == "vv")
         image_score = state_probability(out.global_embedding, prototypes, config.temperature)
         if mode == "vv":
+            assert out.dense_embedding is not None  # asked for with dense=True
             language = state_probability(out.dense_embedding, prototypes, config.temperature)
         elif mode == "raw":
             projected = encoder.final_patch_tokens(out.patch_tokens[-1], project=True)
