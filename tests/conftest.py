@@ -2,9 +2,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from clipfusion.data.synthetic import SyntheticSpec, generate
+
+from .scenes import CORNERS, scene
 
 SMALL_SPEC = SyntheticSpec(
     categories=("fabric", "disc"), image_size=96, n_train=4, n_test_good=3, n_test_per_defect=2, seed=0
@@ -15,3 +18,11 @@ SMALL_SPEC = SyntheticSpec(
 def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic MVTec-layout dataset, generated once per test session (read-only for tests)."""
     return generate(tmp_path_factory.mktemp("synthetic"), SMALL_SPEC, progress=False)
+
+
+@pytest.fixture(scope="session")
+def scenes() -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """Four normal scenes; eight defective ones (a dark square in each corner, twice) and their masks."""
+    normal = [scene(s)[0] for s in range(4)]
+    defective = [scene(10 + i, corner) for i, corner in enumerate(CORNERS * 2)]
+    return normal, [img for img, _ in defective], np.stack([m for _, m in defective])

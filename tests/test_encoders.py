@@ -139,30 +139,36 @@ def test_capturing_processor_leaves_the_unet_output_unchanged():
     assert set(encoder._state.maps) == set(encoder.layer_names)
 
 
-def test_captured_probabilities_equal_a_manual_softmax(diffusion):
-    name = diffusion.layer_names[-1]
-    attn = dict(diffusion.unet.named_modules())[name]
-    seen = {}
+def test_captured_probabilities_equal_a_manual_softmax_in_every_layer(diffusion):
+    """Each captured layer against plain torch attention on that layer's own to_q / to_k weights and the
+    inputs it received (caught by pre-hooks on the diffusers modules, not by the capture processor)."""
+    modules = dict(diffusion.unet.named_modules())
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def grab(_module, args, kwargs):
-        seen["hidden"] = args[0] if args else kwargs["hidden_states"]
-        seen["context"] = kwargs["encoder_hidden_states"]
+    def grab(name):
+        def hook(_module, args, kwargs):
+            seen[name] = (args[0] if args else kwargs["hidden_states"], kwargs["encoder_hidden_states"])
+        return hook
 
-    handle = attn.register_forward_pre_hook(grab, with_kwargs=True)
+    handles = [modules[name].register_forward_pre_hook(grab(name), with_kwargs=True) for name in diffusion.layer_names]
     try:
         out = diffusion.encode(diffusion.preprocess(_images()), PROMPTS, token_indices=None)
     finally:
-        handle.remove()
-    hidden, context = seen["hidden"], seen["context"]
-    batch, queries, _ = hidden.shape
-    with torch.inference_mode():
-        q = attn.to_q(hidden).view(batch, queries, attn.heads, -1).transpose(1, 2)
-        k = attn.to_k(context).view(batch, context.shape[1], attn.heads, -1).transpose(1, 2)
-        manual = torch.softmax(q @ k.transpose(-1, -2) * attn.scale, dim=-1).mean(dim=1)  # (batch, Q, 77)
-    captured = out.cross_attn_maps[name]  # (B, P, 77, h, w)
-    as_tokens = captured.flatten(3).permute(0, 1, 3, 2).reshape(batch, queries, -1)
-    torch.testing.assert_close(as_tokens, manual, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(captured.sum(dim=2), torch.ones_like(captured.sum(dim=2)))
+        for handle in handles:
+            handle.remove()
+    assert set(seen) == set(diffusion.layer_names) and len(seen) > 1
+    for name, (hidden, context) in seen.items():
+        attn = modules[name]
+        batch, queries, _ = hidden.shape
+        with torch.inference_mode():
+            q = attn.to_q(hidden).view(batch, queries, attn.heads, -1).transpose(1, 2)
+            k = attn.to_k(context).view(batch, context.shape[1], attn.heads, -1).transpose(1, 2)
+            scale = q.shape[-1] ** -0.5
+            manual = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1).mean(dim=1)  # (batch, Q, 77)
+        captured = out.cross_attn_maps[name]  # (B, P, 77, h, w)
+        as_tokens = captured.flatten(3).permute(0, 1, 3, 2).reshape(batch, queries, -1)
+        torch.testing.assert_close(as_tokens, manual, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(captured.sum(dim=2), torch.ones_like(captured.sum(dim=2)))
 
 
 def test_token_selection_keeps_the_chosen_columns(diffusion):

@@ -1,0 +1,115 @@
+"""predict, fit, sweep and benchmark as a user runs them: the installed ``clipfusion`` script, in a subprocess."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from .commands import clipfusion
+
+
+def test_predict_folder_with_a_corrupt_file_writes_every_other_result(synthetic_root, tmp_path):
+    folder = tmp_path / "photos"
+    shutil.copytree(synthetic_root / "disc" / "test" / "hole", folder / "hole")
+    shutil.copytree(synthetic_root / "disc" / "test" / "good", folder / "good")
+    (folder / "good" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = tmp_path / "out"
+    result = clipfusion("predict", str(folder), "--category", "disc", "--preset", "tiny", "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "broken.png" in result.stderr
+    summary = json.loads((out / "scores.json").read_text())
+    assert len(summary["images"]) == 5 and [s["path"] for s in summary["skipped"]] == [str(folder / "good" /
+                                                                                          "broken.png")]
+    assert len(list((out / "overlays").glob("*.png"))) == 5 and len(list((out / "maps").glob("*.npy"))) == 5
+    maps = [np.load(p) for p in sorted((out / "maps").glob("*.npy"))]
+    assert summary["scale"] == pytest.approx([min(m.min() for m in maps), max(m.max() for m in maps)])
+    with (out / "scores.csv").open() as handle:
+        assert next(iter(csv.DictReader(handle))).keys() == {"path", "score", "decision", "seconds"}
+
+
+def test_predict_few_shot_with_auto_threshold(synthetic_root, tmp_path):
+    out = tmp_path / "out"
+    result = clipfusion("predict", str(synthetic_root / "disc" / "test"), "--category", "disc", "--preset", "tiny",
+                        "--normal", str(synthetic_root / "disc" / "train" / "good"), "--shots", "2",
+                        "--threshold", "auto", "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "scores.json").read_text())
+    assert "held-out normal images" in summary["threshold"]["how"] and "2 held-out" in summary["threshold"]["how"]
+    assert len(summary["references"]) == 2
+    threshold = summary["threshold"]["value"]
+    assert all(row["decision"] == ("anomalous" if row["score"] > threshold else "normal") for row in summary["images"])
+    assert "flagged as anomalous" in result.stdout
+
+
+def test_fit_then_predict_with_the_memory_bank_and_refuse_a_mismatch(synthetic_root, tmp_path):
+    bank = tmp_path / "disc.safetensors"
+    normal = str(synthetic_root / "disc" / "train" / "good")
+    fitted = clipfusion("fit", "--normal", normal, "--category", "disc", "--shots", "2", "--preset", "tiny",
+                        "--out", str(bank), "--quiet")
+    assert fitted.returncode == 0, fitted.stderr
+    assert bank.is_file() and "2 references of disc" in fitted.stdout
+    images = str(synthetic_root / "disc" / "test" / "hole")
+    ok = clipfusion("predict", images, "--memory", str(bank), "--category", "disc", "--preset", "tiny",
+                    "--out", str(tmp_path / "p"), "--quiet")
+    assert ok.returncode == 0, ok.stderr
+    assert len(json.loads((tmp_path / "p" / "scores.json").read_text())["references"]) == 2
+    wrong = clipfusion("predict", images, "--memory", str(bank), "--category", "disc", "--preset", "tiny",
+                       "--timestep", "300", "--out", str(tmp_path / "q"), "--quiet")
+    assert wrong.returncode == 2
+    assert "timestep: bank 100 vs detector 300" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+def test_sweep_writes_the_table_and_the_best_setting(synthetic_root, tmp_path):
+    out = tmp_path / "sweep"
+    result = clipfusion("sweep", "--dataset", "mvtec", "--root", str(synthetic_root), "--categories", "disc",
+                        "--preset", "tiny", "--shots", "1", "--grid", "fusion__alpha_seg=0.2,0.8",
+                        "--grid", "diffusion__timestep=50,150", "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert len(sweep["rows"]) == 4 and len(sweep["summary"]) == 4
+    assert sweep["best"] == max(sweep["summary"], key=lambda entry: entry["pixel_aupro"])
+    assert "Best by AUPRO" in (out / "sweep.md").read_text()
+
+
+def test_benchmark_writes_both_files_with_stage_split(tmp_path):
+    out = tmp_path / "bench"
+    result = clipfusion("benchmark", "--presets", "tiny", "--images", "2", "--repeats", "1", "--out", str(out),
+                        "--quiet")
+    assert result.returncode == 0, result.stderr
+    bench = json.loads((out / "benchmark.json").read_text())
+    assert {(r["method"], r["shots"], r["batch_size"]) for r in bench["runs"]} == {
+        (m, k, b) for m in ("clipfusion", "winclip") for k in (0, 4) for b in (1, 8)}
+    fused = next(r for r in bench["runs"] if r["method"] == "clipfusion" and r["shots"] == 4)
+    assert {"clip", "vae", "unet", "maps", "memory", "fusion"} <= set(fused["stages"])
+    assert sum(fused["stages"].values()) <= fused["ms_per_image"] * 1.05
+    assert "tiny_4shot_memory_search_share" in bench["ratios"]
+    assert "| clipfusion | tiny | 4 |" in (out / "benchmark.md").read_text()
+
+
+
+def test_sweep_selects_on_some_categories_and_reports_on_the_others(synthetic_root, tmp_path):
+    out = tmp_path / "sweep"
+    result = clipfusion("sweep", "--dataset", "mvtec", "--root", str(synthetic_root), "--preset", "tiny",
+                        "--shots", "1", "--select-on", "disc", "--grid", "fusion__alpha_seg=0.1,0.9",
+                        "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "same test images" not in result.stderr
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["selected_on"] == ["disc"] and sweep["held_out"]["categories"] == ["fabric"]
+    disc_rows = [r for r in sweep["rows"] if r["category"] == "disc"]
+    best_on_disc = max(disc_rows, key=lambda r: r["pixel_aupro"])["setting"]
+    assert sweep["best"]["setting"] == best_on_disc  # chosen on disc alone
+    fabric = next(r for r in sweep["rows"] if r["category"] == "fabric" and r["setting"] == best_on_disc)
+    assert sweep["held_out"]["pixel_aupro"] == pytest.approx(fabric["pixel_aupro"])  # reported on fabric
+    assert "held-out categories ['fabric']" in (out / "sweep.md").read_text()
+    same = clipfusion("sweep", "--dataset", "mvtec", "--root", str(synthetic_root), "--preset", "tiny",
+                      "--categories", "disc", "--grid", "fusion__alpha_seg=0.5", "--out", str(tmp_path / "s2"))
+    assert same.returncode == 0 and "selected and reported on the same test images" in same.stderr
+    assert "optimistic" in (tmp_path / "s2" / "sweep.md").read_text()
+    every = clipfusion("sweep", "--dataset", "mvtec", "--root", str(synthetic_root), "--preset", "tiny",
+                       "--select-on", "disc", "fabric", "--grid", "fusion__alpha_seg=0.5",
+                       "--out", str(tmp_path / "s3"))
+    assert every.returncode == 2 and "--select-on names every category" in every.stderr
