@@ -302,3 +302,32 @@ def test_fit_runs_one_unet_row_per_reference(scenes, monkeypatch):
     detector.fit(normal[:3], "plate")
     assert rows == [3]  # the feature prompt only, not one row per state word
 
+
+
+def test_class_names_override_the_object_name_in_every_prompt():
+    detector = CLIPFusion("tiny", prompts__class_names={"disc": "round plate"})
+    assert detector.config.prompts.name_of("disc") == "round plate"
+    assert detector.config.prompts.name_of("metal_nut") == "metal nut"  # the default rule
+    assert get_preset("tiny").prompts.name_of("pcb3") == "printed circuit board"  # shipped VisA names
+    patchclip, mapdiff = detector._branches()
+    assert mapdiff.state_prompts("disc").prompts == ["a photo of a flawless round plate",
+                                                     "a photo of a damaged round plate"]
+    plain, _ = CLIPFusion("tiny")._branches()  # no override: "round_plate" → "round plate" by the default rule
+    torch.testing.assert_close(patchclip.prototypes("disc"), plain.prototypes("round_plate"))
+    assert not torch.allclose(patchclip.prototypes("disc"), plain.prototypes("disc"))
+
+
+def test_a_string_for_a_word_list_is_one_word_not_its_letters():
+    assert get_preset("tiny", mapdiff__normal_words="perfect").mapdiff.normal_words == ("perfect",)
+    with pytest.raises(ValueError, match="noise_draws"):
+        get_preset("tiny", diffusion__noise_draws=0)
+    with pytest.raises(ValueError, match="vae_dtype"):
+        get_preset("tiny", diffusion__vae_dtype="float8")
+
+
+def test_more_neighbours_average_more_reference_distances(scenes):
+    normal, defective, _ = scenes
+    one = CLIPFusion("tiny").fit(normal, "plate").encode(defective[:2], "plate")
+    three = CLIPFusion("tiny", memory__neighbours=3).fit(normal, "plate").encode(defective[:2], "plate")
+    assert torch.all(three.clip_visual >= one.clip_visual - 1e-6)  # a mean of the 3 nearest is never nearer
+    assert float((three.clip_visual - one.clip_visual).max()) > 1e-4

@@ -306,3 +306,31 @@ def test_tiny_models_are_identical_across_builds():
     b = ClipEncoder.from_config(get_preset("tiny").clip)
     for pa, pb in zip(a.model.parameters(), b.model.parameters(), strict=True):
         assert torch.equal(pa, pb)
+
+
+def test_noise_draws_average_the_outputs_of_each_seeded_draw():
+    """noise_draws = 2 is the mean of two single-draw encoders seeded 0 and 1."""
+    images = _images(2)
+    two = DiffusionEncoder.from_config(get_preset("tiny", diffusion__noise_draws=2).diffusion)
+    singles = [DiffusionEncoder.from_config(get_preset("tiny", diffusion__noise_seed=s).diffusion) for s in (0, 1)]
+    averaged = two.encode(two.preprocess(images), PROMPTS, token_indices=[5])
+    outs = [e.encode(e.preprocess(images), PROMPTS, token_indices=[5]) for e in singles]
+    assert not torch.allclose(outs[0].features[2], outs[1].features[2])  # the draws differ
+    for name, maps in averaged.cross_attn_maps.items():
+        torch.testing.assert_close(maps, (outs[0].cross_attn_maps[name] + outs[1].cross_attn_maps[name]) / 2)
+    for block, grid in averaged.features.items():
+        torch.testing.assert_close(grid, (outs[0].features[block] + outs[1].features[block]) / 2)
+
+
+def test_vae_dtype_keeps_the_autoencoder_in_float32_under_a_bfloat16_unet():
+    config = get_preset("tiny", diffusion__vae_dtype="float32").diffusion
+    mixed = DiffusionEncoder.from_config(config, RuntimeConfig(dtype="bfloat16"))
+    plain = DiffusionEncoder.from_config(get_preset("tiny").diffusion)
+    assert next(mixed.vae.parameters()).dtype == torch.float32
+    assert next(mixed.unet.parameters()).dtype == torch.bfloat16
+    images = _images(2)
+    latents = mixed.encode_latents(mixed.preprocess(images))
+    assert latents.dtype == torch.bfloat16
+    torch.testing.assert_close(latents, plain.encode_latents(plain.preprocess(images)).to(torch.bfloat16))
+    out = mixed.encode(mixed.preprocess(images), PROMPTS, token_indices=[5])
+    assert all(torch.isfinite(m).all() for m in out.cross_attn_maps.values())

@@ -93,3 +93,15 @@ def test_sigma_is_given_at_256_pixels_and_scales_with_the_output_size(output_siz
     fused = (0.4 * up(maps.clip_language) + 0.6 * up(maps.diff_language)).numpy()
     expected = np.stack([ndimage.gaussian_filter(m, sigma=pixels) for m in fused])
     np.testing.assert_allclose(fuse(maps, config).maps, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("neighbours", [2, 3, 80])
+def test_mean_of_k_nearest_matches_brute_force_across_chunks(monkeypatch, neighbours):
+    rng = torch.Generator().manual_seed(1)
+    memory = torch.nn.functional.normalize(torch.randn(50, 8, generator=rng), dim=1)
+    queries = torch.nn.functional.normalize(torch.randn(30, 8, generator=rng), dim=1)
+    monkeypatch.setattr("clipfusion.methods.memory.QUERY_CHUNK", 7)
+    monkeypatch.setattr("clipfusion.methods.memory.MEMORY_CHUNK", 11)
+    distances = np.sort(((1 - queries @ memory.T) / 2).numpy(), axis=1)
+    expected = distances[:, :min(neighbours, 50)].mean(axis=1)  # more neighbours than rows: every row
+    np.testing.assert_allclose(nearest_distance(queries, memory, neighbours).numpy(), expected, rtol=1e-5, atol=1e-6)

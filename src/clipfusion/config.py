@@ -52,6 +52,10 @@ class DiffusionConfig:
     cross_attn_factors: which cross-attention layers to read, by their downsampling factor relative
     to the latent (1 = latent resolution, 2 = half...); cross_attn_places: ``down``, ``mid``, ``up``.
     feature_blocks: indices of ``unet.up_blocks`` whose outputs are captured as feature maps.
+    noise_draws: how many seeded noise draws (seeds noise_seed, noise_seed + 1, ...) each image is
+    encoded with; maps and features are averaged over them (DIFT-style ensembling; costs one UNet pass
+    per draw).  vae_dtype: the autoencoder's dtype when it should differ from the runtime dtype, e.g.
+    ``float32`` under a ``float16`` UNet (SD's VAE is known to overflow in float16); None = the runtime's.
     naive: compute the same maps the slow, straightforward way — per prompt its own VAE encode and a
     full UNet pass with attention probabilities built in every layer — as the reference that tests
     and benchmarks compare the fast path with.  Never faster; never needed otherwise.
@@ -65,6 +69,8 @@ class DiffusionConfig:
     cross_attn_factors: tuple[int, ...] = (2, 4)
     cross_attn_places: tuple[str, ...] = ("down", "up")
     feature_blocks: tuple[int, ...] = (1, 2)
+    noise_draws: int = 1
+    vae_dtype: str | None = None
     naive: bool = False
 
 
@@ -108,6 +114,35 @@ class MapDiffConfig:
 
 
 @dataclass(frozen=True)
+class PromptConfig:
+    """How a category name becomes the object name in every prompt (CLIP ensembles, UNet prompts).
+
+    class_names: (category, name) pairs that override the default rule (underscores become spaces);
+    from the command line a JSON object, ``--set prompts__class_names='{"pcb1": "circuit board"}'``.
+    """
+
+    class_names: tuple[tuple[str, str], ...] = (
+        ("pcb1", "printed circuit board"), ("pcb2", "printed circuit board"),
+        ("pcb3", "printed circuit board"), ("pcb4", "printed circuit board"),
+        ("macaroni1", "macaroni"), ("macaroni2", "macaroni"), ("chewinggum", "chewing gum"),
+    )
+
+    def name_of(self, category: str) -> str:
+        return dict(self.class_names).get(category) or category.replace("_", " ").strip() or "object"
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """Few-shot visual maps: a query position's distance to the memory bank of its layer.
+
+    neighbours: the distance is the mean of ½(1 − cos) over this many nearest reference features
+    (1 = the nearest one, the default; more smooths out a single lucky match).
+    """
+
+    neighbours: int = 1
+
+
+@dataclass(frozen=True)
 class FusionConfig:
     """Fusion and read-out.
 
@@ -147,9 +182,11 @@ class Preset:
     patchclip: PatchClipConfig = field(default_factory=PatchClipConfig)
     mapdiff: MapDiffConfig = field(default_factory=MapDiffConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    prompts: PromptConfig = field(default_factory=PromptConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
 
-_GROUPS = ("clip", "diffusion", "patchclip", "mapdiff", "fusion")
+SETTING_GROUPS = ("clip", "diffusion", "patchclip", "mapdiff", "fusion", "prompts", "memory")
 
 
 PRESETS: dict[str, Preset] = {
@@ -196,7 +233,7 @@ BENCHMARK_METHODS = METHOD_NAMES[:2]  # the mean-image baseline is not worth tim
 def get_preset(name: str, **overrides: Any) -> Preset:
     """A preset by name, with fields overridden by ``<group>__<field>=value`` keys.
 
-    Groups: clip, diffusion, patchclip, mapdiff, fusion.  Example:
+    Groups: clip, diffusion, patchclip, mapdiff, fusion, prompts, memory.  Example:
     ``get_preset("paper-recon", diffusion__timestep=200, fusion__alpha_seg=0.3)``.
     """
     if name not in PRESETS:
@@ -206,17 +243,31 @@ def get_preset(name: str, **overrides: Any) -> Preset:
 
 def override(preset: Preset, **overrides: Any) -> Preset:
     """``preset`` with ``<group>__<field>=value`` overrides applied (see :func:`get_preset`)."""
-    grouped: dict[str, dict[str, Any]] = {group: {} for group in _GROUPS}
+    grouped: dict[str, dict[str, Any]] = {group: {} for group in SETTING_GROUPS}
     for key, value in overrides.items():
         group, _, attribute = key.partition("__")
-        if group not in grouped or attribute not in {f.name for f in dataclasses.fields(getattr(preset, group))}:
-            raise ClipfusionError(f"unknown setting {key!r}; use <group>__<field> with a group of {_GROUPS}")
-        grouped[group][attribute] = tuple(value) if isinstance(value, list) else value
+        section = getattr(preset, group) if group in grouped else None
+        defaults = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)} if section else {}
+        if attribute not in defaults:
+            raise ClipfusionError(f"unknown setting {key!r}; use <group>__<field> with a group of {SETTING_GROUPS}")
+        grouped[group][attribute] = _as_field_value(key, value, defaults[attribute])
     updated = dataclasses.replace(
         preset, **{group: dataclasses.replace(getattr(preset, group), **fields) for group, fields in grouped.items()}
     )
     check(updated)
     return updated
+
+
+def _as_field_value(key: str, value: Any, default: Any) -> Any:
+    """A JSON-ish value in the shape of a field: lists become tuples, an object becomes sorted
+    (key, value) pairs, and one string for a tuple of strings is a one-element tuple (never its letters)."""
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), str(v)) for k, v in value.items()))
+    if isinstance(value, list):
+        return tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    if isinstance(default, tuple) and isinstance(value, str):
+        return (value,)
+    return value
 
 
 def _choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
@@ -238,5 +289,11 @@ def check(preset: Preset) -> None:
     for name in ("alpha_seg", "alpha_cls"):
         if not 0.0 <= getattr(preset.fusion, name) <= 1.0:
             raise SettingError(f"fusion__{name} must lie in [0, 1], not {getattr(preset.fusion, name)}")
+    if preset.diffusion.noise_draws < 1:
+        raise SettingError(f"diffusion__noise_draws must be >= 1, not {preset.diffusion.noise_draws}")
+    if preset.diffusion.vae_dtype is not None:
+        _choice("diffusion__vae_dtype", preset.diffusion.vae_dtype, DTYPES)
+    if preset.memory.neighbours < 1:
+        raise SettingError(f"memory__neighbours must be >= 1, not {preset.memory.neighbours}")
     if not 0 <= preset.diffusion.timestep < 1000:
         raise SettingError(f"diffusion__timestep must lie in 0-999, not {preset.diffusion.timestep}")

@@ -1,8 +1,11 @@
 """Text prompts: WinCLIP's compositional prompt ensemble for CLIP, short state prompts for diffusion.
 
-State words and templates follow WinCLIP (Jeong et al., CVPR 2023) as re-implemented in
-anomalib; their use in CLIPFusion is a reconstruction (docs/method.md).  Duplicates in the
-published template list are removed.
+State words follow WinCLIP (Jeong et al., CVPR 2023) as re-implemented in anomalib.  The 22
+templates are anomalib's WinCLIP list with its duplicate ("a jpeg corrupted photo of the {}."
+twice) removed and the a/the pairs completed: "a cropped photo of a {}." and "a jpeg corrupted photo
+of a {}." are not in anomalib's list (they are in CLIP's ImageNet templates and in other public
+CLIP anomaly-detection code).  Their use in CLIPFusion is a reconstruction (docs/method.md).
+Object names come from ``PromptConfig.name_of`` (category names, with overrides such as VisA's pcb1).
 """
 from __future__ import annotations
 
@@ -27,18 +30,12 @@ TEMPLATES = (
 )
 
 
-def class_name(category: str) -> str:
-    """The object name used in prompts: the category folder name with underscores as spaces."""
-    return category.replace("_", " ").strip() or "object"
-
-
-def prompt_ensemble(category: str, states: tuple[str, ...], templates: tuple[str, ...] = TEMPLATES) -> list[str]:
-    """Every template filled with every state phrase of ``category``."""
-    name = class_name(category)
+def prompt_ensemble(name: str, states: tuple[str, ...], templates: tuple[str, ...] = TEMPLATES) -> list[str]:
+    """Every template filled with every state phrase of the object ``name``."""
     return [template.format(state.format(name)) for state in states for template in templates]
 
 
-def state_ensembles(category: str, broken: bool = False) -> tuple[list[str], list[str]]:
-    """(normal prompts, anomalous prompts) for CLIP's text prototypes."""
+def state_ensembles(name: str, broken: bool = False) -> tuple[list[str], list[str]]:
+    """(normal prompts, anomalous prompts) of the object ``name`` for CLIP's text prototypes."""
     anomalous = ANOMALOUS_STATES + (EXTRA_ANOMALOUS_STATES if broken else ())
-    return prompt_ensemble(category, NORMAL_STATES), prompt_ensemble(category, anomalous)
+    return prompt_ensemble(name, NORMAL_STATES), prompt_ensemble(name, anomalous)

@@ -20,12 +20,13 @@ def clip_encoder(config: ClipConfig, runtime: RuntimeConfig) -> ClipEncoder:
 
 
 @lru_cache(maxsize=2)
-def _diffusion_parts(model_id: str, vae_id: str | None, runtime: RuntimeConfig) -> DiffusionParts:
-    return load_diffusion(DiffusionConfig(model_id=model_id, vae_id=vae_id), runtime)
+def _diffusion_parts(model_id: str, vae_id: str | None, vae_dtype: str | None, runtime: RuntimeConfig
+                     ) -> DiffusionParts:
+    return load_diffusion(DiffusionConfig(model_id=model_id, vae_id=vae_id, vae_dtype=vae_dtype), runtime)
 
 
 @lru_cache(maxsize=4)
 def diffusion_encoder(config: DiffusionConfig, runtime: RuntimeConfig) -> DiffusionEncoder:
     """Encoders differing only in read-out settings (layers, timestep...) share one set of weights."""
-    parts = _diffusion_parts(config.model_id, config.vae_id, runtime)
+    parts = _diffusion_parts(config.model_id, config.vae_id, config.vae_dtype, runtime)
     return DiffusionEncoder(dataclasses.replace(parts), config)

@@ -54,6 +54,7 @@ class DiffusionEncoder:
         self.config = config
         param = next(self.unet.parameters())
         self.device, self.dtype = param.device, param.dtype
+        self.vae_dtype = next(self.vae.parameters()).dtype  # differs from dtype with diffusion__vae_dtype
         vae_config = self.vae.config
         vae_channels = getattr(vae_config, "block_out_channels", None) or vae_config.encoder_block_out_channels
         self.vae_scale_factor = 2 ** (len(vae_channels) - 1)
@@ -76,7 +77,7 @@ class DiffusionEncoder:
         self._naive_processors = {key: processor if isinstance(processor, CrossAttnCaptureProcessor)
                                   else AttnProcessor() for key, processor in self._processors.items()}
         self._text_cache: dict[tuple[str, ...], torch.Tensor] = {}
-        self._noise: torch.Tensor | None = None
+        self._noise: dict[tuple[int, ...], torch.Tensor] = {}  # (draw, *latent shape) → (1, 4, h, w)
 
     @classmethod
     def from_config(cls, config: DiffusionConfig, runtime: RuntimeConfig | None = None) -> DiffusionEncoder:
@@ -85,25 +86,28 @@ class DiffusionEncoder:
     # --- inputs ----------------------------------------------------------------------------------
 
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """(H, W, 3) uint8 images → (B, 3, S, S) in [-1, 1] (bicubic resize of the whole image)."""
+        """(H, W, 3) uint8 images → (B, 3, S, S) in [-1, 1] (bicubic resize of the whole image), in the VAE's dtype."""
         size = (self.config.image_size, self.config.image_size)
         resized = np.stack([resize_image(image, size) for image in images])
         pixels = torch.from_numpy(resized).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        return pixels.to(device=self.device, dtype=self.dtype)
+        return pixels.to(device=self.device, dtype=self.vae_dtype)
 
     @torch.inference_mode()
     def encode_latents(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) → (B, 4, S/8, S/8) latents z0, scaled by the VAE's scaling factor (mean, no sampling)."""
-        encoded = self.vae.encode(pixels)
+        """(B, 3, S, S) → (B, 4, S/8, S/8) latents z0 in the UNet's dtype, scaled by the VAE's scaling factor
+        (mean, no sampling)."""
+        encoded = self.vae.encode(pixels.to(self.vae_dtype))
         latents = encoded.latent_dist.mean if hasattr(encoded, "latent_dist") else encoded.latents
-        return latents * self.vae.config.scaling_factor
+        return (latents * self.vae.config.scaling_factor).to(self.dtype)
 
-    def noised(self, latents: torch.Tensor) -> torch.Tensor:
-        """z_t = √ᾱ_t z0 + √(1-ᾱ_t) ε at the absolute timestep t, with one seeded ε for every image."""
-        if self._noise is None or self._noise.shape[1:] != latents.shape[1:]:
-            generator = torch.Generator(device="cpu").manual_seed(self.config.noise_seed)
-            self._noise = torch.randn((1, *latents.shape[1:]), generator=generator)
-        noise = self._noise.to(device=latents.device, dtype=latents.dtype).expand_as(latents)
+    def noised(self, latents: torch.Tensor, draw: int = 0) -> torch.Tensor:
+        """z_t = √ᾱ_t z0 + √(1-ᾱ_t) ε at the absolute timestep t, with one ε (seed noise_seed + draw) for
+        every image, so that queries and references are noised alike."""
+        key = (draw, *latents.shape[1:])
+        if key not in self._noise:
+            generator = torch.Generator(device="cpu").manual_seed(self.config.noise_seed + draw)
+            self._noise[key] = torch.randn((1, *latents.shape[1:]), generator=generator)
+        noise = self._noise[key].to(device=latents.device, dtype=latents.dtype).expand_as(latents)
         timesteps = torch.full((latents.shape[0],), self.config.timestep, dtype=torch.long, device=latents.device)
         return self.scheduler.add_noise(latents, noise, timesteps)
 
@@ -174,15 +178,29 @@ class DiffusionEncoder:
         stop_early: bool = True,
         processors: dict | None = None,
     ) -> DiffusionOutput:
-        """One UNet pass over noised ``latents`` (B, 4, h, w) for every prompt.
+        """One UNet pass over noised ``latents`` (B, 4, h, w) for every prompt, per noise draw; with
+        ``noise_draws`` > 1 the maps and features are averaged over the draws.
 
         token_indices: token columns to keep in the attention maps (the same positions for every
         prompt), None for all 77.  feature_blocks: up-blocks to capture (default: the config's).
         stop_early: skip every block after the last one needed (off only to check it changes nothing).
         """
+        draws = [self._one_pass(self.noised(latents, draw), prompts, token_indices, feature_blocks, stop_early,
+                                processors) for draw in range(self.config.noise_draws)]
+        if len(draws) == 1:
+            return draws[0]
+        return DiffusionOutput(
+            cross_attn_maps={name: torch.stack([d.cross_attn_maps[name] for d in draws]).mean(dim=0)
+                             for name in draws[0].cross_attn_maps},
+            features={block: torch.stack([d.features[block] for d in draws]).mean(dim=0)
+                      for block in draws[0].features},
+        )
+
+    def _one_pass(self, noised: torch.Tensor, prompts: Sequence[str], token_indices: Sequence[int] | None,
+                  feature_blocks: Sequence[int] | None, stop_early: bool, processors: dict | None) -> DiffusionOutput:
         feature_blocks = list(self.config.feature_blocks if feature_blocks is None else feature_blocks)
-        n_images, n_prompts = latents.shape[0], len(prompts)
-        latents = self.noised(latents).repeat_interleave(n_prompts, dim=0)
+        n_images, n_prompts = noised.shape[0], len(prompts)
+        latents = noised.repeat_interleave(n_prompts, dim=0)
         context = self.encode_prompts(prompts).repeat(n_images, 1, 1)  # row b·P + p: image b, prompt p
         timesteps = torch.full((latents.shape[0],), self.config.timestep, dtype=torch.long, device=self.device)
 

@@ -269,11 +269,12 @@ def load_diffusion(config: DiffusionConfig, runtime: RuntimeConfig) -> Diffusion
     from transformers import CLIPTextModel, CLIPTokenizer
 
     device, dtype = runtime_device_dtype(runtime)
+    vae_dtype = torch_dtype(config.vae_dtype) if config.vae_dtype else dtype
     parts = _random_architecture(config)
     if parts is not None:
-        if dtype != torch.float32:
-            for module in (parts.unet, parts.vae, parts.text_encoder):
-                module.to(dtype=dtype)
+        parts.unet.to(dtype=dtype)
+        parts.text_encoder.to(dtype=dtype)
+        parts.vae.to(dtype=vae_dtype)
     else:
         common = {"cache_dir": runtime.cache_dir, "local_files_only": is_offline(runtime)}
         source = config.model_id
@@ -282,7 +283,7 @@ def load_diffusion(config: DiffusionConfig, runtime: RuntimeConfig) -> Diffusion
         try:
             parts = DiffusionParts(
                 unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **common),
-                vae=AutoModel.from_pretrained(**vae_source, torch_dtype=dtype, **common),
+                vae=AutoModel.from_pretrained(**vae_source, torch_dtype=vae_dtype, **common),
                 text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **common),
                 tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common),
                 scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common),

@@ -24,19 +24,26 @@ QUERY_CHUNK = 4096
 MEMORY_CHUNK = 8192
 
 
-def nearest_distance(queries: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-    """(Q, C) and (M, C), both L2-normalised → (Q,) min over memory of ½(1 − cos), in [0, 1].
+def nearest_distance(queries: torch.Tensor, memory: torch.Tensor, neighbours: int = 1) -> torch.Tensor:
+    """(Q, C) and (M, C), both L2-normalised → (Q,) mean over the ``neighbours`` nearest memory rows of
+    ½(1 − cos), in [0, 1] (with 1: the min).  More neighbours than rows uses every row.
 
-    Works in blocks of QUERY_CHUNK × MEMORY_CHUNK similarities (128 MB in float32 at most).
+    Works in blocks of QUERY_CHUNK × MEMORY_CHUNK similarities (128 MB in float32 at most), keeping a
+    running top-k of similarities per query.
     """
     memory = memory.to(device=queries.device, dtype=queries.dtype)
+    k = min(neighbours, memory.shape[0])
     best = torch.empty(queries.shape[0], device=queries.device, dtype=torch.float32)
     for q0 in range(0, queries.shape[0], QUERY_CHUNK):
         block = queries[q0:q0 + QUERY_CHUNK]
-        top = torch.full((block.shape[0],), -1.0, device=queries.device, dtype=torch.float32)
+        top = torch.full((block.shape[0], k), -1.0, device=queries.device, dtype=torch.float32)
         for m0 in range(0, memory.shape[0], MEMORY_CHUNK):
-            top = torch.maximum(top, (block @ memory[m0:m0 + MEMORY_CHUNK].T).amax(dim=1).float())
-        best[q0:q0 + QUERY_CHUNK] = top
+            similarities = (block @ memory[m0:m0 + MEMORY_CHUNK].T).float()
+            if k == 1:  # the common case, without a sort
+                top = torch.maximum(top, similarities.amax(dim=1, keepdim=True))
+            else:
+                top = torch.cat([top, similarities], dim=1).topk(k, dim=1).values
+        best[q0:q0 + QUERY_CHUNK] = top.mean(dim=1)
     return ((1.0 - best) / 2.0).clamp_(0.0, 1.0)
 
 
@@ -52,10 +59,11 @@ class MemoryBank:
         flat = F.normalize(tokens.reshape(-1, tokens.shape[-1]).float(), dim=-1).cpu()
         self.features[name] = flat if name not in self.features else torch.cat([self.features[name], flat])
 
-    def distance(self, name: str, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, N, C) query features → (B, N) nearest-neighbour distance to layer ``name`` of the bank."""
+    def distance(self, name: str, tokens: torch.Tensor, neighbours: int = 1) -> torch.Tensor:
+        """(B, N, C) query features → (B, N) nearest-neighbour distance to layer ``name`` of the bank
+        (the mean over ``neighbours`` nearest, see :func:`nearest_distance`)."""
         queries = F.normalize(tokens.reshape(-1, tokens.shape[-1]).float(), dim=-1)
-        return nearest_distance(queries, self.features[name]).reshape(tokens.shape[:-1])
+        return nearest_distance(queries, self.features[name], neighbours).reshape(tokens.shape[:-1])
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

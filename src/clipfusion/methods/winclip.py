@@ -40,12 +40,18 @@ class WinCLIP:
         self.batch_size = batch_size
 
     @property
+    def config(self) -> Preset:
+        """The preset WinCLIP reads its CLIP model and object names from."""
+        return get_preset(self.preset) if isinstance(self.preset, str) else self.preset
+
+    @property
     def clip_config(self) -> ClipConfig:
-        return (get_preset(self.preset) if isinstance(self.preset, str) else self.preset).clip
+        return self.config.clip
 
     def get_params(self) -> dict[str, Any]:
         name = self.preset if isinstance(self.preset, str) else self.preset.name
-        return {"preset": name, "clip": dataclasses.asdict(self.clip_config), "scales": list(self.scales),
+        return {"preset": name, "clip": dataclasses.asdict(self.clip_config),
+                "prompts": dataclasses.asdict(self.config.prompts), "scales": list(self.scales),
                 "temperature": self.temperature, "output_size": self.output_size, "batch_size": self.batch_size}
 
     @property
@@ -87,7 +93,7 @@ class WinCLIP:
     @torch.inference_mode()
     def predict(self, images: Sequence[np.ndarray], category: str) -> Prediction:
         encoder = self.encoder
-        prototypes = encoder.encode_prompt_ensembles(state_ensembles(category))
+        prototypes = encoder.encode_prompt_ensembles(state_ensembles(self.config.prompts.name_of(category)))
         n_patches = encoder.grid_size[0] * encoder.grid_size[1]
         scores, maps = [], []
         for start in range(0, len(images), self.batch_size):

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from clipfusion.config import FusionConfig, Preset, RuntimeConfig, get_preset, override
+from clipfusion.config import SETTING_GROUPS, FusionConfig, Preset, RuntimeConfig, get_preset, override
 from clipfusion.encoders import cache
 from clipfusion.errors import ClipfusionError
 from clipfusion.methods.clipfusion.fusion import BranchMaps, fuse
@@ -59,7 +59,7 @@ class CLIPFusion:
     def get_params(self) -> dict[str, Any]:
         config = self.config
         return {"preset": config.name, **{g: dataclasses.asdict(getattr(config, g)) for g in
-                                          ("clip", "diffusion", "patchclip", "mapdiff", "fusion")},
+                                          SETTING_GROUPS},
                 "runtime": dataclasses.asdict(self.runtime or RuntimeConfig()), "batch_size": self.batch_size}
 
     @property
@@ -72,8 +72,8 @@ class CLIPFusion:
     def _branches(self) -> tuple[PatchClip, MapDiff]:
         if not hasattr(self, "_built"):
             config, runtime = self.config, self.runtime or RuntimeConfig()
-            self._built = (PatchClip(cache.clip_encoder(config.clip, runtime), config.patchclip),
-                           MapDiff(cache.diffusion_encoder(config.diffusion, runtime), config.mapdiff))
+            self._built = (PatchClip(cache.clip_encoder(config.clip, runtime), config.patchclip, config.prompts),
+                           MapDiff(cache.diffusion_encoder(config.diffusion, runtime), config.mapdiff, config.prompts))
         return self._built
 
     def bank_settings(self) -> dict[str, Any]:
@@ -146,8 +146,9 @@ class CLIPFusion:
             clip_visual = diff_visual = None
             if fitted:
                 with timer("memory"):
-                    clip_visual = patchclip.visual_map(clip_out.visual_tokens, self.memory_bank_).cpu()
-                    diff_visual = mapdiff.visual_map(diff_out.features, self.memory_bank_).cpu()
+                    neighbours = self.config.memory.neighbours
+                    clip_visual = patchclip.visual_map(clip_out.visual_tokens, self.memory_bank_, neighbours).cpu()
+                    diff_visual = mapdiff.visual_map(diff_out.features, self.memory_bank_, neighbours).cpu()
             parts.append(BranchMaps(clip_score=clip_out.image_score.cpu(), clip_language=clip_out.language_map.cpu(),
                                     diff_language=diff_out.language_map.cpu(), clip_visual=clip_visual,
                                     diff_visual=diff_visual))

@@ -14,11 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from clipfusion.config import MapDiffConfig
+from clipfusion.config import MapDiffConfig, PromptConfig
 from clipfusion.encoders.diffusion import DiffusionEncoder
 from clipfusion.geometry import grid_to_tokens, resize_grid
 from clipfusion.methods.memory import MemoryBank
-from clipfusion.prompts import class_name
 from clipfusion.timing import StageTimer
 
 
@@ -44,14 +43,15 @@ class MapDiffOutput:
 
 
 class MapDiff:
-    def __init__(self, encoder: DiffusionEncoder, config: MapDiffConfig) -> None:
+    def __init__(self, encoder: DiffusionEncoder, config: MapDiffConfig, prompts: PromptConfig | None = None) -> None:
         self.encoder = encoder
         self.config = config
+        self.prompts = prompts or PromptConfig()
         self._prompts: dict[str, StatePrompts] = {}
 
     def state_prompts(self, category: str) -> StatePrompts:
         if category not in self._prompts:
-            name = class_name(category)
+            name = self.prompts.name_of(category)
             words = list(self.config.normal_words) + list(self.config.anomalous_words)
             if self.config.joint_prompt:  # one UNet row: the state words compete in one softmax
                 prompts = [self.config.template.format(state=" or ".join(words), name=name)]
@@ -110,11 +110,11 @@ class MapDiff:
             return anomalous
         return (anomalous - normal + 1.0) / 2.0
 
-    def visual_map(self, features: dict[int, torch.Tensor], bank: MemoryBank) -> torch.Tensor:
+    def visual_map(self, features: dict[int, torch.Tensor], bank: MemoryBank, neighbours: int = 1) -> torch.Tensor:
         """(B, H, W) at the finest feature grid: nearest-reference distance averaged over blocks."""
         height, width = max((tuple(f.shape[-2:]) for f in features.values()), key=lambda s: s[0] * s[1])
         maps = []
         for block, grid in features.items():
-            distance = bank.distance(f"diffusion/up{block}", grid_to_tokens(grid))
+            distance = bank.distance(f"diffusion/up{block}", grid_to_tokens(grid), neighbours)
             maps.append(resize_grid(distance.view(grid.shape[0], *grid.shape[-2:]), (height, width)))
         return torch.stack(maps).mean(dim=0)

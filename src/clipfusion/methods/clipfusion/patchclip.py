@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from clipfusion.config import DENSE_MODES, PatchClipConfig
+from clipfusion.config import DENSE_MODES, PatchClipConfig, PromptConfig
 from clipfusion.encoders.clip import ClipEncoder, ClipImageOutput, state_probability
 from clipfusion.errors import SettingError
 from clipfusion.geometry import tokens_to_grid
@@ -33,15 +33,16 @@ class PatchClipOutput:
 
 
 class PatchClip:
-    def __init__(self, encoder: ClipEncoder, config: PatchClipConfig) -> None:
+    def __init__(self, encoder: ClipEncoder, config: PatchClipConfig, prompts: PromptConfig | None = None) -> None:
         self.encoder = encoder
         self.config = config
+        self.prompts = prompts or PromptConfig()
         self._prototypes: dict[str, torch.Tensor] = {}
 
     def prototypes(self, category: str) -> torch.Tensor:
         """(2, D) [normal, anomalous] text prototypes of the category's prompt ensembles (cached)."""
         if category not in self._prototypes:
-            ensembles = state_ensembles(category, broken=self.config.broken_prompt)
+            ensembles = state_ensembles(self.prompts.name_of(category), broken=self.config.broken_prompt)
             self._prototypes[category] = self.encoder.encode_prompt_ensembles(ensembles)
         return self._prototypes[category]
 
@@ -83,7 +84,8 @@ class PatchClip:
         embedded = self.encoder.encode_image(self.encoder.preprocess(crops), dense=False).global_embedding
         return state_probability(embedded, prototypes, self.config.temperature).view(len(images), n, n)
 
-    def visual_map(self, visual_tokens: dict[int, torch.Tensor], bank: MemoryBank) -> torch.Tensor:
+    def visual_map(self, visual_tokens: dict[int, torch.Tensor], bank: MemoryBank, neighbours: int = 1
+                   ) -> torch.Tensor:
         """(B, h, w): nearest-reference distance per patch, averaged over the visual blocks."""
-        maps = [bank.distance(f"clip/block{block}", tokens) for block, tokens in visual_tokens.items()]
+        maps = [bank.distance(f"clip/block{block}", tokens, neighbours) for block, tokens in visual_tokens.items()]
         return tokens_to_grid(torch.stack(maps).mean(dim=0)[..., None], self.encoder.grid_size)[:, 0]
