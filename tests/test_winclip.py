@@ -43,8 +43,8 @@ def test_winclip_zero_and_few_shot(scenes):
     zero_shot = WinCLIP("tiny").predict(defective, "plate")
     assert zero_shot.maps.shape == (8, 256, 256)
     few_shot = WinCLIP("tiny").fit(normal, "plate").predict(defective, "plate")
-    # 0.85: measured 0.93 when the test was written (tiny preset, these scenes; chance 0.5).  It fails when the
-    # patch or window memory is misaligned with the grid (a transposed grid measured below 0.6).
+    # 0.85: measured 0.988 (tiny preset, these scenes; chance 0.5).  With the token grid transposed in
+    # geometry.tokens_to_grid it measured 0.644, so a misaligned map fails here.
     assert pixel_auroc(masks, few_shot.maps) > 0.85
     assert not np.allclose(zero_shot.maps, few_shot.maps)
 

@@ -28,6 +28,7 @@ from clipfusion.encoders.attention import (
 from clipfusion.encoders.loading import DiffusionParts, load_diffusion
 from clipfusion.errors import SettingError
 from clipfusion.geometry import resize_image, tokens_to_grid
+from clipfusion.timing import StageTimer
 
 
 @dataclass
@@ -140,21 +141,20 @@ class DiffusionEncoder:
         return max(needed, key=layer_order)
 
     @torch.inference_mode()
-    def encode(
-        self,
-        pixels: torch.Tensor,
-        prompts: Sequence[str],
-        token_indices: Sequence[int] | None = None,
-        feature_blocks: Sequence[int] | None = None,
-        stop_early: bool = True,
-    ) -> DiffusionOutput:
-        """VAE encode, then one UNet pass for B images × P prompts (see :meth:`run_unet`).
-
-        With ``config.naive`` the same outputs come the slow way (:meth:`encode_naive`).
-        """
+    def encode(self, pixels: torch.Tensor, prompts: Sequence[str], token_indices: Sequence[int] | None = None,
+               feature_blocks: Sequence[int] | None = None, stop_early: bool = True,
+               timer: StageTimer | None = None) -> DiffusionOutput:
+        """VAE encode, then one UNet pass for B images × P prompts (see :meth:`run_unet`); ``timer``
+        is charged ``vae`` and ``unet``.  With ``config.naive`` the same outputs come the slow way
+        (:meth:`encode_naive`, all of it charged to ``unet``)."""
+        timer = timer or StageTimer()
         if self.config.naive:
-            return self.encode_naive(pixels, prompts, token_indices, feature_blocks)
-        return self.run_unet(self.encode_latents(pixels), prompts, token_indices, feature_blocks, stop_early)
+            with timer("unet"):
+                return self.encode_naive(pixels, prompts, token_indices, feature_blocks)
+        with timer("vae"):
+            latents = self.encode_latents(pixels)
+        with timer("unet"):
+            return self.run_unet(latents, prompts, token_indices, feature_blocks, stop_early)
 
     def encode_naive(self, pixels: torch.Tensor, prompts: Sequence[str], token_indices: Sequence[int] | None = None,
                      feature_blocks: Sequence[int] | None = None) -> DiffusionOutput:

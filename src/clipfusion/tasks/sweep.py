@@ -22,15 +22,8 @@ from tqdm.auto import tqdm
 from clipfusion.config import RuntimeConfig, get_preset
 from clipfusion.data import AnomalyDataset, Sample
 from clipfusion.errors import ClipfusionError
+from clipfusion.evaluation import units
 from clipfusion.evaluation.tables import METRIC_TITLES, METRICS
-from clipfusion.evaluation.units import (
-    SkippedFile,
-    at_eval_size,
-    load_references,
-    load_samples,
-    unit_keys,
-    unit_metrics,
-)
 from clipfusion.methods.clipfusion.detector import CLIPFusion
 from clipfusion.outputs import json_safe, write_atomic
 
@@ -110,18 +103,18 @@ def run_sweep(config: SweepConfig, dataset: AnomalyDataset, runtime: RuntimeConf
     for setting in _combinations(config.grid):  # refuse a bad setting before any model runs
         get_preset(config.preset, **config.overrides, **setting)
     rows: list[dict[str, Any]] = []
-    skipped: list[SkippedFile] = []
-    units = unit_keys(config.categories, config.shots, config.seeds)
+    skipped: list[units.SkippedFile] = []
+    unit_list = units.unit_keys(config.categories, config.shots, config.seeds)
     encoder_combos = _combinations(encoder_grid)
-    bar = tqdm(total=len(encoder_combos) * len(units), desc="sweep (model passes)", disable=not progress)
+    bar = tqdm(total=len(encoder_combos) * len(unit_list), desc="sweep (model passes)", disable=not progress)
     samples_by_category: dict[str, list[Sample]] = {}
     for encoder_setting in encoder_combos:
-        for category, shots, seed in units:
+        for category, shots, seed in unit_list:
             if category not in samples_by_category:
-                samples_by_category[category] = load_samples(dataset.test_samples(category), skipped)
+                samples_by_category[category] = units.load_samples(dataset.test_samples(category), skipped)
             samples = samples_by_category[category]
             detector = CLIPFusion(config.preset, runtime, config.batch_size, **config.overrides, **encoder_setting)
-            names, references = load_references(dataset, category, shots, seed, skipped)
+            names, references = units.load_references(dataset, category, shots, seed, skipped)
             if shots:
                 detector.fit(references, category, reference_names=names)
             maps = detector.encode([s.image for s in samples], category)
@@ -130,9 +123,9 @@ def run_sweep(config: SweepConfig, dataset: AnomalyDataset, runtime: RuntimeConf
                 fusion = dataclasses.replace(detector.config.fusion,
                                              **{k.removeprefix("fusion__"): v for k, v in fusion_setting.items()})
                 prediction = detector.fuse(maps, fusion)
-                pairs = [at_eval_size(s.mask, m, config.eval_size) for s, m in zip(samples, prediction.maps,
+                pairs = [units.at_eval_size(s.mask, m, config.eval_size) for s, m in zip(samples, prediction.maps,
                                                                                    strict=True)]
-                metrics = unit_metrics(labels, prediction.scores, [p[0] for p in pairs], [p[1] for p in pairs],
+                metrics = units.unit_metrics(labels, prediction.scores, [p[0] for p in pairs], [p[1] for p in pairs],
                                        config.fpr_limit)
                 rows.append({"setting": {**encoder_setting, **fusion_setting}, "category": category,
                              "shots": shots, "seed": seed, **metrics})

@@ -71,15 +71,7 @@ class MapDiff:
         state = self.state_prompts(category)
         columns = sorted({i for _, positions in state.words for i in positions})
         feature_blocks = encoder.config.feature_blocks if with_features else []
-        pixels = encoder.preprocess(images)
-        if encoder.config.naive:
-            with timer("unet"):
-                out = encoder.encode_naive(pixels, state.prompts, columns, feature_blocks)
-        else:
-            with timer("vae"):
-                latents = encoder.encode_latents(pixels)
-            with timer("unet"):
-                out = encoder.run_unet(latents, state.prompts, columns, feature_blocks)
+        out = encoder.encode(encoder.preprocess(images), state.prompts, columns, feature_blocks, timer=timer)
         with timer("maps"):
             latent = (encoder.latent_size, encoder.latent_size)
             per_word = []
