@@ -43,14 +43,17 @@ class MapDiffOutput:
 
 
 class MapDiff:
+    """The diffusion branch: state prompts per category (cached), the language map from one UNet pass,
+    reference features for the memory bank, and the visual map against it."""
+
     def __init__(self, encoder: DiffusionEncoder, config: MapDiffConfig, prompts: PromptConfig | None = None) -> None:
         self.encoder = encoder
         self.config = config
         self.prompts = prompts or PromptConfig()
-        self._prompts: dict[str, StatePrompts] = {}
+        self._state_prompts: dict[str, StatePrompts] = {}
 
     def state_prompts(self, category: str) -> StatePrompts:
-        if category not in self._prompts:
+        if category not in self._state_prompts:
             name = self.prompts.name_of(category)
             words = list(self.config.normal_words) + list(self.config.anomalous_words)
             if self.config.joint_prompt:  # one UNet row: the state words compete in one softmax
@@ -60,8 +63,8 @@ class MapDiff:
                 prompts = [self.config.template.format(state=word, name=name) for word in words]
                 located = [(i, self.encoder.word_token_indices(p, w))
                            for i, (p, w) in enumerate(zip(prompts, words, strict=True))]
-            self._prompts[category] = StatePrompts(prompts, len(self.config.normal_words), located)
-        return self._prompts[category]
+            self._state_prompts[category] = StatePrompts(prompts, len(self.config.normal_words), located)
+        return self._state_prompts[category]
 
     @torch.inference_mode()
     def run(self, images: Sequence[np.ndarray], category: str, with_features: bool = False,

@@ -33,6 +33,9 @@ class PatchClipOutput:
 
 
 class PatchClip:
+    """The CLIP branch: text prototypes per category (cached), the language map and s_clip from one
+    pass of the image tower, patch tokens for the memory bank, and the visual map against it."""
+
     def __init__(self, encoder: ClipEncoder, config: PatchClipConfig, prompts: PromptConfig | None = None) -> None:
         self.encoder = encoder
         self.config = config
