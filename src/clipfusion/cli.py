@@ -120,8 +120,16 @@ def _add_run_options(parser: argparse.ArgumentParser, method: bool = True) -> No
                              "'native' for each mask's own size (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per predict call (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="delete the earlier results in --out instead of resuming them")
+                        help="delete the earlier results in --out (clipfusion's own files only) instead of resuming")
+    _add_max_pixels(parser)
     _add_model_options(parser)
+
+
+def _add_max_pixels(parser: argparse.ArgumentParser) -> None:
+    from clipfusion.data.base import MAX_PIXELS
+
+    parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
+                        help="skip (and report) images larger than N pixels (default: %(default)s)")
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -134,6 +142,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                        help="float16 on GPUs; keep float32 on CPUs (default: %(default)s)")
     group.add_argument("--offline", action="store_true", help="never touch the network (weights from the cache)")
     group.add_argument("--cache-dir", default=None, help="Hugging Face cache folder (default: the hub's own)")
+    group.add_argument("--hub-timeout", type=float, default=10.0, metavar="SECONDS",
+                       help="how long the model hub may take to answer before only the local cache is used "
+                            "(default: %(default)s)")
     group.add_argument("--alpha", type=float, default=None, help="fusion weight α of CLIP (both tasks)")
     group.add_argument("--sigma", type=float, default=None, help="Gaussian smoothing in pixels at 256 (0 = off)")
     group.add_argument("--timestep", type=int, default=None, help="diffusion noise timestep t (0-999)")
@@ -161,7 +172,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _runtime(args: argparse.Namespace) -> RuntimeConfig:
-    return RuntimeConfig(args.device, args.dtype, args.offline, args.cache_dir)
+    return RuntimeConfig(args.device, args.dtype, args.offline, args.cache_dir, args.hub_timeout)
 
 
 def _params(args: argparse.Namespace, method: str, preset: str | None = None) -> dict[str, Any]:
@@ -211,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", default="clipfusion-predict", help="output folder (default: %(default)s)")
     predict.add_argument("--method", default="clipfusion", choices=METHOD_NAMES)
     predict.add_argument("--batch-size", type=int, default=8, help="images per predict call (default: %(default)s)")
+    predict.add_argument("--overwrite", action="store_true",
+                         help="replace an earlier predict run in --out (clipfusion's own files only)")
+    _add_max_pixels(predict)
     _add_model_options(predict)
     _add_common(predict)
 
@@ -220,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reference_options(fit, required=True)
     fit.add_argument("--out", required=True, help="memory bank file to write (.safetensors)")
     fit.add_argument("--batch-size", type=int, default=8, help="images per encoder call (default: %(default)s)")
+    _add_max_pixels(fit)
     _add_model_options(fit)
     _add_common(fit)
 
@@ -236,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "(without it, choice and report use the same test labels: optimistic)")
     sweep.add_argument("--eval-size", default="256", metavar="N|native", help="as for evaluate (default: 256)")
     sweep.add_argument("--batch-size", type=int, default=8, help="images per encoder call (default: %(default)s)")
+    _add_max_pixels(sweep)
     _add_model_options(sweep)
     _add_common(sweep)
 
@@ -271,7 +287,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     out = Path(args.out)
     run_evaluation(args.method, _params(args, args.method), args.dataset, Path(args.root).expanduser(),
                    args.categories, args.shots, args.seeds, out, parse_eval_size(args.eval_size), args.batch_size,
-                   args.overwrite, progress=not args.quiet)
+                   args.overwrite, progress=not args.quiet, max_pixels=args.max_pixels)
     print((out / "results.md").read_text())
 
 
@@ -290,7 +306,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
                        "a GPU machine, or --preset tiny for the quick offline run")
     table, report = run_demo(data, Path(args.out), preset, lambda method, name: _params(args, method, name),
                              parse_eval_size(args.eval_size), args.batch_size, args.overwrite,
-                             progress=not args.quiet)
+                             progress=not args.quiet, max_pixels=args.max_pixels)
     print(table)
     print(f"\nreport: {report.resolve()}   (per-method files in {Path(args.out).resolve()}/<method>/)")
 
@@ -305,7 +321,7 @@ def _cmd_fit(args: argparse.Namespace) -> None:
     from clipfusion.tasks.fit import fit_memory
 
     path, names = fit_memory(_make_detector(args, "clipfusion"), args.normal, args.category, args.shots, args.seed,
-                             args.out)
+                             args.out, args.max_pixels)
     print(f"wrote {path}: {len(names)} references of {args.category} ({', '.join(names)})")
 
 
@@ -314,7 +330,8 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
     job = PredictJob(inputs=args.paths, category=args.category, out=args.out, method=args.method, preset=args.preset,
                      normal=args.normal, shots=args.shots, seed=args.seed, memory=args.memory,
-                     threshold=args.threshold, scale=args.scale, batch_size=args.batch_size, progress=not args.quiet)
+                     threshold=args.threshold, scale=args.scale, batch_size=args.batch_size, progress=not args.quiet,
+                     overwrite=args.overwrite, max_pixels=args.max_pixels)
     summary, threshold = run_predict(job, _make_detector(args, args.method))
     flagged = sum(row["decision"] == "anomalous" for row in summary["images"])
     print(f"scored {len(summary['images'])} images ({len(summary['skipped'])} skipped) → {Path(args.out).resolve()}")
@@ -332,17 +349,19 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
         preset=args.preset, categories=dataset.check_categories(args.categories), shots=args.shots,
         seeds=args.seeds, grid=parse_grid(args.grid), overrides=_overrides(args),
         eval_size=parse_eval_size(args.eval_size), metric=args.metric, batch_size=args.batch_size,
-        select_on=args.select_on,
+        select_on=args.select_on, max_pixels=args.max_pixels,
     )
     run_sweep(config, dataset, _runtime(args), args.out, progress=not args.quiet)
     print((Path(args.out) / "sweep.md").read_text())
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> None:
-    from clipfusion.tasks.benchmark import BenchmarkSpec, run_benchmark, write_benchmark
+    from clipfusion.outputs import check_output_folder
+    from clipfusion.tasks.benchmark import BENCHMARK_OUTPUTS, BenchmarkSpec, run_benchmark, write_benchmark
 
     if args.images < 1 or args.repeats < 1 or min(args.batch_sizes) < 1:
         raise ClipfusionError("--images, --repeats and --batch-size must be >= 1")
+    check_output_folder(Path(args.out), "benchmark", BENCHMARK_OUTPUTS)  # before minutes of measuring
     spec = BenchmarkSpec(methods=args.methods, presets=args.presets, shots=args.shots, batch_sizes=args.batch_sizes,
                          images=args.images, repeats=args.repeats, naive_reference=not args.no_naive,
                          device=args.device, dtype=args.dtype)
@@ -363,7 +382,17 @@ def _configure_output(quiet: bool) -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
     logger.propagate = False
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR if quiet else logging.WARNING)  # its retry notes
     warnings.formatwarning = lambda message, category, *rest: f"clipfusion: warning: {message}\n"
+
+
+INTERRUPTED = {
+    "evaluate": "finished (category, shots, seed) units are kept: run the same command to resume",
+    "demo": "finished units are kept: run the same command to resume",
+    "sweep": "nothing was written; run it again", "predict": "the outputs are incomplete; run it again with "
+    "--overwrite", "fit": "no memory bank was written", "benchmark": "nothing was written",
+    "synth": "the dataset is incomplete; run it again",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -378,8 +407,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"clipfusion: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # disk full, read-only or vanished folders, permissions: the user's to fix
+        if args.debug:
+            raise
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"clipfusion: error: {exc.strerror or exc}{where}; free space or choose another --out", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("clipfusion: interrupted; finished units are kept, run the same command to resume", file=sys.stderr)
+        print(f"clipfusion: interrupted; {INTERRUPTED[args.command]}", file=sys.stderr)
         return 130
     return 0
 

@@ -7,6 +7,7 @@ classes built from tiny configs with random weights for tests and offline demos.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -171,6 +172,12 @@ class RuntimeConfig:
     dtype: str = "float32"
     offline: bool = False
     cache_dir: str | None = None
+    hub_timeout: float = 10.0  # seconds the model hub gets to answer before the local cache is used alone
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", self.device):
+            raise SettingError(f"device must be cpu, cuda, cuda:N or mps, not {self.device!r}")
+        _choice("dtype", self.dtype, DTYPES)
 
 
 @dataclass(frozen=True)
@@ -260,14 +267,31 @@ def override(preset: Preset, **overrides: Any) -> Preset:
 
 def _as_field_value(key: str, value: Any, default: Any) -> Any:
     """A JSON-ish value in the shape of a field: lists become tuples, an object becomes sorted
-    (key, value) pairs, and one string for a tuple of strings is a one-element tuple (never its letters)."""
+    (key, value) pairs, one string for a tuple of strings is a one-element tuple (never its letters),
+    and a value of the wrong kind for a number or a switch is a SettingError naming the setting."""
     if isinstance(value, dict):
         return tuple(sorted((str(k), str(v)) for k, v in value.items()))
     if isinstance(value, list):
         return tuple(tuple(v) if isinstance(v, list) else v for v in value)
     if isinstance(default, tuple) and isinstance(value, str):
         return (value,)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise SettingError(f"{key} must be true or false, not {value!r}")
+    elif isinstance(default, int | float) and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise SettingError(f"{key} must be a number, not {value!r}")
+    elif isinstance(default, int) and isinstance(value, float):
+        if not value.is_integer():
+            raise SettingError(f"{key} must be a whole number, not {value!r}")
+        return int(value)
+    elif isinstance(default, float):
+        return float(value)
     return value
+
+
+def _at_least(name: str, value: float, low: float, strict: bool = False) -> None:
+    if not (value > low if strict else value >= low) or value != value:  # value != value: NaN
+        raise SettingError(f"{name} must be {'>' if strict else '>='} {low:g}, not {value!r}")
 
 
 def _choice(name: str, value: Any, allowed: tuple[Any, ...]) -> None:
@@ -297,3 +321,24 @@ def check(preset: Preset) -> None:
         raise SettingError(f"memory__neighbours must be >= 1, not {preset.memory.neighbours}")
     if not 0 <= preset.diffusion.timestep < 1000:
         raise SettingError(f"diffusion__timestep must lie in 0-999, not {preset.diffusion.timestep}")
+    _at_least("patchclip__temperature", preset.patchclip.temperature, 0.0, strict=True)
+    _at_least("patchclip__tile_grid", preset.patchclip.tile_grid, 1)
+    for scale in preset.patchclip.window_scales:
+        _at_least("each of patchclip__window_scales", scale, 1)
+    _at_least("fusion__sigma", preset.fusion.sigma, 0.0)
+    _at_least("fusion__output_size", preset.fusion.output_size, 1)
+    if not 0.0 < preset.fusion.topk_fraction <= 1.0:
+        raise SettingError(f"fusion__topk_fraction must lie in (0, 1], not {preset.fusion.topk_fraction}")
+    if preset.diffusion.image_size < 8 or preset.diffusion.image_size % 8:
+        raise SettingError(f"diffusion__image_size must be a positive multiple of 8 (the autoencoder's factor), "
+                           f"not {preset.diffusion.image_size}")
+    if preset.clip.image_size is not None:
+        _at_least("clip__image_size", preset.clip.image_size, 1)
+    _at_least("diffusion__noise_seed", preset.diffusion.noise_seed, 0)
+    try:
+        filled = preset.mapdiff.template.format(state="\0state", name="\0name")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise SettingError(f"mapdiff__template may hold only {{state}} and {{name}}, not {preset.mapdiff.template!r} "
+                           f"({type(exc).__name__}: {exc})") from None
+    if "\0state" not in filled or "\0name" not in filled:
+        raise SettingError(f"mapdiff__template must hold {{state}} and {{name}}, not {preset.mapdiff.template!r}")

@@ -24,7 +24,7 @@ def overlay(image: np.ndarray, anomaly_map: np.ndarray, vmin: float, vmax: float
     resized = resize_maps(anomaly_map[None], (height, width))[0]
     scaled = np.clip((resized - vmin) / max(vmax - vmin, 1e-12), 0.0, 1.0)
     heat = colormaps[COLORMAP](scaled)[:, :, :3] * 255.0
-    blended = (1.0 - opacity) * image.astype(np.float64) + opacity * heat
+    blended = (1.0 - opacity) * image.astype(np.float32) + opacity * heat.astype(np.float32)
     if mask is not None:
         mask = resize_mask(mask, (height, width))
         outline = mask & ~ndimage.binary_erosion(mask, iterations=max(1, min(height, width) // 128))

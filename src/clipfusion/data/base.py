@@ -7,12 +7,15 @@ sample, not the run.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from clipfusion.errors import DatasetError, ImageReadError
 
@@ -20,6 +23,10 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 NORMAL_DEFECT = "good"
+# Images above this many pixels are skipped with the reason (--max-pixels): a 108-megapixel frame
+# costs minutes and gigabytes.  100 MP admits today's largest industrial area-scan cameras.
+MAX_PIXELS = 100_000_000
+_PILLOW_LIMIT = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -37,9 +44,9 @@ class SampleRef:
     mask_path: Path | None = None
     has_mask: bool = True
 
-    def load(self) -> Sample:
+    def load(self, max_pixels: int = MAX_PIXELS) -> Sample:
         """Read the image (RGB uint8) and its binary mask; raises ImageReadError or DatasetError."""
-        image = read_rgb(self.image_path)
+        image = read_rgb(self.image_path, max_pixels)
         height, width = image.shape[:2]
         if self.mask_path is not None:
             mask = read_mask(self.mask_path)
@@ -96,15 +103,29 @@ class AnomalyDataset:
         available = self.categories()
         if not available:
             raise DatasetError(f"no categories found under {self.root} for the {self.name} layout")
+        names = list(dict.fromkeys(requested or available))
+        if requested and len(names) < len(requested):
+            logger.warning("repeated categories ignored: each runs once (%s)", ", ".join(names))
+        for name in names:
+            check_path_component(name, f"category of {self.root}")
         if not requested:
-            return available
+            return names
         unknown = [c for c in requested if c not in available]
         if unknown:
             raise DatasetError(
                 f"unknown categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)} in {self.root}; "
                 f"available: {', '.join(available)}"
             )
-        return list(requested)
+        return names
+
+
+def check_path_component(name: str, what: str) -> str:
+    """``name`` if it can be one folder or file name inside an output folder, else a DatasetError:
+    no separators, no ``.``/``..``, not empty, no NUL, so that nothing lands outside ``--out``."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name or Path(name).is_absolute():
+        raise DatasetError(f"{what} {name!r} cannot be a folder name (a path separator, '..' or empty); "
+                           "rename it in the dataset or its index file")
+    return name
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -117,24 +138,45 @@ def list_images(folder: Path) -> list[Path]:
     )
 
 
-def _open(path: Path) -> Image.Image:
+@contextmanager
+def _own_size_limit() -> Iterator[None]:
+    """Pillow's decompression-bomb check off while a file is opened: ``max_pixels`` is checked instead,
+    before any pixel is decoded, and may be set above Pillow's fixed ≈ 179 MP."""
+    with _PILLOW_LIMIT, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _open(path: Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open, check the size, decode (so truncated files fail here, with their path) and apply the EXIF
+    orientation, so that pixels are in the orientation viewers show and masks are drawn in."""
     try:
-        image = Image.open(path)
-        image.load()  # decode now so that truncated files fail here, with their path
+        with _own_size_limit():
+            image = Image.open(path)
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageReadError(path, f"{width}x{height} is {width * height / 1e6:.0f} megapixels, above the limit "
+                                       f"of {max_pixels / 1e6:.0f} (raise it with --max-pixels)")
+        image.load()
+        return ImageOps.exif_transpose(image)
     except FileNotFoundError:
         raise ImageReadError(path, "file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageReadError(path, str(exc) or type(exc).__name__) from None
-    return image
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
-    """Read any image file as (H, W, 3) uint8 RGB.
+def read_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Read any image file as (H, W, 3) uint8 RGB, upright by its EXIF orientation.
 
     Grayscale, palette, RGBA/LA (alpha dropped) and CMYK are converted by Pillow; 16-bit and 32-bit
     integer grayscale are scaled from their full range to 8 bits (Pillow's own conversion clips).
+    Files above ``max_pixels`` raise ImageReadError before any pixel is decoded.
     """
-    image = _open(Path(path))
+    image = _open(Path(path), max_pixels)
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         values = np.asarray(image, dtype=np.float64)
         full_scale = 65535.0 if image.mode.startswith("I;16") or values.max() <= 65535 else values.max()
@@ -148,12 +190,13 @@ def read_rgb(path: str | Path) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
 
 
-def read_images(paths: Sequence[Path]) -> tuple[list[Path], list[np.ndarray], list[tuple[str, str]]]:
+def read_images(paths: Sequence[Path], max_pixels: int = MAX_PIXELS
+                ) -> tuple[list[Path], list[np.ndarray], list[tuple[str, str]]]:
     """Read what can be read: (paths read, their RGB images, [(path, reason)] of the rest, logged)."""
     kept, images, skipped = [], [], []
     for path in paths:
         try:
-            images.append(read_rgb(path))
+            images.append(read_rgb(path, max_pixels))
             kept.append(path)
         except ImageReadError as exc:
             logger.warning("skipped %s", exc)

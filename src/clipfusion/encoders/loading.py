@@ -12,6 +12,9 @@ import gzip
 import json
 import logging
 import os
+import pickle
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -64,7 +67,31 @@ def torch_device(name: str) -> torch.device:
 
 
 def is_offline(runtime: RuntimeConfig) -> bool:
-    return runtime.offline or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    """Offline when asked (--offline, HF_HUB_OFFLINE=1) or when the hub does not answer in time."""
+    if runtime.offline or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return True
+    return not hub_answers(runtime.hub_timeout)
+
+
+@cache
+def hub_answers(timeout: float) -> bool:
+    """Whether the model hub (HF_ENDPOINT) answers an HTTP request within ``timeout`` seconds.
+
+    Asked once per process, before any download: huggingface_hub retries a silent server with
+    back-off for minutes (405 s measured), while this probe bounds the wait; on no answer the
+    weights come from the local cache only, and a missing file is the one-line weights error.
+    """
+    from huggingface_hub import constants
+
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return True  # it answered, if only with an error status
+    except (OSError, ValueError) as exc:
+        logger.warning("the model hub %s did not answer within %g s (%s): using the local cache only",
+                       constants.ENDPOINT, timeout, getattr(exc, "reason", exc))
+        return False
+    return True
 
 
 def hub_cache_dir(runtime: RuntimeConfig) -> str:
@@ -164,6 +191,13 @@ def load_open_clip(
                 name, pretrained=pretrained, device=target, force_quick_gelu=quick_gelu,
                 force_image_size=config.image_size, cache_dir=runtime.cache_dir,
             )
+    except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as exc:
+        if pretrained is None:
+            raise
+        # a pickle that torch.load refuses (weights_only), a truncated file, weights of another architecture
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ClipfusionError(f"cannot load CLIP weights {pretrained} into {name}: {first_line[:300]}; give "
+                              "open_clip weights of that architecture, preferably .safetensors") from None
     finally:
         logging.disable(previous_disable)
     model.eval()

@@ -4,7 +4,6 @@ from __future__ import annotations
 import base64
 import csv
 import html
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -16,7 +15,7 @@ from sklearn.metrics import roc_curve
 from clipfusion.evaluation.metrics import f1max_threshold
 from clipfusion.evaluation.plots import metric_vs_shots, roc_curves, score_histogram
 from clipfusion.evaluation.tables import METRIC_TITLES, METRICS
-from clipfusion.outputs import write_atomic
+from clipfusion.outputs import read_json, write_atomic
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 24px; color: #222; max-width: 1200px; }
@@ -54,11 +53,12 @@ def _table(header: list[str], rows: list[list[str]], mean_row: list[str] | None 
 
 
 def _load(folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]]]:
-    results = json.loads((folder / "results.json").read_text())
-    with (folder / "per_image.csv").open() as handle:
+    results = read_json(folder / "results.json", "the results")
+    # surrogateescape: paths that are not UTF-8 were written as their original bytes
+    with (folder / "per_image.csv").open(encoding="utf-8", errors="surrogateescape", newline="") as handle:
         per_image = [{**r, "label": int(r["label"]), "score": float(r["score"]), "shots": int(r["shots"]),
                       "seed": int(r["seed"])} for r in csv.DictReader(handle)]
-    units = [json.loads(p.read_text()) for p in sorted((folder / "units").rglob("*.json"))]
+    units = [read_json(p, "the finished unit") for p in sorted((folder / "units").rglob("*.json"))]
     return results, per_image, units
 
 

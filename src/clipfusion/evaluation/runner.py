@@ -10,7 +10,6 @@ Output files: ``results.json`` (config, runs, summary, mean), ``results.md`` (ta
 """
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -22,6 +21,7 @@ from tqdm.auto import tqdm
 
 from clipfusion import __version__
 from clipfusion.data import AnomalyDataset, SampleRef
+from clipfusion.data.base import MAX_PIXELS, check_path_component
 from clipfusion.errors import ClipfusionError, DatasetError
 from clipfusion.evaluation.gallery import write_gallery
 from clipfusion.evaluation.tables import category_mean, render_markdown, summarise
@@ -33,11 +33,23 @@ from clipfusion.evaluation.units import (
     unit_keys,
     unit_metrics,
 )
-from clipfusion.outputs import csv_text, json_safe, write_atomic
+from clipfusion.outputs import csv_text, json_safe, json_text, read_json, write_atomic
 from clipfusion.protocol import Detector
 
 # Settings that make two runs' units interchangeable; anything else may change between resumes.
 _IDENTITY_KEYS = ("dataset", "root", "method", "method_params", "eval_size", "fpr_limit")
+# Detector settings that cannot change a result: they may differ between an interrupted run and its resume.
+_NOT_IDENTITY = ("batch_size", "runtime.offline", "runtime.cache_dir", "runtime.hub_timeout")
+# What an evaluation writes directly in its --out folder (all that --overwrite may delete).
+EVALUATE_OUTPUTS = ("identity.json", "units", "results.json", "results.md", "per_image.csv", "skipped.csv",
+                    "report.html")
+
+
+def _leaves(value: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a.b": leaf} of nested dicts, so that a difference is named down to the setting."""
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _leaves(item, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}
 
 
 @dataclass
@@ -55,9 +67,12 @@ class EvaluationConfig:
     eval_size: int | None = 256
     batch_size: int = 8
     fpr_limit: float = 0.3
+    max_pixels: int = MAX_PIXELS
 
     def identity(self) -> dict[str, Any]:
-        return {key: getattr(self, key) for key in _IDENTITY_KEYS}
+        """The settings a resumed run must share, flattened to ``group.field`` keys."""
+        leaves = _leaves(json_safe({key: getattr(self, key) for key in _IDENTITY_KEYS}))
+        return {k: v for k, v in leaves.items() if k.removeprefix("method_params.") not in _NOT_IDENTITY}
 
     def units(self) -> list[tuple[str, int, int]]:
         return unit_keys(self.categories, self.shots, self.seeds)
@@ -81,23 +96,26 @@ class EvaluationRunner:
         self.progress = progress
 
     def _unit_path(self, category: str, shots: int, seed: int) -> Path:
-        return self.out_dir / "units" / category / f"k{shots}_s{seed}.json"
+        return self.out_dir / "units" / check_path_component(category, "category") / f"k{shots}_s{seed}.json"
 
     def _check_out_dir(self) -> None:
         """Refuse to mix units of different settings in one folder."""
         marker = self.out_dir / "identity.json"
-        identity = json_safe(self.config.identity())
+        identity = self.config.identity()
         if marker.is_file():
-            previous = json.loads(marker.read_text())
-            changed = [k for k in identity if previous.get(k) != identity[k]]
+            previous = read_json(marker, "the run identity")
+            previous = _leaves(previous) if isinstance(previous, dict) else {}
+            changed = sorted(k for k in identity.keys() | previous.keys()
+                             if k.removeprefix("method_params.") not in _NOT_IDENTITY
+                             and previous.get(k) != identity.get(k))
             if changed:
-                details = "; ".join(f"{k}: {previous.get(k)!r} → {identity[k]!r}" for k in changed)
+                details = "; ".join(f"{k}: {previous.get(k)!r} → {identity.get(k)!r}" for k in changed)
                 raise ClipfusionError(
                     f"{self.out_dir} holds results of other settings ({details}); "
                     "choose another --out folder or pass --overwrite"
                 )
         else:
-            write_atomic(marker, json.dumps(identity, indent=2))
+            write_atomic(marker, json_text(identity))
 
     def run(self) -> dict[str, Any]:
         """Run every unit not yet on disk, then write and return the results."""
@@ -107,12 +125,12 @@ class EvaluationRunner:
         for category, shots, seed in self.config.units():
             path = self._unit_path(category, shots, seed)
             if path.is_file():
-                records.append(json.loads(path.read_text()))
+                records.append(read_json(path, "the finished unit"))
                 continue
             if category not in test_samples:
                 test_samples[category] = self.dataset.test_samples(category)
             record = self._run_unit(category, shots, seed, test_samples[category])
-            write_atomic(path, json.dumps(json_safe(record)))
+            write_atomic(path, json_text(record))
             records.append(record)
         return self._write_results(records)
 
@@ -120,14 +138,15 @@ class EvaluationRunner:
         start = time.perf_counter()
         skipped: list[SkippedFile] = []
         detector = self.detector_factory()
-        references, reference_images = load_references(self.dataset, category, shots, seed, skipped)
+        references, reference_images = load_references(self.dataset, category, shots, seed, skipped,
+                                                       self.config.max_pixels)
         if shots > 0:
             detector.fit(reference_images, category)
 
         scores, maps, masks, rows = [], [], [], []
         bar = tqdm(total=len(samples), desc=f"{category} {shots}-shot seed {seed}", disable=not self.progress)
         for begin in range(0, len(samples), self.config.batch_size):
-            batch = load_samples(samples[begin:begin + self.config.batch_size], skipped)
+            batch = load_samples(samples[begin:begin + self.config.batch_size], skipped, self.config.max_pixels)
             if batch:
                 prediction = detector.predict([s.image for s in batch], category)
                 for sample, score, amap in zip(batch, prediction.scores, prediction.maps, strict=True):
@@ -165,7 +184,7 @@ class EvaluationRunner:
         }
         results = json_safe(results)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.out_dir / "results.json", json.dumps(results, indent=2))
+        write_atomic(self.out_dir / "results.json", json_text(results))
         write_atomic(self.out_dir / "results.md", render_markdown(results))
         rows = [row for record in records for row in record["per_image"]]
         write_atomic(self.out_dir / "per_image.csv",

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from clipfusion.data import AnomalyDataset, Sample, SampleRef, sample_references
-from clipfusion.data.base import read_images
+from clipfusion.data.base import MAX_PIXELS, read_images
 from clipfusion.errors import DatasetError, ImageReadError
 from clipfusion.evaluation.metrics import image_metrics, pixel_metrics
 from clipfusion.geometry import resize_maps, resize_mask
@@ -31,27 +31,28 @@ class SkippedFile:
     category: str
 
 
-def load_samples(refs: Sequence[SampleRef], skipped: list[SkippedFile]) -> list[Sample]:
+def load_samples(refs: Sequence[SampleRef], skipped: list[SkippedFile], max_pixels: int = MAX_PIXELS
+                 ) -> list[Sample]:
     """Load test samples; an unreadable image is logged, recorded in ``skipped`` and left out."""
     samples = []
     for ref in refs:
         try:
-            samples.append(ref.load())
+            samples.append(ref.load(max_pixels))
         except ImageReadError as exc:
             logger.warning("skipped %s", exc)
             skipped.append(SkippedFile(exc.path, exc.reason, ref.category))
     return samples
 
 
-def load_references(dataset: AnomalyDataset, category: str, shots: int, seed: int,
-                    skipped: list[SkippedFile]) -> tuple[list[str], list[np.ndarray]]:
+def load_references(dataset: AnomalyDataset, category: str, shots: int, seed: int, skipped: list[SkippedFile],
+                    max_pixels: int = MAX_PIXELS) -> tuple[list[str], list[np.ndarray]]:
     """File names and pixels of the ``shots`` references drawn with ``seed`` (none for zero-shot)."""
     if shots == 0:
         return [], []
     pool = dataset.train_images(category)
     if not pool:
         raise DatasetError(f"{category}: no normal training images to draw {shots} references from")
-    paths, images, bad = read_images(sample_references(pool, shots, seed))
+    paths, images, bad = read_images(sample_references(pool, shots, seed), max_pixels)
     skipped += [SkippedFile(path, reason, category) for path, reason in bad]
     if not images:
         raise DatasetError(f"{category}: none of the {shots} drawn references could be read")

@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from clipfusion import __version__
 from clipfusion.errors import ClipfusionError, MemoryBankMismatchError
+from clipfusion.outputs import write_atomic
 
 QUERY_CHUNK = 4096
 MEMORY_CHUNK = 8192
@@ -66,11 +67,11 @@ class MemoryBank:
         return nearest_distance(queries, self.features[name], neighbours).reshape(tokens.shape[:-1])
 
     def save(self, path: str | Path) -> Path:
+        """Write the bank as safetensors (no pickle) with the manifest as JSON metadata, atomically."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         manifest = {**self.manifest, "version": __version__}
-        save_file({k: v.contiguous() for k, v in self.features.items()}, str(path),
-                  metadata={"manifest": json.dumps(manifest)})
+        data = save({k: v.contiguous() for k, v in self.features.items()}, metadata={"manifest": json.dumps(manifest)})
+        write_atomic(path, data)
         return path
 
     @classmethod
@@ -86,7 +87,23 @@ class MemoryBank:
             features = load_file(str(path))
         except Exception as exc:  # a truncated or foreign file
             raise ClipfusionError(f"{path} is not a clipfusion memory bank: {exc}") from None
+        if not isinstance(manifest, dict):
+            raise ClipfusionError(f"{path} is not a clipfusion memory bank: its manifest is not a JSON object")
+        for name, tensor in features.items():
+            if tensor.ndim != 2 or tensor.shape[0] == 0:
+                raise ClipfusionError(f"memory bank {path}: layer {name!r} has shape {tuple(tensor.shape)}, "
+                                      "not (features, channels); refit it with `clipfusion fit`")
+            if not torch.isfinite(tensor).all():
+                raise ClipfusionError(f"memory bank {path}: layer {name!r} holds NaN or infinite values; refit it "
+                                      "with `clipfusion fit`")
         return cls(features, manifest)
+
+    def check_layers(self, names: list[str], source: str = "the bank") -> None:
+        """Raise MemoryBankMismatchError when a layer the detector reads is missing from the bank."""
+        missing = [name for name in names if name not in self.features]
+        if missing:
+            raise MemoryBankMismatchError(f"{source} lacks the layers {missing} (it has {sorted(self.features)}); "
+                                          "refit it with `clipfusion fit`")
 
     def check_compatible(self, expected: dict[str, Any], source: str = "the bank") -> None:
         """Raise MemoryBankMismatchError naming every setting in ``expected`` that the manifest contradicts."""

@@ -30,7 +30,7 @@ from clipfusion.data.synthetic import SyntheticSpec, generate
 from clipfusion.errors import ClipfusionError
 from clipfusion.methods.clipfusion.detector import CLIPFusion
 from clipfusion.methods.winclip import WinCLIP
-from clipfusion.outputs import write_atomic
+from clipfusion.outputs import output_folder, write_atomic
 
 RANDOM_DIFFUSION = {"stable-diffusion-v1-5/stable-diffusion-v1-5": "random:sd15",
                     "stabilityai/stable-diffusion-2-1-base": "random:sd21-base"}
@@ -195,9 +195,11 @@ def render_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+BENCHMARK_OUTPUTS = ("benchmark.json", "benchmark.md")
+
+
 def write_benchmark(result: dict[str, Any], out: str | Path) -> Path:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "benchmark.json", json.dumps(result, indent=2) + "\n")
-    write_atomic(out / "benchmark.md", render_markdown(result))
-    return out
+    with output_folder(Path(out), "benchmark", BENCHMARK_OUTPUTS, overwrite=True) as folder:
+        write_atomic(folder / "benchmark.json", json.dumps(result, indent=2) + "\n")
+        write_atomic(folder / "benchmark.md", render_markdown(result))
+    return folder

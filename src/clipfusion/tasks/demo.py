@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from clipfusion.config import get_preset
+from clipfusion.data.base import MAX_PIXELS
 from clipfusion.data.synthetic import ensure_synthetic
 from clipfusion.encoders.loading import weights_cached
 from clipfusion.evaluation.report import write_report
 from clipfusion.evaluation.tables import METRIC_TITLES
+from clipfusion.outputs import output_folder
 from clipfusion.tasks.evaluate import run_evaluation
 
 logger = logging.getLogger(__name__)
@@ -59,17 +61,19 @@ def summary_table(means: dict[str, dict[str, dict[str, float | None]]]) -> str:
 
 
 def run_demo(data: Path, out: Path, preset: str, params_for: Callable[[str, str], dict[str, Any]],
-             eval_size: int | None, batch_size: int, overwrite: bool, progress: bool) -> tuple[str, Path]:
+             eval_size: int | None, batch_size: int, overwrite: bool, progress: bool,
+             max_pixels: int = MAX_PIXELS) -> tuple[str, Path]:
     """Evaluate every demo method at 0 and 1 shot; (summary table, report path).
 
     params_for(method, preset) gives each method's constructor arguments.
     """
     ensure_synthetic(data, progress=progress)
     means = {}
-    for method in DEMO_METHODS:
-        results = run_evaluation(method, params_for(method, preset), "mvtec", data, None, [0, 1], [0],
-                                 out / method, eval_size, batch_size, overwrite, progress)
-        means[method] = results["mean"]
-    report = write_report({m: out / m for m in DEMO_METHODS}, out / "report.html",
-                          title=f"clipfusion demo (preset {preset})")
+    with output_folder(out, "demo", (*DEMO_METHODS, "report.html"), overwrite, protected=[data]):
+        for method in DEMO_METHODS:
+            results = run_evaluation(method, params_for(method, preset), "mvtec", data, None, [0, 1], [0],
+                                     out / method, eval_size, batch_size, overwrite, progress, max_pixels)
+            means[method] = results["mean"]
+        report = write_report({m: out / m for m in DEMO_METHODS}, out / "report.html",
+                              title=f"clipfusion demo (preset {preset})")
     return summary_table(means), report

@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from clipfusion.data import load_dataset
+from clipfusion.data.base import MAX_PIXELS
 from clipfusion.errors import ClipfusionError
 from clipfusion.evaluation.report import write_report
-from clipfusion.evaluation.runner import EvaluationConfig, EvaluationRunner
+from clipfusion.evaluation.runner import EVALUATE_OUTPUTS, EvaluationConfig, EvaluationRunner
 from clipfusion.methods.registry import make_detector_factory
+from clipfusion.outputs import output_folder
 
 logger = logging.getLogger(__name__)
 
@@ -29,24 +30,37 @@ def parse_eval_size(text: str) -> int | None:
     return value
 
 
+def distinct(values: Sequence[int], option: str) -> list[int]:
+    """``values`` without repeats, in their order (a repeated seed would count its runs twice in the mean)."""
+    kept = list(dict.fromkeys(values))
+    if len(kept) < len(values):
+        logger.warning("repeated %s ignored: each runs once (%s)", option, " ".join(map(str, kept)))
+    return kept
+
+
 def run_evaluation(method: str, params: dict[str, Any], dataset_kind: str, root: Path,
-                   categories: Sequence[str] | None, shots: list[int], seeds: list[int], out: Path,
-                   eval_size: int | None, batch_size: int, overwrite: bool = False,
-                   progress: bool = True) -> dict[str, Any]:
-    """Evaluate ``method`` (constructed with ``params``) and write results and report.html to ``out``."""
+                   categories: Sequence[str] | None, shots: Sequence[int], seeds: Sequence[int], out: Path,
+                   eval_size: int | None, batch_size: int, overwrite: bool = False, progress: bool = True,
+                   max_pixels: int = MAX_PIXELS) -> dict[str, Any]:
+    """Evaluate ``method`` (constructed with ``params``) and write results and report.html to ``out``.
+
+    ``out`` is locked for the run; a folder holding anything clipfusion did not write is refused, and
+    ``overwrite`` deletes only an earlier evaluation's own files.
+    """
     if any(k < 0 for k in shots):
         raise ClipfusionError("--shots must be >= 0")
+    if any(seed < 0 for seed in seeds):
+        raise ClipfusionError("--seeds must be >= 0")
     dataset = load_dataset(dataset_kind, root)
     config = EvaluationConfig(
         dataset=dataset_kind, root=str(root.resolve()), method=method,
-        categories=dataset.check_categories(categories), shots=shots, seeds=seeds,
-        eval_size=eval_size, batch_size=batch_size,
+        categories=dataset.check_categories(categories), shots=distinct(shots, "--shots"),
+        seeds=distinct(seeds, "--seeds"), eval_size=eval_size, batch_size=batch_size, max_pixels=max_pixels,
     )
     factory = make_detector_factory(method, **params)
     config.method_params = factory().get_params()
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-    results = EvaluationRunner(config, dataset, factory, out, progress=progress).run()
-    write_report({method: out}, out / "report.html", title=f"{method} on {dataset_kind}")
+    with output_folder(out, "evaluation", EVALUATE_OUTPUTS, overwrite, protected=[root]):
+        results = EvaluationRunner(config, dataset, factory, out, progress=progress).run()
+        write_report({method: out}, out / "report.html", title=f"{method} on {dataset_kind}")
     logger.info("wrote results.json, results.md, per_image.csv and report.html to %s", out)
     return results

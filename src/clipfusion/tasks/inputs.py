@@ -2,30 +2,90 @@
 few-shot references from a folder of normal images (the rest held out, e.g. for thresholds)."""
 from __future__ import annotations
 
-import glob
-from collections.abc import Sequence
+import logging
+import os
+import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from clipfusion.data.base import IMAGE_EXTENSIONS, sample_references
 from clipfusion.errors import ClipfusionError
 
+logger = logging.getLogger(__name__)
+
+
+def walk_files(folder: Path) -> Iterator[Path]:
+    """Every file below ``folder``, following folder links but entering each real folder once, so a
+    link loop ends (it is logged) instead of repeating files or running forever.  Sorted per folder."""
+    seen: set[str] = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            logger.warning("skipped %s: a folder link loop (already visited as %s)", root, real)
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        yield from (Path(root) / name for name in sorted(files))
+
+
+def _pattern_regex(pattern: str) -> re.Pattern[str]:
+    """A glob pattern as a regex over '/'-separated paths: ``**/`` any folders (none included), ``*`` and
+    ``?`` within one name, ``[...]`` a character class (as glob.glob with recursive=True)."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 2:]:
+            end = pattern.index("]", i + 2)
+            body = pattern[i + 1:end]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def _glob(pattern: str) -> list[Path]:
+    """Files matching ``pattern``, found with :func:`walk_files` below its first folder holding a wildcard."""
+    parts = Path(pattern).parts
+    fixed = next((n for n, part in enumerate(parts) if any(c in part for c in "*?[")), len(parts))
+    base = Path(*parts[:fixed]) if fixed else Path(".")
+    if not base.is_dir():
+        return []
+    regex = _pattern_regex(Path(pattern).as_posix())
+    return [p for p in walk_files(base) if regex.match(p.as_posix())]
+
 
 def collect_images(inputs: Sequence[str]) -> list[Path]:
-    """Image files from files, folders (recursive) and glob patterns, in the given order, without repeats."""
-    found: list[Path] = []
+    """Image files from files, folders (recursive) and glob patterns, in the given order, each file once
+    (by its real path, so links to one file count once)."""
+    found: dict[str, Path] = {}
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            matches = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            matches = [p for p in walk_files(path) if p.suffix.lower() in IMAGE_EXTENSIONS]
         elif path.is_file():
             matches = [path]
         else:
-            matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+            matches = sorted(p for p in _glob(str(path)) if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not matches:
             raise ClipfusionError(f"no image files found at {item}")
-        found += [m for m in matches if m.suffix.lower() in IMAGE_EXTENSIONS or path.is_file()]
-    return list(dict.fromkeys(found))
+        for match in matches:
+            found.setdefault(os.path.realpath(match), match)
+    return list(found.values())
 
 
 @dataclass

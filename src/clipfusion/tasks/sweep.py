@@ -21,13 +21,15 @@ from tqdm.auto import tqdm
 
 from clipfusion.config import RuntimeConfig, get_preset
 from clipfusion.data import AnomalyDataset, Sample
+from clipfusion.data.base import MAX_PIXELS
 from clipfusion.errors import ClipfusionError
 from clipfusion.evaluation import units
 from clipfusion.evaluation.tables import METRIC_TITLES, METRICS
 from clipfusion.methods.clipfusion.detector import CLIPFusion
-from clipfusion.outputs import json_safe, write_atomic
+from clipfusion.outputs import check_output_folder, json_text, output_folder, write_atomic
 
 logger = logging.getLogger(__name__)
+SWEEP_OUTPUTS = ("sweep.json", "sweep.md")
 
 
 def parse_grid(items: Sequence[str]) -> dict[str, list[Any]]:
@@ -70,6 +72,7 @@ class SweepConfig:
     batch_size: int = 8
     fpr_limit: float = 0.3
     select_on: list[str] | None = None
+    max_pixels: int = MAX_PIXELS
 
     def split(self) -> tuple[list[str], list[str]]:
         """(categories the best setting is chosen on, categories it is reported on).
@@ -94,6 +97,11 @@ def run_sweep(config: SweepConfig, dataset: AnomalyDataset, runtime: RuntimeConf
     if config.metric not in METRICS:
         raise ClipfusionError(f"--metric must be one of {', '.join(METRICS)}, not {config.metric!r}")
     select, report = config.split()
+    check_output_folder(Path(out), "sweep", SWEEP_OUTPUTS, protected=[dataset.root])  # before any model runs
+    if any(seed < 0 for seed in config.seeds) or any(k < 0 for k in config.shots):
+        raise ClipfusionError("--seeds and --shots must be >= 0")
+    config = dataclasses.replace(config, shots=list(dict.fromkeys(config.shots)),
+                                 seeds=list(dict.fromkeys(config.seeds)))
     if select == report:
         logger.warning("the best setting is selected and reported on the same test images (%s): its figures are "
                        "optimistic; pass --select-on CATEGORIES to choose on some categories and report on the "
@@ -111,10 +119,12 @@ def run_sweep(config: SweepConfig, dataset: AnomalyDataset, runtime: RuntimeConf
     for encoder_setting in encoder_combos:
         for category, shots, seed in unit_list:
             if category not in samples_by_category:
-                samples_by_category[category] = units.load_samples(dataset.test_samples(category), skipped)
+                samples_by_category[category] = units.load_samples(dataset.test_samples(category), skipped,
+                                                                   config.max_pixels)
             samples = samples_by_category[category]
             detector = CLIPFusion(config.preset, runtime, config.batch_size, **config.overrides, **encoder_setting)
-            names, references = units.load_references(dataset, category, shots, seed, skipped)
+            names, references = units.load_references(dataset, category, shots, seed, skipped,
+                                                          config.max_pixels)
             if shots:
                 detector.fit(references, category, reference_names=names)
             maps = detector.encode([s.image for s in samples], category)
@@ -140,10 +150,9 @@ def run_sweep(config: SweepConfig, dataset: AnomalyDataset, runtime: RuntimeConf
     result = {"config": {**dataclasses.asdict(config), "eval_size": config.eval_size or "native"},
               "selected_on": select, "rows": rows, "summary": summary, "best": best, "held_out": held_out,
               "skipped": [dataclasses.asdict(s) for s in skipped]}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "sweep.json", json.dumps(json_safe(result), indent=2))
-    write_atomic(out / "sweep.md", render_sweep(result))
+    with output_folder(Path(out), "sweep", SWEEP_OUTPUTS, overwrite=True, protected=[dataset.root]) as folder:
+        write_atomic(folder / "sweep.json", json_text(result))
+        write_atomic(folder / "sweep.md", render_sweep(result))
     return result
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ class Threshold:
 
 def auto_threshold(normal_scores: np.ndarray) -> Threshold:
     """The 99th percentile (the highest score below 100 images) of normal images' scores."""
+    if not np.isfinite(normal_scores).all():
+        raise ClipfusionError("the held-out normal images' scores are not all finite numbers; check the settings")
     if len(normal_scores) == 0:
         raise ClipfusionError("--threshold auto needs held-out normal images: give --normal DIR with more images "
                               "than --shots")
@@ -40,9 +43,12 @@ def resolve_threshold(spec: str | None, detector: Detector, category: str, held_
         return None
     if spec != "auto":
         try:
-            return Threshold(float(spec), "given with --threshold")
+            value = float(spec)
         except ValueError:
-            raise ClipfusionError(f"--threshold must be a number or 'auto', not {spec!r}") from None
+            value = math.nan
+        if not math.isfinite(value):
+            raise ClipfusionError(f"--threshold must be a finite number or 'auto', not {spec!r}")
+        return Threshold(value, "given with --threshold")
     if held_out is None:
         raise ClipfusionError("--threshold auto needs --normal DIR: normal images to set it from")
     _, images, _ = read_images(held_out)

@@ -123,6 +123,9 @@ class CLIPFusion:
     def load_memory(self, path: str | Path) -> CLIPFusion:
         bank = MemoryBank.load(path)
         bank.check_compatible(self.bank_settings(), source=str(path))
+        config = self.config
+        bank.check_layers([f"clip/block{b}" for b in config.patchclip.visual_blocks]
+                          + [f"diffusion/up{b}" for b in config.diffusion.feature_blocks], source=str(path))
         self.memory_bank_ = bank
         self.category_ = str(bank.manifest.get("category"))
         return self
