@@ -1,6 +1,8 @@
 """Running the installed ``clipfusion`` command in a subprocess, as a user does."""
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -13,3 +15,17 @@ def clipfusion(*args: str, cwd: Path | None = None, env: dict[str, str] | None =
     return subprocess.run([*command, *args], capture_output=True, text=True, cwd=cwd, timeout=600,
                           env={**os.environ, **(env or {})})
 
+
+
+def clipfusion_here(*args: str) -> subprocess.CompletedProcess:
+    """The same command run in this process (``clipfusion.cli.main``): no interpreter and torch start-up,
+    for the many cases whose subject is an error message or a file, not the process boundary."""
+    from clipfusion.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exc:  # argparse usage errors
+            code = exc.code if isinstance(exc.code, int) else 2
+    return subprocess.CompletedProcess(["clipfusion", *args], code, out.getvalue(), err.getvalue())

@@ -8,7 +8,7 @@ import pytest
 
 from clipfusion.evaluation.tables import METRICS
 
-from .commands import clipfusion
+from .commands import clipfusion, clipfusion_here
 
 
 def test_evaluate_writes_the_three_files_and_resumes(synthetic_root, tmp_path):
@@ -46,7 +46,7 @@ def test_user_errors_are_one_line_without_traceback(synthetic_root, tmp_path, ar
     for flag, value in zip(args[::2], args[1::2], strict=True):
         base[flag] = value
     flat = [item for pair in base.items() for item in pair]
-    result = clipfusion("evaluate", "--dataset", "mvtec", *flat, "--out", str(tmp_path / "o"), "--quiet",
+    result = clipfusion_here("evaluate", "--dataset", "mvtec", *flat, "--out", str(tmp_path / "o"), "--quiet",
                         "--method", "clipfusion" if {"--preset", "--set", "--alpha"} & set(base) else "mean-image")
     assert result.returncode == 2
     assert message in result.stderr

@@ -31,7 +31,7 @@ from clipfusion.data.base import read_rgb
 from clipfusion.outputs import exclusive
 from clipfusion.tasks.inputs import _glob, collect_images
 
-from .commands import clipfusion
+from .commands import clipfusion, clipfusion_here
 
 
 def _strict_json(path: Path) -> object:
@@ -57,29 +57,34 @@ def _evaluate(root: Path, out: Path, *extra: str) -> subprocess.CompletedProcess
                       "--shots", "0", "1", "--out", str(out), "--quiet", *extra)
 
 
+def _evaluate_here(root: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return clipfusion_here("evaluate", "--dataset", "mvtec", "--root", str(root), "--method", "mean-image",
+                           "--shots", "0", "1", "--out", str(out), "--quiet", *extra)
+
+
 # --- 1. --overwrite deletes only what clipfusion wrote ------------------------------------------
 
 def test_overwrite_never_deletes_files_clipfusion_did_not_write(synthetic_root, tmp_path):
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "thesis.txt").write_text("four years of work")
-    _one_line_error(_evaluate(synthetic_root, victim, "--overwrite"), "thesis.txt")
+    _one_line_error(_evaluate_here(synthetic_root, victim, "--overwrite"), "thesis.txt")
     assert (victim / "thesis.txt").read_text() == "four years of work"
 
     dataset = tmp_path / "ds"
     shutil.copytree(synthetic_root, dataset)
     before = _snapshot(dataset)
-    _one_line_error(_evaluate(dataset, dataset, "--overwrite"), str(dataset))
-    _one_line_error(_evaluate(dataset, tmp_path, "--overwrite"), "contains")  # an ancestor of the data
+    _one_line_error(_evaluate_here(dataset, dataset, "--overwrite"), str(dataset))
+    _one_line_error(_evaluate_here(dataset, tmp_path, "--overwrite"), "contains")  # an ancestor of the data
     assert _snapshot(dataset) == before
 
 
 def test_overwrite_replaces_an_earlier_evaluation(synthetic_root, tmp_path):
     out = tmp_path / "run"
-    assert _evaluate(synthetic_root, out).returncode == 0
+    assert _evaluate_here(synthetic_root, out).returncode == 0
     stale = out / "units" / "disc" / "k9_s9.json"
     stale.write_text("{}")
-    assert _evaluate(synthetic_root, out, "--overwrite").returncode == 0
+    assert _evaluate_here(synthetic_root, out, "--overwrite").returncode == 0
     assert not stale.exists() and (out / "results.json").is_file()
 
 
@@ -94,7 +99,7 @@ def test_category_names_cannot_escape_the_output_folder(tmp_path, category):
     entry = {"cls_name": category, "specie_name": "good", "anomaly": 0, "mask_path": "", "img_path": "a/good.png"}
     (root / "meta.json").write_text(json.dumps({"train": {category: [entry]}, "test": {category: [entry]}}))
     before = _snapshot(tmp_path)
-    result = clipfusion("evaluate", "--dataset", "meta", "--root", str(root), "--method", "mean-image",
+    result = clipfusion_here("evaluate", "--dataset", "meta", "--root", str(root), "--method", "mean-image",
                         "--out", str(tmp_path / "out" / "run"), "--quiet")
     _one_line_error(result, "cannot be a folder name")
     assert _snapshot(tmp_path) - before <= {"out"}  # at most the empty parent of --out, nothing else
@@ -109,7 +114,7 @@ def test_non_utf8_file_names_are_written_losslessly(synthetic_root, tmp_path):
     raw = os.fsencode(folder) + b"/caf\xe9-\xff.png"  # Latin-1 bytes: not valid UTF-8
     shutil.copy(next(folder.glob("*.png")), raw)
     out = tmp_path / "out"
-    result = clipfusion("predict", str(folder), "--category", "disc", "--preset", "tiny", "--threshold", "0.5",
+    result = clipfusion_here("predict", str(folder), "--category", "disc", "--preset", "tiny", "--threshold", "0.5",
                         "--out", str(out), "--quiet")
     assert result.returncode == 0, result.stderr
     n_images = len(os.listdir(os.fsencode(folder)))
@@ -126,7 +131,7 @@ def test_evaluation_with_a_non_utf8_test_image_completes(synthetic_root, tmp_pat
     good = root / "disc" / "test" / "good"
     shutil.copy(next(good.glob("*.png")), os.fsencode(good) + b"/\xff\xfe.png")
     out = tmp_path / "run"
-    result = clipfusion("evaluate", "--dataset", "folder", "--root", str(root), "--method", "mean-image",
+    result = clipfusion_here("evaluate", "--dataset", "folder", "--root", str(root), "--method", "mean-image",
                         "--out", str(out), "--quiet")
     assert result.returncode == 0, result.stderr
     per_image = (out / "per_image.csv").read_bytes().decode("utf-8", "surrogateescape").strip().splitlines()
@@ -149,13 +154,14 @@ def test_images_above_the_pixel_limit_are_skipped_with_the_reason(synthetic_root
     shutil.copytree(synthetic_root / "disc" / "test" / "good", folder)
     _png_header_only(folder / "huge.png", 20_000, 15_000)  # 300 MP: above Pillow's own bomb limit too
     out = tmp_path / "out"
-    result = clipfusion("predict", str(folder), "--category", "disc", "--preset", "tiny", "--out", str(out), "--quiet")
+    result = clipfusion_here("predict", str(folder), "--category", "disc", "--preset", "tiny", "--out",
+                             str(out), "--quiet")
     assert result.returncode == 0, result.stderr
     skipped = _strict_json(out / "scores.json")["skipped"]
     assert [Path(s["path"]).name for s in skipped] == ["huge.png"]
     assert "300 megapixels" in skipped[0]["reason"] and "--max-pixels" in skipped[0]["reason"]
-    small = clipfusion("predict", str(folder), "--category", "disc", "--preset", "tiny", "--out", str(tmp_path / "o2"),
-                       "--max-pixels", "1000", "--quiet")
+    small = clipfusion_here("predict", str(folder), "--category", "disc", "--preset", "tiny", "--out",
+                            str(tmp_path / "o2"), "--max-pixels", "1000", "--quiet")
     _one_line_error(small, "none of the images could be scored")  # 96² = 9216 pixels each: all above 1000
 
 
@@ -163,7 +169,7 @@ def test_images_above_the_pixel_limit_are_skipped_with_the_reason(synthetic_root
 
 def test_repeated_seeds_and_categories_count_once(synthetic_root, tmp_path):
     out = tmp_path / "run"
-    result = clipfusion("evaluate", "--dataset", "mvtec", "--root", str(synthetic_root), "--method", "mean-image",
+    result = clipfusion_here("evaluate", "--dataset", "mvtec", "--root", str(synthetic_root), "--method", "mean-image",
                         "--shots", "1", "--seeds", "0", "0", "1", "--categories", "disc", "disc",
                         "--out", str(out), "--quiet")
     assert result.returncode == 0, result.stderr
@@ -207,11 +213,11 @@ def test_two_concurrent_runs_into_one_folder_do_not_collide(synthetic_root, tmp_
 def test_settings_and_inputs_that_would_give_nan_are_refused(synthetic_root, tmp_path):
     image = str(next((synthetic_root / "disc" / "test" / "good").glob("*.png")))
     base = ["predict", image, "--category", "disc", "--preset", "tiny", "--quiet"]
-    _one_line_error(clipfusion(*base, "--set", "patchclip__temperature=0", "--out", str(tmp_path / "a")),
+    _one_line_error(clipfusion_here(*base, "--set", "patchclip__temperature=0", "--out", str(tmp_path / "a")),
                     "patchclip__temperature must be > 0")
-    _one_line_error(clipfusion(*base, "--threshold", "nan", "--out", str(tmp_path / "b")), "finite number")
+    _one_line_error(clipfusion_here(*base, "--threshold", "nan", "--out", str(tmp_path / "b")), "finite number")
     bank = tmp_path / "bank.safetensors"
-    fitted = clipfusion("fit", "--normal", str(synthetic_root / "disc" / "train" / "good"), "--category", "disc",
+    fitted = clipfusion_here("fit", "--normal", str(synthetic_root / "disc" / "train" / "good"), "--category", "disc",
                         "--shots", "2", "--preset", "tiny", "--out", str(bank), "--quiet")
     assert fitted.returncode == 0, fitted.stderr
     from safetensors import safe_open
@@ -222,13 +228,13 @@ def test_settings_and_inputs_that_would_give_nan_are_refused(synthetic_root, tmp
     tensors = load_file(str(bank))
     tensors["clip/block-1"][0, 0] = float("nan")
     save_file(tensors, str(tmp_path / "nan.safetensors"), metadata=metadata)
-    _one_line_error(clipfusion(*base, "--memory", str(tmp_path / "nan.safetensors"), "--out", str(tmp_path / "c")),
+    _one_line_error(clipfusion_here(*base, "--memory", str(tmp_path / "nan.safetensors"), "--out", str(tmp_path / "c")),
                     "NaN")
 
 
 def test_scores_json_is_strict_json(synthetic_root, tmp_path):
     out = tmp_path / "out"
-    result = clipfusion("predict", str(synthetic_root / "disc" / "test" / "good"), "--category", "disc",
+    result = clipfusion_here("predict", str(synthetic_root / "disc" / "test" / "good"), "--category", "disc",
                         "--preset", "tiny", "--threshold", "0.5", "--out", str(out), "--quiet")
     assert result.returncode == 0, result.stderr
     summary = _strict_json(out / "scores.json")
@@ -241,15 +247,16 @@ def test_predict_refuses_a_folder_with_an_earlier_run_unless_overwrite(synthetic
     out = tmp_path / "out"
     many, one = synthetic_root / "disc" / "test" / "good", synthetic_root / "disc" / "test" / "hole"
     base = ["predict", "--category", "disc", "--preset", "tiny", "--out", str(out), "--quiet"]
-    assert clipfusion(*base[:1], str(many), *base[1:]).returncode == 0
-    _one_line_error(clipfusion(*base[:1], str(one), *base[1:]), "--overwrite")
-    assert clipfusion(*base[:1], str(one), *base[1:], "--overwrite").returncode == 0
+    assert clipfusion_here(*base[:1], str(many), *base[1:]).returncode == 0
+    _one_line_error(clipfusion_here(*base[:1], str(one), *base[1:]), "--overwrite")
+    assert clipfusion_here(*base[:1], str(one), *base[1:], "--overwrite").returncode == 0
     assert len(list((out / "overlays").iterdir())) == len(list(one.iterdir()))  # no overlay of the first run
     foreign = tmp_path / "holiday"
     foreign.mkdir()
     (foreign / "beach.jpg").write_bytes(b"not ours")
-    _one_line_error(clipfusion("predict", str(one), "--category", "disc", "--preset", "tiny", "--out", str(foreign),
-                               "--overwrite", "--quiet"), "beach.jpg")
+    refused = clipfusion_here("predict", str(one), "--category", "disc", "--preset", "tiny", "--out", str(foreign),
+                              "--overwrite", "--quiet")
+    _one_line_error(refused, "beach.jpg")
     assert (foreign / "beach.jpg").read_bytes() == b"not ours"
 
 
@@ -259,9 +266,9 @@ def test_resume_ignores_batch_size_and_offline_and_names_only_real_differences(s
     out = tmp_path / "run"
     base = ["evaluate", "--dataset", "mvtec", "--root", str(synthetic_root), "--preset", "tiny",
             "--categories", "disc", "--out", str(out), "--quiet"]
-    assert clipfusion(*base, "--batch-size", "8").returncode == 0
-    assert clipfusion(*base, "--batch-size", "3", "--offline").returncode == 0
-    refused = clipfusion(*base, "--alpha", "0.3")
+    assert clipfusion_here(*base, "--batch-size", "8").returncode == 0
+    assert clipfusion_here(*base, "--batch-size", "3", "--offline").returncode == 0
+    refused = clipfusion_here(*base, "--alpha", "0.3")
     _one_line_error(refused, "method_params.fusion.alpha_cls: 0.5 → 0.3", "method_params.fusion.alpha_seg")
     assert len(refused.stderr) < 600
 
@@ -327,10 +334,10 @@ def test_bad_settings_are_one_line_errors(synthetic_root, tmp_path, capsys, extr
 def test_bad_output_paths_are_one_line_errors(synthetic_root, tmp_path):
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
-    _one_line_error(_evaluate(synthetic_root, a_file), "is a file")
-    _one_line_error(_evaluate(synthetic_root, Path("/proc/clipfusion-out")), "/proc/clipfusion-out")
+    _one_line_error(_evaluate_here(synthetic_root, a_file), "is a file")
+    _one_line_error(_evaluate_here(synthetic_root, Path("/proc/clipfusion-out")), "/proc/clipfusion-out")
     start = time.monotonic()
-    fit = clipfusion("fit", "--normal", str(synthetic_root / "disc" / "train" / "good"), "--category", "disc",
+    fit = clipfusion_here("fit", "--normal", str(synthetic_root / "disc" / "train" / "good"), "--category", "disc",
                      "--shots", "2", "--preset", "tiny", "--out", str(tmp_path), "--quiet")
     _one_line_error(fit, "is a folder")
     assert time.monotonic() - start < 60
@@ -338,12 +345,12 @@ def test_bad_output_paths_are_one_line_errors(synthetic_root, tmp_path):
 
 def test_damaged_run_files_and_banks_are_named(synthetic_root, tmp_path):
     out = tmp_path / "run"
-    assert _evaluate(synthetic_root, out).returncode == 0
+    assert _evaluate_here(synthetic_root, out).returncode == 0
     unit = next((out / "units").rglob("k1_s0.json"))
     unit.write_text("{ truncated")
-    _one_line_error(_evaluate(synthetic_root, out), str(unit))
+    _one_line_error(_evaluate_here(synthetic_root, out), str(unit))
     (out / "identity.json").write_text("[1, 2")
-    _one_line_error(_evaluate(synthetic_root, out), "identity.json")
+    _one_line_error(_evaluate_here(synthetic_root, out), "identity.json")
 
     import torch
     from safetensors.torch import save_file
@@ -351,11 +358,11 @@ def test_damaged_run_files_and_banks_are_named(synthetic_root, tmp_path):
     image = str(next((synthetic_root / "disc" / "test" / "good").glob("*.png")))
     base = ["predict", image, "--category", "disc", "--preset", "tiny", "--quiet"]
     save_file({"clip/block-1": torch.zeros(3, 4, 5)}, str(tmp_path / "shape.safetensors"), metadata={"manifest": "{}"})
-    _one_line_error(clipfusion(*base, "--memory", str(tmp_path / "shape.safetensors"), "--out", str(tmp_path / "a")),
-                    "not (features, channels)")
+    shape = clipfusion_here(*base, "--memory", str(tmp_path / "shape.safetensors"), "--out", str(tmp_path / "a"))
+    _one_line_error(shape, "not (features, channels)")
     save_file({"x": torch.zeros(3, 4)}, str(tmp_path / "list.safetensors"), metadata={"manifest": "[1]"})
-    _one_line_error(clipfusion(*base, "--memory", str(tmp_path / "list.safetensors"), "--out", str(tmp_path / "b")),
-                    "not a JSON object")
+    listed = clipfusion_here(*base, "--memory", str(tmp_path / "list.safetensors"), "--out", str(tmp_path / "b"))
+    _one_line_error(listed, "not a JSON object")
 
 
 def test_a_pickled_checkpoint_as_clip_weights_is_refused_in_one_line(synthetic_root, tmp_path):

@@ -141,9 +141,12 @@ def run_predict(job: PredictJob, detector: Detector) -> tuple[dict[str, Any], Th
         raise ClipfusionError(f"--shots must be >= 0, not {job.shots}")
     if job.seed < 0:
         raise ClipfusionError(f"--seed must be >= 0, not {job.seed}")
-    paths = collect_images(job.inputs)
-    scale = parse_scale(job.scale)
     out = Path(job.out)
+    # an input folder may hold --out itself (``predict .``): its overlays are outputs, not inputs
+    paths = [p for p in collect_images(job.inputs) if out.resolve() not in Path(os.path.realpath(p)).parents]
+    if not paths:
+        raise ClipfusionError(f"no image files found in {', '.join(job.inputs)} outside --out {out}")
+    scale = parse_scale(job.scale)
     inputs = [Path(item).expanduser() for item in job.inputs if Path(item).expanduser().is_dir()]
     check_output_folder(out, "predict", PREDICT_OUTPUTS, protected=inputs)
     if not job.overwrite and out.is_dir() and {p.name for p in out.iterdir()} & set(PREDICT_OUTPUTS):
