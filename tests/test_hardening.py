@@ -28,7 +28,7 @@ from PIL import Image
 
 from clipfusion.cli import main
 from clipfusion.data.base import read_rgb
-from clipfusion.outputs import exclusive
+from clipfusion.run_folders import exclusive
 from clipfusion.tasks.inputs import _glob, collect_images
 
 from .commands import clipfusion, clipfusion_here

@@ -356,7 +356,7 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
 
 
 def _cmd_benchmark(args: argparse.Namespace) -> None:
-    from clipfusion.outputs import check_output_folder
+    from clipfusion.run_folders import check_output_folder
     from clipfusion.tasks.benchmark import BENCHMARK_OUTPUTS, BenchmarkSpec, run_benchmark, write_benchmark
 
     if args.images < 1 or args.repeats < 1 or min(args.batch_sizes) < 1:

@@ -1,4 +1,4 @@
-"""Output folders and files: who owns a folder, one run at a time in it, strict JSON, atomic writes."""
+"""Writing output files: strict JSON, CSV text, and atomic replacement so a reader never sees half a file."""
 from __future__ import annotations
 
 import csv
@@ -6,15 +6,12 @@ import io
 import json
 import math
 import os
-import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from filelock import FileLock, Timeout
 
 from clipfusion.errors import ClipfusionError
 
@@ -69,81 +66,6 @@ def read_json(path: Path, what: str) -> Any:
                               "afresh") from None
 
 
-MARKER = ".clipfusion-output.json"  # in every folder clipfusion writes a run into: what kind of run
-_LOCK, _HOLDER = ".clipfusion.lock", ".clipfusion.pid"
-_HOUSEKEEPING = (MARKER, _LOCK, _HOLDER)
-
-
 def json_text(value: Any) -> str:
     """Strict JSON (NaN and infinities as null), indented."""
     return json.dumps(json_safe(value), indent=2, allow_nan=False)
-
-
-def check_output_folder(out: Path, kind: str, own: Sequence[str], protected: Sequence[Path] = ()) -> None:
-    """Refuse, with a one-line error and without writing anything, an ``out`` that a ``kind`` run may not use.
-
-    ``own``: the names a run of this kind writes directly in ``out``.  A file, a folder that holds
-    anything else or that another kind of run wrote, and a folder that equals or contains a
-    ``protected`` one (the dataset, the inputs) are refused.
-    """
-    if out.exists() and not out.is_dir():
-        raise ClipfusionError(f"--out {out} is a file; give a folder (new or one clipfusion wrote)")
-    resolved = out.resolve()
-    for folder in protected:
-        inside = folder.resolve()
-        if inside == resolved or resolved in inside.parents:
-            raise ClipfusionError(f"--out {out} contains {folder}, which this run reads; choose a folder outside it")
-    if out.is_dir():
-        entries = {p.name for p in out.iterdir()}
-        foreign = sorted(entries - set(own) - set(_HOUSEKEEPING))
-        marker = out / MARKER
-        previous = read_json(marker, "the output marker").get("kind") if marker.is_file() else None
-        if foreign or previous not in (None, kind):
-            held = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "") if foreign else \
-                f"the output of a clipfusion {previous}"
-            raise ClipfusionError(f"--out {out} holds {held}, which this {kind} run did not write; choose an empty "
-                                  "or new folder (--overwrite only ever deletes clipfusion's own files)")
-
-
-def claim_output_folder(out: Path, kind: str, own: Sequence[str], overwrite: bool = False,
-                        protected: Sequence[Path] = ()) -> None:
-    """:func:`check_output_folder`, then mark ``out`` as a ``kind`` run's; ``overwrite`` first deletes the
-    ``own`` entries, never anything else.  Call it while holding :func:`exclusive`."""
-    check_output_folder(out, kind, own, protected)
-    if overwrite and out.is_dir():
-        for name in sorted({p.name for p in out.iterdir()} & set(own)):
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / MARKER, json.dumps({"kind": kind}))
-
-
-@contextmanager
-def output_folder(out: Path, kind: str, own: Sequence[str], overwrite: bool = False,
-                  protected: Sequence[Path] = ()) -> Iterator[Path]:
-    """The whole life of a run's output folder: checked before anything is written, locked against a
-    second run, cleared of the run's own files with ``overwrite``, marked as this kind's."""
-    check_output_folder(out, kind, own, protected)
-    with exclusive(out):
-        claim_output_folder(out, kind, own, overwrite, protected)
-        yield out
-
-
-@contextmanager
-def exclusive(out: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``out`` for the whole run; a second run into it stops at once with a
-    one-line error naming the holder's process id."""
-    out.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(out / _LOCK, timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        holder = (out / _HOLDER).read_text().strip() if (out / _HOLDER).is_file() else "unknown"
-        raise ClipfusionError(f"another clipfusion run (process {holder}) is writing to {out}; wait for it or "
-                              "choose another --out") from None
-    try:
-        write_atomic(out / _HOLDER, str(os.getpid()))
-        yield
-    finally:
-        (out / _HOLDER).unlink(missing_ok=True)
-        lock.release()

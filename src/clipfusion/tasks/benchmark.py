@@ -30,7 +30,8 @@ from clipfusion.data.synthetic import SyntheticSpec, generate
 from clipfusion.errors import ClipfusionError
 from clipfusion.methods.clipfusion.detector import CLIPFusion
 from clipfusion.methods.winclip import WinCLIP
-from clipfusion.outputs import output_folder, write_atomic
+from clipfusion.outputs import write_atomic
+from clipfusion.run_folders import output_folder
 
 RANDOM_DIFFUSION = {"stable-diffusion-v1-5/stable-diffusion-v1-5": "random:sd15",
                     "stabilityai/stable-diffusion-2-1-base": "random:sd21-base"}

@@ -13,7 +13,7 @@ from clipfusion.data.synthetic import ensure_synthetic
 from clipfusion.encoders.loading import weights_cached
 from clipfusion.evaluation.report import write_report
 from clipfusion.evaluation.tables import METRIC_TITLES
-from clipfusion.outputs import output_folder
+from clipfusion.run_folders import output_folder
 from clipfusion.tasks.evaluate import run_evaluation
 
 logger = logging.getLogger(__name__)

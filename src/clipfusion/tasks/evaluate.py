@@ -12,7 +12,7 @@ from clipfusion.errors import ClipfusionError
 from clipfusion.evaluation.report import write_report
 from clipfusion.evaluation.runner import EVALUATE_OUTPUTS, EvaluationConfig, EvaluationRunner
 from clipfusion.methods.registry import make_detector_factory
-from clipfusion.outputs import output_folder
+from clipfusion.run_folders import output_folder
 
 logger = logging.getLogger(__name__)
 

@@ -17,9 +17,10 @@ from tqdm.auto import tqdm
 from clipfusion.data.base import MAX_PIXELS, read_images, read_rgb
 from clipfusion.errors import ClipfusionError
 from clipfusion.geometry import resize_image
-from clipfusion.outputs import check_output_folder, csv_text, json_text, output_folder, write_atomic
+from clipfusion.outputs import csv_text, json_text, write_atomic
 from clipfusion.overlays import overlay, png_bytes
 from clipfusion.protocol import Detector
+from clipfusion.run_folders import check_output_folder, output_folder
 from clipfusion.tasks.inputs import collect_images, draw_references
 from clipfusion.tasks.thresholds import Threshold, resolve_threshold
 

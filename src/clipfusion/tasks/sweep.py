@@ -26,7 +26,8 @@ from clipfusion.errors import ClipfusionError
 from clipfusion.evaluation import units
 from clipfusion.evaluation.tables import METRIC_TITLES, METRICS
 from clipfusion.methods.clipfusion.detector import CLIPFusion
-from clipfusion.outputs import check_output_folder, json_text, output_folder, write_atomic
+from clipfusion.outputs import json_text, write_atomic
+from clipfusion.run_folders import check_output_folder, output_folder
 
 logger = logging.getLogger(__name__)
 SWEEP_OUTPUTS = ("sweep.json", "sweep.md")
