@@ -118,18 +118,21 @@ def _add_run_options(parser: argparse.ArgumentParser, method: bool = True) -> No
     parser.add_argument("--eval-size", default="256", metavar="N|native",
                         help="side of the square that maps and masks are resized to for pixel metrics, or "
                              "'native' for each mask's own size (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per predict call (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete the earlier results in --out (clipfusion's own files only) instead of resuming")
-    _add_max_pixels(parser)
-    _add_model_options(parser)
+    _add_processing_options(parser)
 
 
-def _add_max_pixels(parser: argparse.ArgumentParser) -> None:
+def _add_processing_options(parser: argparse.ArgumentParser) -> None:
+    """What every command that reads images through the models takes: batching, the pixel limit,
+    models and settings, verbosity."""
     from clipfusion.data.base import MAX_PIXELS
 
+    parser.add_argument("--batch-size", type=int, default=8, help="images per model call (default: %(default)s)")
     parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
                         help="skip (and report) images larger than N pixels (default: %(default)s)")
+    _add_model_options(parser)
+    _add_common(parser)
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -197,7 +200,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data", default=None, help="where the synthetic data lives (default: user cache)")
     _add_run_options(demo, method=False)
     demo.set_defaults(preset="auto")
-    _add_common(demo)
 
     evaluate = _command(commands, "evaluate", "score a method on a dataset: categories × shots × seeds, resumable",
                         "Evaluate a detector on MVTec-AD, VisA, your own folder or a meta.json index and write "
@@ -205,7 +207,6 @@ def build_parser() -> argparse.ArgumentParser:
                         EVALUATE_EXAMPLES)
     _add_dataset_options(evaluate, "runs/evaluate")
     _add_run_options(evaluate)
-    _add_common(evaluate)
 
     predict = _command(commands, "predict", "score your own images: overlays, raw maps, scores.csv/json",
                        "Score image files, folders (recursive) or glob patterns. Zero-shot by default; few-shot "
@@ -221,22 +222,16 @@ def build_parser() -> argparse.ArgumentParser:
                          help="fixed colour scale of the overlays (default: min and max over all maps of the run)")
     predict.add_argument("--out", default="clipfusion-predict", help="output folder (default: %(default)s)")
     predict.add_argument("--method", default="clipfusion", choices=METHOD_NAMES)
-    predict.add_argument("--batch-size", type=int, default=8, help="images per predict call (default: %(default)s)")
     predict.add_argument("--overwrite", action="store_true",
                          help="replace an earlier predict run in --out (clipfusion's own files only)")
-    _add_max_pixels(predict)
-    _add_model_options(predict)
-    _add_common(predict)
+    _add_processing_options(predict)
 
     fit = _command(commands, "fit", "build a few-shot memory bank from normal images, for predict --memory",
                    "Draw k normal references from a folder and save CLIPFusion's memory bank (safetensors).",
                    FIT_EXAMPLES)
     _add_reference_options(fit, required=True)
     fit.add_argument("--out", required=True, help="memory bank file to write (.safetensors)")
-    fit.add_argument("--batch-size", type=int, default=8, help="images per encoder call (default: %(default)s)")
-    _add_max_pixels(fit)
-    _add_model_options(fit)
-    _add_common(fit)
+    _add_processing_options(fit)
 
     sweep = _command(commands, "sweep", "grid-search CLIPFusion settings on a dataset (calibrates settings)",
                      "Score every combination of --grid values. Fusion-level settings (fusion__*) reuse the "
@@ -250,10 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="choose the best setting on these categories only and report it on the others "
                             "(without it, choice and report use the same test labels: optimistic)")
     sweep.add_argument("--eval-size", default="256", metavar="N|native", help="as for evaluate (default: 256)")
-    sweep.add_argument("--batch-size", type=int, default=8, help="images per encoder call (default: %(default)s)")
-    _add_max_pixels(sweep)
-    _add_model_options(sweep)
-    _add_common(sweep)
+    _add_processing_options(sweep)
 
     bench = _command(commands, "benchmark", "time CLIPFusion and WinCLIP side by side (full size, random weights)",
                      "Per-image time and per-stage split of each method, preset, shots and batch size, measured "
