@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from .commands import clipfusion
+from .commands import clipfusion, clipfusion_here
 
 
 def test_predict_folder_with_a_corrupt_file_writes_every_other_result(synthetic_root, tmp_path):
@@ -113,3 +113,37 @@ def test_sweep_selects_on_some_categories_and_reports_on_the_others(synthetic_ro
                        "--select-on", "disc", "fabric", "--grid", "fusion__alpha_seg=0.5",
                        "--out", str(tmp_path / "s3"))
     assert every.returncode == 2 and "--select-on names every category" in every.stderr
+
+
+def test_memory_bank_references_are_not_held_out_for_the_threshold(synthetic_root, tmp_path):
+    normal = synthetic_root / "disc" / "train" / "good"  # 4 images in the test dataset
+    bank = tmp_path / "bank.safetensors"
+    assert clipfusion_here("fit", "--normal", str(normal), "--category", "disc", "--shots", "3", "--preset", "tiny",
+                           "--out", str(bank), "--quiet").returncode == 0
+    out = tmp_path / "out"
+    result = clipfusion_here("predict", str(synthetic_root / "disc" / "test" / "hole"), "--category", "disc",
+                             "--preset", "tiny", "--memory", str(bank), "--normal", str(normal),
+                             "--threshold", "auto", "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "of 1 held-out normal images" in json.loads((out / "scores.json").read_text())["threshold"]["how"]
+
+
+def test_shots_without_a_folder_of_normals_is_an_error(synthetic_root, tmp_path):
+    result = clipfusion_here("predict", str(synthetic_root / "disc" / "test" / "hole"), "--category", "disc",
+                             "--preset", "tiny", "--shots", "2", "--out", str(tmp_path / "o"), "--quiet")
+    assert result.returncode == 2 and "--shots 2 needs --normal DIR" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_auto_device_and_dtype(monkeypatch):
+    import torch
+
+    from clipfusion.encoders.loading import auto_device_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert auto_device_dtype("auto", "auto") == ("cuda", "float16")
+    assert auto_device_dtype("auto", "float32") == ("cuda", "float32")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert auto_device_dtype("auto", "auto") == ("cpu", "float32")
+    assert auto_device_dtype("cuda:1", "auto") == ("cuda:1", "float16")

@@ -140,9 +140,10 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--preset", default="paper-recon", choices=PRESET_NAMES, metavar="PRESET",
                        help=f"{', '.join(PRESET_NAMES)} (default: %(default)s; tiny = random offline models, "
                             "meaningless scores; docs/method.md)")
-    group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: %(default)s)")
-    group.add_argument("--dtype", default="float32", choices=DTYPES,
-                       help="float16 on GPUs; keep float32 on CPUs (default: %(default)s)")
+    group.add_argument("--device", default="auto",
+                       help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: %(default)s)")
+    group.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
+                       help="auto: float16 on CUDA, float32 elsewhere (default: %(default)s)")
     group.add_argument("--offline", action="store_true", help="never touch the network (weights from the cache)")
     group.add_argument("--cache-dir", default=None, help="Hugging Face cache folder (default: the hub's own)")
     group.add_argument("--hub-timeout", type=float, default=10.0, metavar="SECONDS",
@@ -387,9 +388,20 @@ INTERRUPTED = {
 }
 
 
+def _resolve_auto(args: argparse.Namespace) -> None:
+    """``--device auto`` / ``--dtype auto`` made concrete once, and said, so results name what ran."""
+    if "auto" not in (getattr(args, "device", None), getattr(args, "dtype", None)):
+        return
+    from clipfusion.encoders.loading import auto_device_dtype
+
+    args.device, args.dtype = auto_device_dtype(args.device, args.dtype)
+    logger.info("running on %s in %s", args.device, args.dtype)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_output(args.quiet)
+    _resolve_auto(args)
     commands = {"demo": _cmd_demo, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "fit": _cmd_fit,
                 "sweep": _cmd_sweep, "benchmark": _cmd_benchmark, "synth": _cmd_synth}
     try:

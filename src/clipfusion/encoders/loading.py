@@ -56,6 +56,16 @@ def runtime_device_dtype(runtime: RuntimeConfig) -> tuple[torch.device, torch.dt
     return device, dtype
 
 
+def auto_device_dtype(device: str, dtype: str) -> tuple[str, str]:
+    """``auto`` resolved: the device to cuda, then mps, then cpu; the dtype to float16 on CUDA (where
+    half precision is fast) and float32 elsewhere.  Other values pass through."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "float16" if device.startswith("cuda") else "float32"
+    return device, dtype
+
+
 def torch_device(name: str) -> torch.device:
     """``cpu``, ``cuda``, ``cuda:N`` or ``mps``, checked for availability with a clear error."""
     device = torch.device(name)

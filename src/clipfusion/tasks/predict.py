@@ -140,6 +140,9 @@ def run_predict(job: PredictJob, detector: Detector) -> tuple[dict[str, Any], Th
         raise ClipfusionError("give either --memory or --normal with --shots, not both")
     if job.shots < 0:
         raise ClipfusionError(f"--shots must be >= 0, not {job.shots}")
+    if job.shots and not job.normal:
+        raise ClipfusionError(f"--shots {job.shots} needs --normal DIR, the folder to draw the references from "
+                              "(or use a memory bank from `clipfusion fit` with --memory)")
     if job.seed < 0:
         raise ClipfusionError(f"--seed must be >= 0, not {job.seed}")
     out = Path(job.out)
@@ -163,7 +166,8 @@ def run_predict(job: PredictJob, detector: Detector) -> tuple[dict[str, Any], Th
         references = detector.memory_bank_.manifest.get("references", [])  # type: ignore[attr-defined]
     if job.normal:
         drawn = draw_references(job.normal, job.shots, job.seed)
-        held_out = drawn.held_out
+        # the memory bank's own references are not held out: they would pull an auto threshold down
+        held_out = [p for p in drawn.held_out if p.name not in set(references)]
         if drawn.used:
             used, images, _ = read_images(drawn.used, job.max_pixels)
             detector.fit(images, job.category)
