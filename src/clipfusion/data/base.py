@@ -170,13 +170,19 @@ def _open(path: Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
 
 
 def read_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Read any image file as (H, W, 3) uint8 RGB, upright by its EXIF orientation.
+    """Read any image file as (H, W, 3) uint8 RGB, upright by its EXIF orientation (see :func:`pil_to_rgb`).
+
+    Files above ``max_pixels`` raise ImageReadError before any pixel is decoded.
+    """
+    return pil_to_rgb(_open(Path(path), max_pixels))
+
+
+def pil_to_rgb(image: Image.Image) -> np.ndarray:
+    """A Pillow image as (H, W, 3) uint8 RGB.
 
     Grayscale, palette, RGBA/LA (alpha dropped) and CMYK are converted by Pillow; 16-bit and 32-bit
     integer grayscale are scaled from their full range to 8 bits (Pillow's own conversion clips).
-    Files above ``max_pixels`` raise ImageReadError before any pixel is decoded.
     """
-    image = _open(Path(path), max_pixels)
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         values = np.asarray(image, dtype=np.float64)
         full_scale = 65535.0 if image.mode.startswith("I;16") or values.max() <= 65535 else values.max()

@@ -8,6 +8,7 @@ import numpy as np
 from scipy import ndimage
 
 from clipfusion.geometry import resize_image
+from clipfusion.images import Images, as_rgb_list
 from clipfusion.protocol import Prediction
 
 
@@ -31,13 +32,15 @@ class MeanImageDetector:
         size = (self.image_size, self.image_size)
         return np.stack([resize_image(im, size) for im in images]).astype(np.float32) / 255.0
 
-    def fit(self, images: Sequence[np.ndarray], category: str) -> MeanImageDetector:
+    def fit(self, images: Images, category: str) -> MeanImageDetector:
+        images = as_rgb_list(images)
         if len(images) == 0:
             raise ValueError("fit needs at least one normal image")
         self.mean_image_ = self._prepare(images).mean(axis=0)
         return self
 
-    def predict(self, images: Sequence[np.ndarray], category: str) -> Prediction:
+    def predict(self, images: Images, category: str) -> Prediction:
+        images = as_rgb_list(images)
         batch = self._prepare(images)
         if hasattr(self, "mean_image_"):
             reference = self.mean_image_[None]
@@ -47,4 +50,5 @@ class MeanImageDetector:
         if self.sigma > 0:
             maps = ndimage.gaussian_filter(maps, sigma=(0, self.sigma, self.sigma))
         maps = maps.astype(np.float32)
-        return Prediction(scores=maps.reshape(len(maps), -1).max(axis=1), maps=maps)
+        return Prediction(scores=maps.reshape(len(maps), -1).max(axis=1), maps=maps,
+                          input_sizes=[(int(image.shape[0]), int(image.shape[1])) for image in images])

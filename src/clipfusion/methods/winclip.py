@@ -21,6 +21,7 @@ from clipfusion.encoders import cache
 from clipfusion.encoders.clip import ClipEncoder, state_probability
 from clipfusion.errors import ClipfusionError
 from clipfusion.geometry import resize_grid, tokens_to_grid, window_indices
+from clipfusion.images import Images, as_rgb_list
 from clipfusion.methods.memory import MemoryBank
 from clipfusion.methods.windows import harmonic_aggregate, window_zero_shot_map
 from clipfusion.prompts import state_ensembles
@@ -78,7 +79,8 @@ class WinCLIP:
         return out.global_embedding, tokens, windows
 
     @torch.inference_mode()
-    def fit(self, images: Sequence[np.ndarray], category: str) -> WinCLIP:
+    def fit(self, images: Images, category: str) -> WinCLIP:
+        images = as_rgb_list(images)
         if len(images) == 0:
             raise ClipfusionError("fit needs at least one normal image")
         bank = MemoryBank(manifest={"category": category, "k": len(images)})
@@ -91,7 +93,8 @@ class WinCLIP:
         return self
 
     @torch.inference_mode()
-    def predict(self, images: Sequence[np.ndarray], category: str) -> Prediction:
+    def predict(self, images: Images, category: str) -> Prediction:
+        images = as_rgb_list(images)
         encoder = self.encoder
         prototypes = encoder.encode_prompt_ensembles(state_ensembles(self.config.prompts.name_of(category)))
         n_patches = encoder.grid_size[0] * encoder.grid_size[1]
@@ -116,4 +119,5 @@ class WinCLIP:
                 grid = tokens_to_grid(anomaly_map[..., None], encoder.grid_size)[:, 0]
                 maps.append(resize_grid(grid, (self.output_size, self.output_size)).cpu())
             scores.append(score.cpu())
-        return Prediction(scores=torch.cat(scores).numpy(), maps=torch.cat(maps).numpy())
+        return Prediction(scores=torch.cat(scores).numpy(), maps=torch.cat(maps).numpy(),
+                          input_sizes=[(int(image.shape[0]), int(image.shape[1])) for image in images])

@@ -6,12 +6,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from clipfusion.config import SETTING_GROUPS, FusionConfig, Preset, RuntimeConfig, get_preset, override
 from clipfusion.encoders import cache
 from clipfusion.errors import ClipfusionError
+from clipfusion.images import Images, as_rgb_list
 from clipfusion.methods.clipfusion.fusion import BranchMaps, fuse
 from clipfusion.methods.clipfusion.mapdiff import MapDiff
 from clipfusion.methods.clipfusion.patchclip import PatchClip
@@ -97,9 +97,10 @@ class CLIPFusion:
     # --- learning ---------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def fit(self, images: Sequence[np.ndarray], category: str,
-            reference_names: Sequence[str] | None = None) -> CLIPFusion:
-        """Build the CLIP and diffusion memory banks from ``images``, normal images of ``category``."""
+    def fit(self, images: Images, category: str, reference_names: Sequence[str] | None = None) -> CLIPFusion:
+        """Build the CLIP and diffusion memory banks from ``images``, normal images of ``category``
+        (paths, PIL images or arrays, one or a list: ``clipfusion.images``)."""
+        images = as_rgb_list(images)
         if len(images) == 0:
             raise ClipfusionError("fit needs at least one normal image")
         patchclip, mapdiff = self._branches()
@@ -133,8 +134,9 @@ class CLIPFusion:
     # --- inference --------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def encode(self, images: Sequence[np.ndarray], category: str) -> BranchMaps:
+    def encode(self, images: Images, category: str) -> BranchMaps:
         """The expensive part of ``predict``: every branch map of ``images`` on its own grid."""
+        images = as_rgb_list(images)
         fitted = hasattr(self, "memory_bank_")
         if fitted and self.category_ != category:
             raise ClipfusionError(f"the memory bank was fit on {self.category_!r}, not {category!r}")
@@ -162,8 +164,12 @@ class CLIPFusion:
         with self.timings_("fusion"):
             return fuse(maps, fusion or self.config.fusion)
 
-    def predict(self, images: Sequence[np.ndarray], category: str) -> Prediction:
-        """Image scores (N,) and pixel maps (N, S, S) at the fusion output size; higher = more anomalous."""
+    def predict(self, images: Images, category: str) -> Prediction:
+        """Image scores (N,) and pixel maps (N, S, S) at the fusion output size; higher = more anomalous.
+        ``prediction.maps_at_input_size()`` gives each map at its image's own size."""
+        images = as_rgb_list(images)
         if len(images) == 0:
             raise ClipfusionError("predict needs at least one image")
-        return self.fuse(self.encode(images, category))
+        prediction = self.fuse(self.encode(images, category))
+        prediction.input_sizes = [(int(image.shape[0]), int(image.shape[1])) for image in images]
+        return prediction
