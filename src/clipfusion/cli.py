@@ -405,7 +405,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {"demo": _cmd_demo, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "fit": _cmd_fit,
                 "sweep": _cmd_sweep, "benchmark": _cmd_benchmark, "synth": _cmd_synth}
     try:
-        commands[args.command](args)
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with logging_redirect_tqdm(loggers=[logger]):  # a log line never breaks a progress bar
+            commands[args.command](args)
     except ClipfusionError as exc:
         if args.debug:
             raise

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from clipfusion.data.base import read_images
 from clipfusion.errors import ClipfusionError
@@ -35,8 +36,8 @@ def auto_threshold(normal_scores: np.ndarray) -> Threshold:
                             "normal images: images scoring above it are flagged")
 
 
-def resolve_threshold(spec: str | None, detector: Detector, category: str, held_out: Sequence[Path] | None
-                      ) -> Threshold | None:
+def resolve_threshold(spec: str | None, detector: Detector, category: str, held_out: Sequence[Path] | None,
+                      batch_size: int = 8, progress: bool = False) -> Threshold | None:
     """``spec`` is None (no decisions), a number, or ``auto``: :func:`auto_threshold` over the scores
     of the ``held_out`` normal images (None: no folder of normals was given)."""
     if spec is None:
@@ -51,8 +52,11 @@ def resolve_threshold(spec: str | None, detector: Detector, category: str, held_
         return Threshold(value, "given with --threshold")
     if held_out is None:
         raise ClipfusionError("--threshold auto needs --normal DIR: normal images to set it from")
-    _, images, _ = read_images(held_out)
-    scores = detector.predict(images, category).scores if images else np.array([])
-    threshold = auto_threshold(scores)
+    scores = []
+    for start in tqdm(range(0, len(held_out), batch_size), desc="threshold (held-out normals)", disable=not progress):
+        _, images, _ = read_images(held_out[start:start + batch_size])
+        if images:
+            scores.append(detector.predict(images, category).scores)
+    threshold = auto_threshold(np.concatenate(scores) if scores else np.array([]))
     logger.info("threshold %.4f: %s", threshold.value, threshold.how)
     return threshold
