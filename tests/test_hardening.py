@@ -230,6 +230,11 @@ def test_settings_and_inputs_that_would_give_nan_are_refused(synthetic_root, tmp
     save_file(tensors, str(tmp_path / "nan.safetensors"), metadata=metadata)
     _one_line_error(clipfusion_here(*base, "--memory", str(tmp_path / "nan.safetensors"), "--out", str(tmp_path / "c")),
                     "NaN")
+    del tensors["diffusion/up1"]  # a bank with a layer missing (and no NaN left in the other one)
+    tensors["clip/block-1"][0, 0] = 0.5
+    save_file(tensors, str(tmp_path / "missing.safetensors"), metadata=metadata)
+    _one_line_error(clipfusion_here(*base, "--memory", str(tmp_path / "missing.safetensors"), "--out",
+                                    str(tmp_path / "d")), "lacks the layers ['diffusion/up1']")
 
 
 def test_scores_json_is_strict_json(synthetic_root, tmp_path):
