@@ -183,7 +183,8 @@ def _params(args: argparse.Namespace, method: str, preset: str | None = None) ->
     """Constructor arguments of ``method`` from the command line (settings checked, no model loaded)."""
     from clipfusion.methods.registry import detector_params
 
-    return detector_params(method, preset or args.preset, _overrides(args), _runtime(args), args.batch_size)
+    return detector_params(method, preset or args.preset or "paper-recon", _overrides(args), _runtime(args),
+                           args.batch_size)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
                        PREDICT_EXAMPLES)
     predict.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
     _add_reference_options(predict, required=False)
+    predict.add_argument("--model", default=None, metavar="FILE.cfm",
+                         help="inspection model written by `clipfusion fit --out FILE.cfm`: settings, references and "
+                              "thresholds come from it, so it needs no other option")
     predict.add_argument("--memory", default=None, metavar="FILE", help="memory bank written by `clipfusion fit`")
     predict.add_argument("--threshold", default=None, metavar="VALUE|auto",
                          help="image score above which an image is flagged; 'auto' derives it from the normal "
@@ -226,12 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--overwrite", action="store_true",
                          help="replace an earlier predict run in --out (clipfusion's own files only)")
     _add_processing_options(predict)
+    predict.set_defaults(category=None, preset=None)  # None: not given (a model file then decides)
 
     fit = _command(commands, "fit", "build a few-shot memory bank from normal images, for predict --memory",
                    "Draw k normal references from a folder and save CLIPFusion's memory bank (safetensors).",
                    FIT_EXAMPLES)
     _add_reference_options(fit, required=True)
-    fit.add_argument("--out", required=True, help="memory bank file to write (.safetensors)")
+    fit.add_argument("--out", required=True,
+                     help="model file to write (.cfm: settings, references, thresholds; for predict --model), or a "
+                          "bare memory bank (.safetensors, for predict --memory)")
     _add_processing_options(fit)
 
     sweep = _command(commands, "sweep", "grid-search CLIPFusion settings on a dataset (calibrates settings)",
@@ -311,25 +318,59 @@ def _make_detector(args: argparse.Namespace, method: str) -> Any:
 
 
 def _cmd_fit(args: argparse.Namespace) -> None:
-    from clipfusion.tasks.fit import fit_memory
+    from clipfusion.methods.clipfusion.model_file import MODEL_SUFFIX
+    from clipfusion.tasks.fit import fit_memory, fit_model
 
-    path, names = fit_memory(_make_detector(args, "clipfusion"), args.normal, args.category, args.shots, args.seed,
-                             args.out, args.max_pixels)
+    detector = _make_detector(args, "clipfusion")
+    if Path(args.out).suffix == MODEL_SUFFIX:
+        path, fitted = fit_model(detector, args.normal, args.category, args.shots, args.seed, args.out,
+                                 args.max_pixels)
+        thresholds = fitted.thresholds_
+        print(f"wrote {path}: {args.category}, {args.shots} references, image threshold {thresholds.image:.4f} and "
+              f"pixel threshold {thresholds.pixel:.4f} from {thresholds.n_normals} held-out normal images")
+        return
+    path, names = fit_memory(detector, args.normal, args.category, args.shots, args.seed, args.out, args.max_pixels)
     print(f"wrote {path}: {len(names)} references of {args.category} ({', '.join(names)})")
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
     from clipfusion.tasks.predict import PredictJob, run_predict
 
+    if args.model:
+        detector = _model_detector(args)
+        args.category, args.preset = detector.category_, detector.preset
+    else:
+        args.category, args.preset = args.category or "object", args.preset or "paper-recon"
+        detector = _make_detector(args, args.method)
     job = PredictJob(inputs=args.paths, category=args.category, out=args.out, method=args.method, preset=args.preset,
                      normal=args.normal, shots=args.shots, seed=args.seed, memory=args.memory,
                      threshold=args.threshold, scale=args.scale, batch_size=args.batch_size, progress=not args.quiet,
                      overwrite=args.overwrite, max_pixels=args.max_pixels)
-    summary, threshold = run_predict(job, _make_detector(args, args.method))
+    summary, threshold = run_predict(job, detector)
     flagged = sum(row["decision"] == "anomalous" for row in summary["images"])
     print(f"scored {len(summary['images'])} images ({len(summary['skipped'])} skipped) → {Path(args.out).resolve()}")
     if threshold is not None:
         print(f"threshold {threshold.value:.4f} ({threshold.how}): {flagged} flagged as anomalous")
+
+
+def _model_detector(args: argparse.Namespace) -> Any:
+    """The detector of ``--model``; an option that contradicts the file is a one-line error naming it."""
+    from clipfusion.methods.clipfusion.detector import CLIPFusion
+    from clipfusion.methods.clipfusion.model_file import read_card
+
+    card = read_card(Path(args.model))
+    given = {"--memory": args.memory, "--normal": args.normal, "--shots": args.shots or None,
+             "--set/--alpha/--sigma/--timestep/--dense-mode": _overrides(args) or None}
+    clashes = [f"{flag} (the model file fixes it)" for flag, value in given.items() if value]
+    if args.method != "clipfusion":
+        clashes.append(f"--method {args.method} (the model file is a clipfusion model)")
+    if args.category not in (None, card.category):
+        clashes.append(f"--category {args.category} (the model file's category is {card.category})")
+    if args.preset not in (None, card.preset):
+        clashes.append(f"--preset {args.preset} (the model file's preset is {card.preset})")
+    if clashes:
+        raise ClipfusionError(f"--model {args.model} contradicts: {'; '.join(clashes)}; drop those options")
+    return CLIPFusion.load(args.model, _runtime(args), args.batch_size)
 
 
 def _cmd_sweep(args: argparse.Namespace) -> None:

@@ -1,6 +1,8 @@
-"""Building a few-shot memory bank from a folder of normal images, for ``predict --memory``."""
+"""From a folder of normal images: the inspection model file (``*.cfm``), or a bare memory bank."""
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 from pathlib import Path
 
@@ -8,6 +10,8 @@ from clipfusion.data.base import MAX_PIXELS, read_images
 from clipfusion.errors import ClipfusionError
 from clipfusion.methods.clipfusion.detector import CLIPFusion
 from clipfusion.tasks.inputs import draw_references
+
+logger = logging.getLogger(__name__)
 
 
 def check_writable_file(path: Path) -> None:
@@ -38,3 +42,31 @@ def fit_memory(detector: CLIPFusion, normal: str, category: str, shots: int, see
     names = [p.name for p in paths]
     detector.fit(images, category, reference_names=names)
     return detector.save_memory(out), names
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fit_model(detector: CLIPFusion, normal: str, category: str, shots: int, seed: int, out: str,
+              max_pixels: int = MAX_PIXELS) -> tuple[Path, CLIPFusion]:
+    """The inspection model file: ``shots`` references drawn with ``seed`` (none: a zero-shot model),
+    thresholds from the other normal images of ``normal`` (never the references), written to ``out``."""
+    if shots < 0 or seed < 0:
+        raise ClipfusionError("--shots and --seed must be >= 0")
+    check_writable_file(Path(out))  # before any model runs
+    drawn = draw_references(normal, shots, seed)
+    used, images, _ = read_images(drawn.used, max_pixels)
+    if shots and not images:
+        raise ClipfusionError(f"none of the drawn references in {normal} could be read")
+    if images:
+        detector.fit(images, category, reference_names=[p.name for p in used])
+    _, normals, _ = read_images(drawn.held_out, max_pixels)
+    logger.info("calibrating on %d held-out normal images", len(normals))
+    detector.calibrate(normals, category)
+    references = [{"name": p.name, "sha256": file_sha256(p)} for p in used]
+    return detector.save(out, references), detector

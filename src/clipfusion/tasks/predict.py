@@ -172,7 +172,12 @@ def run_predict(job: PredictJob, detector: Detector) -> tuple[dict[str, Any], Th
             used, images, _ = read_images(drawn.used, job.max_pixels)
             detector.fit(images, job.category)
             references = [p.name for p in used]
-    threshold = resolve_threshold(job.threshold, detector, job.category, held_out, job.batch_size, job.progress)
+    thresholds = getattr(detector, "thresholds_", None)  # a model file's
+    if job.threshold is None and thresholds is not None:
+        threshold: Threshold | None = Threshold(thresholds.image, f"from the model file: {thresholds.rule}, over "
+                                                                  f"{thresholds.n_normals} held-out normal images")
+    else:
+        threshold = resolve_threshold(job.threshold, detector, job.category, held_out, job.batch_size, job.progress)
     info = {"method": job.method, "preset": job.preset, "references": references}
     with output_folder(out, "predict", PREDICT_OUTPUTS, job.overwrite, protected=inputs):
         summary = predict_paths(detector, paths, job.category, out, threshold, scale, job.batch_size,

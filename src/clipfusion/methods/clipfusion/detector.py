@@ -2,20 +2,28 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save as save_tensors
 
+from clipfusion import __version__
 from clipfusion.config import SETTING_GROUPS, FusionConfig, Preset, RuntimeConfig, get_preset, override
 from clipfusion.encoders import cache
 from clipfusion.errors import ClipfusionError
 from clipfusion.images import Images, as_rgb_list
 from clipfusion.methods.clipfusion.fusion import BranchMaps, fuse
 from clipfusion.methods.clipfusion.mapdiff import MapDiff
+from clipfusion.methods.clipfusion.model_file import FORMAT, FORMAT_VERSION, ModelCard, Thresholds, read_card
 from clipfusion.methods.clipfusion.patchclip import PatchClip
 from clipfusion.methods.memory import MemoryBank
+from clipfusion.outputs import write_atomic
 from clipfusion.protocol import Prediction
 from clipfusion.timing import StageTimer
 
@@ -34,6 +42,8 @@ class CLIPFusion:
         prediction = detector.predict(test_images, category="bottle")
         prediction.scores, prediction.maps                         # (N,), (N, 256, 256)
     """
+
+    references_: list[dict[str, str]]  # of a loaded model file: name and sha256 of each reference
 
     def __init__(self, preset: str | Preset = "paper-recon", runtime: RuntimeConfig | None = None,
                  batch_size: int = 8, **overrides: Any) -> None:
@@ -130,6 +140,62 @@ class CLIPFusion:
         self.memory_bank_ = bank
         self.category_ = str(bank.manifest.get("category"))
         return self
+
+    @torch.inference_mode()
+    def calibrate(self, normal_images: Images, category: str) -> CLIPFusion:
+        """Set ``thresholds_`` from normal images that are **not** the references: the image and
+        pixel thresholds and the normal-score statistics (see :class:`Thresholds`)."""
+        scores, maps = [], []
+        images = as_rgb_list(normal_images)
+        for start in range(0, len(images), self.batch_size):
+            prediction = self.predict(images[start:start + self.batch_size], category)
+            scores.append(prediction.scores)
+            maps.append(prediction.maps)
+        self.thresholds_ = Thresholds.from_normals(np.concatenate(scores) if scores else np.array([]),
+                                                   np.concatenate(maps) if maps else np.zeros((0, 1, 1)))
+        self.category_ = category
+        return self
+
+    def save(self, path: str | Path, references: Sequence[dict[str, str]] | None = None) -> Path:
+        """Write the inspection model file (see ``model_file``): settings, memory bank (if fitted),
+        thresholds (``calibrate`` first) and ``references`` (name and sha256 of each reference file)."""
+        if not hasattr(self, "thresholds_"):
+            raise ClipfusionError("nothing to save: calibrate the detector on held-out normal images first")
+        if not isinstance(self.preset, str):
+            raise ClipfusionError("only detectors of a named preset can be saved (pass overrides for the rest)")
+        card = ModelCard(preset=self.preset, overrides=dict(self.overrides), category=self.category_,
+                         prompt_name=self.config.prompts.name_of(self.category_),
+                         references=list(references if references is not None else getattr(self, "references_", [])),
+                         thresholds=self.thresholds_, version=__version__,
+                         created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        bank = getattr(self, "memory_bank_", None)
+        tensors = {} if bank is None else {k: v.contiguous() for k, v in bank.features.items()}
+        manifest = {} if bank is None else {**bank.manifest, "version": __version__}
+        data = save_tensors(tensors, metadata={"format": f"{FORMAT}/{FORMAT_VERSION}", "model": card.to_json(),
+                                               "manifest": json.dumps(manifest)})
+        write_atomic(Path(path), data)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path, runtime: RuntimeConfig | None = None, batch_size: int = 8) -> CLIPFusion:
+        """A ready detector from a model file written by :meth:`save`: settings, bank and thresholds.
+
+        The card is checked field by field before anything else; the bank is then checked against
+        the settings (it must be the bank these settings make)."""
+        path = Path(path)
+        card = read_card(path)
+        detector = cls(card.preset, runtime, batch_size, **card.overrides)
+        with safe_open(str(path), framework="pt") as handle:
+            has_bank = bool(list(handle.keys()))
+        if has_bank:
+            detector.load_memory(path)
+            if detector.category_ != card.category:
+                raise ClipfusionError(f"model file {path}: its bank was fit on {detector.category_!r} but the file "
+                                      f"says {card.category!r}; write it again with `clipfusion fit`")
+        detector.category_ = card.category
+        detector.thresholds_ = card.thresholds
+        detector.references_ = card.references
+        return detector
 
     # --- inference --------------------------------------------------------------------------------
 

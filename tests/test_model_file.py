@@ -1,0 +1,119 @@
+"""The inspection model file (``fit --out X.cfm``, ``predict --model X.cfm``, ``CLIPFusion.load``)."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from clipfusion.data import read_rgb
+from clipfusion.errors import ClipfusionError
+from clipfusion.methods.clipfusion.detector import CLIPFusion
+from clipfusion.methods.clipfusion.model_file import read_card
+
+from .commands import clipfusion_here
+
+
+@pytest.fixture(scope="module")
+def model(synthetic_root, tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "disc.cfm"
+    result = clipfusion_here("fit", "--normal", str(synthetic_root / "disc" / "train" / "good"), "--category", "disc",
+                             "--shots", "2", "--preset", "tiny", "--set", "fusion__sigma=2", "--out", str(path),
+                             "--quiet")
+    assert result.returncode == 0, result.stderr
+    return path
+
+
+def test_the_file_describes_itself_and_thresholds_come_from_held_out_normals(model, synthetic_root):
+    card = read_card(model)
+    normal_dir = synthetic_root / "disc" / "train" / "good"
+    assert (card.preset, card.overrides, card.category, card.prompt_name) == ("tiny", {"fusion__sigma": 2}, "disc",
+                                                                              "disc")
+    names = [r["name"] for r in card.references]
+    assert len(names) == 2
+    for reference in card.references:
+        assert reference["sha256"] == hashlib.sha256((normal_dir / reference["name"]).read_bytes()).hexdigest()
+    held_out = sorted(p for p in normal_dir.iterdir() if p.name not in names)
+    assert card.thresholds.n_normals == len(held_out) == 2  # 4 normal images, 2 of them references
+    # recomputed here: a detector fitted on the same references, scoring the held-out images
+    detector = CLIPFusion("tiny", fusion__sigma=2).fit([read_rgb(normal_dir / n) for n in names], "disc")
+    prediction = detector.predict([read_rgb(p) for p in held_out], "disc")
+    assert card.thresholds.image == pytest.approx(float(np.quantile(prediction.scores, 0.99, method="higher")))
+    assert card.thresholds.pixel == pytest.approx(float(np.quantile(prediction.maps, 0.999, method="higher")))
+    assert card.thresholds.normal_max == pytest.approx(float(prediction.scores.max()))
+    normalised = CLIPFusion.load(model).thresholds_.normalised(np.array([card.thresholds.image, -1e9, 1e9]))
+    np.testing.assert_allclose(normalised, [0.5, 0.0, 1.0])
+
+
+def test_a_loaded_model_predicts_like_the_fitted_detector(model, synthetic_root):
+    card = read_card(model)
+    normal_dir = synthetic_root / "disc" / "train" / "good"
+    fitted = CLIPFusion("tiny", fusion__sigma=2).fit([read_rgb(normal_dir / r["name"]) for r in card.references],
+                                                      "disc")
+    queries = sorted((synthetic_root / "disc" / "test").rglob("*.png"))[:3]
+    loaded = CLIPFusion.load(model)
+    np.testing.assert_array_equal(loaded.predict(queries, "disc").maps, fitted.predict(queries, "disc").maps)
+
+
+def test_predict_with_the_model_needs_no_other_option(model, synthetic_root, tmp_path):
+    out = tmp_path / "out"
+    result = clipfusion_here("predict", str(synthetic_root / "disc" / "test"), "--model", str(model),
+                             "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "scores.json").read_text())
+    threshold = read_card(model).thresholds.image
+    assert summary["threshold"]["value"] == threshold and "from the model file" in summary["threshold"]["how"]
+    assert summary["category"] == "disc" and summary["preset"] == "tiny"
+    assert all(row["decision"] == ("anomalous" if row["score"] > threshold else "normal") for row in summary["images"])
+
+
+@pytest.mark.parametrize(("extra", "needle"), [
+    (["--category", "fabric"], "--category fabric (the model file's category is disc)"),
+    (["--preset", "fast"], "--preset fast (the model file's preset is tiny)"),
+    (["--alpha", "0.3"], "--set/--alpha"),
+    (["--method", "winclip"], "--method winclip"),
+])
+def test_options_that_contradict_the_model_are_named(model, synthetic_root, tmp_path, extra, needle):
+    result = clipfusion_here("predict", str(synthetic_root / "disc" / "test" / "good"), "--model", str(model),
+                             "--out", str(tmp_path / "o"), "--quiet", *extra)
+    assert result.returncode == 2 and needle in result.stderr, result.stderr
+
+
+def _rewrite(model, tmp_path, edit_card=None, format_tag=None):
+    with safe_open(str(model), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+    card = json.loads(metadata["model"])
+    if edit_card:
+        edit_card(card)
+    metadata["model"] = json.dumps(card)
+    if format_tag is not None:
+        metadata["format"] = format_tag
+    path = tmp_path / "tampered.cfm"
+    save_file(load_file(str(model)), str(path), metadata=metadata)
+    return path
+
+
+@pytest.mark.parametrize(("edit", "tag", "needle"), [
+    (lambda card: card["thresholds"].__setitem__("image", float("nan")), None, "not a finite number"),
+    (lambda card: card.__setitem__("overrides", {"fusion__alpha_seg": 2}), None, "settings are not valid"),
+    (lambda card: card.__setitem__("category", "fabric"), None, "its bank was fit on 'disc'"),
+    (None, "clipfusion-model/99", "format clipfusion-model/1"),
+])
+def test_a_tampered_model_file_is_refused(model, tmp_path, edit, tag, needle):
+    path = _rewrite(model, tmp_path, edit, tag)
+    with pytest.raises(ClipfusionError, match=needle):
+        CLIPFusion.load(path)
+
+
+def test_a_zero_shot_model_has_thresholds_and_no_bank(synthetic_root, tmp_path):
+    path = tmp_path / "zero.cfm"
+    result = clipfusion_here("fit", "--normal", str(synthetic_root / "disc" / "train" / "good"), "--category", "disc",
+                             "--shots", "0", "--preset", "tiny", "--out", str(path), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert load_file(str(path)) == {}
+    card = read_card(path)
+    assert card.references == [] and card.thresholds.n_normals == 4
+    assert not hasattr(CLIPFusion.load(path), "memory_bank_")
