@@ -28,6 +28,7 @@ Running the same command again skips the (category, shots, seed) units already i
 
 PREDICT_EXAMPLES = """\
 examples:
+  clipfusion predict new_parts/ --model bottle.cfm                      # a model from `clipfusion fit`
   clipfusion predict photos/ --category bottle                          # zero-shot, real weights
   clipfusion predict photos/*.jpg --category bottle --normal good/ --shots 4 --threshold auto
   clipfusion predict part.png --memory bottle-4shot.safetensors --category bottle --threshold 0.62
@@ -39,8 +40,14 @@ Writes overlays/*.png (heatmap over the image, one colour scale for the whole ru
 
 FIT_EXAMPLES = """\
 examples:
-  clipfusion fit --normal data/bottle/train/good --category bottle --shots 4 --out bottle-4shot.safetensors
-  clipfusion predict new_parts/ --category bottle --memory bottle-4shot.safetensors
+  clipfusion fit --normal good/ --category bottle --shots 4 --out bottle.cfm     # inspection model file
+  clipfusion predict new_parts/ --model bottle.cfm                                  # needs no other option
+  clipfusion fit --normal good/ --category bottle --shots 0 --out bottle-0shot.cfm  # zero-shot, thresholds only
+  clipfusion fit --normal good/ --category bottle --shots 4 --out bottle-4shot.safetensors  # bare memory bank
+
+A .cfm model file holds the settings, the references (names and SHA-256), the memory bank, and an image
+and a pixel threshold derived from the normal images of --normal that are not references (99% and
+99.9% quantiles of their scores and map values; the rule and count are recorded).
 """
 
 SWEEP_EXAMPLES = """\
