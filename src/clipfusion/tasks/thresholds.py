@@ -12,10 +12,11 @@ from tqdm.auto import tqdm
 
 from clipfusion.data.base import read_images
 from clipfusion.errors import ClipfusionError
+from clipfusion.methods.clipfusion.model_file import IMAGE_QUANTILE
 from clipfusion.protocol import Detector
 
 logger = logging.getLogger(__name__)
-AUTO_QUANTILE = 0.99
+AUTO_QUANTILE = IMAGE_QUANTILE  # the model file's image-threshold rule: one rule for both
 
 
 @dataclass
