@@ -68,6 +68,11 @@ def test_predict_with_the_model_needs_no_other_option(model, synthetic_root, tmp
     assert summary["threshold"]["value"] == threshold and "from the model file" in summary["threshold"]["how"]
     assert summary["category"] == "disc" and summary["preset"] == "tiny"
     assert all(row["decision"] == ("anomalous" if row["score"] > threshold else "normal") for row in summary["images"])
+    thresholds = read_card(model).thresholds
+    for row in summary["images"]:  # 0.5 + (score - threshold) / (normal max - normal min), clipped to [0, 1]
+        span = thresholds.normal_max - thresholds.normal_min
+        expected = min(1.0, max(0.0, 0.5 + (row["score"] - threshold) / span))
+        assert row["normalised_score"] == pytest.approx(expected, abs=1e-6)
 
 
 @pytest.mark.parametrize(("extra", "needle"), [

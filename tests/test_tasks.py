@@ -27,7 +27,7 @@ def test_predict_folder_with_a_corrupt_file_writes_every_other_result(synthetic_
     maps = [np.load(p) for p in sorted((out / "maps").glob("*.npy"))]
     assert summary["scale"] == pytest.approx([min(m.min() for m in maps), max(m.max() for m in maps)])
     with (out / "scores.csv").open() as handle:
-        assert next(iter(csv.DictReader(handle))).keys() == {"path", "score", "decision", "seconds"}
+        assert next(iter(csv.DictReader(handle))).keys() == {"path", "score", "normalised_score", "decision", "seconds"}
 
 
 def test_predict_few_shot_with_auto_threshold(synthetic_root, tmp_path):

@@ -71,7 +71,11 @@ def predict_paths(detector: Detector, paths: Sequence[Path], category: str, out:
             start = time.perf_counter()
             prediction = detector.predict(images, category)
             seconds = (time.perf_counter() - start) / len(images)
-            for path, score, amap in zip(batch_paths, prediction.scores, prediction.maps, strict=True):
+            # a model file's normal-score statistics give a normalised score: 0.5 at its threshold
+            thresholds = getattr(detector, "thresholds_", None)
+            normalised = thresholds.normalised(prediction.scores) if thresholds else [None] * len(images)
+            for path, score, norm, amap in zip(batch_paths, prediction.scores, normalised, prediction.maps,
+                                               strict=True):
                 if not (math.isfinite(float(score)) and np.isfinite(amap).all()):
                     logger.warning("skipped %s: its score or map is not a finite number (check the settings)", path)
                     skipped.append((os.fsdecode(path), "score or map not finite (NaN or infinity)"))
@@ -80,8 +84,9 @@ def predict_paths(detector: Detector, paths: Sequence[Path], category: str, out:
                 write_atomic(out / "maps" / f"{name}.npy", _npy_bytes(amap.astype(np.float32)))
                 written.append((path, name))
                 decision = "" if threshold is None else ("anomalous" if score > threshold.value else "normal")
-                rows.append({"path": os.fsdecode(path), "score": float(score), "decision": decision,
-                             "seconds": round(seconds, 4)})
+                rows.append({"path": os.fsdecode(path), "score": float(score),
+                             "normalised_score": None if norm is None else round(float(norm), 6),
+                             "decision": decision, "seconds": round(seconds, 4)})
         bar.update(len(paths[begin:begin + batch_size]))
     bar.close()
     if not rows:
@@ -92,7 +97,7 @@ def predict_paths(detector: Detector, paths: Sequence[Path], category: str, out:
     for path, name in tqdm(written, desc="overlays", disable=not progress):
         picture = overlay(_bounded(read_rgb(path, max_pixels)), np.load(out / "maps" / f"{name}.npy"), *scale)
         write_atomic(out / "overlays" / f"{name}.png", png_bytes(picture))
-    write_atomic(out / "scores.csv", csv_text(["path", "score", "decision", "seconds"], rows))
+    write_atomic(out / "scores.csv", csv_text(["path", "score", "normalised_score", "decision", "seconds"], rows))
     summary = {**(info or {}), "category": category, "scale": list(scale),
                "threshold": None if threshold is None else asdict(threshold),
                "skipped": [{"path": p, "reason": r} for p, r in skipped], "images": rows}
