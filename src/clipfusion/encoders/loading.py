@@ -316,9 +316,9 @@ def load_diffusion(config: DiffusionConfig, runtime: RuntimeConfig) -> Diffusion
     vae_dtype = torch_dtype(config.vae_dtype) if config.vae_dtype else dtype
     parts = _random_architecture(config)
     if parts is not None:
-        parts.unet.to(dtype=dtype)
-        parts.text_encoder.to(dtype=dtype)
-        parts.vae.to(dtype=vae_dtype)
+        for module, wanted in ((parts.unet, dtype), (parts.text_encoder, dtype), (parts.vae, vae_dtype)):
+            if next(module.parameters()).dtype != wanted:  # diffusers warns on every .to(dtype), even a no-op
+                module.to(dtype=wanted)
     else:
         common = {"cache_dir": runtime.cache_dir, "local_files_only": is_offline(runtime)}
         source = config.model_id
