@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,14 @@ def clipfusion(*args: str, cwd: Path | None = None, env: dict[str, str] | None =
     return subprocess.run([*command, *args], capture_output=True, text=True, cwd=cwd, timeout=600,
                           env={**os.environ, **(env or {})})
 
+
+def results(out: Path) -> list[dict]:
+    """The rows of a predict run's results.jsonl, parsed strictly (NaN refused, non-UTF-8 names kept)."""
+    def refuse(constant: str) -> object:
+        raise ValueError(f"{constant} in results.jsonl")
+
+    text = (out / "results.jsonl").read_bytes().decode("utf-8", "surrogateescape")
+    return [json.loads(line, parse_constant=refuse) for line in text.splitlines()]
 
 
 def clipfusion_here(*args: str) -> subprocess.CompletedProcess:

@@ -31,7 +31,7 @@ from clipfusion.data.base import read_rgb
 from clipfusion.run_folders import exclusive
 from clipfusion.tasks.inputs import _glob, collect_images
 
-from .commands import clipfusion, clipfusion_here
+from .commands import clipfusion, clipfusion_here, results
 
 
 def _strict_json(path: Path) -> object:
@@ -118,10 +118,10 @@ def test_non_utf8_file_names_are_written_losslessly(synthetic_root, tmp_path):
                         "--out", str(out), "--quiet")
     assert result.returncode == 0, result.stderr
     n_images = len(os.listdir(os.fsencode(folder)))
-    scores = _strict_json(out / "scores.json")
-    assert len(scores["images"]) == n_images
-    assert raw in {os.fsencode(row["path"]) for row in scores["images"]}  # the exact bytes come back
-    rows = list(csv.DictReader(io.StringIO((out / "scores.csv").read_bytes().decode("utf-8", "surrogateescape"))))
+    scored = results(out)
+    assert len(scored) == n_images
+    assert raw in {os.fsencode(row["path"]) for row in scored}  # the exact bytes come back
+    rows = list(csv.DictReader(io.StringIO((out / "results.csv").read_bytes().decode("utf-8", "surrogateescape"))))
     assert len(rows) == n_images and raw in {os.fsencode(r["path"]) for r in rows}
 
 
@@ -157,7 +157,7 @@ def test_images_above_the_pixel_limit_are_skipped_with_the_reason(synthetic_root
     result = clipfusion_here("predict", str(folder), "--category", "disc", "--preset", "tiny", "--out",
                              str(out), "--quiet")
     assert result.returncode == 0, result.stderr
-    skipped = _strict_json(out / "scores.json")["skipped"]
+    skipped = _strict_json(out / "summary.json")["skipped"]
     assert [Path(s["path"]).name for s in skipped] == ["huge.png"]
     assert "300 megapixels" in skipped[0]["reason"] and "--max-pixels" in skipped[0]["reason"]
     small = clipfusion_here("predict", str(folder), "--category", "disc", "--preset", "tiny", "--out",
@@ -237,13 +237,13 @@ def test_settings_and_inputs_that_would_give_nan_are_refused(synthetic_root, tmp
                                     str(tmp_path / "d")), "lacks the layers ['diffusion/up1']")
 
 
-def test_scores_json_is_strict_json(synthetic_root, tmp_path):
+def test_predict_outputs_are_strict_json(synthetic_root, tmp_path):
     out = tmp_path / "out"
     result = clipfusion_here("predict", str(synthetic_root / "disc" / "test" / "good"), "--category", "disc",
                         "--preset", "tiny", "--threshold", "0.5", "--out", str(out), "--quiet")
     assert result.returncode == 0, result.stderr
-    summary = _strict_json(out / "scores.json")
-    assert all(row["decision"] in ("normal", "anomalous") for row in summary["images"])
+    _strict_json(out / "summary.json")
+    assert all(row["decision"] == ("NG" if row["score"] > 0.5 else "OK") for row in results(out))
 
 
 # --- 9. predict leaves no stale files ----------------------------------------------------------------------------
@@ -253,7 +253,7 @@ def test_predict_refuses_a_folder_with_an_earlier_run_unless_overwrite(synthetic
     many, one = synthetic_root / "disc" / "test" / "good", synthetic_root / "disc" / "test" / "hole"
     base = ["predict", "--category", "disc", "--preset", "tiny", "--out", str(out), "--quiet"]
     assert clipfusion_here(*base[:1], str(many), *base[1:]).returncode == 0
-    _one_line_error(clipfusion_here(*base[:1], str(one), *base[1:]), "--overwrite")
+    _one_line_error(clipfusion_here(*base[:1], str(one), *base[1:]), "--overwrite", "--resume")
     assert clipfusion_here(*base[:1], str(one), *base[1:], "--overwrite").returncode == 0
     assert len(list((out / "overlays").iterdir())) == len(list(one.iterdir()))  # no overlay of the first run
     foreign = tmp_path / "holiday"

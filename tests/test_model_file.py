@@ -14,7 +14,7 @@ from clipfusion.errors import ClipfusionError
 from clipfusion.methods.clipfusion.detector import CLIPFusion
 from clipfusion.methods.clipfusion.model_file import read_card
 
-from .commands import clipfusion_here
+from .commands import clipfusion_here, results
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +63,15 @@ def test_predict_with_the_model_needs_no_other_option(model, synthetic_root, tmp
     result = clipfusion_here("predict", str(synthetic_root / "disc" / "test"), "--model", str(model),
                              "--out", str(out), "--quiet")
     assert result.returncode == 0, result.stderr
-    summary = json.loads((out / "scores.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     threshold = read_card(model).thresholds.image
-    assert summary["threshold"]["value"] == threshold and "from the model file" in summary["threshold"]["how"]
-    assert summary["category"] == "disc" and summary["preset"] == "tiny"
-    assert all(row["decision"] == ("anomalous" if row["score"] > threshold else "normal") for row in summary["images"])
+    assert summary["identity"]["image_threshold"] == threshold and "from the model file" in summary["how"]
+    assert summary["identity"]["category"] == "disc" and summary["identity"]["preset"] == "tiny"
+    rows = results(out)
+    assert all(row["decision"] == ("NG" if row["score"] > threshold else "OK") for row in rows)
+    assert {row["model_id"] for row in rows} == {hashlib.sha256(model.read_bytes()).hexdigest()}
     thresholds = read_card(model).thresholds
-    for row in summary["images"]:  # 0.5 + (score - threshold) / (normal max - normal min), clipped to [0, 1]
+    for row in rows:  # 0.5 + (score - threshold) / (normal max - normal min), clipped to [0, 1]
         span = thresholds.normal_max - thresholds.normal_min
         expected = min(1.0, max(0.0, 0.5 + (row["score"] - threshold) / span))
         assert row["normalised_score"] == pytest.approx(expected, abs=1e-6)
@@ -105,7 +107,7 @@ def _rewrite(model, tmp_path, edit_card=None, format_tag=None):
     (lambda card: card["thresholds"].__setitem__("image", float("nan")), None, "not a finite number"),
     (lambda card: card.__setitem__("overrides", {"fusion__alpha_seg": 2}), None, "settings are not valid"),
     (lambda card: card.__setitem__("category", "fabric"), None, "its bank was fit on 'disc'"),
-    (None, "clipfusion-model/99", "format clipfusion-model/1"),
+    (None, "clipfusion-model/99", "format clipfusion-model/2"),
 ])
 def test_a_tampered_model_file_is_refused(model, tmp_path, edit, tag, needle):
     path = _rewrite(model, tmp_path, edit, tag)

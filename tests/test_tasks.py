@@ -5,10 +5,9 @@ import csv
 import json
 import shutil
 
-import numpy as np
 import pytest
 
-from .commands import clipfusion, clipfusion_here
+from .commands import clipfusion, clipfusion_here, results
 
 
 def test_predict_folder_with_a_corrupt_file_writes_every_other_result(synthetic_root, tmp_path):
@@ -20,14 +19,15 @@ def test_predict_folder_with_a_corrupt_file_writes_every_other_result(synthetic_
     result = clipfusion("predict", str(folder), "--category", "disc", "--preset", "tiny", "--out", str(out), "--quiet")
     assert result.returncode == 0, result.stderr
     assert "broken.png" in result.stderr
-    summary = json.loads((out / "scores.json").read_text())
-    assert len(summary["images"]) == 5 and [s["path"] for s in summary["skipped"]] == [str(folder / "good" /
-                                                                                          "broken.png")]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"] == 5 and [s["path"] for s in summary["skipped"]] == [str(folder / "good" /
+                                                                                     "broken.png")]
     assert len(list((out / "overlays").glob("*.png"))) == 5 and len(list((out / "maps").glob("*.npy"))) == 5
-    maps = [np.load(p) for p in sorted((out / "maps").glob("*.npy"))]
-    assert summary["scale"] == pytest.approx([min(m.min() for m in maps), max(m.max() for m in maps)])
-    with (out / "scores.csv").open() as handle:
-        assert next(iter(csv.DictReader(handle))).keys() == {"path", "score", "normalised_score", "decision", "seconds"}
+    rows = results(out)
+    assert {row["decision"] for row in rows} == {"no threshold"} and all(row["regions"] is None for row in rows)
+    assert summary["identity"]["scale"] == [0.0, 1.0]  # no thresholds: the language maps' probability range
+    with (out / "results.csv").open() as handle:
+        assert [r["path"] for r in csv.DictReader(handle)] == [r["path"] for r in rows]
 
 
 def test_predict_few_shot_with_auto_threshold(synthetic_root, tmp_path):
@@ -36,12 +36,12 @@ def test_predict_few_shot_with_auto_threshold(synthetic_root, tmp_path):
                         "--normal", str(synthetic_root / "disc" / "train" / "good"), "--shots", "2",
                         "--threshold", "auto", "--out", str(out), "--quiet")
     assert result.returncode == 0, result.stderr
-    summary = json.loads((out / "scores.json").read_text())
-    assert "held-out normal images" in summary["threshold"]["how"] and "2 held-out" in summary["threshold"]["how"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert "derived in this run" in summary["how"] and "over 2 held-out" in summary["how"]
     assert len(summary["references"]) == 2
-    threshold = summary["threshold"]["value"]
-    assert all(row["decision"] == ("anomalous" if row["score"] > threshold else "normal") for row in summary["images"])
-    assert "flagged as anomalous" in result.stdout
+    threshold = summary["identity"]["image_threshold"]
+    assert all(row["decision"] == ("NG" if row["score"] > threshold else "OK") for row in results(out))
+    assert f"{summary['NG']} NG at image threshold" in result.stdout
 
 
 def test_fit_then_predict_with_the_memory_bank_and_refuse_a_mismatch(synthetic_root, tmp_path):
@@ -55,7 +55,7 @@ def test_fit_then_predict_with_the_memory_bank_and_refuse_a_mismatch(synthetic_r
     ok = clipfusion("predict", images, "--memory", str(bank), "--category", "disc", "--preset", "tiny",
                     "--out", str(tmp_path / "p"), "--quiet")
     assert ok.returncode == 0, ok.stderr
-    assert len(json.loads((tmp_path / "p" / "scores.json").read_text())["references"]) == 2
+    assert len(json.loads((tmp_path / "p" / "summary.json").read_text())["references"]) == 2
     wrong = clipfusion("predict", images, "--memory", str(bank), "--category", "disc", "--preset", "tiny",
                        "--timestep", "300", "--out", str(tmp_path / "q"), "--quiet")
     assert wrong.returncode == 2
@@ -125,7 +125,7 @@ def test_memory_bank_references_are_not_held_out_for_the_threshold(synthetic_roo
                              "--preset", "tiny", "--memory", str(bank), "--normal", str(normal),
                              "--threshold", "auto", "--out", str(out), "--quiet")
     assert result.returncode == 0, result.stderr
-    assert "of 1 held-out normal images" in json.loads((out / "scores.json").read_text())["threshold"]["how"]
+    assert "over 1 held-out normal images" in json.loads((out / "summary.json").read_text())["how"]
 
 
 def test_shots_without_a_folder_of_normals_is_an_error(synthetic_root, tmp_path):

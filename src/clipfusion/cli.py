@@ -33,9 +33,13 @@ examples:
   clipfusion predict photos/*.jpg --category bottle --normal good/ --shots 4 --threshold auto
   clipfusion predict part.png --memory bottle-4shot.safetensors --category bottle --threshold 0.62
   clipfusion predict photos/ --preset tiny --out /tmp/try                # offline smoke test (meaningless scores)
+  clipfusion predict new_parts/ --model bottle.cfm --resume               # after an interruption: the rest only
 
-Writes overlays/*.png (heatmap over the image, one colour scale for the whole run), maps/*.npy
-(raw maps), scores.csv and scores.json (path, score, decision, seconds per image).
+Streams one row per image to results.jsonl and results.csv as it is scored (path, score, normalised
+score, OK/NG, threshold, regions with bounding boxes in the image's pixels, overlay/mask/map files,
+seconds, model id, time), and writes overlays/*.png (the image at its own size with the map on the
+model's fixed colour scale, region boxes, the verdict and a colour bar), masks/*.png (NG images),
+maps/*.npy (raw maps) and, at the end, index.html (sorted by score, filter OK/NG).
 """
 
 FIT_EXAMPLES = """\
@@ -217,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataset_options(evaluate, "runs/evaluate")
     _add_run_options(evaluate)
 
-    predict = _command(commands, "predict", "score your own images: overlays, raw maps, scores.csv/json",
+    predict = _command(commands, "predict", "score your own images: OK/NG, regions, overlays, results.csv, index.html",
                        "Score image files, folders (recursive) or glob patterns. Zero-shot by default; few-shot "
                        "with --normal DIR --shots k, or with a memory bank from `clipfusion fit` (--memory).",
                        PREDICT_EXAMPLES)
@@ -231,7 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="image score above which an image is flagged; 'auto' derives it from the normal "
                               "images of --normal not used as references")
     predict.add_argument("--scale", default=None, metavar="LOW,HIGH",
-                         help="fixed colour scale of the overlays (default: min and max over all maps of the run)")
+                         help="fixed colour scale of the overlays (default: the model's, from its normal images' "
+                              "maps; without thresholds 0,1)")
+    predict.add_argument("--min-region-area", type=int, default=16, dest="min_area", metavar="PIXELS",
+                         help="smallest region reported, in the image's own pixels (default: %(default)s)")
+    predict.add_argument("--resume", action="store_true",
+                         help="continue the run in --out: score only the images its results.jsonl lacks")
     predict.add_argument("--out", default="clipfusion-predict", help="output folder (default: %(default)s)")
     predict.add_argument("--method", default="clipfusion", choices=METHOD_NAMES)
     predict.add_argument("--overwrite", action="store_true",
@@ -350,14 +359,16 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         args.category, args.preset = args.category or "object", args.preset or "paper-recon"
         detector = _make_detector(args, args.method)
     job = PredictJob(inputs=args.paths, category=args.category, out=args.out, method=args.method, preset=args.preset,
-                     normal=args.normal, shots=args.shots, seed=args.seed, memory=args.memory,
-                     threshold=args.threshold, scale=args.scale, batch_size=args.batch_size, progress=not args.quiet,
-                     overwrite=args.overwrite, max_pixels=args.max_pixels)
-    summary, threshold = run_predict(job, detector)
-    flagged = sum(row["decision"] == "anomalous" for row in summary["images"])
-    print(f"scored {len(summary['images'])} images ({len(summary['skipped'])} skipped) → {Path(args.out).resolve()}")
-    if threshold is not None:
-        print(f"threshold {threshold.value:.4f} ({threshold.how}): {flagged} flagged as anomalous")
+                     model=args.model, normal=args.normal, shots=args.shots, seed=args.seed, memory=args.memory,
+                     threshold=args.threshold, scale=args.scale, min_area=args.min_area, batch_size=args.batch_size,
+                     progress=not args.quiet, overwrite=args.overwrite, resume=args.resume,
+                     max_pixels=args.max_pixels)
+    summary, decisions = run_predict(job, detector)
+    out = Path(args.out).resolve()
+    print(f"scored {summary['images']} images ({len(summary['skipped'])} skipped) → {out / 'results.csv'}")
+    if decisions.image is not None:
+        print(f"{summary['NG']} NG at image threshold {decisions.image:.4f} ({decisions.how})")
+    print(f"open {out / 'index.html'}")
 
 
 def _model_detector(args: argparse.Namespace) -> Any:
@@ -430,8 +441,9 @@ def _configure_output(quiet: bool) -> None:
 INTERRUPTED = {
     "evaluate": "finished (category, shots, seed) units are kept: run the same command to resume",
     "demo": "finished units are kept: run the same command to resume",
-    "sweep": "nothing was written; run it again", "predict": "the outputs are incomplete; run it again with "
-    "--overwrite", "fit": "no memory bank was written", "benchmark": "nothing was written",
+    "sweep": "nothing was written; run it again", "predict": "every image finished so far is in results.jsonl "
+    "and results.csv; add --resume to the same command to score the rest",
+    "fit": "no memory bank was written", "benchmark": "nothing was written",
     "synth": "the dataset is incomplete; run it again",
 }
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -69,3 +70,12 @@ def read_json(path: Path, what: str) -> Any:
 def json_text(value: Any) -> str:
     """Strict JSON (NaN and infinities as null), indented."""
     return json.dumps(json_safe(value), indent=2, allow_nan=False)
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, hex (read in 1 MiB blocks)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,16 +1,22 @@
-"""Heatmap overlays on a fixed colour scale, and the image encodings outputs use (PNG, small JPEG)."""
+"""Heatmap overlays on a fixed colour scale, the annotated overlays of ``predict`` (verdict banner,
+region boxes, colour bar), and the image encodings outputs use (PNG, small JPEG)."""
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 
 import numpy as np
 from matplotlib import colormaps
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
+from clipfusion.decisions import NG, OK, Region
 from clipfusion.geometry import resize_maps, resize_mask
 
 COLORMAP = "jet"
+BANNER_COLOURS = {NG: (196, 32, 32), OK: (32, 128, 64)}  # anything else (no threshold): grey
+GREY = (90, 90, 90)
+BOX_COLOUR = (255, 0, 255)  # magenta: visible over every colour of the jet scale
 
 
 def overlay(image: np.ndarray, anomaly_map: np.ndarray, vmin: float, vmax: float, mask: np.ndarray | None = None,
@@ -44,4 +50,49 @@ def thumbnail_jpeg(image: np.ndarray, side: int = 192) -> bytes:
     picture.thumbnail((side, side), Image.Resampling.BICUBIC)
     buffer = io.BytesIO()
     picture.save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def inspection_overlay(image: np.ndarray, anomaly_map: np.ndarray, scale: tuple[float, float], title: str,
+                       decision: str | None, regions: Sequence[Region] = (),
+                       pixel_threshold: float | None = None) -> np.ndarray:
+    """(H + banner + bar, W, 3) uint8: ``image`` (H, W, 3) at its own size with ``anomaly_map`` (H, W)
+    coloured on the fixed ``scale``, each region's box, a banner above (``title`` on red for NG,
+    green for OK, grey without a threshold) and a colour bar below naming the scale's ends and
+    marking the pixel threshold."""
+    height, width = image.shape[:2]
+    picture = Image.fromarray(overlay(image, anomaly_map, *scale))
+    draw = ImageDraw.Draw(picture)
+    line = max(1, min(height, width) // 150)
+    for region in regions:
+        draw.rectangle([region.x - line, region.y - line, region.x + region.width - 1 + line,
+                        region.y + region.height - 1 + line], outline=BOX_COLOUR, width=line)
+    text_size = max(10, min(32, width // 28))
+    banner_height, bar_height = text_size + 10, max(8, text_size // 2)
+    canvas = Image.new("RGB", (width, banner_height + height + bar_height + text_size + 8), (255, 255, 255))
+    canvas.paste(picture, (0, banner_height))
+    draw = ImageDraw.Draw(canvas)
+    draw.rectangle([0, 0, width - 1, banner_height - 1], fill=BANNER_COLOURS.get(decision or "", GREY))
+    draw.text((6, 5), title, fill=(255, 255, 255), font=_font(text_size))
+    ramp = colormaps[COLORMAP](np.linspace(0.0, 1.0, width))[:, :3] * 255.0
+    top = banner_height + height
+    canvas.paste(Image.fromarray(np.repeat(ramp[None].astype(np.uint8), bar_height, axis=0)), (0, top))
+    low, high = scale
+    if pixel_threshold is not None and low < pixel_threshold < high:
+        x = round((pixel_threshold - low) / (high - low) * (width - 1))
+        draw.line([x, top, x, top + bar_height - 1], fill=(0, 0, 0), width=max(1, line))
+    small = _font(max(8, text_size * 3 // 4))
+    draw.text((2, top + bar_height + 2), f"{low:.3g}", fill=(0, 0, 0), font=small)
+    draw.text((width - 2, top + bar_height + 2), f"{high:.3g}", fill=(0, 0, 0), font=small, anchor="ra")
+    return np.asarray(canvas)
+
+
+def mask_png(mask: np.ndarray) -> bytes:
+    """A binary (H, W) mask as a 1-bit PNG: white = anomalous."""
+    buffer = io.BytesIO()
+    Image.fromarray(mask.astype(bool)).convert("1").save(buffer, format="PNG")
     return buffer.getvalue()

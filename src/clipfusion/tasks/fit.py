@@ -1,7 +1,6 @@
 """From a folder of normal images: the inspection model file (``*.cfm``), or a bare memory bank."""
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -9,6 +8,7 @@ from pathlib import Path
 from clipfusion.data.base import MAX_PIXELS, read_images
 from clipfusion.errors import ClipfusionError
 from clipfusion.methods.clipfusion.detector import CLIPFusion
+from clipfusion.outputs import file_sha256
 from clipfusion.tasks.inputs import draw_references
 
 logger = logging.getLogger(__name__)
@@ -42,14 +42,6 @@ def fit_memory(detector: CLIPFusion, normal: str, category: str, shots: int, see
     names = [p.name for p in paths]
     detector.fit(images, category, reference_names=names)
     return detector.save_memory(out), names
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fit_model(detector: CLIPFusion, normal: str, category: str, shots: int, seed: int, out: str,

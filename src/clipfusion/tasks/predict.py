@@ -1,4 +1,6 @@
-"""Scoring users' own images: optional references, a threshold, then overlays, raw maps and scores."""
+"""Scoring users' own images, line-ready: each image's row (score, OK/NG, regions, file paths,
+seconds) is streamed to results.jsonl/csv as soon as it is scored, with its overlay, mask, raw map
+and thumbnail; an interrupted run resumes without scoring an image twice; index.html at the end."""
 from __future__ import annotations
 
 import io
@@ -8,6 +10,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -15,21 +18,29 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from clipfusion.data.base import MAX_PIXELS, read_images, read_rgb
-from clipfusion.errors import ClipfusionError
-from clipfusion.geometry import resize_image
-from clipfusion.outputs import csv_text, json_text, write_atomic
-from clipfusion.overlays import overlay, png_bytes
+from clipfusion.decisions import NG, Region, find_regions, label
+from clipfusion.errors import ClipfusionError, ImageReadError
+from clipfusion.geometry import resize_image, resize_maps
+from clipfusion.outputs import file_sha256, json_text, read_json, write_atomic
+from clipfusion.overlays import inspection_overlay, mask_png, png_bytes, thumbnail_jpeg
 from clipfusion.protocol import Detector
+from clipfusion.row_log import CSV, JSONL, RowLog
 from clipfusion.run_folders import check_output_folder, output_folder
+from clipfusion.tasks.index_page import write_index
 from clipfusion.tasks.inputs import collect_images, draw_references
-from clipfusion.tasks.thresholds import Threshold, resolve_threshold
+from clipfusion.tasks.thresholds import Decisions, resolve_decisions
 
 logger = logging.getLogger(__name__)
 # What predict writes directly in --out (all that --overwrite may delete).
-PREDICT_OUTPUTS = ("maps", "overlays", "scores.csv", "scores.json")
+PREDICT_OUTPUTS = ("run.json", JSONL, CSV, "summary.json", "index.html", "maps", "overlays", "masks", "thumbnails")
+ROW_FIELDS = ("path", "score", "normalised_score", "decision", "threshold", "regions", "overlay", "mask", "map",
+              "thumbnail", "seconds", "model_id", "timestamp")
+NO_THRESHOLD = "no threshold"
 # Overlays are drawn at most this many pixels on their longest side: a 100-megapixel frame would
-# otherwise need gigabytes for its heatmap.
+# otherwise need gigabytes for its heatmap.  Masks and regions are always at the image's full size.
 OVERLAY_MAX_SIDE = 2048
+# What must be equal for --resume to continue a run: the same decisions on the same model.
+RUN_IDENTITY = ("model_id", "method", "preset", "category", "image_threshold", "pixel_threshold", "scale", "min_area")
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -38,109 +49,170 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _bounded(image: np.ndarray) -> np.ndarray:
-    """``image`` shrunk (aspect kept) so that its longest side is at most OVERLAY_MAX_SIDE."""
-    longest = max(image.shape[:2])
-    if longest <= OVERLAY_MAX_SIDE:
-        return image
-    scale = OVERLAY_MAX_SIDE / longest
-    return resize_image(image, (max(1, round(image.shape[0] * scale)), max(1, round(image.shape[1] * scale))))
+def _overlay_size(height: int, width: int) -> tuple[int, int]:
+    """(height, width) shrunk (aspect kept) so that the longest side is at most OVERLAY_MAX_SIDE."""
+    scale = min(1.0, OVERLAY_MAX_SIDE / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def predict_paths(detector: Detector, paths: Sequence[Path], category: str, out: str | Path,
-                  threshold: Threshold | None = None, scale: tuple[float, float] | None = None,
-                  batch_size: int = 8, progress: bool = True, info: dict[str, Any] | None = None,
-                  max_pixels: int = MAX_PIXELS) -> dict[str, Any]:
-    """Score ``paths``; write maps/*.npy, overlays/*.png, scores.csv and scores.json under ``out``.
+def _scaled(regions: Sequence[Region], factor: float) -> list[Region]:
+    return [Region(round(r.x * factor), round(r.y * factor), max(1, round(r.width * factor)),
+                   max(1, round(r.height * factor)), r.area, r.peak) for r in regions]
 
-    The overlay colour scale is ``scale`` or, by default, the min and max over every map of the run:
-    one scale for all images, never an image's own min–max.  An image whose score or map is not
-    finite is reported and skipped, never given a decision.
+
+@dataclass(frozen=True)
+class RowSettings:
+    """What every row of one run shares."""
+
+    category: str
+    decisions: Decisions
+    model_id: str | None
+    min_area: int
+    max_pixels: int
+
+
+class ImageWriter:
+    """Writes one scored image's files (raw map, mask, overlay, thumbnail) and returns its row."""
+
+    def __init__(self, out: Path, settings: RowSettings) -> None:
+        self.out, self.settings = out, settings
+        for folder in ("maps", "overlays", "masks", "thumbnails"):
+            (out / folder).mkdir(parents=True, exist_ok=True)
+
+    def row(self, name: str, path: Path, image: np.ndarray, score: float, raw_map: np.ndarray,
+            full_map: np.ndarray) -> dict[str, Any]:
+        """``raw_map`` (h, w) at the detector's size; ``full_map`` (H, W) at the image's own size."""
+        decisions = self.settings.decisions
+        decision = NO_THRESHOLD if decisions.image is None else label(score, decisions.image)
+        regions: list[Region] | None = None
+        mask_file = None
+        if decisions.pixel is not None:
+            mask, regions = find_regions(full_map, decisions.pixel, self.settings.min_area)
+            if decision == NG:
+                mask_file = f"masks/{name}.png"
+                write_atomic(self.out / mask_file, mask_png(mask))
+        write_atomic(self.out / "maps" / f"{name}.npy", _npy_bytes(raw_map.astype(np.float32)))
+        normalised = None if decisions.normal is None else float(decisions.normal.normalised(np.array([score]))[0])
+        title = f"{decision}  score {score:.4f}" + ("" if normalised is None else f"  normalised {normalised:.2f}") \
+            + ("" if decisions.image is None else f"  threshold {decisions.image:.4f}")
+        height, width = _overlay_size(*image.shape[:2])
+        factor = width / image.shape[1]
+        picture = inspection_overlay(resize_image(image, (height, width)),
+                                     resize_maps(full_map[None], (height, width))[0], decisions.scale, title,
+                                     decision, _scaled(regions or [], factor), decisions.pixel)
+        write_atomic(self.out / "overlays" / f"{name}.png", png_bytes(picture))
+        write_atomic(self.out / "thumbnails" / f"{name}.jpg", thumbnail_jpeg(picture, side=256))
+        return {"path": _path_text(path), "score": score,
+                "normalised_score": None if normalised is None else round(normalised, 6), "decision": decision,
+                "threshold": decisions.image, "regions": None if regions is None else [asdict(r) for r in regions],
+                "overlay": f"overlays/{name}.png", "mask": mask_file, "map": f"maps/{name}.npy",
+                "thumbnail": f"thumbnails/{name}.jpg", "model_id": self.settings.model_id}
+
+
+def _path_text(path: Path) -> str:
+    """How rows name an image: its absolute path, so a resumed run recognises it from any folder."""
+    return os.path.abspath(os.fsdecode(path))
+
+
+def _read_timed(paths: Sequence[Path], max_pixels: int
+                ) -> tuple[list[tuple[Path, np.ndarray, float]], list[tuple[str, str]]]:
+    """Read each image, timing each one: ([(path, image, seconds)], [(path, reason)])."""
+    read, skipped = [], []
+    for path in paths:
+        start = time.perf_counter()
+        try:
+            read.append((path, read_rgb(path, max_pixels), time.perf_counter() - start))
+        except ImageReadError as exc:
+            logger.warning("skipped %s", exc)
+            skipped.append((_path_text(path), exc.reason))
+    return read, skipped
+
+
+def predict_paths(detector: Detector, paths: Sequence[Path], out: Path, settings: RowSettings, batch_size: int = 8,
+                  progress: bool = True) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """Score the ``paths`` not yet in ``out``'s results, streaming one row per image; (all rows, skipped).
+
+    A row's ``seconds`` is that image's own latency: its decoding, the model pass of its batch (the
+    image waits for all of it) and the writing of its files, each measured, nothing divided.  An
+    image whose score or map is not finite is reported and skipped, never given a decision.
     """
-    out = Path(out)
-    (out / "maps").mkdir(parents=True, exist_ok=True)
-    (out / "overlays").mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, Any]] = []
+    writer = ImageWriter(out, settings)
     skipped: list[tuple[str, str]] = []
-    written: list[tuple[Path, str]] = []
-    bar = tqdm(total=len(paths), desc="predict", disable=not progress)
-    for begin in range(0, len(paths), batch_size):
-        batch_paths, images, bad = read_images(paths[begin:begin + batch_size], max_pixels)
-        skipped += bad
-        if images:
-            start = time.perf_counter()
-            prediction = detector.predict(images, category)
-            seconds = (time.perf_counter() - start) / len(images)
-            # a model file's normal-score statistics give a normalised score: 0.5 at its threshold
-            thresholds = getattr(detector, "thresholds_", None)
-            normalised = thresholds.normalised(prediction.scores) if thresholds else [None] * len(images)
-            for path, score, norm, amap in zip(batch_paths, prediction.scores, normalised, prediction.maps,
-                                               strict=True):
-                if not (math.isfinite(float(score)) and np.isfinite(amap).all()):
-                    logger.warning("skipped %s: its score or map is not a finite number (check the settings)", path)
-                    skipped.append((os.fsdecode(path), "score or map not finite (NaN or infinity)"))
-                    continue
-                name = f"{len(written):05d}_{path.stem}"
-                write_atomic(out / "maps" / f"{name}.npy", _npy_bytes(amap.astype(np.float32)))
-                written.append((path, name))
-                decision = "" if threshold is None else ("anomalous" if score > threshold.value else "normal")
-                rows.append({"path": os.fsdecode(path), "score": float(score),
-                             "normalised_score": None if norm is None else round(float(norm), 6),
-                             "decision": decision, "seconds": round(seconds, 4)})
-        bar.update(len(paths[begin:begin + batch_size]))
-    bar.close()
-    if not rows:
-        raise ClipfusionError("none of the images could be scored (see the messages above)")
-    if scale is None:
-        maps = [np.load(out / "maps" / f"{name}.npy") for _, name in written]
-        scale = (float(min(m.min() for m in maps)), float(max(m.max() for m in maps)))
-    for path, name in tqdm(written, desc="overlays", disable=not progress):
-        picture = overlay(_bounded(read_rgb(path, max_pixels)), np.load(out / "maps" / f"{name}.npy"), *scale)
-        write_atomic(out / "overlays" / f"{name}.png", png_bytes(picture))
-    write_atomic(out / "scores.csv", csv_text(["path", "score", "normalised_score", "decision", "seconds"], rows))
-    summary = {**(info or {}), "category": category, "scale": list(scale),
-               "threshold": None if threshold is None else asdict(threshold),
-               "skipped": [{"path": p, "reason": r} for p, r in skipped], "images": rows}
-    write_atomic(out / "scores.json", json_text(summary))
-    return summary
+    with RowLog(out, ROW_FIELDS) as log:
+        done = {row["path"] for row in log.rows}
+        todo = [p for p in paths if _path_text(p) not in done]
+        if done:
+            logger.info("resuming: %d of %d images are already scored, %d to go", len(paths) - len(todo),
+                        len(paths), len(todo))
+        bar = tqdm(total=len(todo), desc="predict", disable=not progress)
+        for begin in range(0, len(todo), batch_size):
+            read, bad = _read_timed(todo[begin:begin + batch_size], settings.max_pixels)
+            skipped += bad
+            if read:
+                start = time.perf_counter()
+                prediction = detector.predict([image for _, image, _ in read], settings.category)
+                model_seconds = time.perf_counter() - start
+                full_maps = prediction.maps_at_input_size()
+                for (path, image, read_seconds), score, raw_map, full_map in zip(
+                        read, prediction.scores, prediction.maps, full_maps, strict=True):
+                    if not (math.isfinite(float(score)) and np.isfinite(raw_map).all()):
+                        logger.warning("skipped %s: its score or map is not a finite number (check the settings)",
+                                       path)
+                        skipped.append((_path_text(path), "score or map not finite (NaN or infinity)"))
+                        continue
+                    start = time.perf_counter()
+                    row = writer.row(f"{len(log.rows):06d}_{path.stem}", path, image, float(score), raw_map, full_map)
+                    seconds = read_seconds + model_seconds + time.perf_counter() - start
+                    log.append({**row, "seconds": round(seconds, 4),
+                                "timestamp": datetime.now(timezone.utc).isoformat(timespec="milliseconds")})
+            bar.update(len(todo[begin:begin + batch_size]))
+        bar.close()
+        return list(log.rows), skipped
 
 
 @dataclass
 class PredictJob:
-    """What ``clipfusion predict`` was asked: inputs, optional references, threshold and colour scale."""
+    """What ``clipfusion predict`` was asked: inputs, optional references, thresholds and outputs."""
 
     inputs: Sequence[str]
     category: str
     out: str
     method: str = "clipfusion"
     preset: str | None = None
+    model: str | None = None
     normal: str | None = None
     shots: int = 0
     seed: int = 0
     memory: str | None = None
     threshold: str | None = None
     scale: str | None = None
+    min_area: int = 16
     batch_size: int = 8
     progress: bool = True
     overwrite: bool = False
+    resume: bool = False
     max_pixels: int = MAX_PIXELS
 
 
-def parse_scale(text: str | None) -> tuple[float, float] | None:
-    """``LOW,HIGH`` → (low, high); None stays None (the run's own range)."""
-    if text is None:
-        return None
-    try:
-        low, high = (float(v) for v in text.split(","))
-    except ValueError:
-        raise ClipfusionError(f"--scale must be LOW,HIGH, not {text!r}") from None
-    if not (math.isfinite(low) and math.isfinite(high) and low < high):
-        raise ClipfusionError(f"--scale needs two finite numbers LOW < HIGH, not {text!r}")
-    return low, high
+def _check_resumable(out: Path, identity: dict[str, Any]) -> None:
+    """--resume continues only a run of the same model and decisions; a one-line error names what differs."""
+    earlier = read_json(out / "run.json", "the earlier run's settings").get("identity", {})
+    changed = [key for key in RUN_IDENTITY if earlier.get(key) != identity.get(key)]
+    if changed:
+        what = "; ".join(f"{key} was {earlier.get(key)!r}, now {identity.get(key)!r}" for key in changed)
+        raise ClipfusionError(f"--resume: {out} holds a run with other settings ({what}); use the same options, "
+                              "or --overwrite to start afresh")
 
 
-def run_predict(job: PredictJob, detector: Detector) -> tuple[dict[str, Any], Threshold | None]:
-    """Fit ``detector`` on drawn references or load a memory bank, set the threshold, score the inputs."""
+def _paths(job: PredictJob, out: Path) -> list[Path]:
+    # an input folder may hold --out itself (``predict .``): its overlays are outputs, not inputs
+    paths = [p for p in collect_images(job.inputs) if out.resolve() not in Path(os.path.realpath(p)).parents]
+    if not paths:
+        raise ClipfusionError(f"no image files found in {', '.join(job.inputs)} outside --out {out}")
+    return paths
+
+
+def _check_options(job: PredictJob) -> None:
     if job.memory and job.normal and job.shots:
         raise ClipfusionError("give either --memory or --normal with --shots, not both")
     if job.shots < 0:
@@ -150,17 +222,26 @@ def run_predict(job: PredictJob, detector: Detector) -> tuple[dict[str, Any], Th
                               "(or use a memory bank from `clipfusion fit` with --memory)")
     if job.seed < 0:
         raise ClipfusionError(f"--seed must be >= 0, not {job.seed}")
+    if job.min_area < 1:
+        raise ClipfusionError(f"--min-region-area must be >= 1 pixel, not {job.min_area}")
+    if job.resume and job.overwrite:
+        raise ClipfusionError("--resume continues the run in --out and --overwrite replaces it: give one of them")
+
+
+def run_predict(job: PredictJob, detector: Detector) -> tuple[dict[str, Any], Decisions]:
+    """Fit ``detector`` on drawn references or load a memory bank, set the decisions, score the inputs."""
+    _check_options(job)
     out = Path(job.out)
-    # an input folder may hold --out itself (``predict .``): its overlays are outputs, not inputs
-    paths = [p for p in collect_images(job.inputs) if out.resolve() not in Path(os.path.realpath(p)).parents]
-    if not paths:
-        raise ClipfusionError(f"no image files found in {', '.join(job.inputs)} outside --out {out}")
-    scale = parse_scale(job.scale)
+    paths = _paths(job, out)
     inputs = [Path(item).expanduser() for item in job.inputs if Path(item).expanduser().is_dir()]
     check_output_folder(out, "predict", PREDICT_OUTPUTS, protected=inputs)
-    if not job.overwrite and out.is_dir() and {p.name for p in out.iterdir()} & set(PREDICT_OUTPUTS):
-        raise ClipfusionError(f"--out {out} holds an earlier predict run; pass --overwrite to replace it (only "
-                              "clipfusion's own files are deleted) or choose another folder")
+    earlier = out.is_dir() and (out / "run.json").is_file()
+    if earlier and not (job.overwrite or job.resume):
+        raise ClipfusionError(f"--out {out} holds an earlier predict run; add --resume to score only the images "
+                              "it lacks, --overwrite to replace it (only clipfusion's own files are deleted), or "
+                              "choose another folder")
+    if job.resume and not earlier:
+        logger.info("--resume: %s holds no earlier run; starting one", out)
     references: list[str] = []
     held_out: list[Path] | None = None
     if job.memory:
@@ -177,14 +258,30 @@ def run_predict(job: PredictJob, detector: Detector) -> tuple[dict[str, Any], Th
             used, images, _ = read_images(drawn.used, job.max_pixels)
             detector.fit(images, job.category)
             references = [p.name for p in used]
-    thresholds = getattr(detector, "thresholds_", None)  # a model file's
-    if job.threshold is None and thresholds is not None:
-        threshold: Threshold | None = Threshold(thresholds.image, f"from the model file: {thresholds.rule}, over "
-                                                                  f"{thresholds.n_normals} held-out normal images")
-    else:
-        threshold = resolve_threshold(job.threshold, detector, job.category, held_out, job.batch_size, job.progress)
-    info = {"method": job.method, "preset": job.preset, "references": references}
+    decisions = resolve_decisions(job.threshold, job.scale, getattr(detector, "thresholds_", None), detector,
+                                  job.category, held_out, job.batch_size, job.progress)
+    model_id = file_sha256(Path(job.model)) if job.model else None
+    identity = {"model_id": model_id, "method": job.method, "preset": job.preset, "category": job.category,
+                "image_threshold": decisions.image, "pixel_threshold": decisions.pixel,
+                "scale": list(decisions.scale), "min_area": job.min_area}
+    settings = RowSettings(job.category, decisions, model_id, job.min_area, job.max_pixels)
     with output_folder(out, "predict", PREDICT_OUTPUTS, job.overwrite, protected=inputs):
-        summary = predict_paths(detector, paths, job.category, out, threshold, scale, job.batch_size,
-                                progress=job.progress, info=info, max_pixels=job.max_pixels)
-    return summary, threshold
+        if job.resume and earlier:
+            _check_resumable(out, identity)
+        else:
+            write_atomic(out / "run.json", json_text({"identity": identity, "how": decisions.how,
+                                                      "references": references, "model": job.model}))
+        rows, skipped = predict_paths(detector, paths, out, settings, job.batch_size, job.progress)
+        if not rows:
+            raise ClipfusionError("none of the images could be scored (see the messages above)")
+        summary = {"identity": identity, "how": decisions.how, "references": references, "model": job.model,
+                   "images": len(rows), "NG": sum(r["decision"] == NG for r in rows),
+                   "skipped": [{"path": p, "reason": r} for p, r in skipped]}
+        write_atomic(out / "summary.json", json_text(summary))
+        source = f"model {Path(job.model).name} ({model_id[:12]})" if job.model and model_id else \
+            f"{job.method}, preset {job.preset}"
+        write_index(out, rows, f"{job.category}: {source}", decisions.how,
+                    f"colour scale {decisions.scale[0]:.4g} to {decisions.scale[1]:.4g}; regions of at least "
+                    f"{job.min_area} pixels above the pixel threshold"
+                    + ("" if decisions.pixel is None else f" {decisions.pixel:.4g}"), len(skipped))
+    return summary, decisions

@@ -1,4 +1,5 @@
-"""Decision thresholds on image scores: given by the user, or derived from held-out normal images only."""
+"""How ``predict`` decides: thresholds from a model file, given by the user, or derived from held-out
+normal images only (never the references), and the overlays' colour scale."""
 from __future__ import annotations
 
 import logging
@@ -11,53 +12,80 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from clipfusion.data.base import read_images
+from clipfusion.decisions import Thresholds
 from clipfusion.errors import ClipfusionError
-from clipfusion.methods.clipfusion.model_file import IMAGE_QUANTILE
 from clipfusion.protocol import Detector
 
 logger = logging.getLogger(__name__)
-AUTO_QUANTILE = IMAGE_QUANTILE  # the model file's image-threshold rule: one rule for both
+# Without thresholds the colour scale is the language maps' own range: they are probabilities.
+DEFAULT_SCALE = (0.0, 1.0)
 
 
-@dataclass
-class Threshold:
-    value: float
+@dataclass(frozen=True)
+class Decisions:
+    """What turns a map into outputs.  image: the image threshold (None: no OK/NG); pixel: the pixel
+    threshold (None: no regions or masks); how: where they came from; scale: the overlays' fixed
+    colour scale; normal: the held-out normal statistics behind the normalised score (or None)."""
+
+    image: float | None
+    pixel: float | None
     how: str
+    scale: tuple[float, float]
+    normal: Thresholds | None = None
 
 
-def auto_threshold(normal_scores: np.ndarray) -> Threshold:
-    """The 99th percentile (the highest score below 100 images) of normal images' scores."""
-    if not np.isfinite(normal_scores).all():
-        raise ClipfusionError("the held-out normal images' scores are not all finite numbers; check the settings")
-    if len(normal_scores) == 0:
-        raise ClipfusionError("--threshold auto needs held-out normal images: give --normal DIR with more images "
-                              "than --shots")
-    value = float(np.quantile(normal_scores, AUTO_QUANTILE, method="higher"))
-    return Threshold(value, f"99th percentile (method 'higher') of the scores of {len(normal_scores)} held-out "
-                            "normal images: images scoring above it are flagged")
+def normal_thresholds(detector: Detector, held_out: Sequence[Path], category: str, batch_size: int = 8,
+                      progress: bool = False) -> Thresholds:
+    """:class:`Thresholds` from the scores and maps of the ``held_out`` normal images."""
+    scores, maps = [], []
+    for start in tqdm(range(0, len(held_out), batch_size), desc="thresholds (held-out normals)",
+                      disable=not progress):
+        _, images, _ = read_images(held_out[start:start + batch_size])
+        if images:
+            prediction = detector.predict(images, category)
+            scores.append(prediction.scores)
+            maps.append(prediction.maps)
+    return Thresholds.from_normals(np.concatenate(scores) if scores else np.array([]),
+                                   np.concatenate(maps) if maps else np.zeros((0, 1, 1)))
 
 
-def resolve_threshold(spec: str | None, detector: Detector, category: str, held_out: Sequence[Path] | None,
-                      batch_size: int = 8, progress: bool = False) -> Threshold | None:
-    """``spec`` is None (no decisions), a number, or ``auto``: :func:`auto_threshold` over the scores
-    of the ``held_out`` normal images (None: no folder of normals was given)."""
-    if spec is None:
+def parse_scale(text: str | None) -> tuple[float, float] | None:
+    """``LOW,HIGH`` → (low, high); None stays None."""
+    if text is None:
         return None
-    if spec != "auto":
+    try:
+        low, high = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ClipfusionError(f"--scale must be LOW,HIGH, not {text!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ClipfusionError(f"--scale needs two finite numbers LOW < HIGH, not {text!r}")
+    return low, high
+
+
+def resolve_decisions(spec: str | None, scale_text: str | None, model: Thresholds | None, detector: Detector,
+                      category: str, held_out: Sequence[Path] | None, batch_size: int = 8,
+                      progress: bool = False) -> Decisions:
+    """``spec`` is None (the model file's thresholds, or no decisions), a number (the image threshold;
+    a model file still gives the pixel threshold) or ``auto``: :func:`normal_thresholds` over the
+    ``held_out`` normal images (None: no folder of normals was given)."""
+    scale = parse_scale(scale_text)
+    if spec is not None and spec != "auto":
         try:
             value = float(spec)
         except ValueError:
             value = math.nan
         if not math.isfinite(value):
             raise ClipfusionError(f"--threshold must be a finite number or 'auto', not {spec!r}")
-        return Threshold(value, "given with --threshold")
-    if held_out is None:
-        raise ClipfusionError("--threshold auto needs --normal DIR: normal images to set it from")
-    scores = []
-    for start in tqdm(range(0, len(held_out), batch_size), desc="threshold (held-out normals)", disable=not progress):
-        _, images, _ = read_images(held_out[start:start + batch_size])
-        if images:
-            scores.append(detector.predict(images, category).scores)
-    threshold = auto_threshold(np.concatenate(scores) if scores else np.array([]))
-    logger.info("threshold %.4f: %s", threshold.value, threshold.how)
-    return threshold
+        return Decisions(value, model.pixel if model else None, "given with --threshold",
+                         scale or (model.colour_scale if model else DEFAULT_SCALE), model)
+    if spec == "auto":
+        if held_out is None:
+            raise ClipfusionError("--threshold auto needs --normal DIR: normal images to set it from")
+        model = normal_thresholds(detector, held_out, category, batch_size, progress)
+        how = f"derived in this run: {model.rule}, over {model.n_normals} held-out normal images"
+        logger.info("image threshold %.4f, pixel threshold %.4f: %s", model.image, model.pixel, how)
+    elif model is not None:
+        how = f"from the model file: {model.rule}, over {model.n_normals} held-out normal images"
+    else:
+        return Decisions(None, None, "no threshold", scale or DEFAULT_SCALE)
+    return Decisions(model.image, model.pixel, how, scale or model.colour_scale, model)

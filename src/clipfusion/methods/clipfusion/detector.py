@@ -15,12 +15,13 @@ from safetensors.torch import save as save_tensors
 
 from clipfusion import __version__
 from clipfusion.config import SETTING_GROUPS, FusionConfig, Preset, RuntimeConfig, get_preset, override
+from clipfusion.decisions import Thresholds
 from clipfusion.encoders import cache
 from clipfusion.errors import ClipfusionError
 from clipfusion.images import Images, as_rgb_list
 from clipfusion.methods.clipfusion.fusion import BranchMaps, fuse
 from clipfusion.methods.clipfusion.mapdiff import MapDiff
-from clipfusion.methods.clipfusion.model_file import FORMAT, FORMAT_VERSION, ModelCard, Thresholds, read_card
+from clipfusion.methods.clipfusion.model_file import FORMAT, FORMAT_VERSION, ModelCard, read_card
 from clipfusion.methods.clipfusion.patchclip import PatchClip
 from clipfusion.methods.memory import MemoryBank
 from clipfusion.outputs import write_atomic
@@ -232,10 +233,14 @@ class CLIPFusion:
 
     def predict(self, images: Images, category: str) -> Prediction:
         """Image scores (N,) and pixel maps (N, S, S) at the fusion output size; higher = more anomalous.
-        ``prediction.maps_at_input_size()`` gives each map at its image's own size."""
+        ``prediction.maps_at_input_size()`` gives each map at its image's own size; a calibrated
+        detector's prediction also gives ``labels()`` (OK/NG) and ``regions()``."""
         images = as_rgb_list(images)
         if len(images) == 0:
             raise ClipfusionError("predict needs at least one image")
         prediction = self.fuse(self.encode(images, category))
         prediction.input_sizes = [(int(image.shape[0]), int(image.shape[1])) for image in images]
+        thresholds = getattr(self, "thresholds_", None)
+        if thresholds is not None:
+            prediction.image_threshold, prediction.pixel_threshold = thresholds.image, thresholds.pixel
         return prediction

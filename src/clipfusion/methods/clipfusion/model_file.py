@@ -17,57 +17,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from safetensors import safe_open
 
 from clipfusion.config import get_preset
+from clipfusion.decisions import Thresholds
 from clipfusion.errors import ClipfusionError, SettingError
 
 FORMAT = "clipfusion-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the thresholds carry the normal pixels' median (the colour scale)
 MODEL_SUFFIX = ".cfm"
-IMAGE_QUANTILE = 0.99  # of held-out normal image scores: the image threshold
-PIXEL_QUANTILE = 0.999  # of all held-out normal pixels: the pixel threshold
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """Decision thresholds derived from held-out normal images.
-
-    image: image scores above it are NG.  pixel: map values above it are anomalous pixels.
-    normal_min / normal_max: the held-out normal scores' range, which sets the normalised score's
-    slope (0.5 at the threshold, as anomalib normalises).  rule: how both were derived; n_normals:
-    from how many images.
-    """
-
-    image: float
-    pixel: float
-    normal_min: float
-    normal_max: float
-    normal_mean: float
-    normal_std: float
-    rule: str
-    n_normals: int
-
-    @classmethod
-    def from_normals(cls, scores: np.ndarray, maps: np.ndarray) -> Thresholds:
-        """From held-out normal images' scores (N,) and maps (N, H, W)."""
-        if len(scores) == 0:
-            raise ClipfusionError("no held-out normal image to set the thresholds from: give --normal a folder "
-                                  "with more images than --shots")
-        if not (np.isfinite(scores).all() and np.isfinite(maps).all()):
-            raise ClipfusionError("the held-out normal images' scores are not all finite numbers; check the settings")
-        rule = (f"image: {IMAGE_QUANTILE:.0%} quantile (method 'higher') of the held-out normal images' scores; "
-                f"pixel: {PIXEL_QUANTILE:.1%} quantile (method 'higher') of all their map values")
-        return cls(image=float(np.quantile(scores, IMAGE_QUANTILE, method="higher")),
-                   pixel=float(np.quantile(maps, PIXEL_QUANTILE, method="higher")),
-                   normal_min=float(scores.min()), normal_max=float(scores.max()), normal_mean=float(scores.mean()),
-                   normal_std=float(scores.std()), rule=rule, n_normals=len(scores))
-
-    def normalised(self, scores: np.ndarray) -> np.ndarray:
-        """(N,) scores → (N,) in [0, 1]: 0.5 at the image threshold, ±0.5 per normal-score range."""
-        span = max(self.normal_max - self.normal_min, 1e-12)
-        return np.clip(0.5 + (np.asarray(scores, dtype=np.float64) - self.image) / span, 0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -101,10 +59,12 @@ class ModelCard:
         if not isinstance(card.overrides, dict) or not isinstance(card.references, list):
             raise bad("overrides or references have the wrong shape")
         numbers = [card.thresholds.image, card.thresholds.pixel, card.thresholds.normal_min,
-                   card.thresholds.normal_max, card.thresholds.normal_mean, card.thresholds.normal_std]
+                   card.thresholds.normal_max, card.thresholds.normal_mean, card.thresholds.normal_std,
+                   card.thresholds.pixel_median]
         if not all(isinstance(v, int | float) and math.isfinite(v) for v in numbers):
             raise bad("a threshold or normal statistic is not a finite number")
-        if card.thresholds.n_normals < 1 or card.thresholds.normal_min > card.thresholds.normal_max:
+        if (card.thresholds.n_normals < 1 or card.thresholds.normal_min > card.thresholds.normal_max
+                or card.thresholds.pixel_median > card.thresholds.pixel):
             raise bad("the normal-score statistics are inconsistent")
         try:
             get_preset(card.preset, **card.overrides)
