@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -7,6 +8,7 @@ import pytest
 
 from clipfusion.data.synthetic import SyntheticSpec, generate
 
+from .commands import clipfusion_here
 from .scenes import CORNERS, scene
 
 SMALL_SPEC = SyntheticSpec(
@@ -26,3 +28,28 @@ def scenes() -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
     normal = [scene(s)[0] for s in range(4)]
     defective = [scene(10 + i, corner) for i, corner in enumerate(CORNERS * 2)]
     return normal, [img for img, _ in defective], np.stack([m for _, m in defective])
+
+
+@pytest.fixture(scope="session")
+def model(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-shot tiny-preset model file of 'disc' (``clipfusion fit --out disc.cfm``), written once."""
+    path = tmp_path_factory.mktemp("model") / "disc.cfm"
+    result = clipfusion_here("fit", "--normal", str(synthetic_root / "disc" / "train" / "good"), "--category", "disc",
+                             "--shots", "2", "--preset", "tiny", "--set", "fusion__sigma=2", "--out", str(path),
+                             "--quiet")
+    assert result.returncode == 0, result.stderr
+    return path
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's; scripts/test.sh installs it
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[object]:
+    """One headless Chromium for every browser test of the session (Playwright driving Debian's build)."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield chromium
+        chromium.close()

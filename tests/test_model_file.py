@@ -17,16 +17,6 @@ from clipfusion.methods.clipfusion.model_file import read_card
 from .commands import clipfusion_here, results
 
 
-@pytest.fixture(scope="module")
-def model(synthetic_root, tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "disc.cfm"
-    result = clipfusion_here("fit", "--normal", str(synthetic_root / "disc" / "train" / "good"), "--category", "disc",
-                             "--shots", "2", "--preset", "tiny", "--set", "fusion__sigma=2", "--out", str(path),
-                             "--quiet")
-    assert result.returncode == 0, result.stderr
-    return path
-
-
 def test_the_file_describes_itself_and_thresholds_come_from_held_out_normals(model, synthetic_root):
     card = read_card(model)
     normal_dir = synthetic_root / "disc" / "train" / "good"

@@ -27,7 +27,7 @@ h1 { font-size: 20px; margin: 0 0 6px; } .meta { color: #555; font-size: 13px; m
 #cards { display: flex; flex-wrap: wrap; gap: 12px; }
 figure { margin: 0; width: 256px; font-size: 12px; border: 1px solid #ddd; padding: 4px; }
 figure img { display: block; max-width: 256px; max-height: 256px; margin: auto; }
-figcaption { word-break: break-all; margin-top: 4px; }
+figcaption { margin-top: 4px; } .path { word-break: break-all; color: #555; }
 .verdict { color: #fff; padding: 0 6px; border-radius: 3px; background: #777; }
 .NG .verdict { background: #c42020; } .OK .verdict { background: #208040; }
 </style></head><body>
@@ -45,7 +45,7 @@ results.csv and results.jsonl.</p>{% endif %}
 {% for card in cards %}<figure class="{{ card.decision }}" data-decision="{{ card.decision }}">
 <a href="{{ card.overlay }}"><img src="{{ card.thumbnail }}" alt="overlay of {{ card.path }}"></a>
 <figcaption><span class="verdict">{{ card.decision }}</span> score {{ card.score }}{% if card.normalised is not none
-%} (normalised {{ card.normalised }}){% endif %}, {{ card.regions }} region(s)<br>{{ card.path }}</figcaption>
+%} (normalised {{ card.normalised }}){% endif %}, {{ card.regions }} region(s)<br><span class="path">{{ card.path }}</span></figcaption>
 </figure>
 {% endfor %}</div>
 <script>
