@@ -221,3 +221,40 @@ def test_index_html_is_self_contained_sorted_and_filters(run, browser):
         shown = page.locator("#cards figure:visible .verdict").all_inner_texts()
         assert shown == [verdict] * sum(r["decision"] == verdict for r in rows) and shown
     page.close()
+
+
+# --- the evaluation report in Chromium -------------------------------------------------------------------------
+
+
+def test_the_report_opens_clean_with_the_tiny_banner_first_and_true_aspect_ratios(synthetic_root, tmp_path, browser):
+    root = tmp_path / "wide"  # the synthetic data at 120×80: gallery images are not square
+    for source in synthetic_root.rglob("*.png"):
+        target = root / source.relative_to(synthetic_root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        resample = Image.Resampling.NEAREST if "ground_truth" in source.parts else Image.Resampling.BICUBIC
+        Image.open(source).resize((120, 80), resample).save(target)
+    shutil.copy(synthetic_root / "synthetic.json", root / "synthetic.json")
+    out = tmp_path / "run"
+    result = clipfusion_here("evaluate", "--dataset", "mvtec", "--root", str(root), "--preset", "tiny",
+                             "--shots", "0", "1", "--eval-size", "native", "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    opened = open_page(browser, out / "report.html")
+    check_self_contained(opened, out / "report.html")
+    screenshot_is_not_blank(opened)
+    page = opened.page
+    assert page.locator("body > *").first.get_attribute("class") == "banner"  # tiny: said before anything else
+    meta = page.locator("p.meta").all_inner_texts()
+    assert any(text.startswith("clipfusion ") and "written" in text for text in meta)
+    assert any("dataset synthetic (MVTec layout)" in text and "dtype float32" in text for text in meta)
+    sizes = page.eval_on_selector_all("figure img", "els => els.map(e => [e.naturalWidth, e.naturalHeight, "
+                                                    "e.clientWidth, e.clientHeight])")
+    assert sizes
+    for natural_w, natural_h, shown_w, shown_h in sizes:
+        assert natural_w > natural_h  # the wide images...
+        assert shown_w / shown_h == pytest.approx(natural_w / natural_h, rel=0.03)  # ...shown undistorted
+    categories = []
+    for group in page.locator(".plots").all():  # one category per row of plots
+        alts = group.locator("img").evaluate_all("els => els.map(e => e.alt)")
+        categories.append({alt.split()[-1] for alt in alts})
+    assert categories[:2] == [{"fabric"}, {"disc"}] or categories[:2] == [{"disc"}, {"fabric"}]
+    page.close()

@@ -11,7 +11,7 @@ from matplotlib.figure import Figure
 def _figure_png(fig: Figure) -> bytes:
     buffer = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=90)
+    fig.savefig(buffer, format="png", dpi=180)  # 2x: sharp on high-density screens at 360 px wide
     return buffer.getvalue()
 
 
@@ -24,7 +24,7 @@ def score_histogram(normal: Sequence[float], anomalous: Sequence[float], title: 
     ax.hist(anomalous, bins=bins, alpha=0.6, label="anomalous", color="tab:red")
     ax.set_title(title, fontsize=9)
     ax.set_xlabel("image score", fontsize=8)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=8)
     return _figure_png(fig)
 
 
@@ -38,7 +38,7 @@ def roc_curves(curves: dict[str, tuple[np.ndarray, np.ndarray, float]], title: s
     ax.set_xlabel("false positive rate", fontsize=8)
     ax.set_ylabel("true positive rate", fontsize=8)
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=8)
     return _figure_png(fig)
 
 
@@ -52,5 +52,5 @@ def metric_vs_shots(series: dict[str, dict[int, float]], title: str) -> bytes:
     ax.set_xlabel("shots (normal references)", fontsize=8)
     ax.set_ylabel("percent", fontsize=8)
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=8)
     return _figure_png(fig)

@@ -6,12 +6,15 @@ import csv
 import html
 import math
 from collections import defaultdict
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from sklearn.metrics import roc_curve
 
+from clipfusion import __version__
+from clipfusion.data.synthetic import MANIFEST as SYNTHETIC_MANIFEST
 from clipfusion.evaluation.metrics import f1max_threshold
 from clipfusion.evaluation.plots import metric_vs_shots, roc_curves, score_histogram
 from clipfusion.evaluation.tables import METRIC_TITLES, METRICS
@@ -28,8 +31,9 @@ tr.mean td { font-weight: bold; background: #f3f3f3; }
 .banner { background: #fff3cd; border: 1px solid #e0b000; padding: 10px 14px; margin: 12px 0; }
 .row { display: flex; flex-wrap: wrap; gap: 12px; }
 figure { margin: 0; font-size: 11px; text-align: center; }
-figure img { display: block; width: 180px; height: 180px; object-fit: contain; }
-.plots img { width: 360px; }
+figure img { display: block; max-width: 180px; max-height: 180px; width: auto; height: auto; }
+.plots img { width: 360px; height: auto; }
+h4 { font-size: 13px; margin: 14px 0 4px; }
 .meta { color: #555; font-size: 13px; }
 """
 
@@ -62,17 +66,25 @@ def _load(folder: Path) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict
     return results, per_image, units
 
 
-def _method_section(label: str, folder: Path) -> tuple[str, dict[str, dict[str, float]]]:
+def dataset_name(config: dict[str, Any]) -> str:
+    """The dataset's real name: the synthetic data is read through the MVTec loader but is not MVTec-AD."""
+    if (Path(config["root"]) / SYNTHETIC_MANIFEST).is_file():
+        return "synthetic (MVTec layout)"
+    return str(config["dataset"])
+
+
+def _method_section(label: str, folder: Path) -> tuple[str, dict[str, dict[str, float]], bool]:
+    """(HTML, mean metrics per shots, whether it ran the tiny preset)."""
     results, per_image, units = _load(folder)
     config = results["config"]
     params = config.get("method_params", {})
+    runtime = params.get("runtime", {})
     parts = [f"<h2>{html.escape(label)}</h2>",
-             f'<p class="meta">dataset {html.escape(config["dataset"])} at {html.escape(config["root"])}; '
-             f'preset {html.escape(str(params.get("preset", "–")))}; evaluation size {config["eval_size"]}; '
+             f'<p class="meta">dataset {html.escape(dataset_name(config))} at {html.escape(config["root"])}; '
+             f'preset {html.escape(str(params.get("preset", "–")))}; '
+             f'device {html.escape(str(runtime.get("device", "–")))}, '
+             f'dtype {html.escape(str(runtime.get("dtype", "–")))}; evaluation size {config["eval_size"]}; '
              f'seeds {config["seeds"]}; AUPRO to FPR {config["fpr_limit"]}</p>']
-    if params.get("preset") == "tiny":
-        parts.append('<div class="banner">Preset <b>tiny</b>: untrained random models. These numbers show that the '
-                     "pipeline runs; they say nothing about the method.</div>")
 
     header = ["category", *(METRIC_TITLES[m] for m in METRICS)]
     for shots, mean in results["mean"].items():
@@ -97,8 +109,9 @@ def _method_section(label: str, folder: Path) -> tuple[str, dict[str, dict[str, 
                  "</p>")
     parts.append(_table(["category", "shots", "seed", "F1-max", "threshold"], threshold_rows))
 
-    parts.append("<h3>Scores and ROC curves</h3><div class=\"row plots\">")
+    parts.append("<h3>Scores and ROC curves</h3>")
     for category in dict.fromkeys(r["category"] for r in per_image):
+        parts.append(f'<h4>{html.escape(category)}</h4><div class="row plots">')  # one row per category
         curves = {}
         for (cat, shots, seed), rows in groups.items():
             if cat != category or seed != min(s for c, k, s in groups if c == cat and k == shots):
@@ -115,11 +128,13 @@ def _method_section(label: str, folder: Path) -> tuple[str, dict[str, dict[str, 
         if curves:
             png = roc_curves(curves, f"{category}: image ROC")
             parts.append(f'<img src="{_data_uri(png)}" alt="ROC {html.escape(category)}">')
+        parts.append("</div>")
     if len(results["mean"]) > 1:
         series = {METRIC_TITLES[m]: {int(k): v[m] for k, v in results["mean"].items() if v[m] is not None}
                   for m in ("image_auroc", "pixel_auroc", "pixel_aupro")}
-        parts.append(f'<img src="{_data_uri(metric_vs_shots(series, "mean over categories"))}" alt="metric vs shots">')
-    parts.append("</div>")
+        parts.append('<h4>mean over categories</h4><div class="row plots">'
+                     f'<img src="{_data_uri(metric_vs_shots(series, "mean over categories"))}" alt="metric vs shots">'
+                     "</div>")
 
     parts.append("<h3>Gallery: best and worst detections (first seed; white outline = ground truth)</h3>")
     for unit in units:
@@ -132,15 +147,23 @@ def _method_section(label: str, folder: Path) -> tuple[str, dict[str, dict[str, 
             parts.append(f'<figure><img src="{_data_uri(jpeg, "image/jpeg")}" alt="{html.escape(caption)}">'
                          f"<figcaption>{html.escape(caption)}</figcaption></figure>")
         parts.append("</div>")
-    return "\n".join(parts), results["mean"]
+    return "\n".join(parts), results["mean"], params.get("preset") == "tiny"
 
 
 def write_report(folders: dict[str, Path], target: Path, title: str = "clipfusion evaluation") -> Path:
     """Render the evaluation folders (label → folder) into one self-contained HTML file at ``target``."""
-    sections, means = [], {}
+    sections, means, tiny = [], {}, []
     for label, folder in folders.items():
-        section, means[label] = _method_section(label, Path(folder))
+        section, means[label], ran_tiny = _method_section(label, Path(folder))
         sections.append(section)
+        if ran_tiny:
+            tiny.append(label)
+    # first thing on the page: numbers of untrained models must never be read as the method's
+    banner = "" if not tiny else (
+        f'<div class="banner">{html.escape(", ".join(tiny))} ran the preset <b>tiny</b>: untrained random models. '
+        "These numbers show that the pipeline runs; they say nothing about the method.</div>")
+    header = (f'<p class="meta">clipfusion {__version__}; written '
+              f'{datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}</p>')
     comparison = ""
     if len(folders) > 1:
         metrics = ["image_auroc", "image_ap", "pixel_auroc", "pixel_aupro"]
@@ -149,7 +172,7 @@ def write_report(folders: dict[str, Path], target: Path, title: str = "clipfusio
         comparison = "<h2>Comparison (mean over categories, percent)</h2>" + _table(
             ["method", "shots", *(METRIC_TITLES[m] for m in metrics)], rows)
     document = (f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-                f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{comparison}"
+                f"<style>{STYLE}</style></head><body>{banner}<h1>{html.escape(title)}</h1>{header}{comparison}"
                 + "\n".join(sections) + "</body></html>")
     target.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(target, document)

@@ -45,7 +45,8 @@ results.csv and results.jsonl.</p>{% endif %}
 {% for card in cards %}<figure class="{{ card.decision }}" data-decision="{{ card.decision }}">
 <a href="{{ card.overlay }}"><img src="{{ card.thumbnail }}" alt="overlay of {{ card.path }}"></a>
 <figcaption><span class="verdict">{{ card.decision }}</span> score {{ card.score }}{% if card.normalised is not none
-%} (normalised {{ card.normalised }}){% endif %}, {{ card.regions }} region(s)<br><span class="path">{{ card.path }}</span></figcaption>
+%} (normalised {{ card.normalised }}){% endif %}, {{ card.regions }} region(s)<br>
+<span class="path">{{ card.path }}</span></figcaption>
 </figure>
 {% endfor %}</div>
 <script>
