@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -138,3 +139,19 @@ def test_evaluate_writes_a_self_contained_report(synthetic_root, tmp_path):
     assert report.count("data:image/png;base64,") >= 5  # histograms, ROC curves, metric vs shots
     assert "src=\"http" not in report and "src=\"/" not in report  # nothing outside the file
 
+
+
+def test_the_readme_presets_table_is_generated_from_the_registry():
+    from clipfusion.config import PRESET_NAMES, presets_markdown
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert presets_markdown() in readme, "run: python scripts/update_readme.py"
+    assert all(f"| `{name}`" in presets_markdown() for name in PRESET_NAMES)  # fast and tiny included
+
+
+def test_the_readme_first_screen_gets_a_newcomer_to_a_verdict():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
+    first_screen = "\n".join(readme[:45])
+    for needle in ("clipfusion fit --normal", "clipfusion predict new_parts/ --model bottle.cfm", "index.html",
+                   "--resume", "--preset tiny"):
+        assert needle in first_screen, needle

@@ -201,27 +201,26 @@ PRESETS: dict[str, Preset] = {
         "paper-recon",
         ClipConfig(),
         DiffusionConfig(),
-        "OpenCLIP ViT-B-16-plus-240 (laion400m_e31) + Stable Diffusion v1.5 at 512 px, t = 100: "
         "the reconstruction's defaults (docs/method.md)",
     ),
     "sd21": Preset(
         "sd21",
         ClipConfig(),
         DiffusionConfig(model_id="stabilityai/stable-diffusion-2-1-base"),
-        "as paper-recon, with Stable Diffusion 2.1-base",
+        "paper-recon with Stable Diffusion 2.1-base",
     ),
     "vitl14": Preset(
         "vitl14",
         ClipConfig(model_name="ViT-L-14-336", pretrained="openai"),
         DiffusionConfig(),
-        "as paper-recon, with OpenAI CLIP ViT-L/14 at 336 px",
+        "paper-recon with OpenAI CLIP ViT-L/14 at 336 px",
     ),
     "fast": Preset(
         "fast",
         ClipConfig(),
         DiffusionConfig(image_size=256, vae_id="madebyollin/taesd"),
-        "paper-recon's method at Stable Diffusion input 256 px (latent 32²), the tiny autoencoder TAESD and one "
-        "joint state prompt: a speed/accuracy trade-off; check its accuracy on your data with `clipfusion sweep`",
+        "paper-recon's method at 256 px (latent 32²) with the tiny autoencoder and one joint state prompt: "
+        "several times faster (docs/speed.md), accuracy unmeasured; check it on your data with `clipfusion sweep`",
         mapdiff=MapDiffConfig(joint_prompt=True),
     ),
     TINY: Preset(
@@ -234,6 +233,22 @@ PRESETS: dict[str, Preset] = {
 
 
 PRESET_NAMES = tuple(PRESETS)
+
+
+def presets_markdown() -> str:
+    """The presets as a Markdown table (name, CLIP, Stable Diffusion, what it is), for the README:
+    generated from :data:`PRESETS`, so the documentation cannot drift from the code."""
+    lines = ["| preset | CLIP | Stable Diffusion | what it is |", "|---|---|---|---|"]
+    for name, preset in PRESETS.items():
+        clip = f"`{preset.clip.model_name}` / `{preset.clip.pretrained}`" if preset.clip.pretrained else \
+            "tiny random-weight CLIP"
+        diffusion = preset.diffusion
+        sd = "tiny random-weight UNet, VAE and text encoder" if diffusion.model_id == TINY else \
+            f"`{diffusion.model_id}` at {diffusion.image_size} px, t = {diffusion.timestep}" + \
+            (f", VAE `{diffusion.vae_id}`" if diffusion.vae_id else "")
+        default = " (default)" if name == "paper-recon" else ""
+        lines.append(f"| `{name}`{default} | {clip} | {sd} | {preset.description} |")
+    return "\n".join(lines) + "\n"
 BENCHMARK_METHODS = METHOD_NAMES[:2]  # the mean-image baseline is not worth timing
 
 
