@@ -114,3 +114,21 @@ def test_a_zero_shot_model_has_thresholds_and_no_bank(synthetic_root, tmp_path):
     card = read_card(path)
     assert card.references == [] and card.thresholds.n_normals == 4
     assert not hasattr(CLIPFusion.load(path), "memory_bank_")
+
+
+def test_a_bank_of_other_settings_is_refused_before_any_model_is_built(synthetic_root, tmp_path, monkeypatch):
+    from clipfusion.encoders import cache
+    from clipfusion.errors import MemoryBankMismatchError
+
+    normal = sorted((synthetic_root / "disc" / "train" / "good").iterdir())[:1]
+    bank = CLIPFusion("tiny").fit(normal, "disc").save_memory(tmp_path / "bank.safetensors")
+
+    def built(*args, **kwargs):
+        raise AssertionError("a model was built before the bank's settings were checked")
+
+    monkeypatch.setattr(cache, "clip_encoder", built)
+    monkeypatch.setattr(cache, "diffusion_encoder", built)
+    with pytest.raises(MemoryBankMismatchError, match="diffusion_image_size: bank 128 vs detector 512"):
+        CLIPFusion("paper-recon").load_memory(bank)  # the 39 s hub wait before a misleading error
+    with pytest.raises(MemoryBankMismatchError, match="timestep: bank 100 vs detector 300"):
+        CLIPFusion("tiny", diffusion__timestep=300).load_memory(bank)

@@ -87,15 +87,11 @@ class CLIPFusion:
                            MapDiff(cache.diffusion_encoder(config.diffusion, runtime), config.mapdiff, config.prompts))
         return self._built
 
-    def bank_settings(self) -> dict[str, Any]:
-        """What a memory bank must agree on with this detector to be usable by it."""
+    def _settings_bank_fields(self) -> dict[str, Any]:
+        """What a memory bank must agree on that the settings alone decide (no model is built)."""
         config = self.config
-        patchclip, mapdiff = self._branches()
         return {
-            "clip_model": patchclip.encoder.model_id,
-            "clip_image_size": list(patchclip.encoder.image_size),
             "clip_visual_blocks": list(config.patchclip.visual_blocks),
-            "diffusion_model": mapdiff.encoder.model_id,
             "diffusion_image_size": config.diffusion.image_size,
             "timestep": config.diffusion.timestep,
             "noise_seed": config.diffusion.noise_seed,
@@ -104,6 +100,12 @@ class CLIPFusion:
                                                                      + config.mapdiff.anomalous_words)
                                if config.mapdiff.joint_prompt else config.mapdiff.normal_words[0]],
         }
+
+    def bank_settings(self) -> dict[str, Any]:
+        """What a memory bank must agree on with this detector to be usable by it."""
+        patchclip, mapdiff = self._branches()
+        return {"clip_model": patchclip.encoder.model_id, "clip_image_size": list(patchclip.encoder.image_size),
+                "diffusion_model": mapdiff.encoder.model_id, **self._settings_bank_fields()}
 
     # --- learning ---------------------------------------------------------------------------------
 
@@ -134,6 +136,8 @@ class CLIPFusion:
 
     def load_memory(self, path: str | Path) -> CLIPFusion:
         bank = MemoryBank.load(path)
+        # what the settings alone decide is checked before any model is built (seconds to minutes)
+        bank.check_compatible(self._settings_bank_fields(), source=str(path))
         bank.check_compatible(self.bank_settings(), source=str(path))
         config = self.config
         bank.check_layers([f"clip/block{b}" for b in config.patchclip.visual_blocks]
