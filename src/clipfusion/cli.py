@@ -340,7 +340,7 @@ def _cmd_fit(args: argparse.Namespace) -> None:
     detector = _make_detector(args, "clipfusion")
     if Path(args.out).suffix == MODEL_SUFFIX:
         path, fitted = fit_model(detector, args.normal, args.category, args.shots, args.seed, args.out,
-                                 args.max_pixels)
+                                 args.max_pixels, progress=not args.quiet)
         thresholds = fitted.thresholds_
         print(f"wrote {path}: {args.category}, {args.shots} references, image threshold {thresholds.image:.4f} and "
               f"pixel threshold {thresholds.pixel:.4f} from {thresholds.n_normals} held-out normal images")

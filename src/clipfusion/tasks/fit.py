@@ -45,7 +45,7 @@ def fit_memory(detector: CLIPFusion, normal: str, category: str, shots: int, see
 
 
 def fit_model(detector: CLIPFusion, normal: str, category: str, shots: int, seed: int, out: str,
-              max_pixels: int = MAX_PIXELS) -> tuple[Path, CLIPFusion]:
+              max_pixels: int = MAX_PIXELS, progress: bool = False) -> tuple[Path, CLIPFusion]:
     """The inspection model file: ``shots`` references drawn with ``seed`` (none: a zero-shot model),
     thresholds from the other normal images of ``normal`` (never the references), written to ``out``."""
     if shots < 0 or seed < 0:
@@ -56,9 +56,9 @@ def fit_model(detector: CLIPFusion, normal: str, category: str, shots: int, seed
     if shots and not images:
         raise ClipfusionError(f"none of the drawn references in {normal} could be read")
     if images:
-        detector.fit(images, category, reference_names=[p.name for p in used])
+        detector.fit(images, category, reference_names=[p.name for p in used], progress=progress)
     _, normals, _ = read_images(drawn.held_out, max_pixels)
     logger.info("calibrating on %d held-out normal images", len(normals))
-    detector.calibrate(normals, category)
+    detector.calibrate(normals, category, progress=progress)
     references = [{"name": p.name, "sha256": file_sha256(p)} for p in used]
     return detector.save(out, references), detector

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_tensors
+from tqdm.auto import tqdm
 
 from clipfusion import __version__
 from clipfusion.config import SETTING_GROUPS, FusionConfig, Preset, RuntimeConfig, get_preset, override
@@ -27,6 +29,12 @@ from clipfusion.methods.memory import MemoryBank
 from clipfusion.outputs import write_atomic
 from clipfusion.protocol import Prediction
 from clipfusion.timing import StageTimer
+
+
+def _quiet() -> bool | None:
+    """tqdm's ``disable``: off when clipfusion's log level hides information (``--quiet``); otherwise
+    None, which shows the bar on a terminal only."""
+    return True if not logging.getLogger("clipfusion").isEnabledFor(logging.INFO) else None
 
 
 class CLIPFusion:
@@ -83,8 +91,14 @@ class CLIPFusion:
     def _branches(self) -> tuple[PatchClip, MapDiff]:
         if not hasattr(self, "_built"):
             config, runtime = self.config, self.runtime or RuntimeConfig()
-            self._built = (PatchClip(cache.clip_encoder(config.clip, runtime), config.patchclip, config.prompts),
-                           MapDiff(cache.diffusion_encoder(config.diffusion, runtime), config.mapdiff, config.prompts))
+            with tqdm(total=2, desc="loading models", disable=_quiet()) as bar:
+                bar.set_postfix_str(f"CLIP {config.clip.model_name}")
+                patchclip = PatchClip(cache.clip_encoder(config.clip, runtime), config.patchclip, config.prompts)
+                bar.update()
+                bar.set_postfix_str(f"Stable Diffusion {config.diffusion.model_id}")
+                mapdiff = MapDiff(cache.diffusion_encoder(config.diffusion, runtime), config.mapdiff, config.prompts)
+                bar.update()
+            self._built = (patchclip, mapdiff)
         return self._built
 
     def _settings_bank_fields(self) -> dict[str, Any]:
@@ -110,7 +124,8 @@ class CLIPFusion:
     # --- learning ---------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def fit(self, images: Images, category: str, reference_names: Sequence[str] | None = None) -> CLIPFusion:
+    def fit(self, images: Images, category: str, reference_names: Sequence[str] | None = None,
+            progress: bool = False) -> CLIPFusion:
         """Build the CLIP and diffusion memory banks from ``images``, normal images of ``category``
         (paths, PIL images or arrays, one or a list: ``clipfusion.images``)."""
         images = as_rgb_list(images)
@@ -119,7 +134,7 @@ class CLIPFusion:
         patchclip, mapdiff = self._branches()
         bank = MemoryBank(manifest={**self.bank_settings(), "category": category, "k": len(images),
                                     "references": list(reference_names or [])})
-        for start in range(0, len(images), self.batch_size):
+        for start in tqdm(range(0, len(images), self.batch_size), desc="fit (references)", disable=not progress):
             batch = images[start:start + self.batch_size]
             for block, tokens in patchclip.run(batch, category).visual_tokens.items():
                 bank.add(f"clip/block{block}", tokens)
@@ -147,12 +162,13 @@ class CLIPFusion:
         return self
 
     @torch.inference_mode()
-    def calibrate(self, normal_images: Images, category: str) -> CLIPFusion:
+    def calibrate(self, normal_images: Images, category: str, progress: bool = False) -> CLIPFusion:
         """Set ``thresholds_`` from normal images that are **not** the references: the image and
         pixel thresholds and the normal-score statistics (see :class:`Thresholds`)."""
         scores, maps = [], []
         images = as_rgb_list(normal_images)
-        for start in range(0, len(images), self.batch_size):
+        for start in tqdm(range(0, len(images), self.batch_size), desc="thresholds (held-out normals)",
+                          disable=not progress):
             prediction = self.predict(images[start:start + self.batch_size], category)
             scores.append(prediction.scores)
             maps.append(prediction.maps)
