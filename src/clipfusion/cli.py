@@ -71,6 +71,16 @@ examples:
   clipfusion benchmark --device cuda --dtype float16 --batch-size 1 8 32 --images 32 --out bench-gpu
 """
 
+SERVE_EXAMPLES = """\
+examples:
+  clipfusion serve --model bottle.cfm                                  # http://127.0.0.1:8000 (operator page)
+  clipfusion serve --model bottle.cfm --model screw.cfm --port 8080 --data /var/lib/clipfusion
+  clipfusion serve --model bottle.cfm --db postgresql+psycopg://user:pw@db/inspections --api-key-file keys.txt
+  curl -F files=@part.png http://127.0.0.1:8000/v1/models/bottle/inspect
+
+Each model is served under its file name (bottle.cfm → /v1/models/bottle). The API is described at /docs.
+"""
+
 SYNTH_EXAMPLES = """\
 examples:
   clipfusion synth --out data/synthetic
@@ -151,6 +161,19 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--preset", default="paper-recon", choices=PRESET_NAMES, metavar="PRESET",
                        help=f"{', '.join(PRESET_NAMES)} (default: %(default)s; tiny = random offline models, "
                             "meaningless scores; docs/method.md)")
+    _add_runtime_options(group)
+    group.add_argument("--alpha", type=float, default=None, help="fusion weight α of CLIP (both tasks)")
+    group.add_argument("--sigma", type=float, default=None, help="Gaussian smoothing in pixels at 256 (0 = off)")
+    group.add_argument("--timestep", type=int, default=None, help="diffusion noise timestep t (0-999)")
+    group.add_argument("--dense-mode", default=None, choices=["vv", "window", "tile", "raw"],
+                       help="how PatchCLIP gets text-aligned patch embeddings")
+    group.add_argument("--set", action="append", default=[], metavar="GROUP__FIELD=VALUE",
+                       help="any CLIPFusion setting, e.g. --set fusion__maps='[\"clip_visual\"]' "
+                            "--set mapdiff__attention_rule=difference (repeatable; see docs/method.md)")
+
+
+def _add_runtime_options(group: Any) -> None:
+    """Where and how the models run (not what they compute)."""
     group.add_argument("--device", default="auto",
                        help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: %(default)s)")
     group.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
@@ -160,14 +183,6 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--hub-timeout", type=float, default=10.0, metavar="SECONDS",
                        help="how long the model hub may take to answer before only the local cache is used "
                             "(default: %(default)s)")
-    group.add_argument("--alpha", type=float, default=None, help="fusion weight α of CLIP (both tasks)")
-    group.add_argument("--sigma", type=float, default=None, help="Gaussian smoothing in pixels at 256 (0 = off)")
-    group.add_argument("--timestep", type=int, default=None, help="diffusion noise timestep t (0-999)")
-    group.add_argument("--dense-mode", default=None, choices=["vv", "window", "tile", "raw"],
-                       help="how PatchCLIP gets text-aligned patch embeddings")
-    group.add_argument("--set", action="append", default=[], metavar="GROUP__FIELD=VALUE",
-                       help="any CLIPFusion setting, e.g. --set fusion__maps='[\"clip_visual\"]' "
-                            "--set mapdiff__attention_rule=difference (repeatable; see docs/method.md)")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -286,6 +301,36 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", default="float32", choices=DTYPES)
     bench.add_argument("--out", default="runs/benchmark", help="output folder (default: %(default)s)")
     _add_common(bench)
+
+    serve = _command(commands, "serve", "the inspection service: REST API, operator page, inspection database",
+                     "Serve model files (from `clipfusion fit`) over HTTP: POST images, get OK/NG, regions and "
+                     "overlays; every inspection is kept in a database (SQLite in --data by default).",
+                     SERVE_EXAMPLES)
+    serve.add_argument("--model", action="append", required=True, metavar="FILE.cfm", dest="models",
+                       help="model file to serve (repeatable)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this "
+                                                           "machine only; 0.0.0.0 for the network)")
+    serve.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    serve.add_argument("--data", default="clipfusion-serve", metavar="DIR",
+                       help="the SQLite database and each inspection's files (default: %(default)s)")
+    serve.add_argument("--db", default=None, metavar="URL",
+                       help="a SQLAlchemy database URL instead of SQLite, e.g. postgresql+psycopg://user@host/db")
+    serve.add_argument("--store-images", action="store_true", help="also keep every uploaded file in --data")
+    serve.add_argument("--max-batch", type=int, default=8, help="images per model batch (default: %(default)s)")
+    serve.add_argument("--max-wait-ms", type=float, default=10.0,
+                       help="how long a batch may wait to fill (default: %(default)s)")
+    serve.add_argument("--max-queue", type=int, default=64,
+                       help="images waiting per model before answering 503 (default: %(default)s)")
+    serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body (default: %(default)s)")
+    serve.add_argument("--max-pixels", type=int, default=100_000_000, metavar="N",
+                       help="largest image in pixels (default: %(default)s)")
+    serve.add_argument("--min-region-area", type=int, default=16, dest="min_area", metavar="PIXELS",
+                       help="smallest region reported (default: %(default)s)")
+    serve.add_argument("--api-key-file", default=None, metavar="FILE",
+                       help="accepted API keys, one per line; without it the API needs no key")
+    serve.add_argument("--batch-size", type=int, default=8, help=argparse.SUPPRESS)
+    _add_runtime_options(serve.add_argument_group("where the models run"))
+    _add_common(serve)
 
     synth = _command(commands, "synth", "write the synthetic dataset (MVTec layout, exact masks) to a folder",
                      "Generate the deterministic synthetic anomaly dataset used by the demo and the tests.",
@@ -421,6 +466,25 @@ def _cmd_benchmark(args: argparse.Namespace) -> None:
     print((out / "benchmark.md").read_text())
 
 
+def _cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from clipfusion.service.app import create_app
+    from clipfusion.service.settings import ServiceSettings, read_api_keys
+
+    for model in args.models:
+        if not Path(model).is_file():
+            raise ClipfusionError(f"--model {model} not found; write one with `clipfusion fit --out {model}`")
+    settings = ServiceSettings(
+        models=tuple(Path(m) for m in args.models), data_dir=Path(args.data), database_url=args.db,
+        runtime=_runtime(args), batch_size=args.max_batch, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
+        min_area=args.min_area, api_keys=read_api_keys(args.api_key_file), store_images=args.store_images)
+    print(f"clipfusion serve: http://{args.host}:{args.port}/ (API at /docs), data in {Path(args.data).resolve()}",
+          flush=True)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+
+
 def _cmd_synth(args: argparse.Namespace) -> None:
     from clipfusion.data.synthetic import SyntheticSpec, generate
 
@@ -445,6 +509,7 @@ INTERRUPTED = {
     "and results.csv; add --resume to the same command to score the rest",
     "fit": "no memory bank was written", "benchmark": "nothing was written",
     "synth": "the dataset is incomplete; run it again",
+    "serve": "stopped",
 }
 
 
@@ -463,7 +528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_output(args.quiet)
     _resolve_auto(args)
     commands = {"demo": _cmd_demo, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "fit": _cmd_fit,
-                "sweep": _cmd_sweep, "benchmark": _cmd_benchmark, "synth": _cmd_synth}
+                "sweep": _cmd_sweep, "benchmark": _cmd_benchmark, "synth": _cmd_synth, "serve": _cmd_serve}
     try:
         from tqdm.contrib.logging import logging_redirect_tqdm
 

@@ -29,3 +29,7 @@ class ImageReadError(ClipfusionError):
         self.path = str(path)
         self.reason = reason
         super().__init__(f"cannot read image {self.path}: {reason}")
+
+
+class ImageTooLargeError(ImageReadError):
+    """An image above the pixel limit (refused before its pixels are decoded)."""

@@ -6,6 +6,7 @@ sample, not the run.
 """
 from __future__ import annotations
 
+import io
 import logging
 import threading
 import warnings
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from clipfusion.errors import DatasetError, ImageReadError
+from clipfusion.errors import DatasetError, ImageReadError, ImageTooLargeError
 
 logger = logging.getLogger(__name__)
 
@@ -151,16 +152,17 @@ def _own_size_limit() -> Iterator[None]:
             Image.MAX_IMAGE_PIXELS = saved
 
 
-def _open(path: Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open, check the size, decode (so truncated files fail here, with their path) and apply the EXIF
-    orientation, so that pixels are in the orientation viewers show and masks are drawn in."""
+def _open(path: Path, max_pixels: int = MAX_PIXELS, data: bytes | None = None) -> Image.Image:
+    """Open ``path`` (or ``data``, the bytes of a file called ``path``), check the size, decode (so
+    truncated files fail here, with their name) and apply the EXIF orientation, so that pixels are in
+    the orientation viewers show and masks are drawn in."""
     try:
         with _own_size_limit():
-            image = Image.open(path)
+            image = Image.open(path if data is None else io.BytesIO(data))
         width, height = image.size
         if width * height > max_pixels:
-            raise ImageReadError(path, f"{width}x{height} is {width * height / 1e6:.0f} megapixels, above the limit "
-                                       f"of {max_pixels / 1e6:.0f} (raise it with --max-pixels)")
+            raise ImageTooLargeError(path, f"{width}x{height} is {width * height / 1e6:.0f} megapixels, above the "
+                                           f"limit of {max_pixels / 1e6:.0f} (raise it with --max-pixels)")
         image.load()
         return ImageOps.exif_transpose(image)
     except FileNotFoundError:
@@ -175,6 +177,11 @@ def read_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     Files above ``max_pixels`` raise ImageReadError before any pixel is decoded.
     """
     return pil_to_rgb(_open(Path(path), max_pixels))
+
+
+def decode_rgb(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """:func:`read_rgb` for the bytes of an uploaded file called ``name``."""
+    return pil_to_rgb(_open(Path(name), max_pixels, data))
 
 
 def pil_to_rgb(image: Image.Image) -> np.ndarray:

@@ -1,0 +1,47 @@
+"""The FastAPI application: lifespan (database, models, batchers), routers, errors, metrics."""
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from clipfusion import __version__
+from clipfusion.service import errors
+from clipfusion.service.routers import health, inspections, models, page
+from clipfusion.service.settings import ServiceSettings
+from clipfusion.service.state import ServiceState
+
+
+def create_app(settings: ServiceSettings) -> FastAPI:
+    """The service for ``settings``; models load and the database migrates when it starts."""
+    state = ServiceState(settings)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await run_in_threadpool(state.open)
+        state.start_batchers()
+        yield
+        await state.close()
+
+    app = FastAPI(title="clipfusion inspection service", version=__version__, lifespan=lifespan,
+                  description="Zero-/few-shot visual anomaly inspection (CLIPFusion). Errors are JSON "
+                              "{code, detail}.")
+    app.state.service = state
+    errors.install(app)
+    for router in (health.router, models.router, inspections.router, page.router):
+        app.include_router(router)
+    page.mount_static(app)
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        state.metrics.requests.labels(request.method, route, str(response.status_code)).inc()
+        state.metrics.latency.labels(route).observe(time.perf_counter() - start)
+        return response
+
+    return app

@@ -1,0 +1,84 @@
+"""A served model: its detector, its decisions, and what one inspection writes (files and database
+rows).  ``inspect`` runs in the model's own batching thread."""
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy.orm import Session, sessionmaker
+
+from clipfusion.methods.clipfusion.detector import CLIPFusion
+from clipfusion.methods.clipfusion.model_file import read_card
+from clipfusion.outputs import file_sha256, write_atomic
+from clipfusion.service.settings import ServiceSettings, model_name
+from clipfusion.service.tables import Inspection, Region
+from clipfusion.tasks.predict import ImageWriter, RowSettings
+from clipfusion.tasks.thresholds import resolve_decisions
+
+
+@dataclass
+class Upload:
+    """A decoded uploaded image: (H, W, 3) uint8, its file name and bytes, and when it arrived."""
+
+    filename: str
+    image: np.ndarray
+    data: bytes
+    received: float  # time.perf_counter() when its request was read
+
+
+class NotFiniteError(ValueError):
+    """The model gave this image a score or map that is not a finite number."""
+
+
+class ServedModel:
+    """One ``--model`` file, loaded once."""
+
+    def __init__(self, path: Path, settings: ServiceSettings, sessions: sessionmaker[Session]) -> None:
+        self.name, self.path, self.settings, self.sessions = model_name(path), Path(path), settings, sessions
+        self.card = read_card(self.path)
+        self.detector = CLIPFusion.load(path, settings.runtime, settings.batch_size)
+        self.sha256 = file_sha256(self.path)
+        self.category: str = self.detector.category_
+        self.decisions = resolve_decisions(None, None, self.detector.thresholds_, self.detector, self.category, None)
+        self.files = settings.data_dir / "files"
+        self.writer = ImageWriter(self.files, RowSettings(self.category, self.decisions, self.sha256,
+                                                          settings.min_area, settings.max_pixels))
+
+    @property
+    def bank_size(self) -> int:
+        bank = getattr(self.detector, "memory_bank_", None)
+        return 0 if bank is None else int(bank.manifest.get("k", 0))
+
+    def inspect(self, uploads: list[Upload]) -> list[str | NotFiniteError]:
+        """Score ``uploads`` as one batch, write each one's files and rows in one transaction; the new
+        inspection ids (or, per image, why it could not be scored)."""
+        prediction = self.detector.predict([upload.image for upload in uploads], self.category)
+        outcomes: list[str | NotFiniteError] = []
+        with self.sessions.begin() as session:
+            for upload, score, raw_map, full_map in zip(uploads, prediction.scores, prediction.maps,
+                                                        prediction.maps_at_input_size(), strict=True):
+                if not (math.isfinite(float(score)) and np.isfinite(raw_map).all()):
+                    outcomes.append(NotFiniteError(f"{upload.filename}: the model's score or map is not a finite "
+                                                   "number"))
+                    continue
+                identifier = uuid.uuid4().hex
+                row = self.writer.row(identifier, Path(upload.filename), upload.image, float(score), raw_map, full_map)
+                stored = None
+                if self.settings.store_images:
+                    stored = f"images/{identifier}{Path(upload.filename).suffix[:10]}"
+                    write_atomic(self.files / stored, upload.data)
+                height, width = upload.image.shape[:2]
+                session.add(Inspection(
+                    id=identifier, model=self.name, model_sha256=self.sha256, created=datetime.now(timezone.utc),
+                    filename=upload.filename, width=width, height=height, score=float(score),
+                    normalised_score=row["normalised_score"], decision=row["decision"], threshold=row["threshold"],
+                    seconds=round(time.perf_counter() - upload.received, 4), overlay=row["overlay"],
+                    mask=row["mask"], image=stored,
+                    regions=[Region(**region) for region in row["regions"] or []]))
+                outcomes.append(identifier)
+        return outcomes

@@ -1,0 +1,22 @@
+"""Prometheus metrics of one service instance (its own registry, so several apps in one process,
+as in tests, never collide)."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class ServiceMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("clipfusion_requests_total", "HTTP requests answered", ["method", "route", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("clipfusion_request_seconds", "HTTP request latency", ["route"],
+                                 buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=self.registry)
+        self.queue_depth = Gauge("clipfusion_queue_depth", "images waiting for their model", ["model"],
+                                 registry=self.registry)
+        self.batch_size = Histogram("clipfusion_batch_size", "images per model batch", ["model"],
+                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
+        self.batch_seconds = Histogram("clipfusion_batch_seconds", "model time per batch (scoring, files, database)",
+                                       ["model"], registry=self.registry)
+        self.decisions = Counter("clipfusion_decisions_total", "inspections by decision", ["model", "decision"],
+                                 registry=self.registry)

@@ -1,0 +1,77 @@
+"""Request and response bodies of the API (pydantic), as the OpenAPI page at /docs shows them."""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class ErrorOut(BaseModel):
+    """Every error: a stable machine-readable ``code`` and a one-line ``detail`` for people."""
+
+    code: str
+    detail: str
+
+
+class RegionOut(BaseModel):
+    x: int = Field(description="left edge, in the image's own pixels")
+    y: int = Field(description="top edge, in the image's own pixels")
+    width: int
+    height: int
+    area: int = Field(description="anomalous pixels in the region")
+    peak: float = Field(description="highest map value in the region")
+
+
+class FeedbackIn(BaseModel):
+    label: Literal["normal", "anomalous"] = Field(description="normal: a false alarm (if it was NG); anomalous: a "
+                                                              "confirmed defect (or a miss, if it was OK)")
+    note: str = Field("", max_length=2000)
+
+
+class FeedbackOut(FeedbackIn):
+    id: int
+    created: datetime
+
+
+class InspectionOut(BaseModel):
+    id: str
+    model: str
+    model_sha256: str
+    created: datetime
+    filename: str
+    width: int
+    height: int
+    score: float
+    normalised_score: float | None = Field(description="0.5 at the threshold")
+    decision: str = Field(description="OK or NG")
+    threshold: float | None
+    seconds: float = Field(description="this image's time in the service: decoding, queue, model, files, database")
+    regions: list[RegionOut]
+    overlay_url: str
+    mask_url: str | None
+    feedback: list[FeedbackOut] = []
+
+
+class InspectOut(BaseModel):
+    inspections: list[InspectionOut]
+
+
+class InspectionPage(BaseModel):
+    items: list[InspectionOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class ModelOut(BaseModel):
+    name: str
+    category: str
+    preset: str
+    image_threshold: float
+    pixel_threshold: float
+    bank_size: int = Field(description="references in the memory bank (0: zero-shot)")
+    version: str = Field(description="clipfusion version that wrote the model file")
+    sha256: str
+    created: str
+    queue_depth: int

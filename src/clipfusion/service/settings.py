@@ -1,0 +1,67 @@
+"""What ``clipfusion serve`` was asked: models, storage, batching, limits and access."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from clipfusion.config import RuntimeConfig
+from clipfusion.data.base import MAX_PIXELS
+from clipfusion.errors import ClipfusionError
+
+
+@dataclass(frozen=True)
+class ServiceSettings:
+    """models: model files (``*.cfm``), each served under its file name without the suffix.
+    data_dir: where the SQLite database (the embedded default) and each inspection's files live.
+    database_url: a SQLAlchemy URL (``postgresql+psycopg://...``) instead of the embedded SQLite.
+    max_batch / max_wait_ms: dynamic batching; max_queue: images waiting per model before 503.
+    api_keys: accepted keys (empty: no authentication).  learn: confirmed false alarms join the
+    model's memory bank.  store_images: also keep each uploaded file."""
+
+    models: tuple[Path, ...]
+    data_dir: Path = Path("clipfusion-serve")
+    database_url: str | None = None
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    batch_size: int = 8
+    max_batch: int = 8
+    max_wait_ms: float = 10.0
+    max_queue: int = 64
+    max_upload_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = MAX_PIXELS
+    min_area: int = 16
+    api_keys: frozenset[str] = frozenset()
+    learn: bool = False
+    store_images: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ClipfusionError("serve needs at least one --model FILE.cfm (write one with `clipfusion fit`)")
+        names = [model_name(path) for path in self.models]
+        if len(set(names)) != len(names):
+            raise ClipfusionError(f"two --model files share a name ({', '.join(names)}); rename one")
+        if self.max_batch < 1 or self.max_queue < 1 or self.max_wait_ms < 0 or self.max_upload_bytes < 1:
+            raise ClipfusionError("--max-batch, --max-queue and --max-upload-mb must be >= 1, --max-wait-ms >= 0")
+
+    @property
+    def url(self) -> str:
+        """The database URL: the given one, or SQLite in ``data_dir``."""
+        return self.database_url or f"sqlite:///{(self.data_dir / 'inspections.db').resolve()}"
+
+
+def model_name(path: Path) -> str:
+    """The name a model file is served under: its file name without ``.cfm``."""
+    return Path(path).stem
+
+
+def read_api_keys(path: str | None) -> frozenset[str]:
+    """One key per line (blank lines and ``#`` comments ignored); a missing or empty file is an error."""
+    if path is None:
+        return frozenset()
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise ClipfusionError(f"cannot read --api-key-file {path}: {exc.strerror}") from None
+    keys = frozenset(line.strip() for line in lines if line.strip() and not line.strip().startswith("#"))
+    if not keys:
+        raise ClipfusionError(f"--api-key-file {path} holds no key (one per line)")
+    return keys
