@@ -19,7 +19,8 @@ def _utc(moment: datetime) -> datetime:
 def to_out(inspection: Inspection) -> InspectionOut:
     base = f"/v1/inspections/{inspection.id}"
     return InspectionOut(
-        id=inspection.id, model=inspection.model, model_sha256=inspection.model_sha256, created=_utc(inspection.created),
+        id=inspection.id, model=inspection.model, model_sha256=inspection.model_sha256,
+        created=_utc(inspection.created),
         filename=inspection.filename, width=inspection.width, height=inspection.height, score=inspection.score,
         normalised_score=inspection.normalised_score, decision=inspection.decision, threshold=inspection.threshold,
         seconds=inspection.seconds,
