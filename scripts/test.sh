@@ -5,9 +5,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # The browser tests drive Debian's Chromium (Playwright's own browser download needs the internet).
-if [ ! -x /usr/bin/chromium ]; then
-  echo "test: installing chromium for the browser tests" >&2
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+# The service tests start a throw-away PostgreSQL server (initdb + pg_ctl on a temporary folder).
+missing=()
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "test: installing ${missing[*]} for the browser and database tests" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 echo "test: ruff" >&2
 .venv/bin/python -m ruff check src tests benchmarks scripts

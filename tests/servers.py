@@ -1,0 +1,103 @@
+"""Starting the project's own ``clipfusion serve`` on a loopback port, and PostgreSQL on a temporary
+folder (``initdb`` + ``pg_ctl``), for the service tests.  Everything binds to 127.0.0.1 and stops
+by itself."""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen
+    url: str
+    log: Path
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout=timeout)
+
+
+def start_server(models: list[Path], data: Path, *extra: str, log: Path | None = None,
+                 timeout: float = 180) -> Server:
+    """``clipfusion serve`` in a subprocess, returned once /readyz answers 200."""
+    port = free_port()
+    log = log or data.with_name(data.name + ".log")
+    script = Path(sys.executable).with_name("clipfusion")
+    command = [str(script), "serve", *(arg for m in models for arg in ("--model", str(m))), "--data", str(data),
+               "--host", "127.0.0.1", "--port", str(port), *extra]
+    with log.open("ab") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"clipfusion serve exited with {process.returncode}: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return Server(process, url, log)
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"clipfusion serve was not ready within {timeout} s: {log.read_text()[-2000:]}")
+
+
+def _postgres_bin(name: str) -> str:
+    found = shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)
+    if found is None:
+        raise RuntimeError(f"{name} not found: scripts/test.sh installs Debian's postgresql")
+    return found
+
+
+@dataclass
+class Postgres:
+    folder: Path
+    port: int
+    run_as: list[str]
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def stop(self) -> None:
+        subprocess.run([*self.run_as, _postgres_bin("pg_ctl"), "-D", str(self.folder / "data"), "-m", "fast", "-w",
+                        "stop"], capture_output=True, timeout=60)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def start_postgres() -> Postgres:
+    """A throw-away PostgreSQL server on 127.0.0.1 (trust authentication, data in a new temporary
+    folder that ``stop`` deletes).  As root, the server runs as the ``postgres`` user, which initdb
+    requires; its folder is then outside pytest's root-only temporary tree."""
+    folder = Path(tempfile.mkdtemp(prefix="clipfusion-pg-"))
+    run_as: list[str] = []
+    if os.geteuid() == 0:
+        run_as = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(folder, "postgres")
+    port = free_port()
+    data, sockets = folder / "data", folder
+    subprocess.run([*run_as, _postgres_bin("initdb"), "-D", str(data), "-U", "postgres", "--auth=trust",
+                    "--no-sync", "-E", "UTF8"], check=True, capture_output=True, timeout=120)
+    options = f"-p {port} -h 127.0.0.1 -k {sockets} -c fsync=off"
+    subprocess.run([*run_as, _postgres_bin("pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "pg.log"),
+                    "-w", "-t", "60", "start"], check=True, capture_output=True, timeout=90)
+    return Postgres(folder, port, run_as)
