@@ -1,0 +1,134 @@
+"""The service under faults: SIGTERM under load loses no accepted request, kill -9 loses nothing
+recorded, and the batcher coalesces, refuses when full and drains on close."""
+from __future__ import annotations
+
+import asyncio
+import signal
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from clipfusion.service.batching import Batcher, QueueFullError, ShuttingDownError
+
+from .servers import Server, start_server
+
+
+class Load:
+    """Clients posting one image per request (a new connection each time) until told to stop or the
+    server is gone; every outcome kept by file name."""
+
+    def __init__(self, server: Server, image: bytes, clients: int = 4) -> None:
+        self.server, self.image = server, image
+        self.answered: dict[str, str] = {}  # file name → inspection id (200)
+        self.refused: dict[str, int] = {}  # file name → status (503 while stopping)
+        self.unanswered: dict[str, str] = {}  # file name → transport error
+        self.stopped = threading.Event()
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._client, args=(n,)) for n in range(clients)]
+
+    def _client(self, number: int) -> None:
+        index = 0
+        while not self.stopped.is_set():
+            name = f"load-{number}-{index}.png"
+            index += 1
+            try:
+                answer = httpx.post(f"{self.server.url}/v1/models/disc/inspect",
+                                    files={"files": (name, self.image, "image/png")}, timeout=120)
+            except httpx.TransportError as exc:
+                with self.lock:
+                    self.unanswered[name] = type(exc).__name__
+                if isinstance(exc, httpx.ConnectError):
+                    return  # the server is gone
+                continue
+            with self.lock:
+                if answer.status_code == 200:
+                    self.answered[name] = answer.json()["inspections"][0]["id"]
+                else:
+                    self.refused[name] = answer.status_code
+
+    def __enter__(self) -> Load:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def wait_for(self, count: int, limit: float = 120) -> None:
+        deadline = time.monotonic() + limit
+        while len(self.answered) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(self.answered) >= count, f"only {len(self.answered)} answers in {limit} s"
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        for thread in self.threads:
+            thread.join(timeout=120)
+
+
+def _recorded(data: Path) -> dict[str, str]:
+    """file name → inspection id, read straight from the SQLite file."""
+    with sqlite3.connect(data / "inspections.db") as connection:
+        assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        return dict(connection.execute("SELECT filename, id FROM inspections").fetchall())
+
+
+def test_sigterm_under_load_answers_or_never_accepts_each_request(model, synthetic_root, tmp_path):
+    image = next((synthetic_root / "disc" / "test" / "hole").iterdir()).read_bytes()
+    server = start_server([model], tmp_path / "data", "--max-batch", "4")
+    with Load(server, image) as load:
+        load.wait_for(12)
+        # uvicorn finishes what it accepted, shuts the application down, then exits by the signal it got
+        assert server.stop(signal.SIGTERM) in (0, -signal.SIGTERM)
+    assert "Application shutdown complete" in server.log.read_text()
+    recorded = _recorded(tmp_path / "data")
+    assert {name: recorded[name] for name in load.answered} == load.answered  # every answer is recorded
+    assert set(recorded) == set(load.answered)  # and nothing was recorded without its answer
+    assert set(load.refused.values()) <= {503}
+    assert not set(load.unanswered) & set(recorded)
+
+
+def test_kill_9_under_load_then_restart_keeps_everything_answered(model, synthetic_root, tmp_path):
+    image = next((synthetic_root / "disc" / "test" / "good").iterdir()).read_bytes()
+    data = tmp_path / "data"
+    server = start_server([model], data)
+    with Load(server, image) as load:
+        load.wait_for(10)
+        server.stop(signal.SIGKILL)
+    restarted = start_server([model], data)
+    try:
+        listed = httpx.get(f"{restarted.url}/v1/inspections", params={"limit": 500}).json()["items"]
+        by_name = {item["filename"]: item["id"] for item in listed}
+        assert {name: by_name.get(name) for name in load.answered} == load.answered
+        assert httpx.post(f"{restarted.url}/v1/models/disc/inspect",
+                          files={"files": ("after.png", image, "image/png")}, timeout=60).status_code == 200
+    finally:
+        restarted.stop()
+    assert "after.png" in _recorded(data)
+
+
+def test_the_batcher_coalesces_refuses_when_full_and_drains_on_close():
+    batches: list[list[int]] = []
+
+    def double(items: list[int]) -> list[int]:
+        time.sleep(0.05)  # a model pass: the next requests queue meanwhile
+        batches.append(items)
+        return [2 * item for item in items]
+
+    async def scenario() -> None:
+        batcher: Batcher[int, int] = Batcher("t", double, max_batch=4, max_wait_ms=20, max_queue=6)
+        batcher.start()
+        answers = await asyncio.gather(*(batcher.submit_many([n]) for n in range(6)))
+        assert [a[0] for a in answers] == [2 * n for n in range(6)]
+        assert max(len(b) for b in batches) == 4 and sum(len(b) for b in batches) == 6
+        with pytest.raises(QueueFullError):
+            await batcher.submit_many(list(range(7)))
+        pending = asyncio.ensure_future(batcher.submit_many([10, 11, 12]))
+        await asyncio.sleep(0)
+        await batcher.close()
+        assert await pending == [20, 22, 24]  # queued before close: finished, not dropped
+        with pytest.raises(ShuttingDownError):
+            await batcher.submit_many([1])
+
+    asyncio.run(scenario())
