@@ -77,7 +77,11 @@ def inspection_overlay(image: np.ndarray, anomaly_map: np.ndarray, scale: tuple[
     canvas.paste(picture, (0, banner_height))
     draw = ImageDraw.Draw(canvas)
     draw.rectangle([0, 0, width - 1, banner_height - 1], fill=BANNER_COLOURS.get(decision or "", GREY))
-    draw.text((6, 5), title, fill=(255, 255, 255), font=_font(text_size))
+    font = _font(text_size)
+    parts = title.split("  ")
+    while len(parts) > 1 and draw.textlength("  ".join(parts), font=font) > width - 8:
+        parts.pop()  # a narrow image keeps the verdict and the score, then drops the rest
+    draw.text((6, 5), "  ".join(parts), fill=(255, 255, 255), font=font)
     ramp = colormaps[COLORMAP](np.linspace(0.0, 1.0, width))[:, :3] * 255.0
     top = banner_height + height
     canvas.paste(Image.fromarray(np.repeat(ramp[None].astype(np.uint8), bar_height, axis=0)), (0, top))
