@@ -132,3 +132,15 @@ def test_a_bank_of_other_settings_is_refused_before_any_model_is_built(synthetic
         CLIPFusion("paper-recon").load_memory(bank)  # the 39 s hub wait before a misleading error
     with pytest.raises(MemoryBankMismatchError, match="timestep: bank 100 vs detector 300"):
         CLIPFusion("tiny", diffusion__timestep=300).load_memory(bank)
+
+
+def test_adding_references_equals_fitting_on_all_of_them(synthetic_root):
+    normal = sorted((synthetic_root / "disc" / "train" / "good").iterdir())
+    grown = CLIPFusion("tiny").fit(normal[:2], "disc", ["a", "b"]).add_references(normal[2:3], "disc", ["c"])
+    whole = CLIPFusion("tiny").fit(normal[:3], "disc", ["a", "b", "c"])
+    assert grown.memory_bank_.manifest == whole.memory_bank_.manifest
+    assert grown.memory_bank_.features.keys() == whole.memory_bank_.features.keys()
+    for name, features in whole.memory_bank_.features.items():
+        np.testing.assert_allclose(grown.memory_bank_.features[name].numpy(), features.numpy(), atol=1e-6)
+    with pytest.raises(ClipfusionError, match="fit on 'disc', not 'fabric'"):
+        grown.add_references(normal[:1], "fabric")

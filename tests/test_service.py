@@ -234,3 +234,60 @@ def test_the_service_on_postgresql(model, synthetic_root, tmp_path):
         if server:
             server.stop()
         postgres.stop()
+
+
+def test_learning_from_a_false_alarm_and_rolling_it_back(model, synthetic_root, tmp_path):
+    data = tmp_path / "data"
+    server = start_server([model], data, "--learn")
+    try:
+        paths = _images(synthetic_root)
+        inspections = _inspect(server.url, paths).json()["inspections"]
+        by_id = {i["id"]: (i, p) for i, p in zip(inspections, paths, strict=True)}
+        alarms = [i for i in inspections if i["decision"] == "NG"]
+        normals = [i for i in inspections if i["decision"] == "OK"]
+        assert len(alarms) >= 2 and normals
+        first, path = by_id[alarms[0]["id"]]
+        answer = httpx.post(f"{server.url}/v1/inspections/{first['id']}/feedback", json={"label": "normal"},
+                            timeout=120).json()
+        learned = answer["learned"]
+        assert learned["action"] == "learn" and learned["bank_size"] == 3
+        assert "thresholds kept" in learned["note"]  # no operator-confirmed normal outside the bank yet
+        # the service now scores with the bank plus that image: recomputed here from the original file
+        expected = CLIPFusion.load(model).add_references([path], "disc").predict([path], "disc").scores[0]
+        again = _inspect(server.url, [path]).json()["inspections"][0]
+        assert again["score"] == pytest.approx(float(expected), abs=1e-5) and again["score"] < first["score"]
+        assert again["model_sha256"] == learned["sha256"] != first["model_sha256"]
+
+        # an OK image confirmed normal, then a second false alarm: thresholds re-derived from that image
+        confirmed, confirmed_path = by_id[normals[0]["id"]]
+        assert httpx.post(f"{server.url}/v1/inspections/{confirmed['id']}/feedback",
+                          json={"label": "normal"}).json()["learned"] is None  # not a false alarm: nothing learned
+        second, second_path = by_id[alarms[1]["id"]]
+        relearned = httpx.post(f"{server.url}/v1/inspections/{second['id']}/feedback", json={"label": "normal"},
+                               timeout=120).json()["learned"]
+        detector = CLIPFusion.load(model).add_references([path, second_path], "disc")
+        assert "re-derived from 1" in relearned["note"]
+        assert relearned["image_threshold_after"] == pytest.approx(
+            float(detector.predict([confirmed_path], "disc").scores[0]), abs=1e-5)  # the 99% quantile of one
+        assert httpx.post(f"{server.url}/v1/models/disc/rollback").json()["action"] == "rollback"
+
+        rolled = httpx.post(f"{server.url}/v1/models/disc/rollback").json()
+        assert rolled["action"] == "rollback" and rolled["sha256"] == first["model_sha256"]
+        back = _inspect(server.url, [path]).json()["inspections"][0]
+        assert back["score"] == pytest.approx(first["score"], abs=1e-5)
+        none_left = httpx.post(f"{server.url}/v1/models/disc/rollback")
+        assert none_left.status_code == 409 and none_left.json()["code"] == "no_earlier_version"
+        versions = httpx.get(f"{server.url}/v1/models/disc/versions").json()
+        assert [v["active"] for v in versions].count(True) == 1 and versions[-1]["active"]
+        actions = [entry["action"] for entry in httpx.get(f"{server.url}/v1/models/disc/audit").json()]
+        assert actions == ["rollback", "rollback", "learn", "learn"]
+        httpx.post(f"{server.url}/v1/inspections/{first['id']}/feedback", json={"label": "normal"}, timeout=120)
+    finally:
+        server.stop()
+    restarted = start_server([model], data, "--learn")  # the learned version survives a restart
+    try:
+        [served] = httpx.get(f"{restarted.url}/v1/models").json()
+        active = [v for v in httpx.get(f"{restarted.url}/v1/models/disc/versions").json() if v["active"]]
+        assert served["sha256"] == active[0]["sha256"] != first["model_sha256"] and served["bank_size"] == 3
+    finally:
+        restarted.stop()

@@ -13,6 +13,7 @@ from typing import Generic, TypeVar
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
+Outcome = TypeVar("Outcome")
 
 
 class QueueFullError(Exception):
@@ -67,6 +68,10 @@ class Batcher(Generic[Item, Result]):
         for job in jobs:
             self._queue.put_nowait(job)
         return list(await asyncio.gather(*(job.future for job in jobs)))
+
+    async def run_exclusive(self, task: Callable[[], Outcome]) -> Outcome:
+        """Run ``task`` in the model's thread between batches (no batch runs meanwhile)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, task)
 
     async def _run(self) -> None:
         assert self._queue is not None

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from clipfusion.methods.clipfusion.detector import CLIPFusion
 from clipfusion.methods.clipfusion.model_file import read_card
 from clipfusion.outputs import file_sha256, write_atomic
-from clipfusion.service.settings import ServiceSettings, model_name
+from clipfusion.service.settings import ServiceSettings
 from clipfusion.service.tables import Inspection, Region
 from clipfusion.tasks.predict import ImageWriter, RowSettings
 from clipfusion.tasks.thresholds import resolve_decisions
@@ -38,16 +38,22 @@ class NotFiniteError(ValueError):
 class ServedModel:
     """One ``--model`` file, loaded once."""
 
-    def __init__(self, path: Path, settings: ServiceSettings, sessions: sessionmaker[Session]) -> None:
-        self.name, self.path, self.settings, self.sessions = model_name(path), Path(path), settings, sessions
+    def __init__(self, name: str, path: Path, settings: ServiceSettings, sessions: sessionmaker[Session]) -> None:
+        self.name, self.settings, self.sessions = name, settings, sessions
+        self.files = settings.data_dir / "files"
+        self.use(path)
+
+    def use(self, path: Path) -> None:
+        """Serve the model file at ``path`` from now on (start-up, learning, rollback).  Call it from
+        the model's own thread only, so that no batch sees half of a swap."""
+        self.path = Path(path)
         self.card = read_card(self.path)
-        self.detector = CLIPFusion.load(path, settings.runtime, settings.batch_size)
+        self.detector = CLIPFusion.load(self.path, self.settings.runtime, self.settings.batch_size)
         self.sha256 = file_sha256(self.path)
         self.category: str = self.detector.category_
         self.decisions = resolve_decisions(None, None, self.detector.thresholds_, self.detector, self.category, None)
-        self.files = settings.data_dir / "files"
         self.writer = ImageWriter(self.files, RowSettings(self.category, self.decisions, self.sha256,
-                                                          settings.min_area, settings.max_pixels))
+                                                          self.settings.min_area, self.settings.max_pixels))
 
     @property
     def bank_size(self) -> int:
@@ -69,7 +75,7 @@ class ServedModel:
                 identifier = uuid.uuid4().hex
                 row = self.writer.row(identifier, Path(upload.filename), upload.image, float(score), raw_map, full_map)
                 stored = None
-                if self.settings.store_images:
+                if self.settings.keeps_images:
                     stored = f"images/{identifier}{Path(upload.filename).suffix[:10]}"
                     write_atomic(self.files / stored, upload.data)
                 height, width = upload.image.shape[:2]

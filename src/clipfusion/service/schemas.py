@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
@@ -29,9 +29,40 @@ class FeedbackIn(BaseModel):
     note: str = Field("", max_length=2000)
 
 
+class ChangeOut(BaseModel):
+    """What learning or a rollback did to a model."""
+
+    action: Literal["learn", "rollback"]
+    version_id: int
+    sha256: str
+    image_threshold_before: float
+    image_threshold_after: float
+    bank_size: int
+    note: str
+
+
 class FeedbackOut(FeedbackIn):
     id: int
     created: datetime
+    learned: Annotated[ChangeOut | None, Field(description="with --learn: the model version this false alarm "
+                                                           "made")] = None
+
+
+class VersionOut(BaseModel):
+    id: int
+    sha256: str
+    path: str
+    created: datetime
+    active: bool
+    parent_id: int | None
+
+
+class AuditOut(BaseModel):
+    id: int
+    created: datetime
+    action: str
+    model: str
+    detail: dict[str, object]
 
 
 class InspectionOut(BaseModel):

@@ -43,6 +43,11 @@ class ServiceSettings:
             raise ClipfusionError("--max-batch, --max-queue and --max-upload-mb must be >= 1, --max-wait-ms >= 0")
 
     @property
+    def keeps_images(self) -> bool:
+        """Uploaded files are kept with --store-images, and always with --learn (learning reads them)."""
+        return self.store_images or self.learn
+
+    @property
     def url(self) -> str:
         """The database URL: the given one, or SQLite in ``data_dir``."""
         return self.database_url or f"sqlite:///{(self.data_dir / 'inspections.db').resolve()}"

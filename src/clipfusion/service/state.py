@@ -5,17 +5,21 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from clipfusion.outputs import file_sha256
+from clipfusion.service import learning
 from clipfusion.service.batching import Batcher
 from clipfusion.service.database import make_engine, migrate, session_factory
 from clipfusion.service.errors import ServiceError
 from clipfusion.service.inspector import ServedModel, Upload
+from clipfusion.service.learning import Change, active_version
 from clipfusion.service.metrics import ServiceMetrics
-from clipfusion.service.settings import ServiceSettings
-from clipfusion.service.tables import ModelVersion
+from clipfusion.service.settings import ServiceSettings, model_name
+from clipfusion.service.tables import Inspection, ModelVersion
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +41,10 @@ class ServiceState:
         migrate(self.engine)
         self.sessions = session_factory(self.engine)
         for path in self.settings.models:
-            model = ServedModel(path, self.settings, self.sessions)
-            self.models[model.name] = model
-            self._record_version(model)
-            logger.info("serving %s (%s, %s) from %s", model.name, model.category, model.detector.preset, path)
+            name = model_name(path)
+            model = ServedModel(name, self._version_to_serve(name, Path(path)), self.settings, self.sessions)
+            self.models[name] = model
+            logger.info("serving %s (%s, %s) from %s", name, model.category, model.detector.preset, model.path)
 
     def start_batchers(self) -> None:
         for name, model in self.models.items():
@@ -68,20 +72,58 @@ class ServiceState:
             raise ServiceError(404, "unknown_model", f"no model {name!r}; served: {', '.join(self.models)}")
         return self.models[name]
 
-    def _record_version(self, model: ServedModel) -> None:
+    def _version_to_serve(self, name: str, given: Path) -> Path:
+        """The file to serve for ``--model given``: with --learn, the newest version learned from it
+        (when it still exists); otherwise ``given``, recorded as the active version."""
         assert self.sessions is not None
+        sha = file_sha256(given)
         with self.sessions.begin() as session:
-            active = session.scalars(select(ModelVersion).where(ModelVersion.name == model.name,
-                                                                ModelVersion.active)).first()
-            if active is not None and active.sha256 == model.sha256:
-                return
+            active = active_version(session, name)
+            if active is not None and active.sha256 == sha:
+                return given
+            if (active is not None and self.settings.learn and Path(active.path).is_file()
+                    and _descends_from(session, active, sha)):
+                logger.info("serving %s's learned version %d (learned from %s)", name, active.id, given)
+                return Path(active.path)
             if active is not None:
                 active.active = False
-            session.add(ModelVersion(name=model.name, path=str(model.path.resolve()), sha256=model.sha256,
+            session.add(ModelVersion(name=name, path=str(given.resolve()), sha256=sha,
                                      created=datetime.now(timezone.utc), active=True))
+        return given
+
+    async def learn(self, name: str, inspection_id: str) -> Change:
+        """Learn from a confirmed false alarm, in the model's thread (between batches)."""
+        def task() -> Change:
+            assert self.sessions is not None
+            with self.sessions.begin() as session:
+                inspection = session.get(Inspection, inspection_id)
+                assert inspection is not None
+                return learning.learn(session, self.models[name], inspection)
+
+        return await self.batchers[name].run_exclusive(task)
+
+    async def rollback(self, name: str) -> Change:
+        model = self.model(name)
+
+        def task() -> Change:
+            assert self.sessions is not None
+            with self.sessions.begin() as session:
+                return learning.rollback(session, model)
+
+        return await self.batchers[name].run_exclusive(task)
 
 
 def _depth_of(batcher: Batcher[Upload, object]) -> Callable[[], float]:
     def depth() -> float:
         return float(batcher.depth)
     return depth
+
+
+def _descends_from(session: Session, version: ModelVersion, sha256: str) -> bool:
+    """Whether ``version`` was learned (over any number of steps) from the file with ``sha256``."""
+    current: ModelVersion | None = version
+    while current is not None:
+        if current.sha256 == sha256:
+            return True
+        current = None if current.parent_id is None else session.get(ModelVersion, current.parent_id)
+    return False

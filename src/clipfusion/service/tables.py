@@ -79,6 +79,8 @@ class ModelVersion(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     active: Mapped[bool] = mapped_column(Boolean, default=True)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("model_versions.id", name="fk_model_versions_parent"),
+                                                  nullable=True)  # the version it was learned from
 
 
 class Audit(Base):

@@ -131,17 +131,31 @@ class CLIPFusion:
         images = as_rgb_list(images)
         if len(images) == 0:
             raise ClipfusionError("fit needs at least one normal image")
+        self.memory_bank_ = MemoryBank(manifest={**self.bank_settings(), "category": category, "k": 0,
+                                                 "references": []})
+        self.category_ = category
+        return self.add_references(images, category, reference_names, progress)
+
+    @torch.inference_mode()
+    def add_references(self, images: Images, category: str, reference_names: Sequence[str] | None = None,
+                       progress: bool = False) -> CLIPFusion:
+        """Add normal ``images`` to the memory bank (a fitted detector's, or a new one): what learning
+        from a confirmed false alarm does.  Thresholds are not changed: ``calibrate`` again."""
+        images = as_rgb_list(images)
+        if not hasattr(self, "memory_bank_"):
+            return self.fit(images, category, reference_names, progress)
+        if self.category_ != category:
+            raise ClipfusionError(f"the memory bank was fit on {self.category_!r}, not {category!r}")
         patchclip, mapdiff = self._branches()
-        bank = MemoryBank(manifest={**self.bank_settings(), "category": category, "k": len(images),
-                                    "references": list(reference_names or [])})
+        bank = self.memory_bank_
         for start in tqdm(range(0, len(images), self.batch_size), desc="fit (references)", disable=not progress):
             batch = images[start:start + self.batch_size]
             for block, tokens in patchclip.run(batch, category).visual_tokens.items():
                 bank.add(f"clip/block{block}", tokens)
             for block, grid in mapdiff.reference_features(batch, category).items():
                 bank.add(f"diffusion/up{block}", grid.permute(0, 2, 3, 1))
-        self.memory_bank_ = bank
-        self.category_ = category
+        bank.manifest["k"] = int(bank.manifest.get("k", 0)) + len(images)
+        bank.manifest["references"] = [*bank.manifest.get("references", []), *(reference_names or [])]
         return self
 
     def save_memory(self, path: str | Path) -> Path:

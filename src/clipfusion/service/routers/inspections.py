@@ -1,17 +1,19 @@
 """/v1/inspections: history, one inspection, its overlay and mask, and operators' feedback."""
 from __future__ import annotations
 
+from dataclasses import asdict
 from datetime import datetime, timezone
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import FileResponse
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from clipfusion.service.dependencies import SessionDep, StateDep, require_api_key
 from clipfusion.service.errors import ServiceError
 from clipfusion.service.records import history, load_inspections
-from clipfusion.service.schemas import ErrorOut, FeedbackIn, FeedbackOut, InspectionOut, InspectionPage
+from clipfusion.service.schemas import ChangeOut, ErrorOut, FeedbackIn, FeedbackOut, InspectionOut, InspectionPage
 from clipfusion.service.tables import Feedback, Inspection
 
 router = APIRouter(prefix="/v1/inspections", tags=["inspections"], dependencies=[Depends(require_api_key)])
@@ -61,11 +63,21 @@ def mask(identifier: str, session: SessionDep,
 
 
 @router.post("/{identifier}/feedback", response_model=FeedbackOut, status_code=201, responses=ERRORS)
-def post_feedback(identifier: str, body: FeedbackIn, session: SessionDep) -> FeedbackOut:
-    """Record an operator's verdict on an inspection."""
-    inspection = _inspection(session, identifier)
-    record = Feedback(inspection_id=inspection.id, label=body.label, note=body.note,
-                      created=datetime.now(timezone.utc))
-    session.add(record)
-    session.commit()
-    return FeedbackOut(id=record.id, label=body.label, note=record.note, created=record.created)
+async def post_feedback(identifier: str, body: FeedbackIn, state: StateDep) -> FeedbackOut:
+    """Record an operator's verdict on an inspection.  With ``--learn``, ``normal`` on an NG inspection
+    (a false alarm) adds its image to the model's memory bank as a new model version."""
+    def record() -> tuple[FeedbackOut, str, str]:
+        assert state.sessions is not None
+        with state.sessions.begin() as session:
+            inspection = _inspection(session, identifier)
+            entry = Feedback(inspection_id=inspection.id, label=body.label, note=body.note,
+                             created=datetime.now(timezone.utc))
+            session.add(entry)
+            session.flush()
+            return (FeedbackOut(id=entry.id, label=body.label, note=entry.note, created=entry.created),
+                    inspection.model, inspection.decision)
+
+    answer, model, decision = await run_in_threadpool(record)
+    if state.settings.learn and body.label == "normal" and decision == "NG" and model in state.models:
+        answer.learned = ChangeOut(**asdict(await state.learn(model, identifier)))
+    return answer

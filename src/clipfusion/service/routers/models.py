@@ -1,16 +1,21 @@
 """/v1/models: what is served, and inspecting images with one of them."""
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
+
 from fastapi import APIRouter, Depends, Request
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from clipfusion.service.batching import QueueFullError, ShuttingDownError
-from clipfusion.service.dependencies import StateDep, require_api_key
+from clipfusion.service.dependencies import SessionDep, StateDep, require_api_key
 from clipfusion.service.errors import ServiceError
 from clipfusion.service.inspector import NotFiniteError
 from clipfusion.service.records import load_inspections
-from clipfusion.service.schemas import ErrorOut, InspectOut, ModelOut
+from clipfusion.service.schemas import AuditOut, ChangeOut, ErrorOut, InspectOut, ModelOut, VersionOut
+from clipfusion.service.tables import Audit, ModelVersion
 from clipfusion.service.uploads import read_uploads
 
 router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Depends(require_api_key)])
@@ -58,3 +63,27 @@ async def inspect(name: str, request: Request, state: StateDep) -> InspectOut:
     if failed:
         raise ServiceError(422, "not_finite", "; ".join(failed))
     return answer
+
+
+@router.post("/{name}/rollback", response_model=ChangeOut, responses=ERRORS)
+async def rollback(name: str, state: StateDep) -> ChangeOut:
+    """Serve the version the active one was learned from (undo the last learning step)."""
+    return ChangeOut(**asdict(await state.rollback(name)))
+
+
+@router.get("/{name}/versions", response_model=list[VersionOut], responses=ERRORS)
+def versions(name: str, state: StateDep, session: SessionDep) -> list[VersionOut]:
+    """Every version of the model file this service has served, newest first."""
+    state.model(name)
+    rows = session.scalars(select(ModelVersion).where(ModelVersion.name == name).order_by(ModelVersion.id.desc()))
+    return [VersionOut(id=v.id, sha256=v.sha256, path=v.path, created=v.created, active=v.active,
+                       parent_id=v.parent_id) for v in rows]
+
+
+@router.get("/{name}/audit", response_model=list[AuditOut], responses=ERRORS)
+def audit(name: str, state: StateDep, session: SessionDep) -> list[AuditOut]:
+    """Every change the service made to the model, newest first."""
+    state.model(name)
+    rows = session.scalars(select(Audit).where(Audit.model == name).order_by(Audit.id.desc()))
+    return [AuditOut(id=a.id, created=a.created, action=a.action, model=a.model, detail=json.loads(a.detail))
+            for a in rows]

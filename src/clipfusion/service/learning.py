@@ -1,0 +1,111 @@
+"""Learning from operators: a confirmed false alarm joins its model's memory bank as a new model
+file version (written atomically beside the old), the thresholds are re-derived from held-out
+normal images, every change goes to the audit table, and any change can be rolled back."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from clipfusion.data.base import read_rgb
+from clipfusion.methods.clipfusion.detector import CLIPFusion
+from clipfusion.outputs import file_sha256
+from clipfusion.service.errors import ServiceError
+from clipfusion.service.inspector import ServedModel
+from clipfusion.service.tables import Audit, Feedback, Inspection, ModelVersion
+
+REFERENCE_PREFIX = "inspection:"  # how a learned reference is named in the bank and the model card
+
+
+@dataclass(frozen=True)
+class Change:
+    """What learning or a rollback did to a model."""
+
+    action: str
+    version_id: int
+    sha256: str
+    image_threshold_before: float
+    image_threshold_after: float
+    bank_size: int
+    note: str
+
+
+def active_version(session: Session, name: str) -> ModelVersion | None:
+    return session.scalars(select(ModelVersion).where(ModelVersion.name == name, ModelVersion.active)).first()
+
+
+def _held_out_normals(session: Session, model: ServedModel, in_bank: set[str]) -> list[Path]:
+    """Stored images of this model's inspections that operators confirmed normal and that are not in
+    its bank: the normal images the thresholds can be re-derived from."""
+    rows = session.execute(select(Inspection.id, Inspection.image).join(Feedback).where(
+        Inspection.model == model.name, Feedback.label == "normal", Inspection.image.is_not(None))).all()
+    return sorted({model.files / image for identifier, image in rows if image and identifier not in in_bank})
+
+
+def learn(session: Session, model: ServedModel, inspection: Inspection) -> Change:
+    """Add ``inspection``'s stored image to ``model``'s bank, re-derive its thresholds, write and serve
+    the new version.  Runs in the model's thread; the caller commits ``session``."""
+    if inspection.image is None:
+        raise ServiceError(409, "image_not_stored", f"inspection {inspection.id} kept no image: learning needs "
+                                                    "the service started with --learn")
+    before = model.detector.thresholds_
+    detector = CLIPFusion.load(model.path, model.settings.runtime, model.settings.batch_size)
+    reference = f"{REFERENCE_PREFIX}{inspection.id}"
+    detector.add_references([read_rgb(model.files / inspection.image)], model.category, [reference])
+    in_bank = {name.removeprefix(REFERENCE_PREFIX) for name in detector.memory_bank_.manifest["references"]}
+    normals = _held_out_normals(session, model, in_bank)
+    if normals:
+        detector.calibrate([read_rgb(path) for path in normals], model.category)
+        note = f"thresholds re-derived from {len(normals)} operator-confirmed normal images not in the bank"
+    else:
+        note = "thresholds kept: no operator-confirmed normal image outside the bank to derive them from yet"
+    references = [*model.card.references, {"name": reference,
+                                           "sha256": file_sha256(model.files / inspection.image)}]
+    folder = model.settings.data_dir / "models"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{model.name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}.cfm"
+    detector.save(path, references)
+    parent = active_version(session, model.name)
+    if parent is not None:
+        parent.active = False
+    version = ModelVersion(name=model.name, path=str(path.resolve()), sha256=file_sha256(path),
+                           created=datetime.now(timezone.utc), active=True,
+                           parent_id=None if parent is None else parent.id)
+    session.add(version)
+    session.flush()
+    model.use(path)
+    change = Change("learn", version.id, version.sha256, before.image, model.detector.thresholds_.image,
+                    model.bank_size, note)
+    _audit(session, model.name, change, {"inspection": inspection.id, "from_version": None if parent is None
+                                         else parent.id})
+    return change
+
+
+def rollback(session: Session, model: ServedModel) -> Change:
+    """Serve the version the active one was learned from.  Runs in the model's thread."""
+    current = active_version(session, model.name)
+    if current is None or current.parent_id is None:
+        raise ServiceError(409, "no_earlier_version", f"model {model.name} has no earlier version to roll back to")
+    parent = session.get(ModelVersion, current.parent_id)
+    assert parent is not None
+    if not Path(parent.path).is_file():
+        raise ServiceError(409, "version_missing", f"the earlier version's file {parent.path} is gone")
+    before = model.detector.thresholds_.image
+    model.use(Path(parent.path))
+    current.active, parent.active = False, True
+    change = Change("rollback", parent.id, parent.sha256, before, model.detector.thresholds_.image, model.bank_size,
+                    f"back from version {current.id}")
+    _audit(session, model.name, change, {"from_version": current.id})
+    return change
+
+
+def _audit(session: Session, name: str, change: Change, extra: dict[str, object]) -> None:
+    detail = {**extra, "version": change.version_id, "sha256": change.sha256,
+              "image_threshold": [change.image_threshold_before, change.image_threshold_after],
+              "bank_size": change.bank_size, "note": change.note}
+    session.add(Audit(created=datetime.now(timezone.utc), action=change.action, model=name,
+                      detail=json.dumps(detail)))
