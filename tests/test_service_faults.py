@@ -92,15 +92,18 @@ def test_sigterm_under_load_answers_or_never_accepts_each_request(model, synthet
 def test_kill_9_under_load_then_restart_keeps_everything_answered(model, synthetic_root, tmp_path):
     image = next((synthetic_root / "disc" / "test" / "good").iterdir()).read_bytes()
     data = tmp_path / "data"
-    server = start_server([model], data)
+    server = start_server([model], data, "--store-images")
     with Load(server, image) as load:
         load.wait_for(10)
         server.stop(signal.SIGKILL)
-    restarted = start_server([model], data)
+    stored = [data / "files" / "images" / f"{identifier}.png" for identifier in load.answered.values()]
+    assert all(path.read_bytes() == image for path in stored)
+    restarted = start_server([model], data, "--store-images", "--keep-days", "0")  # prunes every upload at start
     try:
         listed = httpx.get(f"{restarted.url}/v1/inspections", params={"limit": 500}).json()["items"]
         by_name = {item["filename"]: item["id"] for item in listed}
-        assert {name: by_name.get(name) for name in load.answered} == load.answered
+        assert {name: by_name.get(name) for name in load.answered} == load.answered  # rows stay...
+        assert not any(path.exists() for path in stored)  # ...their stored uploads are gone
         assert httpx.post(f"{restarted.url}/v1/models/disc/inspect",
                           files={"files": ("after.png", image, "image/png")}, timeout=60).status_code == 200
     finally:

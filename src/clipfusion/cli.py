@@ -316,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--db", default=None, metavar="URL",
                        help="a SQLAlchemy database URL instead of SQLite, e.g. postgresql+psycopg://user@host/db")
     serve.add_argument("--store-images", action="store_true", help="also keep every uploaded file in --data")
+    serve.add_argument("--keep-days", type=float, default=None, metavar="N",
+                       help="delete stored uploads older than N days (checked hourly; the inspections stay)")
     serve.add_argument("--learn", action="store_true",
                        help="a false alarm confirmed by an operator joins the model's memory bank as a new model "
                             "version (uploads are kept; undo with POST /v1/models/NAME/rollback)")
@@ -483,7 +485,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         runtime=_runtime(args), batch_size=args.max_batch, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
         min_area=args.min_area, api_keys=read_api_keys(args.api_key_file), store_images=args.store_images,
-        learn=args.learn)
+        learn=args.learn, keep_days=args.keep_days)
     print(f"clipfusion serve: http://{args.host}:{args.port}/ (API at /docs), data in {Path(args.data).resolve()}",
           flush=True)
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning" if args.quiet else "info")

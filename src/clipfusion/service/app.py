@@ -1,6 +1,7 @@
 """The FastAPI application: lifespan (database, models, batchers), routers, errors, metrics."""
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -15,6 +16,13 @@ from clipfusion.service.settings import ServiceSettings
 from clipfusion.service.state import ServiceState
 
 
+async def _prune_hourly(state: ServiceState) -> None:
+    """--keep-days: old stored uploads are deleted at start and then every hour."""
+    while True:
+        await run_in_threadpool(state.prune_images)
+        await asyncio.sleep(3600)
+
+
 def create_app(settings: ServiceSettings) -> FastAPI:
     """The service for ``settings``; models load and the database migrates when it starts."""
     state = ServiceState(settings)
@@ -23,7 +31,9 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await run_in_threadpool(state.open)
         state.start_batchers()
+        pruning = asyncio.get_running_loop().create_task(_prune_hourly(state))
         yield
+        pruning.cancel()
         await state.close()
 
     app = FastAPI(title="clipfusion inspection service", version=__version__, lifespan=lifespan,

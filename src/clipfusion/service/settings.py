@@ -16,7 +16,7 @@ class ServiceSettings:
     database_url: a SQLAlchemy URL (``postgresql+psycopg://...``) instead of the embedded SQLite.
     max_batch / max_wait_ms: dynamic batching; max_queue: images waiting per model before 503.
     api_keys: accepted keys (empty: no authentication).  learn: confirmed false alarms join the
-    model's memory bank.  store_images: also keep each uploaded file."""
+    model's memory bank.  store_images: also keep each uploaded file; keep_days: for so many days."""
 
     models: tuple[Path, ...]
     data_dir: Path = Path("clipfusion-serve")
@@ -32,6 +32,7 @@ class ServiceSettings:
     api_keys: frozenset[str] = frozenset()
     learn: bool = False
     store_images: bool = False
+    keep_days: float | None = None  # stored uploads older than this are deleted (None: kept)
 
     def __post_init__(self) -> None:
         if not self.models:

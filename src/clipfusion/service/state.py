@@ -4,10 +4,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from clipfusion.outputs import file_sha256
@@ -58,6 +58,21 @@ class ServiceState:
             self.batchers[name] = batcher
             self.metrics.queue_depth.labels(name).set_function(_depth_of(batcher))
         self.ready = True
+
+    def prune_images(self) -> int:
+        """Delete stored uploads older than ``keep_days`` (the inspection rows stay); how many."""
+        if self.settings.keep_days is None or self.sessions is None:
+            return 0
+        cutoff = datetime.now(timezone.utc) - timedelta(days=self.settings.keep_days)
+        with self.sessions.begin() as session:
+            old = session.scalars(select(Inspection).where(Inspection.image.is_not(None),
+                                                           Inspection.created < cutoff)).all()
+            for inspection in old:
+                (self.settings.data_dir / "files" / str(inspection.image)).unlink(missing_ok=True)
+                inspection.image = None
+        if old:
+            logger.info("deleted %d stored uploads older than %g days", len(old), self.settings.keep_days)
+        return len(old)
 
     async def close(self) -> None:
         """Stop accepting, finish what is queued (every finished inspection is recorded), then close."""
