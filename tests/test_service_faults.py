@@ -92,13 +92,14 @@ def test_sigterm_under_load_answers_or_never_accepts_each_request(model, synthet
 def test_kill_9_under_load_then_restart_keeps_everything_answered(model, synthetic_root, tmp_path):
     image = next((synthetic_root / "disc" / "test" / "good").iterdir()).read_bytes()
     data = tmp_path / "data"
-    server = start_server([model], data, "--store-images")
+    kept = tmp_path / "uploads"
+    server = start_server([model], data, "--store-images", str(kept))
     with Load(server, image) as load:
         load.wait_for(10)
         server.stop(signal.SIGKILL)
-    stored = [data / "files" / "images" / f"{identifier}.png" for identifier in load.answered.values()]
+    stored = [kept / f"{identifier}.png" for identifier in load.answered.values()]
     assert all(path.read_bytes() == image for path in stored)
-    restarted = start_server([model], data, "--store-images", "--keep-days", "0")  # prunes every upload at start
+    restarted = start_server([model], data, "--store-images", str(kept), "--keep-days", "0")  # prunes at start
     try:
         listed = httpx.get(f"{restarted.url}/v1/inspections", params={"limit": 500}).json()["items"]
         by_name = {item["filename"]: item["id"] for item in listed}

@@ -315,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the SQLite database and each inspection's files (default: %(default)s)")
     serve.add_argument("--db", default=None, metavar="URL",
                        help="a SQLAlchemy database URL instead of SQLite, e.g. postgresql+psycopg://user@host/db")
-    serve.add_argument("--store-images", action="store_true", help="also keep every uploaded file in --data")
+    serve.add_argument("--store-images", default=None, metavar="DIR",
+                       help="keep every uploaded file in DIR (with --learn they are kept in --data by default)")
     serve.add_argument("--keep-days", type=float, default=None, metavar="N",
                        help="delete stored uploads older than N days (checked hourly; the inspections stay)")
     serve.add_argument("--learn", action="store_true",
@@ -472,9 +473,13 @@ def _cmd_benchmark(args: argparse.Namespace) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:
-    import uvicorn
+    try:
+        import uvicorn
 
-    from clipfusion.service.app import create_app
+        from clipfusion.service.app import create_app
+    except ImportError as exc:
+        raise ClipfusionError(f"the service needs its extra packages ({exc.name} is missing): "
+                              "pip install 'clipfusion[serve]'") from None
     from clipfusion.service.settings import ServiceSettings, read_api_keys
 
     for model in args.models:
@@ -484,7 +489,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         models=tuple(Path(m) for m in args.models), data_dir=Path(args.data), database_url=args.db,
         runtime=_runtime(args), batch_size=args.max_batch, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
-        min_area=args.min_area, api_keys=read_api_keys(args.api_key_file), store_images=args.store_images,
+        min_area=args.min_area, api_keys=read_api_keys(args.api_key_file),
+        store_images=Path(args.store_images) if args.store_images else None,
         learn=args.learn, keep_days=args.keep_days)
     print(f"clipfusion serve: http://{args.host}:{args.port}/ (API at /docs), data in {Path(args.data).resolve()}",
           flush=True)

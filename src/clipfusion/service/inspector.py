@@ -75,9 +75,9 @@ class ServedModel:
                 identifier = uuid.uuid4().hex
                 row = self.writer.row(identifier, Path(upload.filename), upload.image, float(score), raw_map, full_map)
                 stored = None
-                if self.settings.keeps_images:
-                    stored = f"images/{identifier}{Path(upload.filename).suffix[:10]}"
-                    write_atomic(self.files / stored, upload.data)
+                if self.settings.images_dir is not None:  # the name only: the folder is the settings'
+                    stored = f"{identifier}{Path(upload.filename).suffix[:10]}"
+                    write_atomic(self.settings.images_dir / stored, upload.data)
                 height, width = upload.image.shape[:2]
                 session.add(Inspection(
                     id=identifier, model=self.name, model_sha256=self.sha256, created=datetime.now(timezone.utc),

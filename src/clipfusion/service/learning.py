@@ -43,19 +43,23 @@ def _held_out_normals(session: Session, model: ServedModel, in_bank: set[str]) -
     its bank: the normal images the thresholds can be re-derived from."""
     rows = session.execute(select(Inspection.id, Inspection.image).join(Feedback).where(
         Inspection.model == model.name, Feedback.label == "normal", Inspection.image.is_not(None))).all()
-    return sorted({model.files / image for identifier, image in rows if image and identifier not in in_bank})
+    folder = model.settings.images_dir
+    if folder is None:
+        return []
+    return sorted({folder / image for identifier, image in rows if image and identifier not in in_bank})
 
 
 def learn(session: Session, model: ServedModel, inspection: Inspection) -> Change:
     """Add ``inspection``'s stored image to ``model``'s bank, re-derive its thresholds, write and serve
     the new version.  Runs in the model's thread; the caller commits ``session``."""
-    if inspection.image is None:
-        raise ServiceError(409, "image_not_stored", f"inspection {inspection.id} kept no image: learning needs "
-                                                    "the service started with --learn")
+    folder = model.settings.images_dir
+    if inspection.image is None or folder is None or not (folder / inspection.image).is_file():
+        raise ServiceError(409, "image_not_stored", f"inspection {inspection.id} kept no image (deleted by "
+                                                    "--keep-days, or made before --learn): nothing to learn from")
     before = model.detector.thresholds_
     detector = CLIPFusion.load(model.path, model.settings.runtime, model.settings.batch_size)
     reference = f"{REFERENCE_PREFIX}{inspection.id}"
-    detector.add_references([read_rgb(model.files / inspection.image)], model.category, [reference])
+    detector.add_references([read_rgb(folder / inspection.image)], model.category, [reference])
     in_bank = {name.removeprefix(REFERENCE_PREFIX) for name in detector.memory_bank_.manifest["references"]}
     normals = _held_out_normals(session, model, in_bank)
     if normals:
@@ -64,7 +68,7 @@ def learn(session: Session, model: ServedModel, inspection: Inspection) -> Chang
     else:
         note = "thresholds kept: no operator-confirmed normal image outside the bank to derive them from yet"
     references = [*model.card.references, {"name": reference,
-                                           "sha256": file_sha256(model.files / inspection.image)}]
+                                           "sha256": file_sha256(folder / inspection.image)}]
     folder = model.settings.data_dir / "models"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{model.name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}.cfm"

@@ -16,7 +16,8 @@ class ServiceSettings:
     database_url: a SQLAlchemy URL (``postgresql+psycopg://...``) instead of the embedded SQLite.
     max_batch / max_wait_ms: dynamic batching; max_queue: images waiting per model before 503.
     api_keys: accepted keys (empty: no authentication).  learn: confirmed false alarms join the
-    model's memory bank.  store_images: also keep each uploaded file; keep_days: for so many days."""
+    model's memory bank.  store_images: a folder to keep each uploaded file in (with --learn, uploads are
+    kept in ``data_dir/files/images`` when it is not given); keep_days: for so many days."""
 
     models: tuple[Path, ...]
     data_dir: Path = Path("clipfusion-serve")
@@ -31,7 +32,7 @@ class ServiceSettings:
     min_area: int = 16
     api_keys: frozenset[str] = frozenset()
     learn: bool = False
-    store_images: bool = False
+    store_images: Path | None = None
     keep_days: float | None = None  # stored uploads older than this are deleted (None: kept)
 
     def __post_init__(self) -> None:
@@ -44,9 +45,12 @@ class ServiceSettings:
             raise ClipfusionError("--max-batch, --max-queue and --max-upload-mb must be >= 1, --max-wait-ms >= 0")
 
     @property
-    def keeps_images(self) -> bool:
-        """Uploaded files are kept with --store-images, and always with --learn (learning reads them)."""
-        return self.store_images or self.learn
+    def images_dir(self) -> Path | None:
+        """Where uploads are kept: --store-images DIR, or with --learn (learning reads them) a folder in
+        ``data_dir``; None: not kept."""
+        if self.store_images is not None:
+            return self.store_images
+        return self.data_dir / "files" / "images" if self.learn else None
 
     @property
     def url(self) -> str:

@@ -61,14 +61,15 @@ class ServiceState:
 
     def prune_images(self) -> int:
         """Delete stored uploads older than ``keep_days`` (the inspection rows stay); how many."""
-        if self.settings.keep_days is None or self.sessions is None:
+        folder = self.settings.images_dir
+        if self.settings.keep_days is None or self.sessions is None or folder is None:
             return 0
         cutoff = datetime.now(timezone.utc) - timedelta(days=self.settings.keep_days)
         with self.sessions.begin() as session:
             old = session.scalars(select(Inspection).where(Inspection.image.is_not(None),
                                                            Inspection.created < cutoff)).all()
             for inspection in old:
-                (self.settings.data_dir / "files" / str(inspection.image)).unlink(missing_ok=True)
+                (folder / str(inspection.image)).unlink(missing_ok=True)
                 inspection.image = None
         if old:
             logger.info("deleted %d stored uploads older than %g days", len(old), self.settings.keep_days)

@@ -32,7 +32,7 @@ class Inspection(Base):
     seconds: Mapped[float] = mapped_column(Float)
     overlay: Mapped[str] = mapped_column(String(500))
     mask: Mapped[str | None] = mapped_column(String(500), nullable=True)
-    image: Mapped[str | None] = mapped_column(String(500), nullable=True)  # with --store-images
+    image: Mapped[str | None] = mapped_column(String(500), nullable=True)  # its file in the kept-uploads folder
     regions: Mapped[list[Region]] = relationship(back_populates="inspection", cascade="all, delete-orphan",
                                                  order_by="Region.id")
     feedback: Mapped[list[Feedback]] = relationship(back_populates="inspection", cascade="all, delete-orphan",

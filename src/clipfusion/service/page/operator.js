@@ -37,14 +37,34 @@ async function loadModels() {
   const models = await (await api("/v1/models")).json();
   const select = $("model");
   select.replaceChildren(...models.map((m) => new Option(`${m.name} (${m.category})`, m.name)));
-  const show = () => {
+  const show = async () => {
     const m = models.find((x) => x.name === select.value);
-    $("model-panel").textContent = m ? `${m.name}: ${m.category}, preset ${m.preset}, image threshold ` +
+    const panel = $("model-panel");
+    panel.replaceChildren(m ? `${m.name}: ${m.category}, preset ${m.preset}, image threshold ` +
       `${m.image_threshold.toFixed(4)}, pixel threshold ${m.pixel_threshold.toFixed(4)}, ${m.bank_size} ` +
-      `references, clipfusion ${m.version}, file ${m.sha256.slice(0, 12)}` : "no model";
+      `references, clipfusion ${m.version}, file ${m.sha256.slice(0, 12)}` : "no model");
+    if (!m) return;
+    const versions = await (await api(`/v1/models/${encodeURIComponent(m.name)}/versions`)).json();
+    const active = versions.find((v) => v.active);
+    panel.append(` · ${versions.length} version(s), active #${active ? active.id : "?"} `);
+    if (active && active.parent_id !== null) {
+      const button = text("button", "roll back");
+      button.type = "button";
+      button.id = "rollback";
+      button.onclick = async () => {
+        try {
+          await api(`/v1/models/${encodeURIComponent(m.name)}/rollback`, { method: "POST" });
+          await loadModels();
+        } catch (error) {
+          $("status").textContent = error.message;
+          $("status").className = "error";
+        }
+      };
+      panel.append(button);
+    }
   };
   select.onchange = show;
-  show();
+  await show();
 }
 
 async function inspect(files) {
