@@ -1,6 +1,7 @@
 """Throughput and latency of ``clipfusion serve`` with dynamic batching on and off, at 1, 4 and 16
 concurrent clients, for the tiny preset and for ``fast`` (full-size architectures, random weights);
-and the HTTP + decoding + files + database overhead per image as a share of the model's own time.
+and the HTTP + decoding + files + database overhead per image as a share of the model's own time
+(the time in the detector as the service measures it, ``clipfusion_model_seconds``).
 
 Every figure comes from one run on this machine: the service is started with the project's own
 command on 127.0.0.1, clients post one synthetic image per request.
@@ -12,7 +13,6 @@ import argparse
 import json
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,12 +25,11 @@ import numpy as np
 
 from clipfusion.config import RuntimeConfig
 from clipfusion.data.synthetic import SyntheticSpec, generate
-from clipfusion.methods.clipfusion.detector import CLIPFusion
 from clipfusion.tasks.benchmark import machine_info
 
 CLIENTS = (1, 4, 16)
 # images per client count: enough for a steady figure, few enough for the slow preset
-REQUESTS = {"tiny": {1: 40, 4: 80, 16: 160}, "fast": {1: 6, 4: 12, 16: 32}}
+REQUESTS = {"tiny": {1: 40, 4: 80, 16: 160}, "fast": {1: 4, 4: 8, 16: 16}}
 RANDOM_FAST = ["--set", "clip__pretrained=null", "--set", "diffusion__model_id=random:sd15",
                "--set", "diffusion__vae_id=random:taesd"]
 
@@ -95,16 +94,13 @@ def load(url: str, image: bytes, clients: int, total: int) -> dict[str, float]:
     return {"images_per_s": round(total / elapsed, 2), "p50_ms": round(1000 * p50), "p95_ms": round(1000 * p95)}
 
 
-def model_ms(model: Path, image_path: Path, repeats: int) -> float:
-    """The model's own time per image (predict only, batch 1), median of ``repeats`` after a warm-up."""
-    detector = CLIPFusion.load(model, RuntimeConfig())
-    detector.predict([image_path], "disc")
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        detector.predict([image_path], "disc")
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+def model_seconds(url: str) -> tuple[float, float]:
+    """The service's own record of time in the detector: (sum of seconds, number of batches)."""
+    values = {}
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(("clipfusion_model_seconds_sum", "clipfusion_model_seconds_count")):
+            values[line.split("{")[0]] = float(line.split()[-1])
+    return values["clipfusion_model_seconds_sum"], values["clipfusion_model_seconds_count"]
 
 
 def main() -> None:
@@ -120,34 +116,37 @@ def main() -> None:
         image = image_path.read_bytes()
         for preset in args.presets:
             model = make_model(preset, root / "disc" / "train" / "good", Path(folder) / "model.cfm")
-            alone_ms = model_ms(model, image_path, repeats=10 if preset == "tiny" else 3)
             for batching, max_batch in (("on", 8), ("off", 1)):
                 process, url = serve(model, Path(folder) / f"serve-{preset}-{batching}", max_batch)
                 try:
                     load(url, image, 1, 2)  # warm-up
                     for clients in CLIENTS:
+                        before = model_seconds(url)
                         result = load(url, image, clients, REQUESTS[preset][clients])
+                        after = model_seconds(url)
+                        # time in the detector per image, as the service itself measured it in this run
+                        per_image = (after[0] - before[0]) / REQUESTS[preset][clients]
                         run = {"preset": preset, "batching": batching, "clients": clients, **result,
-                               "model_ms": round(alone_ms)}
+                               "model_ms_per_image": round(1000 * per_image), "batches": int(after[1] - before[1])}
                         print(json.dumps(run), flush=True)
                         runs.append(run)
                 finally:
                     process.send_signal(signal.SIGTERM)
                     process.wait(timeout=120)
-    for run in runs:  # one client, no batching: everything but the model is overhead
+    for run in runs:  # one client, no batching: the latency is the model plus everything else
         if run["clients"] == 1 and run["batching"] == "off":
-            run["overhead_share"] = round((run["p50_ms"] - run["model_ms"]) / run["model_ms"], 3)
+            run["overhead_share"] = round((run["p50_ms"] - run["model_ms_per_image"]) / run["model_ms_per_image"], 3)
     result = {"runs": runs, "machine": machine_info(RuntimeConfig()),
               "note": "fast: full-size architectures with random weights (speed does not depend on weights); "
                       "one 256x256 PNG per request; the service and the clients share this machine's CPUs"}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    lines = ["| preset | batching | clients | images/s | p50 ms | p95 ms | model alone ms | overhead |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| preset | batching | clients | images/s | p50 ms | p95 ms | batches | model ms/image | overhead |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for run in runs:
         share = f"{100 * run['overhead_share']:.1f} %" if "overhead_share" in run else ""
         lines.append(f"| {run['preset']} | {run['batching']} | {run['clients']} | {run['images_per_s']} | "
-                     f"{run['p50_ms']} | {run['p95_ms']} | {run['model_ms']} | {share} |")
+                     f"{run['p50_ms']} | {run['p95_ms']} | {run['batches']} | {run['model_ms_per_image']} | {share} |")
     Path(args.out).with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

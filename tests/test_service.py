@@ -139,7 +139,7 @@ def test_models_health_and_metrics(service, model):
     assert httpx.get(f"{service.url}/readyz").json() == {"status": "ready"}
     metrics = httpx.get(f"{service.url}/metrics").text
     for name in ("clipfusion_requests_total", "clipfusion_request_seconds_bucket", "clipfusion_queue_depth",
-                 "clipfusion_batch_size_bucket", "clipfusion_decisions_total"):
+                 "clipfusion_batch_size_bucket", "clipfusion_model_seconds_bucket", "clipfusion_decisions_total"):
         assert name in metrics
     assert httpx.get(f"{service.url}/docs").status_code == 200  # the OpenAPI page stays on
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,8 +39,10 @@ class NotFiniteError(ValueError):
 class ServedModel:
     """One ``--model`` file, loaded once."""
 
-    def __init__(self, name: str, path: Path, settings: ServiceSettings, sessions: sessionmaker[Session]) -> None:
-        self.name, self.settings, self.sessions = name, settings, sessions
+    def __init__(self, name: str, path: Path, settings: ServiceSettings, sessions: sessionmaker[Session],
+                 observe_model: Callable[[float], None] | None = None) -> None:
+        """``observe_model(seconds)`` hears each batch's time in the detector alone (for metrics)."""
+        self.name, self.settings, self.sessions, self.observe_model = name, settings, sessions, observe_model
         self.files = settings.data_dir / "files"
         self.use(path)
 
@@ -63,7 +66,10 @@ class ServedModel:
     def inspect(self, uploads: list[Upload]) -> list[str | NotFiniteError]:
         """Score ``uploads`` as one batch, write each one's files and rows in one transaction; the new
         inspection ids (or, per image, why it could not be scored)."""
+        start = time.perf_counter()
         prediction = self.detector.predict([upload.image for upload in uploads], self.category)
+        if self.observe_model is not None:
+            self.observe_model(time.perf_counter() - start)
         outcomes: list[str | NotFiniteError] = []
         with self.sessions.begin() as session:
             for upload, score, raw_map, full_map in zip(uploads, prediction.scores, prediction.maps,

@@ -18,5 +18,7 @@ class ServiceMetrics:
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
         self.batch_seconds = Histogram("clipfusion_batch_seconds", "model time per batch (scoring, files, database)",
                                        ["model"], registry=self.registry)
+        self.model_seconds = Histogram("clipfusion_model_seconds", "time in the detector per batch (scoring only)",
+                                       ["model"], registry=self.registry)
         self.decisions = Counter("clipfusion_decisions_total", "inspections by decision", ["model", "decision"],
                                  registry=self.registry)

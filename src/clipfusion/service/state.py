@@ -42,7 +42,8 @@ class ServiceState:
         self.sessions = session_factory(self.engine)
         for path in self.settings.models:
             name = model_name(path)
-            model = ServedModel(name, self._version_to_serve(name, Path(path)), self.settings, self.sessions)
+            model = ServedModel(name, self._version_to_serve(name, Path(path)), self.settings, self.sessions,
+                                self.metrics.model_seconds.labels(name).observe)
             self.models[name] = model
             logger.info("serving %s (%s, %s) from %s", name, model.category, model.detector.preset, model.path)
 
