@@ -7,6 +7,7 @@ import signal
 import sqlite3
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -135,4 +136,6 @@ def test_the_batcher_coalesces_refuses_when_full_and_drains_on_close():
         with pytest.raises(ShuttingDownError):
             await batcher.submit_many([1])
 
-    asyncio.run(scenario())
+    # in a thread of its own: Playwright's sync API keeps an event loop running in the main thread
+    with ThreadPoolExecutor(max_workers=1) as thread:
+        thread.submit(asyncio.run, scenario()).result(timeout=60)

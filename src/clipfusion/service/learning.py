@@ -4,7 +4,6 @@ normal images, every change goes to the audit table, and any change can be rolle
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -16,22 +15,10 @@ from clipfusion.methods.clipfusion.detector import CLIPFusion
 from clipfusion.outputs import file_sha256
 from clipfusion.service.errors import ServiceError
 from clipfusion.service.inspector import ServedModel
+from clipfusion.service.schemas import ChangeOut
 from clipfusion.service.tables import Audit, Feedback, Inspection, ModelVersion
 
 REFERENCE_PREFIX = "inspection:"  # how a learned reference is named in the bank and the model card
-
-
-@dataclass(frozen=True)
-class Change:
-    """What learning or a rollback did to a model."""
-
-    action: str
-    version_id: int
-    sha256: str
-    image_threshold_before: float
-    image_threshold_after: float
-    bank_size: int
-    note: str
 
 
 def active_version(session: Session, name: str) -> ModelVersion | None:
@@ -49,7 +36,7 @@ def _held_out_normals(session: Session, model: ServedModel, in_bank: set[str]) -
     return sorted({folder / image for identifier, image in rows if image and identifier not in in_bank})
 
 
-def learn(session: Session, model: ServedModel, inspection: Inspection) -> Change:
+def learn(session: Session, model: ServedModel, inspection: Inspection) -> ChangeOut:
     """Add ``inspection``'s stored image to ``model``'s bank, re-derive its thresholds, write and serve
     the new version.  Runs in the model's thread; the caller commits ``session``."""
     folder = model.settings.images_dir
@@ -82,14 +69,15 @@ def learn(session: Session, model: ServedModel, inspection: Inspection) -> Chang
     session.add(version)
     session.flush()
     model.use(path)
-    change = Change("learn", version.id, version.sha256, before.image, model.detector.thresholds_.image,
-                    model.bank_size, note)
+    change = ChangeOut(action="learn", version_id=version.id, sha256=version.sha256,
+                       image_threshold_before=before.image, image_threshold_after=model.detector.thresholds_.image,
+                       bank_size=model.bank_size, note=note)
     _audit(session, model.name, change, {"inspection": inspection.id, "from_version": None if parent is None
                                          else parent.id})
     return change
 
 
-def rollback(session: Session, model: ServedModel) -> Change:
+def rollback(session: Session, model: ServedModel) -> ChangeOut:
     """Serve the version the active one was learned from.  Runs in the model's thread."""
     current = active_version(session, model.name)
     if current is None or current.parent_id is None:
@@ -101,13 +89,14 @@ def rollback(session: Session, model: ServedModel) -> Change:
     before = model.detector.thresholds_.image
     model.use(Path(parent.path))
     current.active, parent.active = False, True
-    change = Change("rollback", parent.id, parent.sha256, before, model.detector.thresholds_.image, model.bank_size,
-                    f"back from version {current.id}")
+    change = ChangeOut(action="rollback", version_id=parent.id, sha256=parent.sha256, image_threshold_before=before,
+                       image_threshold_after=model.detector.thresholds_.image, bank_size=model.bank_size,
+                       note=f"back from version {current.id}")
     _audit(session, model.name, change, {"from_version": current.id})
     return change
 
 
-def _audit(session: Session, name: str, change: Change, extra: dict[str, object]) -> None:
+def _audit(session: Session, name: str, change: ChangeOut, extra: dict[str, object]) -> None:
     detail = {**extra, "version": change.version_id, "sha256": change.sha256,
               "image_threshold": [change.image_threshold_before, change.image_threshold_after],
               "bank_size": change.bank_size, "note": change.note}

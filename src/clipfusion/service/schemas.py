@@ -30,7 +30,7 @@ class FeedbackIn(BaseModel):
 
 
 class ChangeOut(BaseModel):
-    """What learning or a rollback did to a model."""
+    """What learning or a rollback did to a model (also what the audit table records)."""
 
     action: Literal["learn", "rollback"]
     version_id: int

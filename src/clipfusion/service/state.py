@@ -16,8 +16,9 @@ from clipfusion.service.batching import Batcher
 from clipfusion.service.database import make_engine, migrate, session_factory
 from clipfusion.service.errors import ServiceError
 from clipfusion.service.inspector import ServedModel, Upload
-from clipfusion.service.learning import Change, active_version
+from clipfusion.service.learning import active_version
 from clipfusion.service.metrics import ServiceMetrics
+from clipfusion.service.schemas import ChangeOut
 from clipfusion.service.settings import ServiceSettings, model_name
 from clipfusion.service.tables import Inspection, ModelVersion
 
@@ -108,9 +109,9 @@ class ServiceState:
                                      created=datetime.now(timezone.utc), active=True))
         return given
 
-    async def learn(self, name: str, inspection_id: str) -> Change:
+    async def learn(self, name: str, inspection_id: str) -> ChangeOut:
         """Learn from a confirmed false alarm, in the model's thread (between batches)."""
-        def task() -> Change:
+        def task() -> ChangeOut:
             assert self.sessions is not None
             with self.sessions.begin() as session:
                 inspection = session.get(Inspection, inspection_id)
@@ -119,10 +120,10 @@ class ServiceState:
 
         return await self.batchers[name].run_exclusive(task)
 
-    async def rollback(self, name: str) -> Change:
+    async def rollback(self, name: str) -> ChangeOut:
         model = self.model(name)
 
-        def task() -> Change:
+        def task() -> ChangeOut:
             assert self.sessions is not None
             with self.sessions.begin() as session:
                 return learning.rollback(session, model)

@@ -1,7 +1,6 @@
 """/v1/inspections: history, one inspection, its overlay and mask, and operators' feedback."""
 from __future__ import annotations
 
-from dataclasses import asdict
 from datetime import datetime, timezone
 from typing import Annotated, Literal
 
@@ -13,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from clipfusion.service.dependencies import SessionDep, StateDep, require_api_key
 from clipfusion.service.errors import ServiceError
 from clipfusion.service.records import history, load_inspections
-from clipfusion.service.schemas import ChangeOut, ErrorOut, FeedbackIn, FeedbackOut, InspectionOut, InspectionPage
+from clipfusion.service.schemas import ErrorOut, FeedbackIn, FeedbackOut, InspectionOut, InspectionPage
 from clipfusion.service.tables import Feedback, Inspection
 
 router = APIRouter(prefix="/v1/inspections", tags=["inspections"], dependencies=[Depends(require_api_key)])
@@ -79,5 +78,5 @@ async def post_feedback(identifier: str, body: FeedbackIn, state: StateDep) -> F
 
     answer, model, decision = await run_in_threadpool(record)
     if state.settings.learn and body.label == "normal" and decision == "NG" and model in state.models:
-        answer.learned = ChangeOut(**asdict(await state.learn(model, identifier)))
+        answer.learned = await state.learn(model, identifier)
     return answer

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 
 from fastapi import APIRouter, Depends, Request
 from sqlalchemy import select
@@ -68,7 +67,7 @@ async def inspect(name: str, request: Request, state: StateDep) -> InspectOut:
 @router.post("/{name}/rollback", response_model=ChangeOut, responses=ERRORS)
 async def rollback(name: str, state: StateDep) -> ChangeOut:
     """Serve the version the active one was learned from (undo the last learning step)."""
-    return ChangeOut(**asdict(await state.rollback(name)))
+    return await state.rollback(name)
 
 
 @router.get("/{name}/versions", response_model=list[VersionOut], responses=ERRORS)
