@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -87,6 +89,12 @@ def test_benchmark_writes_both_files_with_stage_split(tmp_path):
     assert sum(fused["stages"].values()) <= fused["ms_per_image"] * 1.05
     assert "tiny_4shot_memory_search_share" in bench["ratios"]
     assert "| clipfusion | tiny | 4 |" in (out / "benchmark.md").read_text()
+    machine = bench["machine"]  # every figure names the CPU it came from (read here independently)
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    assert machine["cpu"] in cpuinfo and machine["cpus"] == os.cpu_count()
+    flags = set(next(line for line in cpuinfo.splitlines() if line.startswith("flags")).split(":")[1].split())
+    assert set(machine["cpu_flags"]) == flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni"}
+    assert machine["torch_cpu"]["capability"] in ("DEFAULT", "AVX2", "AVX512", "AVX512_BF16", "AMX")
 
 
 

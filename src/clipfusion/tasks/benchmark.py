@@ -9,7 +9,6 @@ the median per image is reported with the per-stage split from the detectors' st
 from __future__ import annotations
 
 import json
-import os
 import platform
 import resource
 import statistics
@@ -28,6 +27,7 @@ from clipfusion.config import TINY, Preset, RuntimeConfig, get_preset, override
 from clipfusion.data import MVTecDataset, read_rgb
 from clipfusion.data.synthetic import SyntheticSpec, generate
 from clipfusion.errors import ClipfusionError
+from clipfusion.hardware import cpu_info, torch_cpu_build
 from clipfusion.methods.clipfusion.detector import CLIPFusion
 from clipfusion.methods.winclip import WinCLIP
 from clipfusion.outputs import write_atomic
@@ -170,13 +170,23 @@ def _ratios(runs: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def machine_info(runtime: RuntimeConfig) -> dict[str, Any]:
+    cpu = cpu_info()
     info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                            "clipfusion": __version__, "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-                            "processor": platform.processor() or platform.machine(), "device": runtime.device,
-                            "dtype": runtime.dtype}
+                            "clipfusion": __version__, "cpu": cpu.model, "cpus": cpu.cores,
+                            "cpu_flags": list(cpu.flags), "torch_cpu": torch_cpu_build(),
+                            "threads": torch.get_num_threads(), "device": runtime.device, "dtype": runtime.dtype}
     if runtime.device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def _plain(value: Any) -> str:
+    """A machine fact as text: lists joined, dicts as key=value."""
+    if isinstance(value, list):
+        return " ".join(map(str, value)) or "none"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
 
 
 def render_markdown(result: dict[str, Any]) -> str:
@@ -184,7 +194,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines = ["# clipfusion benchmark", "",
              f"Full-size architectures with random weights; {result['spec']['images']} images; median of "
              f"{result['spec']['repeats']} interleaved repeats after a warm-up; ms per image. Machine: "
-             + ", ".join(f"{k} {v}" for k, v in result["machine"].items()) + ".", "",
+             + ", ".join(f"{k} {_plain(v)}" for k, v in result["machine"].items()) + ".", "",
              "| method | preset | shots | batch | ms/image | " + " | ".join(stages) + " | peak RSS MB |",
              "|---|---|---:|---:|---:|" + "---:|" * len(stages) + "---:|"]
     for r in result["runs"]:
