@@ -146,12 +146,19 @@ def test_shots_without_a_folder_of_normals_is_an_error(synthetic_root, tmp_path)
 def test_auto_device_and_dtype(monkeypatch):
     import torch
 
-    from clipfusion.encoders.loading import auto_device_dtype
+    from clipfusion.encoders.loading import auto_device_dtype, slow_on_cpu
+    from clipfusion.hardware import CpuInfo
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert auto_device_dtype("auto", "auto") == ("cuda", "float16")
     assert auto_device_dtype("auto", "float32") == ("cuda", "float32")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
-    assert auto_device_dtype("auto", "auto") == ("cpu", "float32")
+    avx2 = CpuInfo("AMD EPYC", 2, ("avx2",))
+    amx = CpuInfo("Intel Xeon 8481C", 4, ("avx2", "avx512f", "avx512_bf16", "amx_bf16"))
+    assert auto_device_dtype("auto", "auto", avx2) == ("cpu", "float32")
+    assert auto_device_dtype("auto", "auto", amx) == ("cpu", "bfloat16")  # native bf16: 2x float32 there
+    assert auto_device_dtype("auto", "float32", amx) == ("cpu", "float32")  # fp32 stays selectable
     assert auto_device_dtype("cuda:1", "auto") == ("cuda:1", "float16")
+    assert [slow_on_cpu(d, avx2) for d in ("float32", "bfloat16", "float16")] == [False, True, True]
+    assert [slow_on_cpu(d, amx) for d in ("float32", "bfloat16", "float16")] == [False, False, True]
