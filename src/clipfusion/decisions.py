@@ -2,6 +2,7 @@
 anomalous regions (connected components above the pixel threshold) and their masks."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,6 +51,16 @@ class Thresholds:
                    normal_min=float(scores.min()), normal_max=float(scores.max()), normal_mean=float(scores.mean()),
                    normal_std=float(scores.std()), pixel_median=float(np.median(maps)), rule=rule,
                    n_normals=len(scores))
+
+    @classmethod
+    def from_batches(cls, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> Thresholds:
+        """:meth:`from_normals` over batches of (scores (n,), maps (n, H, W)) as a detector yields them."""
+        scores, maps = [], []
+        for batch_scores, batch_maps in batches:
+            scores.append(batch_scores)
+            maps.append(batch_maps)
+        return cls.from_normals(np.concatenate(scores) if scores else np.array([]),
+                                np.concatenate(maps) if maps else np.zeros((0, 1, 1)))
 
     def normalised(self, scores: np.ndarray) -> np.ndarray:
         """(N,) scores → (N,) in [0, 1]: 0.5 at the image threshold, ±0.5 per normal-score range."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,17 +36,16 @@ class Decisions:
 
 def normal_thresholds(detector: Detector, held_out: Sequence[Path], category: str, batch_size: int = 8,
                       progress: bool = False) -> Thresholds:
-    """:class:`Thresholds` from the scores and maps of the ``held_out`` normal images."""
-    scores, maps = [], []
-    for start in tqdm(range(0, len(held_out), batch_size), desc="thresholds (held-out normals)",
-                      disable=not progress):
-        _, images, _ = read_images(held_out[start:start + batch_size])
-        if images:
-            prediction = detector.predict(images, category)
-            scores.append(prediction.scores)
-            maps.append(prediction.maps)
-    return Thresholds.from_normals(np.concatenate(scores) if scores else np.array([]),
-                                   np.concatenate(maps) if maps else np.zeros((0, 1, 1)))
+    """:class:`Thresholds` from the scores and maps of the ``held_out`` normal images, read per batch."""
+    def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for start in tqdm(range(0, len(held_out), batch_size), desc="thresholds (held-out normals)",
+                          disable=not progress):
+            _, images, _ = read_images(held_out[start:start + batch_size])
+            if images:
+                prediction = detector.predict(images, category)
+                yield prediction.scores, prediction.maps
+
+    return Thresholds.from_batches(batches())
 
 
 def parse_scale(text: str | None) -> tuple[float, float] | None:

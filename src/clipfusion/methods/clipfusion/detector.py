@@ -9,7 +9,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_tensors
@@ -179,15 +178,11 @@ class CLIPFusion:
     def calibrate(self, normal_images: Images, category: str, progress: bool = False) -> CLIPFusion:
         """Set ``thresholds_`` from normal images that are **not** the references: the image and
         pixel thresholds and the normal-score statistics (see :class:`Thresholds`)."""
-        scores, maps = [], []
         images = as_rgb_list(normal_images)
-        for start in tqdm(range(0, len(images), self.batch_size), desc="thresholds (held-out normals)",
-                          disable=not progress):
-            prediction = self.predict(images[start:start + self.batch_size], category)
-            scores.append(prediction.scores)
-            maps.append(prediction.maps)
-        self.thresholds_ = Thresholds.from_normals(np.concatenate(scores) if scores else np.array([]),
-                                                   np.concatenate(maps) if maps else np.zeros((0, 1, 1)))
+        predictions = (self.predict(images[start:start + self.batch_size], category)
+                       for start in tqdm(range(0, len(images), self.batch_size), desc="thresholds (held-out normals)",
+                                         disable=not progress))
+        self.thresholds_ = Thresholds.from_batches((p.scores, p.maps) for p in predictions)
         self.category_ = category
         return self
 
