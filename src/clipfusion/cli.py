@@ -156,6 +156,31 @@ def _add_processing_options(parser: argparse.ArgumentParser) -> None:
     _add_common(parser)
 
 
+def _add_engine_options(parser: argparse.ArgumentParser, what: str) -> None:
+    group = parser.add_argument_group("scale-out on Ray (pip install 'clipfusion[ray]'; docs/scale.md)")
+    group.add_argument("--engine", default="local", choices=("local", "ray"),
+                       help=f"local: this process; ray: {what} (default: %(default)s)")
+    group.add_argument("--ray-address", default=None, metavar="auto|ray://HOST:10001",
+                       help="the Ray cluster to use (default: start one on this machine)")
+    group.add_argument("--workers", type=int, default=1, help="Ray workers at once (default: %(default)s)")
+    group.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G",
+                       help="GPUs each Ray worker reserves (default: %(default)s)")
+    group.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="C",
+                       help="CPUs each Ray worker reserves (default: %(default)s)")
+
+
+def _ray_options(args: argparse.Namespace) -> Any:
+    from clipfusion.distributed.cluster import RayOptions
+
+    return RayOptions(args.ray_address, args.workers, args.gpus_per_worker, args.cpus_per_worker)
+
+
+def _recipe(args: argparse.Namespace, method: str, params: dict[str, Any], model: str | None = None) -> Any:
+    from clipfusion.distributed.recipe import DetectorRecipe
+
+    return DetectorRecipe(method, params, args.asked_device, args.asked_dtype, model)
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("models and method settings")
     group.add_argument("--preset", default="paper-recon", choices=PRESET_NAMES, metavar="PRESET",
@@ -236,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
                         EVALUATE_EXAMPLES)
     _add_dataset_options(evaluate, "runs/evaluate")
     _add_run_options(evaluate)
+    _add_engine_options(evaluate, "each (category, shots, seed) unit is a Ray task")
 
     predict = _command(commands, "predict", "score your own images: OK/NG, regions, overlays, results.csv, index.html",
                        "Score image files, folders (recursive) or glob patterns. Zero-shot by default; few-shot "
@@ -262,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--overwrite", action="store_true",
                          help="replace an earlier predict run in --out (clipfusion's own files only)")
     _add_processing_options(predict)
+    _add_engine_options(predict, "decoding in CPU tasks, scoring in --workers actors, each loading the model once; "
+                                 "rows also as Parquet parts in parts/")
     predict.set_defaults(category=None, preset=None)  # None: not given (a model file then decides)
 
     fit = _command(commands, "fit", "build a few-shot memory bank from normal images, for predict --memory",
@@ -402,9 +430,22 @@ def _cmd_fit(args: argparse.Namespace) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
-    from clipfusion.tasks.predict import PredictJob, run_predict
+    from clipfusion.tasks.predict import Engine, PredictJob, run_predict
 
-    if args.model:
+    engine, detector = None, None
+    if args.engine == "ray":
+        from clipfusion.distributed.predict import ray_scorer
+
+        if args.model:
+            card = _model_card(args)
+            args.category, args.preset = card.category, card.preset
+            recipe = _recipe(args, "clipfusion", {"batch_size": args.batch_size, "runtime": _runtime(args)},
+                             args.model)
+        else:
+            args.category, args.preset = args.category or "object", args.preset or "paper-recon"
+            recipe = _recipe(args, args.method, _params(args, args.method))
+        engine = Engine(ray_scorer(recipe, _ray_options(args)), parquet=True)
+    elif args.model:
         detector = _model_detector(args)
         args.category, args.preset = detector.category_, detector.preset
     else:
@@ -415,7 +456,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
                      threshold=args.threshold, scale=args.scale, min_area=args.min_area, batch_size=args.batch_size,
                      progress=not args.quiet, overwrite=args.overwrite, resume=args.resume,
                      max_pixels=args.max_pixels)
-    summary, decisions = run_predict(job, detector)
+    summary, decisions = run_predict(job, detector, engine)
     out = Path(args.out).resolve()
     print(f"scored {summary['images']} images ({len(summary['skipped'])} skipped) → {out / 'results.csv'}")
     if decisions.image is not None:
@@ -423,9 +464,8 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     print(f"open {out / 'index.html'}")
 
 
-def _model_detector(args: argparse.Namespace) -> Any:
-    """The detector of ``--model``; an option that contradicts the file is a one-line error naming it."""
-    from clipfusion.methods.clipfusion.detector import CLIPFusion
+def _model_card(args: argparse.Namespace) -> Any:
+    """The card of ``--model``; an option that contradicts the file is a one-line error naming it."""
     from clipfusion.methods.clipfusion.model_file import read_card
 
     card = read_card(Path(args.model))
@@ -440,6 +480,14 @@ def _model_detector(args: argparse.Namespace) -> Any:
         clashes.append(f"--preset {args.preset} (the model file's preset is {card.preset})")
     if clashes:
         raise ClipfusionError(f"--model {args.model} contradicts: {'; '.join(clashes)}; drop those options")
+    return card
+
+
+def _model_detector(args: argparse.Namespace) -> Any:
+    """The detector of ``--model``, loaded here (options checked against its card first)."""
+    from clipfusion.methods.clipfusion.detector import CLIPFusion
+
+    _model_card(args)
     return CLIPFusion.load(args.model, _runtime(args), args.batch_size)
 
 
@@ -527,13 +575,17 @@ INTERRUPTED = {
 
 
 def _resolve_auto(args: argparse.Namespace) -> None:
-    """``--device auto`` / ``--dtype auto`` made concrete once, and said, so results name what ran."""
-    if "auto" not in (getattr(args, "device", None), getattr(args, "dtype", None)):
+    """``--device auto`` / ``--dtype auto`` made concrete once, and said, so results name what ran.
+    The values asked for are kept (``asked_device``/``asked_dtype``): Ray workers resolve them on their
+    own machines."""
+    args.asked_device, args.asked_dtype = getattr(args, "device", None), getattr(args, "dtype", None)
+    if "auto" not in (args.asked_device, args.asked_dtype):
         return
     from clipfusion.encoders.loading import auto_device_dtype
 
     args.device, args.dtype = auto_device_dtype(args.device, args.dtype)
-    logger.info("running on %s in %s", args.device, args.dtype)
+    if getattr(args, "engine", "local") == "local":
+        logger.info("running on %s in %s", args.device, args.dtype)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,7 +18,10 @@ from typing import IO, Any
 from clipfusion.outputs import csv_text, json_safe, write_atomic
 
 logger = logging.getLogger(__name__)
-JSONL, CSV = "results.jsonl", "results.csv"
+JSONL, CSV, PARTS = "results.jsonl", "results.csv", "parts"
+# Rows per Parquet part: large enough for data tools to read efficiently, small enough to be
+# written often (a part is written once it is full, the last one again until it is).
+PART_ROWS = 10_000
 
 
 def _csv_cell(value: Any) -> Any:
@@ -82,3 +85,43 @@ class RowLog:
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  trace: TracebackType | None) -> None:
         self.close()
+
+
+class ParquetParts:
+    """The rows of ``results.jsonl`` also as Parquet files in ``folder``: ``part-<first row>.parquet``
+    holds rows [first, first + PART_ROWS).  The JSON lines stay the record: a part is derived from
+    them (regions as JSON text, like the CSV, so every part has one schema), written atomically,
+    and rewritten while it is the incomplete last one, so a resumed run's parts stay consistent."""
+
+    def __init__(self, folder: Path, fields: Sequence[str], numbers: Sequence[str], part_rows: int = PART_ROWS
+                 ) -> None:
+        """``numbers``: the fields stored as float64; the others are text (lists as JSON text)."""
+        self.folder, self.fields, self.numbers, self.part_rows = folder, list(fields), set(numbers), part_rows
+        folder.mkdir(parents=True, exist_ok=True)
+        self._complete: set[int] = set()  # first rows of the full parts written by this object
+
+    def _path(self, first: int) -> Path:
+        return self.folder / f"part-{first:09d}.parquet"
+
+    def sync(self, rows: Sequence[dict[str, Any]], final: bool = False) -> None:
+        """Write each full part not yet written (it may be left from an earlier run: it is then
+        rewritten once) and, when ``final``, the incomplete last part."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        for first in range(0, len(rows), self.part_rows):
+            chunk = rows[first:first + self.part_rows]
+            full = len(chunk) == self.part_rows
+            if first in self._complete or not (full or final):
+                continue
+            schema = pa.schema([(name, pa.float64() if name in self.numbers else pa.string()) for name in self.fields])
+            columns = {name: [_csv_cell(json_safe(row.get(name))) for row in chunk] for name in self.fields}
+            buffer = pa.BufferOutputStream()
+            pq.write_table(pa.table(columns, schema=schema), buffer)
+            write_atomic(self._path(first), buffer.getvalue().to_pybytes())
+            if full:
+                self._complete.add(first)
+        for stale in self.folder.glob("part-*.parquet"):  # from a longer earlier run (rows are never removed)
+            first = int(stale.stem.removeprefix("part-")) if stale.stem.removeprefix("part-").isdigit() else -1
+            if first >= len(rows) or first % self.part_rows:
+                stale.unlink()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from clipfusion.data.base import IMAGE_EXTENSIONS, sample_references
 from clipfusion.errors import ClipfusionError
+from clipfusion.object_store import is_uri, list_uri_images
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,24 @@ def collect_images(inputs: Sequence[str]) -> list[Path]:
             raise ClipfusionError(f"no image files found at {item}")
         for match in matches:
             found.setdefault(os.path.realpath(match), match)
+    return list(found.values())
+
+
+def collect_sources(inputs: Sequence[str]) -> list[str]:
+    """:func:`collect_images` that also takes object-store URIs (``s3://bucket/prefix``...): absolute
+    paths of local images and the URIs of remote ones, in the given order, each once (local files by
+    their real path, as there)."""
+    found: dict[str, str] = {}
+    for item in inputs:
+        if is_uri(item):
+            uris = list_uri_images(item)
+            if not uris:
+                raise ClipfusionError(f"no image files found at {item}")
+            for uri in uris:
+                found.setdefault(uri, uri)
+        else:
+            for path in collect_images([item]):
+                found.setdefault(os.path.realpath(path), os.path.abspath(os.fsdecode(path)))
     return list(found.values())
 
 

@@ -3,15 +3,16 @@ seconds) is streamed to results.jsonl/csv as soon as it is scored, with its over
 and thumbnail; an interrupted run resumes without scoring an image twice; index.html at the end."""
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
@@ -21,20 +22,24 @@ from clipfusion.data.base import MAX_PIXELS, read_images, read_rgb
 from clipfusion.decisions import NG, Region, find_regions, label
 from clipfusion.errors import ClipfusionError, ImageReadError
 from clipfusion.geometry import resize_image, resize_maps
+from clipfusion.methods.clipfusion.model_file import read_card
+from clipfusion.object_store import is_uri, read_uri_rgb
 from clipfusion.outputs import file_sha256, json_text, read_json, write_atomic
 from clipfusion.overlays import inspection_overlay, mask_png, png_bytes, thumbnail_jpeg
 from clipfusion.protocol import Detector
-from clipfusion.row_log import CSV, JSONL, RowLog
+from clipfusion.row_log import CSV, JSONL, PARTS, ParquetParts, RowLog
 from clipfusion.run_folders import check_output_folder, output_folder
 from clipfusion.tasks.index_page import write_index
-from clipfusion.tasks.inputs import collect_images, draw_references
+from clipfusion.tasks.inputs import collect_sources, draw_references
 from clipfusion.tasks.thresholds import Decisions, resolve_decisions
 
 logger = logging.getLogger(__name__)
 # What predict writes directly in --out (all that --overwrite may delete).
-PREDICT_OUTPUTS = ("run.json", JSONL, CSV, "summary.json", "index.html", "maps", "overlays", "masks", "thumbnails")
+PREDICT_OUTPUTS = ("run.json", JSONL, CSV, "summary.json", "index.html", "maps", "overlays", "masks", "thumbnails",
+                   PARTS)
 ROW_FIELDS = ("path", "score", "normalised_score", "decision", "threshold", "regions", "overlay", "mask", "map",
               "thumbnail", "seconds", "model_id", "timestamp")
+NUMBER_FIELDS = ("score", "normalised_score", "threshold", "seconds")
 NO_THRESHOLD = "no threshold"
 # Overlays are drawn at most this many pixels on their longest side: a 100-megapixel frame would
 # otherwise need gigabytes for its heatmap.  Masks and regions are always at the image's full size.
@@ -71,102 +76,172 @@ class RowSettings:
     max_pixels: int
 
 
+@dataclass
+class Decoded:
+    """One input as read for scoring: its path (or URI) and pixels (None if unreadable: ``reason`` says why)."""
+
+    path: str
+    image: np.ndarray | None
+    seconds: float
+    reason: str = ""
+
+
+@dataclass
+class Rendered:
+    """One scored image ready to be written: its row without file names, its files' bytes by folder
+    (``maps``, ``overlays``, ``thumbnails``, and ``masks`` for NG images) and its seconds so far."""
+
+    path: str
+    row: dict[str, Any]
+    files: dict[str, bytes]
+    seconds: float
+
+
+Skipped = tuple[str, str]  # (path, reason)
+Outcome = Rendered | Skipped
+# Scores batches of sources, yielding each batch's outcomes in the batches' order.
+Scorer = Callable[[Sequence[Sequence[str]]], Iterator[list[Outcome]]]
+FILE_SUFFIXES = {"maps": ".npy", "overlays": ".png", "masks": ".png", "thumbnails": ".jpg"}
+
+
+def render(settings: RowSettings, image: np.ndarray, score: float, raw_map: np.ndarray, full_map: np.ndarray
+           ) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """One image's decisions and files: (row fields, {folder: bytes}).  ``raw_map`` (h, w) is at the
+    detector's size; ``full_map`` (H, W) at the image's own size."""
+    decisions = settings.decisions
+    decision = NO_THRESHOLD if decisions.image is None else label(score, decisions.image)
+    regions: list[Region] | None = None
+    files = {"maps": _npy_bytes(raw_map.astype(np.float32))}
+    if decisions.pixel is not None:
+        mask, regions = find_regions(full_map, decisions.pixel, settings.min_area)
+        if decision == NG:
+            files["masks"] = mask_png(mask)
+    normalised = None if decisions.normal is None else float(decisions.normal.normalised(np.array([score]))[0])
+    title = f"{decision}  score {score:.4f}" + ("" if normalised is None else f"  normalised {normalised:.2f}") \
+        + ("" if decisions.image is None else f"  threshold {decisions.image:.4f}")
+    height, width = _overlay_size(*image.shape[:2])
+    factor = width / image.shape[1]
+    picture = inspection_overlay(resize_image(image, (height, width)),
+                                 resize_maps(full_map[None], (height, width))[0], decisions.scale, title,
+                                 decision, _scaled(regions or [], factor), decisions.pixel)
+    files["overlays"] = png_bytes(picture)
+    files["thumbnails"] = thumbnail_jpeg(picture, side=256)
+    row = {"score": score, "normalised_score": None if normalised is None else round(normalised, 6),
+           "decision": decision, "threshold": decisions.image,
+           "regions": None if regions is None else [asdict(r) for r in regions], "model_id": settings.model_id}
+    return row, files
+
+
 class ImageWriter:
-    """Writes one scored image's files (raw map, mask, overlay, thumbnail) and returns its row."""
+    """Writes scored images' files (raw map, mask, overlay, thumbnail) into a folder and returns their rows."""
 
     def __init__(self, out: Path, settings: RowSettings) -> None:
         self.out, self.settings = out, settings
-        for folder in ("maps", "overlays", "masks", "thumbnails"):
+        for folder in FILE_SUFFIXES:
             (out / folder).mkdir(parents=True, exist_ok=True)
+
+    def write(self, name: str, rendered: Rendered) -> dict[str, Any]:
+        """Write ``rendered``'s files as ``<folder>/<name><suffix>``; its row, naming them."""
+        names = {folder: f"{folder}/{name}{FILE_SUFFIXES[folder]}" for folder in rendered.files}
+        for folder, data in rendered.files.items():
+            write_atomic(self.out / names[folder], data)
+        return {"path": rendered.path, **rendered.row, "overlay": names["overlays"], "mask": names.get("masks"),
+                "map": names["maps"], "thumbnail": names["thumbnails"]}
 
     def row(self, name: str, path: Path, image: np.ndarray, score: float, raw_map: np.ndarray,
             full_map: np.ndarray) -> dict[str, Any]:
-        """``raw_map`` (h, w) at the detector's size; ``full_map`` (H, W) at the image's own size."""
-        decisions = self.settings.decisions
-        decision = NO_THRESHOLD if decisions.image is None else label(score, decisions.image)
-        regions: list[Region] | None = None
-        mask_file = None
-        if decisions.pixel is not None:
-            mask, regions = find_regions(full_map, decisions.pixel, self.settings.min_area)
-            if decision == NG:
-                mask_file = f"masks/{name}.png"
-                write_atomic(self.out / mask_file, mask_png(mask))
-        write_atomic(self.out / "maps" / f"{name}.npy", _npy_bytes(raw_map.astype(np.float32)))
-        normalised = None if decisions.normal is None else float(decisions.normal.normalised(np.array([score]))[0])
-        title = f"{decision}  score {score:.4f}" + ("" if normalised is None else f"  normalised {normalised:.2f}") \
-            + ("" if decisions.image is None else f"  threshold {decisions.image:.4f}")
-        height, width = _overlay_size(*image.shape[:2])
-        factor = width / image.shape[1]
-        picture = inspection_overlay(resize_image(image, (height, width)),
-                                     resize_maps(full_map[None], (height, width))[0], decisions.scale, title,
-                                     decision, _scaled(regions or [], factor), decisions.pixel)
-        write_atomic(self.out / "overlays" / f"{name}.png", png_bytes(picture))
-        write_atomic(self.out / "thumbnails" / f"{name}.jpg", thumbnail_jpeg(picture, side=256))
-        return {"path": _path_text(path), "score": score,
-                "normalised_score": None if normalised is None else round(normalised, 6), "decision": decision,
-                "threshold": decisions.image, "regions": None if regions is None else [asdict(r) for r in regions],
-                "overlay": f"overlays/{name}.png", "mask": mask_file, "map": f"maps/{name}.npy",
-                "thumbnail": f"thumbnails/{name}.jpg", "model_id": self.settings.model_id}
+        """Render and write one image (see :func:`render`); its row."""
+        row, files = render(self.settings, image, score, raw_map, full_map)
+        return self.write(name, Rendered(_path_text(path), row, files, 0.0))
 
 
-def _path_text(path: Path) -> str:
-    """How rows name an image: its absolute path, so a resumed run recognises it from any folder."""
-    return os.path.abspath(os.fsdecode(path))
+def _path_text(path: str | Path) -> str:
+    """How rows name an image: its absolute path, so a resumed run recognises it from any folder; a URI as given."""
+    text = os.fsdecode(path)
+    return text if is_uri(text) else os.path.abspath(text)
 
 
-def _read_timed(paths: Sequence[Path], max_pixels: int
-                ) -> tuple[list[tuple[Path, np.ndarray, float]], list[tuple[str, str]]]:
-    """Read each image, timing each one: ([(path, image, seconds)], [(path, reason)])."""
-    read, skipped = [], []
-    for path in paths:
+def decode_batch(sources: Sequence[str], max_pixels: int) -> list[Decoded]:
+    """Read each source (a local path or a URI), timing each one; an unreadable one is kept with its reason."""
+    decoded = []
+    for source in sources:
         start = time.perf_counter()
         try:
-            read.append((path, read_rgb(path, max_pixels), time.perf_counter() - start))
+            image = read_uri_rgb(source, max_pixels) if is_uri(source) else read_rgb(source, max_pixels)
+            decoded.append(Decoded(_path_text(source), image, time.perf_counter() - start))
         except ImageReadError as exc:
-            logger.warning("skipped %s", exc)
-            skipped.append((_path_text(path), exc.reason))
-    return read, skipped
+            decoded.append(Decoded(_path_text(source), None, time.perf_counter() - start, exc.reason))
+    return decoded
 
 
-def predict_paths(detector: Detector, paths: Sequence[Path], out: Path, settings: RowSettings, batch_size: int = 8,
-                  progress: bool = True) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-    """Score the ``paths`` not yet in ``out``'s results, streaming one row per image; (all rows, skipped).
+def score_batch(detector: Detector, decoded: Sequence[Decoded], settings: RowSettings) -> list[Outcome]:
+    """Score the readable images of ``decoded`` in one model pass and render each one; the outcomes in order.
 
     A row's ``seconds`` is that image's own latency: its decoding, the model pass of its batch (the
-    image waits for all of it) and the writing of its files, each measured, nothing divided.  An
-    image whose score or map is not finite is reported and skipped, never given a decision.
+    image waits for all of it) and the rendering of its files, each measured, nothing divided (the
+    writer adds the writing).  An image whose score or map is not finite is skipped, never decided.
+    """
+    readable = [(item, item.image) for item in decoded if item.image is not None]
+    outcomes: dict[int, Outcome] = {}
+    if readable:
+        start = time.perf_counter()
+        prediction = detector.predict([image for _, image in readable], settings.category)
+        model_seconds = time.perf_counter() - start
+        for (item, image), score, raw_map, full_map in zip(readable, prediction.scores, prediction.maps,
+                                                           prediction.maps_at_input_size(), strict=True):
+            if not (math.isfinite(float(score)) and np.isfinite(raw_map).all()):
+                outcomes[id(item)] = (item.path, "score or map not finite (NaN or infinity; check the settings)")
+                continue
+            start = time.perf_counter()
+            row, files = render(settings, image, float(score), raw_map, full_map)
+            outcomes[id(item)] = Rendered(item.path, row, files,
+                                          item.seconds + model_seconds + time.perf_counter() - start)
+    return [outcomes.get(id(item), (item.path, item.reason)) for item in decoded]
+
+
+def local_scorer(detector: Detector, settings: RowSettings) -> Scorer:
+    """Batches scored one after the other in this process."""
+    def score(batches: Sequence[Sequence[str]]) -> Iterator[list[Outcome]]:
+        for batch in batches:
+            yield score_batch(detector, decode_batch(batch, settings.max_pixels), settings)
+    return score
+
+
+def predict_paths(scorer: Scorer, sources: Sequence[str], out: Path, settings: RowSettings, batch_size: int = 8,
+                  progress: bool = True, parts: ParquetParts | None = None
+                  ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """Score the ``sources`` not yet in ``out``'s results, streaming one row per image; (all rows, skipped).
+
+    The driver alone writes: files are named by the row's position, so a resumed run never reuses a
+    name.  ``parts`` also keeps the rows as Parquet parts.
     """
     writer = ImageWriter(out, settings)
     skipped: list[tuple[str, str]] = []
     with RowLog(out, ROW_FIELDS) as log:
         done = {row["path"] for row in log.rows}
-        todo = [p for p in paths if _path_text(p) not in done]
+        todo = [source for source in sources if _path_text(source) not in done]
         if done:
-            logger.info("resuming: %d of %d images are already scored, %d to go", len(paths) - len(todo),
-                        len(paths), len(todo))
+            logger.info("resuming: %d of %d images are already scored, %d to go", len(sources) - len(todo),
+                        len(sources), len(todo))
+        batches = [todo[begin:begin + batch_size] for begin in range(0, len(todo), batch_size)]
         bar = tqdm(total=len(todo), desc="predict", disable=not progress)
-        for begin in range(0, len(todo), batch_size):
-            read, bad = _read_timed(todo[begin:begin + batch_size], settings.max_pixels)
-            skipped += bad
-            if read:
-                start = time.perf_counter()
-                prediction = detector.predict([image for _, image, _ in read], settings.category)
-                model_seconds = time.perf_counter() - start
-                full_maps = prediction.maps_at_input_size()
-                for (path, image, read_seconds), score, raw_map, full_map in zip(
-                        read, prediction.scores, prediction.maps, full_maps, strict=True):
-                    if not (math.isfinite(float(score)) and np.isfinite(raw_map).all()):
-                        logger.warning("skipped %s: its score or map is not a finite number (check the settings)",
-                                       path)
-                        skipped.append((_path_text(path), "score or map not finite (NaN or infinity)"))
-                        continue
+        for batch, outcomes in zip(batches, scorer(batches), strict=True):
+            for outcome in outcomes:
+                if isinstance(outcome, tuple):
+                    logger.warning("skipped %s: %s", *outcome)
+                    skipped.append(outcome)
+                elif outcome.path not in done:  # a batch retried by an engine is written once
                     start = time.perf_counter()
-                    row = writer.row(f"{len(log.rows):06d}_{path.stem}", path, image, float(score), raw_map, full_map)
-                    seconds = read_seconds + model_seconds + time.perf_counter() - start
-                    log.append({**row, "seconds": round(seconds, 4),
+                    row = writer.write(f"{len(log.rows):06d}_{PurePath(outcome.path).stem}", outcome)
+                    log.append({**row, "seconds": round(outcome.seconds + time.perf_counter() - start, 4),
                                 "timestamp": datetime.now(timezone.utc).isoformat(timespec="milliseconds")})
-            bar.update(len(todo[begin:begin + batch_size]))
+                    done.add(outcome.path)
+            if parts is not None:
+                parts.sync(log.rows)
+            bar.update(len(batch))
         bar.close()
+        if parts is not None:
+            parts.sync(log.rows, final=True)
         return list(log.rows), skipped
 
 
@@ -204,9 +279,10 @@ def _check_resumable(out: Path, identity: dict[str, Any]) -> None:
                               "or --overwrite to start afresh")
 
 
-def _paths(job: PredictJob, out: Path) -> list[Path]:
+def _paths(job: PredictJob, out: Path) -> list[str]:
     # an input folder may hold --out itself (``predict .``): its overlays are outputs, not inputs
-    paths = [p for p in collect_images(job.inputs) if out.resolve() not in Path(os.path.realpath(p)).parents]
+    paths = [p for p in collect_sources(job.inputs)
+             if is_uri(p) or out.resolve() not in Path(os.path.realpath(p)).parents]
     if not paths:
         raise ClipfusionError(f"no image files found in {', '.join(job.inputs)} outside --out {out}")
     return paths
@@ -228,12 +304,33 @@ def _check_options(job: PredictJob) -> None:
         raise ClipfusionError("--resume continues the run in --out and --overwrite replaces it: give one of them")
 
 
-def run_predict(job: PredictJob, detector: Detector) -> tuple[dict[str, Any], Decisions]:
-    """Fit ``detector`` on drawn references or load a memory bank, set the decisions, score the inputs."""
+@dataclass(frozen=True)
+class Engine:
+    """Where the images are scored: ``make_scorer(settings)`` gives the scorer of one run; ``parquet``
+    also keeps the rows as Parquet parts (``parts/``) for data tools."""
+
+    make_scorer: Callable[[RowSettings], Scorer]
+    parquet: bool = False
+
+
+def run_predict(job: PredictJob, detector: Detector | None, engine: Engine | None = None
+                ) -> tuple[dict[str, Any], Decisions]:
+    """Fit ``detector`` on drawn references or load a memory bank, set the decisions, score the inputs.
+
+    ``engine`` None scores with ``detector`` in this process.  An engine that builds its own detectors
+    (Ray) may come with ``detector`` None: the thresholds are then read from the model file's card.
+    """
     _check_options(job)
+    if detector is None and (job.memory or job.normal):
+        raise ClipfusionError("--memory and --normal need the local engine: write a model file with "
+                              "`clipfusion fit --out X.cfm` and pass --model X.cfm")
+    if engine is None:
+        if detector is None:
+            raise ValueError("run_predict needs a detector or an engine")
+        engine = Engine(functools.partial(local_scorer, detector))
     out = Path(job.out)
     paths = _paths(job, out)
-    inputs = [Path(item).expanduser() for item in job.inputs if Path(item).expanduser().is_dir()]
+    inputs = [Path(item).expanduser() for item in job.inputs if not is_uri(item) and Path(item).expanduser().is_dir()]
     check_output_folder(out, "predict", PREDICT_OUTPUTS, protected=inputs)
     earlier = out.is_dir() and (out / "run.json").is_file()
     if earlier and not (job.overwrite or job.resume):
@@ -244,13 +341,13 @@ def run_predict(job: PredictJob, detector: Detector) -> tuple[dict[str, Any], De
         logger.info("--resume: %s holds no earlier run; starting one", out)
     references: list[str] = []
     held_out: list[Path] | None = None
-    if job.memory:
+    if job.memory and detector is not None:
         load_memory = getattr(detector, "load_memory", None)
         if load_memory is None:
             raise ClipfusionError(f"--memory works with --method clipfusion, not {job.method}")
         load_memory(job.memory)
         references = detector.memory_bank_.manifest.get("references", [])  # type: ignore[attr-defined]
-    if job.normal:
+    if job.normal and detector is not None:
         drawn = draw_references(job.normal, job.shots, job.seed)
         # the memory bank's own references are not held out: they would pull an auto threshold down
         held_out = [p for p in drawn.held_out if p.name not in set(references)]
@@ -258,8 +355,10 @@ def run_predict(job: PredictJob, detector: Detector) -> tuple[dict[str, Any], De
             used, images, _ = read_images(drawn.used, job.max_pixels)
             detector.fit(images, job.category)
             references = [p.name for p in used]
-    decisions = resolve_decisions(job.threshold, job.scale, getattr(detector, "thresholds_", None), detector,
-                                  job.category, held_out, job.batch_size, job.progress)
+    thresholds = getattr(detector, "thresholds_", None) if detector is not None else \
+        read_card(Path(job.model)).thresholds if job.model else None
+    decisions = resolve_decisions(job.threshold, job.scale, thresholds, detector, job.category, held_out,
+                                  job.batch_size, job.progress)
     model_id = file_sha256(Path(job.model)) if job.model else None
     identity = {"model_id": model_id, "method": job.method, "preset": job.preset, "category": job.category,
                 "image_threshold": decisions.image, "pixel_threshold": decisions.pixel,
@@ -271,7 +370,9 @@ def run_predict(job: PredictJob, detector: Detector) -> tuple[dict[str, Any], De
         else:
             write_atomic(out / "run.json", json_text({"identity": identity, "how": decisions.how,
                                                       "references": references, "model": job.model}))
-        rows, skipped = predict_paths(detector, paths, out, settings, job.batch_size, job.progress)
+        parts = ParquetParts(out / PARTS, ROW_FIELDS, NUMBER_FIELDS) if engine.parquet else None
+        rows, skipped = predict_paths(engine.make_scorer(settings), paths, out, settings, job.batch_size,
+                                      job.progress, parts)
         if not rows:
             raise ClipfusionError("none of the images could be scored (see the messages above)")
         summary = {"identity": identity, "how": decisions.how, "references": references, "model": job.model,

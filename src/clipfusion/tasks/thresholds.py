@@ -61,7 +61,7 @@ def parse_scale(text: str | None) -> tuple[float, float] | None:
     return low, high
 
 
-def resolve_decisions(spec: str | None, scale_text: str | None, model: Thresholds | None, detector: Detector,
+def resolve_decisions(spec: str | None, scale_text: str | None, model: Thresholds | None, detector: Detector | None,
                       category: str, held_out: Sequence[Path] | None, batch_size: int = 8,
                       progress: bool = False) -> Decisions:
     """``spec`` is None (the model file's thresholds, or no decisions), a number (the image threshold;
@@ -78,7 +78,7 @@ def resolve_decisions(spec: str | None, scale_text: str | None, model: Threshold
         return Decisions(value, model.pixel if model else None, "given with --threshold",
                          scale or (model.colour_scale if model else DEFAULT_SCALE), model)
     if spec == "auto":
-        if held_out is None:
+        if held_out is None or detector is None:
             raise ClipfusionError("--threshold auto needs --normal DIR: normal images to set it from")
         model = normal_thresholds(detector, held_out, category, batch_size, progress)
         how = f"derived in this run: {model.rule}, over {model.n_normals} held-out normal images"

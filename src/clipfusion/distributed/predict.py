@@ -1,0 +1,68 @@
+"""``predict --engine ray``: a Ray Data pipeline.  Batches of sources are decoded in CPU tasks (so the
+scoring workers never wait on JPEG decoding) and scored by an actor pool whose actors each load the
+model once and keep it on their device; the driver writes every file and row, exactly as the local
+engine does, in the same batches, so the outputs are the same."""
+from __future__ import annotations
+
+import logging
+import pickle
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from clipfusion.distributed.cluster import RayOptions, connect
+from clipfusion.distributed.recipe import DetectorRecipe
+from clipfusion.tasks.predict import Outcome, RowSettings, Scorer, decode_batch, score_batch
+
+# Memory each decoding task asks Ray for: enough for one batch of large frames.  It is also what keeps
+# decoding in its own tasks: Ray Data fuses a task into the next actor only when their requests match.
+DECODE_MEMORY = 512 * 2**20
+# CPUs of one decoding task (the pipeline needs one CPU beside the scoring workers).
+DECODE_CPUS = 1.0
+
+
+def _decode(row: dict[str, Any], max_pixels: int) -> dict[str, Any]:
+    """One batch's sources → its decoded images.  Images of different sizes travel pickled in one
+    binary cell: a batch must reach the scorer whole, as the local engine forms it."""
+    return {"batch": row["batch"], "payload": pickle.dumps(decode_batch(row["sources"], max_pixels), protocol=5)}
+
+
+class ScoringActor:
+    """What one Ray actor runs: builds the detector once, then scores and renders a decoded batch per call."""
+
+    def __init__(self, recipe: DetectorRecipe, settings: RowSettings) -> None:
+        self.detector, self.settings = recipe.build(), settings
+
+    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        outcomes = score_batch(self.detector, pickle.loads(row["payload"]), self.settings)
+        return {"batch": row["batch"], "payload": pickle.dumps(outcomes, protocol=5)}
+
+
+def ray_scorer(recipe: DetectorRecipe, options: RayOptions) -> Any:
+    """``make_scorer(settings)`` for :class:`clipfusion.tasks.predict.Engine`: batches scored on Ray."""
+    ray = connect(options, spare_cpus=DECODE_CPUS)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # predict shows its own bar, per image
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its execution plans and progress-bar notes
+
+    def make_scorer(settings: RowSettings) -> Scorer:
+        def score(batches: Sequence[Sequence[str]]) -> Iterator[list[Outcome]]:
+            if not batches:
+                return
+            items = [{"batch": index, "sources": list(batch)} for index, batch in enumerate(batches)]
+            dataset = (ray.data.from_items(items, override_num_blocks=len(items))
+                       .map(_decode, fn_kwargs={"max_pixels": settings.max_pixels}, num_cpus=DECODE_CPUS,
+                            memory=DECODE_MEMORY)
+                       .map(ScoringActor, fn_constructor_args=(recipe, settings),
+                            compute=ray.data.ActorPoolStrategy(size=options.workers),
+                            num_cpus=options.cpus_per_worker, num_gpus=options.gpus_per_worker))
+            # Batches arrive as they finish (a retried one late); they are handed on in their order.
+            waiting: dict[int, list[Outcome]] = {}
+            following = 0
+            for row in dataset.iter_rows():
+                waiting[row["batch"]] = pickle.loads(row["payload"])
+                while following in waiting:
+                    yield waiting.pop(following)
+                    following += 1
+        return score
+
+    return make_scorer
