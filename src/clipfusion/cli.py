@@ -381,9 +381,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from clipfusion.tasks.evaluate import parse_eval_size, run_evaluation
 
     out = Path(args.out)
-    run_evaluation(args.method, _params(args, args.method), args.dataset, Path(args.root).expanduser(),
+    params = _params(args, args.method)
+    engine, worker_runtime = None, None
+    if args.engine == "ray":
+        from clipfusion.distributed.evaluate import RayUnits
+
+        engine = RayUnits(_ray_options(args), _recipe(args, args.method, params))
+        worker_runtime = (args.asked_device, args.asked_dtype)
+    run_evaluation(args.method, params, args.dataset, Path(args.root).expanduser(),
                    args.categories, args.shots, args.seeds, out, parse_eval_size(args.eval_size), args.batch_size,
-                   args.overwrite, progress=not args.quiet, max_pixels=args.max_pixels)
+                   args.overwrite, progress=not args.quiet, max_pixels=args.max_pixels, engine=engine,
+                   worker_runtime=worker_runtime)
     print((out / "results.md").read_text())
 
 

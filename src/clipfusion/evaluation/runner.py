@@ -11,7 +11,7 @@ Output files: ``results.json`` (config, runs, summary, mean), ``results.md`` (ta
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,16 @@ class EvaluationConfig:
         return unit_keys(self.categories, self.shots, self.seeds)
 
 
+# Runs the given units of a runner (each with ``runner.run_unit``), yielding each record as it is written.
+UnitEngine = Callable[["EvaluationRunner", list[tuple[str, int, int]]], Iterator[dict[str, Any]]]
+
+
+def run_units_here(runner: EvaluationRunner, units: list[tuple[str, int, int]]) -> Iterator[dict[str, Any]]:
+    """The local engine: the units one after the other, in this process."""
+    for unit in units:
+        yield runner.run_unit(*unit)
+
+
 class EvaluationRunner:
     """Runs one :class:`EvaluationConfig` with detectors made by ``detector_factory``."""
 
@@ -117,22 +127,27 @@ class EvaluationRunner:
         else:
             write_atomic(marker, json_text(identity))
 
-    def run(self) -> dict[str, Any]:
-        """Run every unit not yet on disk, then write and return the results."""
+    def pending_units(self) -> list[tuple[str, int, int]]:
+        """The units not yet on disk (checking first that ``out_dir`` holds results of these settings)."""
         self._check_out_dir()
-        records = []
-        test_samples: dict[str, list[SampleRef]] = {}
-        for category, shots, seed in self.config.units():
-            path = self._unit_path(category, shots, seed)
-            if path.is_file():
-                records.append(read_json(path, "the finished unit"))
-                continue
-            if category not in test_samples:
-                test_samples[category] = self.dataset.test_samples(category)
-            record = self._run_unit(category, shots, seed, test_samples[category])
-            write_atomic(path, json_text(record))
-            records.append(record)
+        return [unit for unit in self.config.units() if not self._unit_path(*unit).is_file()]
+
+    def run(self, engine: UnitEngine | None = None) -> dict[str, Any]:
+        """Run every unit not yet on disk (one after the other here, or with ``engine``), then write and
+        return the results."""
+        pending = self.pending_units()
+        bar = tqdm(total=len(pending), desc="units", disable=not (self.progress and engine))  # local: a bar per unit
+        for _ in (engine or run_units_here)(self, pending):
+            bar.update()
+        bar.close()
+        records = [read_json(self._unit_path(*unit), "the finished unit") for unit in self.config.units()]
         return self._write_results(records)
+
+    def run_unit(self, category: str, shots: int, seed: int) -> dict[str, Any]:
+        """Run one unit and write it to ``units/`` (atomically); its record."""
+        record = self._run_unit(category, shots, seed, self.dataset.test_samples(category))
+        write_atomic(self._unit_path(category, shots, seed), json_text(record))
+        return record
 
     def _run_unit(self, category: str, shots: int, seed: int, samples: list[SampleRef]) -> dict[str, Any]:
         start = time.perf_counter()

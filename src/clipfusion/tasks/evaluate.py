@@ -10,7 +10,7 @@ from clipfusion.data import load_dataset
 from clipfusion.data.base import MAX_PIXELS
 from clipfusion.errors import ClipfusionError
 from clipfusion.evaluation.report import write_report
-from clipfusion.evaluation.runner import EVALUATE_OUTPUTS, EvaluationConfig, EvaluationRunner
+from clipfusion.evaluation.runner import EVALUATE_OUTPUTS, EvaluationConfig, EvaluationRunner, UnitEngine
 from clipfusion.methods.registry import make_detector_factory
 from clipfusion.run_folders import output_folder
 
@@ -41,11 +41,14 @@ def distinct(values: Sequence[int], option: str) -> list[int]:
 def run_evaluation(method: str, params: dict[str, Any], dataset_kind: str, root: Path,
                    categories: Sequence[str] | None, shots: Sequence[int], seeds: Sequence[int], out: Path,
                    eval_size: int | None, batch_size: int, overwrite: bool = False, progress: bool = True,
-                   max_pixels: int = MAX_PIXELS) -> dict[str, Any]:
+                   max_pixels: int = MAX_PIXELS, engine: UnitEngine | None = None,
+                   worker_runtime: tuple[str, str] | None = None) -> dict[str, Any]:
     """Evaluate ``method`` (constructed with ``params``) and write results and report.html to ``out``.
 
     ``out`` is locked for the run; a folder holding anything clipfusion did not write is refused, and
-    ``overwrite`` deletes only an earlier evaluation's own files.
+    ``overwrite`` deletes only an earlier evaluation's own files.  ``engine`` runs the units elsewhere
+    (Ray); ``worker_runtime`` is then the device and dtype as asked, resolved on each worker, and
+    recorded as such.
     """
     if any(k < 0 for k in shots):
         raise ClipfusionError("--shots must be >= 0")
@@ -59,8 +62,10 @@ def run_evaluation(method: str, params: dict[str, Any], dataset_kind: str, root:
     )
     factory = make_detector_factory(method, **params)
     config.method_params = factory().get_params()
+    if worker_runtime is not None and "runtime" in config.method_params:
+        config.method_params["runtime"].update(device=worker_runtime[0], dtype=worker_runtime[1])
     with output_folder(out, "evaluation", EVALUATE_OUTPUTS, overwrite, protected=[root]):
-        results = EvaluationRunner(config, dataset, factory, out, progress=progress).run()
+        results = EvaluationRunner(config, dataset, factory, out, progress=progress).run(engine)
         write_report({method: out}, out / "report.html", title=f"{method} on {dataset_kind}")
     logger.info("wrote results.json, results.md, per_image.csv and report.html to %s", out)
     return results
