@@ -3,6 +3,7 @@ wait forever for a GPU that no node has)."""
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -29,7 +30,11 @@ class RayOptions:
             raise ClipfusionError("--gpus-per-worker must be >= 0 and --cpus-per-worker > 0")
 
 
-def import_ray() -> ModuleType:
+def import_ray(local: bool = False) -> ModuleType:
+    """Ray; ``local``: a Ray instance started by this process listens on 127.0.0.1 only (Ray's setting for
+    single-machine use, read when Ray is first imported), never on the machine's network address."""
+    if local:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         import ray
     except ImportError:
@@ -40,7 +45,7 @@ def import_ray() -> ModuleType:
 def connect(options: RayOptions, spare_cpus: float = 0.0) -> ModuleType:
     """Ray, initialised once per process; the cluster checked to hold all ``workers`` at once plus
     ``spare_cpus`` (for tasks that feed them: without those CPUs the run would wait forever)."""
-    ray = import_ray()
+    ray = import_ray(local=options.address is None)
     if not ray.is_initialized():
         try:
             if options.address is None:

@@ -1,0 +1,237 @@
+"""The Ray engines (``predict``/``evaluate --engine ray``) on one local Ray cluster shared by the session:
+their outputs equal the local engine's, a killed worker actor and a killed driver lose nothing and
+score nothing twice, and misconfigured runs are one-line errors."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from clipfusion.data.base import read_rgb
+from clipfusion.methods.clipfusion.detector import CLIPFusion
+from clipfusion.row_log import ParquetParts
+from clipfusion.tasks.inputs import collect_sources
+from clipfusion.tasks.predict import decode_batch
+
+from .commands import clipfusion, clipfusion_here, results
+
+# The local engine in this process' threads and a Ray worker (one CPU: one thread) sum floats in other
+# orders; with one thread each, both engines must give the same bits.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+VOLATILE = ("seconds", "timestamp")  # what may differ between two runs of the same images
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    """One local Ray cluster for the session (2 CPUs, no dashboard, on 127.0.0.1 only); commands join it
+    with --ray-address."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray's loopback-only mode, read at its import
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    address = ray.get_runtime_context().gcs_address
+    assert address.startswith("127.0.0.1:")
+    yield address
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def photos(synthetic_root, tmp_path_factory) -> Path:
+    """The disc test images four times over (36 files: runs long enough to be interrupted) and one
+    truncated PNG (unreadable: reported, never fatal)."""
+    folder = tmp_path_factory.mktemp("ray") / "photos"
+    for copy in "abcd":
+        shutil.copytree(synthetic_root / "disc" / "test", folder / copy)
+    good = next(folder.rglob("*.png")).read_bytes()
+    (folder / "broken.png").write_bytes(good[:len(good) // 3])
+    return folder
+
+
+def _image_paths(folder: Path) -> list[str]:
+    return sorted(str(p) for p in folder.rglob("*.png") if p.name != "broken.png")
+
+
+def _stable(row: dict) -> dict:
+    return {key: value for key, value in row.items() if key not in VOLATILE}
+
+
+@pytest.fixture(scope="module")
+def local_predict(model, photos, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ray") / "local"
+    done = clipfusion("predict", str(photos), "--model", str(model), "--out", str(out), "--batch-size", "2",
+                      "--quiet", env=ONE_THREAD)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_predict_on_ray_writes_what_the_local_engine_writes(ray_address, model, photos, local_predict, tmp_path):
+    out = tmp_path / "ray"
+    done = clipfusion("predict", str(photos), "--model", str(model), "--out", str(out), "--batch-size", "2",
+                      "--engine", "ray", "--ray-address", ray_address, "--quiet")
+    assert done.returncode == 0, done.stderr
+    local, remote = results(local_predict), results(out)
+    assert [_stable(r) for r in remote] == [_stable(r) for r in local]
+    for row in remote:  # the files too, byte for byte
+        for column in ("map", "overlay", "mask", "thumbnail"):
+            if row[column]:
+                assert (out / row[column]).read_bytes() == (local_predict / row[column]).read_bytes()
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["path"] for s in summary["skipped"]] == [str(photos / "broken.png")]
+    assert summary == json.loads((local_predict / "summary.json").read_text())
+    # independently: the scores of the model run in this process, image by image
+    paths = _image_paths(photos)
+    expected = [float(CLIPFusion.load(model).predict([read_rgb(p)], "disc").scores[0]) for p in paths]
+    scores = {row["path"]: row["score"] for row in remote}
+    assert [scores[p] for p in paths] == pytest.approx(expected, abs=1e-5)
+    # the Parquet parts hold the same rows, read back by pyarrow
+    table = pq.read_table(out / "parts")
+    assert table.column("path").to_pylist() == [row["path"] for row in remote]
+    assert table.column("score").to_pylist() == [row["score"] for row in remote]
+    assert [json.loads(r) if r else None for r in table.column("regions").to_pylist()] == \
+        [row["regions"] for row in remote]
+
+
+def _actor_pids() -> list[int]:
+    """Processes of the scoring actors (Ray titles them after the callable class)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if b"ScoringActor" in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:  # the process ended meanwhile
+                continue
+    return pids
+
+
+def _wait_for_rows(out: Path, count: int, process: subprocess.Popen, limit: float = 240.0) -> int:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and process.poll() is None:
+        jsonl = out / "results.jsonl"
+        rows = jsonl.read_bytes().count(b"\n") if jsonl.is_file() else 0
+        if rows >= count:
+            return rows
+        time.sleep(0.05)
+    raise AssertionError(f"predict wrote fewer than {count} rows in {limit} s (exit {process.poll()})")
+
+
+def test_a_killed_actor_and_a_killed_driver_lose_no_image_and_score_none_twice(ray_address, model, photos,
+                                                                                 local_predict, tmp_path):
+    out = tmp_path / "ray"
+    command = [str(Path(sys.executable).with_name("clipfusion")), "predict", str(photos), "--model", str(model),
+               "--out", str(out), "--batch-size", "1", "--engine", "ray", "--ray-address", ray_address, "--quiet"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        written = _wait_for_rows(out, 2, process)
+        actors = _actor_pids()
+        assert len(actors) == 1
+        os.kill(actors[0], signal.SIGKILL)  # the worker dies mid-run: Ray restarts it, the batch is retried
+        _wait_for_rows(out, written + 4, process)
+        assert _actor_pids() and _actor_pids() != actors  # a new actor took over
+    finally:
+        process.send_signal(signal.SIGKILL)  # then the driver dies
+        process.communicate(timeout=60)
+    interrupted = results(out)
+    assert len(interrupted) < len(_image_paths(photos))
+    resumed = clipfusion(*command[1:], "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    rows = results(out)
+    assert sorted(row["path"] for row in rows) == _image_paths(photos)  # every image exactly once
+    assert rows[:len(interrupted)] == interrupted
+    local = {row["path"]: row for row in results(local_predict)}
+    for row in rows:  # resumed batches are formed otherwise: equal up to float rounding
+        assert row["score"] == pytest.approx(local[row["path"]]["score"], abs=1e-6)
+        expected = local[row["path"]]
+        assert row["decision"] == expected["decision"]
+        assert [{**r, "peak": pytest.approx(r["peak"], abs=1e-6)} for r in expected["regions"]] == row["regions"]
+    assert pq.read_table(out / "parts").column("path").to_pylist() == [row["path"] for row in rows]
+
+
+EVALUATE = ("evaluate", "--dataset", "mvtec", "--categories", "disc", "fabric", "--shots", "0", "1", "--seeds", "0",
+            "1", "--preset", "tiny", "--quiet")
+
+
+def _metrics(out: Path) -> dict:
+    results_json = json.loads((out / "results.json").read_text())
+    return {"runs": [{k: v for k, v in run.items() if k != "seconds"} for run in results_json["runs"]],
+            "summary": results_json["summary"], "mean": results_json["mean"]}
+
+
+def test_evaluate_on_ray_equals_the_local_engine_and_resumes(ray_address, synthetic_root, tmp_path):
+    local, remote = tmp_path / "local", tmp_path / "ray"
+    done = clipfusion(*EVALUATE, "--root", str(synthetic_root), "--out", str(local), env=ONE_THREAD)
+    assert done.returncode == 0, done.stderr
+    done = clipfusion(*EVALUATE, "--root", str(synthetic_root), "--out", str(remote), "--engine", "ray",
+                      "--ray-address", ray_address, "--workers", "2")
+    assert done.returncode == 0, done.stderr
+    assert _metrics(remote) == _metrics(local)
+    assert (remote / "per_image.csv").read_text() == (local / "per_image.csv").read_text()
+    units = sorted(p.relative_to(remote) for p in (remote / "units").rglob("*.json"))
+    assert units == sorted(p.relative_to(local) for p in (local / "units").rglob("*.json"))
+    assert len(units) == 2 * (1 + 2)  # two categories: zero-shot once, 1-shot with two seeds
+    # resume: only the missing unit runs again, on the cluster this process holds
+    lost = remote / "units" / "fabric" / "k1_s1.json"
+    lost.unlink()
+    kept = {p: p.stat().st_mtime_ns for p in (remote / "units").rglob("*.json")}
+    again = clipfusion_here(*EVALUATE, "--root", str(synthetic_root), "--out", str(remote), "--engine", "ray",
+                            "--ray-address", ray_address)
+    assert again.returncode == 0, again.stderr
+    assert lost.is_file() and all(p.stat().st_mtime_ns == mtime for p, mtime in kept.items())
+    assert _metrics(remote) == _metrics(local)
+
+
+def test_ray_runs_that_cannot_work_are_one_line_errors(ray_address, model, photos, tmp_path):
+    gpus = clipfusion_here("predict", str(photos), "--model", str(model), "--out", str(tmp_path / "a"), "--engine",
+                           "ray", "--ray-address", ray_address, "--gpus-per-worker", "1")
+    assert gpus.returncode == 2 and "needs 1 GPUs but the Ray cluster has 0" in gpus.stderr
+    assert len(gpus.stderr.strip().splitlines()) == 1
+    cpus = clipfusion_here("predict", str(photos), "--model", str(model), "--out", str(tmp_path / "b"), "--engine",
+                           "ray", "--ray-address", ray_address, "--workers", "2")
+    assert cpus.returncode == 2 and "+ 1 for decoding needs 3 CPUs but the Ray cluster has 2" in cpus.stderr
+    normal = clipfusion_here("predict", str(photos), "--category", "disc", "--preset", "tiny", "--normal",
+                             str(photos), "--shots", "1", "--out", str(tmp_path / "c"), "--engine", "ray",
+                             "--ray-address", ray_address)
+    assert normal.returncode == 2 and "clipfusion fit --out X.cfm" in normal.stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+# --- pieces without a cluster ------------------------------------------------------------------------------
+
+
+def test_file_uris_list_and_read_as_the_local_files(photos):
+    uris = collect_sources([f"file://{photos}"])
+    assert uris == [f"file://{p}" for p in sorted(str(p) for p in photos.rglob("*.png"))]
+    decoded = decode_batch(uris, max_pixels=10**8)
+    for item, path in zip(decoded, sorted(photos.rglob("*.png")), strict=True):
+        if path.name == "broken.png":
+            assert item.image is None and item.reason
+        else:
+            assert np.array_equal(item.image, read_rgb(path)) and item.path == f"file://{path}"
+    assert decode_batch([f"file://{photos}/missing.png"], 10**8)[0].image is None
+
+
+def test_parquet_parts_follow_the_rows_across_a_resume(tmp_path):
+    fields, numbers = ("path", "score", "regions"), ("score",)
+    rows = [{"path": f"{i}.png", "score": i / 10, "regions": [{"x": i}] if i % 2 else None} for i in range(8)]
+    parts = ParquetParts(tmp_path, fields, numbers, part_rows=3)
+    parts.sync(rows[:7])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["part-000000000.parquet", "part-000000003.parquet"]
+    parts.sync(rows[:7], final=True)
+    assert pq.read_table(tmp_path / "part-000000006.parquet").num_rows == 1
+    ParquetParts(tmp_path, fields, numbers, part_rows=3).sync(rows, final=True)  # a resumed run
+    table = pq.read_table(tmp_path)
+    assert table.column("path").to_pylist() == [r["path"] for r in rows]
+    assert table.column("score").to_pylist() == [r["score"] for r in rows]
+    assert table.column("regions").to_pylist() == [None if r["regions"] is None else json.dumps(r["regions"],
+                                                                                               separators=(",", ":"))
+                                                   for r in rows]
+    assert pq.read_metadata(tmp_path / "part-000000006.parquet").num_rows == 2
