@@ -210,7 +210,8 @@ def test_ray_runs_that_cannot_work_are_one_line_errors(ray_address, model, photo
     assert len(gpus.stderr.strip().splitlines()) == 1
     cpus = clipfusion_here("predict", str(photos), "--model", str(model), "--out", str(tmp_path / "b"), "--engine",
                            "ray", "--ray-address", ray_address, "--workers", "2")
-    assert cpus.returncode == 2 and "+ 1 for decoding needs 3 CPUs but the Ray cluster has 2" in cpus.stderr
+    assert cpus.returncode == 2
+    assert "+ 1 for decoding and rendering needs 3 CPUs but the Ray cluster has 2" in cpus.stderr
     normal = clipfusion_here("predict", str(photos), "--category", "disc", "--preset", "tiny", "--normal",
                              str(photos), "--shots", "1", "--out", str(tmp_path / "c"), "--engine", "ray",
                              "--ray-address", ray_address)

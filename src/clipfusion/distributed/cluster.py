@@ -60,7 +60,7 @@ def connect(options: RayOptions, spare_cpus: float = 0.0) -> ModuleType:
     for name, wanted in (("GPU", options.workers * options.gpus_per_worker),
                          ("CPU", options.workers * options.cpus_per_worker + spare_cpus)):
         if wanted > available.get(name, 0.0):
-            spare = f" + {spare_cpus:g} for decoding" if name == "CPU" and spare_cpus else ""
+            spare = f" + {spare_cpus:g} for decoding and rendering" if name == "CPU" and spare_cpus else ""
             raise ClipfusionError(
                 f"--workers {options.workers} × --{name.lower()}s-per-worker{spare} needs {wanted:g} {name}s but the "
                 f"Ray cluster has {available.get(name, 0.0):g}; lower them, or add nodes")

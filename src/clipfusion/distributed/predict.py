@@ -1,7 +1,8 @@
-"""``predict --engine ray``: a Ray Data pipeline.  Batches of sources are decoded in CPU tasks (so the
-scoring workers never wait on JPEG decoding) and scored by an actor pool whose actors each load the
-model once and keep it on their device; the driver writes every file and row, exactly as the local
-engine does, in the same batches, so the outputs are the same."""
+"""``predict --engine ray``: a Ray Data pipeline of three stages.  Batches of sources are decoded in
+CPU tasks, scored by an actor pool whose actors each load the model once and keep it on their device,
+and rendered (regions, overlays, masks: tens of milliseconds of CPU per image) in CPU tasks again, so
+a GPU neither waits on JPEG decoding nor on PNG encoding.  The driver writes every file and row,
+exactly as the local engine does, from the same batches, so the outputs are the same."""
 from __future__ import annotations
 
 import logging
@@ -11,13 +12,14 @@ from typing import Any
 
 from clipfusion.distributed.cluster import RayOptions, connect
 from clipfusion.distributed.recipe import DetectorRecipe
-from clipfusion.tasks.predict import Outcome, RowSettings, Scorer, decode_batch, score_batch
+from clipfusion.tasks.predict import Outcome, RowSettings, Scorer, decode_batch, predict_batch, render_batch
 
 # Memory each decoding task asks Ray for: enough for one batch of large frames.  It is also what keeps
 # decoding in its own tasks: Ray Data fuses a task into the next actor only when their requests match.
 DECODE_MEMORY = 512 * 2**20
-# CPUs of one decoding task (the pipeline needs one CPU beside the scoring workers).
-DECODE_CPUS = 1.0
+# CPUs of one decoding and one rendering task: together one CPU beside the scoring workers (Ray's CPUs
+# are scheduling tokens; the two stages mostly wait on each other's batches).
+STAGE_CPUS = 0.5
 
 
 def _decode(row: dict[str, Any], max_pixels: int) -> dict[str, Any]:
@@ -27,19 +29,24 @@ def _decode(row: dict[str, Any], max_pixels: int) -> dict[str, Any]:
 
 
 class ScoringActor:
-    """What one Ray actor runs: builds the detector once, then scores and renders a decoded batch per call."""
+    """What one Ray actor runs: builds the detector once, then one model pass per decoded batch."""
 
-    def __init__(self, recipe: DetectorRecipe, settings: RowSettings) -> None:
-        self.detector, self.settings = recipe.build(), settings
+    def __init__(self, recipe: DetectorRecipe, category: str) -> None:
+        self.detector, self.category = recipe.build(), category
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        outcomes = score_batch(self.detector, pickle.loads(row["payload"]), self.settings)
-        return {"batch": row["batch"], "payload": pickle.dumps(outcomes, protocol=5)}
+        scored = predict_batch(self.detector, pickle.loads(row["payload"]), self.category)
+        return {"batch": row["batch"], "payload": pickle.dumps(scored, protocol=5)}
+
+
+def _render(row: dict[str, Any], settings: RowSettings) -> dict[str, Any]:
+    outcomes = render_batch(pickle.loads(row["payload"]), settings)
+    return {"batch": row["batch"], "payload": pickle.dumps(outcomes, protocol=5)}
 
 
 def ray_scorer(recipe: DetectorRecipe, options: RayOptions) -> Any:
     """``make_scorer(settings)`` for :class:`clipfusion.tasks.predict.Engine`: batches scored on Ray."""
-    ray = connect(options, spare_cpus=DECODE_CPUS)
+    ray = connect(options, spare_cpus=2 * STAGE_CPUS)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # predict shows its own bar, per image
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # its execution plans and progress-bar notes
@@ -50,11 +57,12 @@ def ray_scorer(recipe: DetectorRecipe, options: RayOptions) -> Any:
                 return
             items = [{"batch": index, "sources": list(batch)} for index, batch in enumerate(batches)]
             dataset = (ray.data.from_items(items, override_num_blocks=len(items))
-                       .map(_decode, fn_kwargs={"max_pixels": settings.max_pixels}, num_cpus=DECODE_CPUS,
+                       .map(_decode, fn_kwargs={"max_pixels": settings.max_pixels}, num_cpus=STAGE_CPUS,
                             memory=DECODE_MEMORY)
-                       .map(ScoringActor, fn_constructor_args=(recipe, settings),
+                       .map(ScoringActor, fn_constructor_args=(recipe, settings.category),
                             compute=ray.data.ActorPoolStrategy(size=options.workers),
-                            num_cpus=options.cpus_per_worker, num_gpus=options.gpus_per_worker))
+                            num_cpus=options.cpus_per_worker, num_gpus=options.gpus_per_worker)
+                       .map(_render, fn_kwargs={"settings": settings}, num_cpus=STAGE_CPUS))
             # Batches arrive as they finish (a retried one late); they are handed on in their order.
             waiting: dict[int, list[Outcome]] = {}
             following = 0

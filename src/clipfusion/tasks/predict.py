@@ -174,29 +174,56 @@ def decode_batch(sources: Sequence[str], max_pixels: int) -> list[Decoded]:
     return decoded
 
 
+@dataclass
+class Scored:
+    """One image after the model pass: its pixels, score, raw map (h, w) and seconds so far (read + model)."""
+
+    path: str
+    image: np.ndarray
+    score: float
+    raw_map: np.ndarray
+    seconds: float
+
+
+def predict_batch(detector: Detector, decoded: Sequence[Decoded], category: str) -> list[Scored | Skipped]:
+    """The readable images of ``decoded`` in one model pass; the unreadable ones, and any whose score or
+    map is not finite (never decided), as (path, reason).  In order."""
+    readable = [(item, item.image) for item in decoded if item.image is not None]
+    scored: dict[int, Scored | Skipped] = {}
+    if readable:
+        start = time.perf_counter()
+        prediction = detector.predict([image for _, image in readable], category)
+        model_seconds = time.perf_counter() - start
+        for (item, image), score, raw_map in zip(readable, prediction.scores, prediction.maps, strict=True):
+            if math.isfinite(float(score)) and np.isfinite(raw_map).all():
+                scored[id(item)] = Scored(item.path, image, float(score), raw_map, item.seconds + model_seconds)
+            else:
+                scored[id(item)] = (item.path, "score or map not finite (NaN or infinity; check the settings)")
+    return [scored.get(id(item), (item.path, item.reason)) for item in decoded]
+
+
+def render_batch(scored: Sequence[Scored | Skipped], settings: RowSettings) -> list[Outcome]:
+    """Each scored image's decisions and files (:func:`render`, with its map at the image's own size)."""
+    outcomes: list[Outcome] = []
+    for item in scored:
+        if isinstance(item, tuple):
+            outcomes.append(item)
+            continue
+        start = time.perf_counter()
+        full_map = resize_maps(item.raw_map[None], item.image.shape[:2])[0]  # as Prediction.maps_at_input_size
+        row, files = render(settings, item.image, item.score, item.raw_map, full_map)
+        outcomes.append(Rendered(item.path, row, files, item.seconds + time.perf_counter() - start))
+    return outcomes
+
+
 def score_batch(detector: Detector, decoded: Sequence[Decoded], settings: RowSettings) -> list[Outcome]:
-    """Score the readable images of ``decoded`` in one model pass and render each one; the outcomes in order.
+    """:func:`predict_batch` then :func:`render_batch`: the outcomes of one batch, in order.
 
     A row's ``seconds`` is that image's own latency: its decoding, the model pass of its batch (the
     image waits for all of it) and the rendering of its files, each measured, nothing divided (the
-    writer adds the writing).  An image whose score or map is not finite is skipped, never decided.
+    writer adds the writing).
     """
-    readable = [(item, item.image) for item in decoded if item.image is not None]
-    outcomes: dict[int, Outcome] = {}
-    if readable:
-        start = time.perf_counter()
-        prediction = detector.predict([image for _, image in readable], settings.category)
-        model_seconds = time.perf_counter() - start
-        for (item, image), score, raw_map, full_map in zip(readable, prediction.scores, prediction.maps,
-                                                           prediction.maps_at_input_size(), strict=True):
-            if not (math.isfinite(float(score)) and np.isfinite(raw_map).all()):
-                outcomes[id(item)] = (item.path, "score or map not finite (NaN or infinity; check the settings)")
-                continue
-            start = time.perf_counter()
-            row, files = render(settings, image, float(score), raw_map, full_map)
-            outcomes[id(item)] = Rendered(item.path, row, files,
-                                          item.seconds + model_seconds + time.perf_counter() - start)
-    return [outcomes.get(id(item), (item.path, item.reason)) for item in decoded]
+    return render_batch(predict_batch(detector, decoded, settings.category), settings)
 
 
 def local_scorer(detector: Detector, settings: RowSettings) -> Scorer:
