@@ -250,3 +250,19 @@ def test_parquet_parts_follow_the_rows_across_a_resume(tmp_path):
                                                                                                separators=(",", ":"))
                                                    for r in rows]
     assert pq.read_metadata(tmp_path / "part-000000006.parquet").num_rows == 2
+
+
+def test_sweep_on_ray_equals_the_local_engine(ray_address, synthetic_root, tmp_path):
+    sweep = ("sweep", "--dataset", "mvtec", "--root", str(synthetic_root), "--categories", "disc", "fabric",
+             "--select-on", "disc", "--shots", "1", "--preset", "tiny", "--grid", "diffusion__timestep=50,200",
+             "--grid", "fusion__alpha_seg=0.2,0.8", "--quiet")
+    with one_thread():
+        local = clipfusion_here(*sweep, "--out", str(tmp_path / "local"))
+    assert local.returncode == 0, local.stderr
+    remote = clipfusion_here(*sweep, "--out", str(tmp_path / "ray"), "--engine", "ray", "--ray-address",
+                             ray_address, "--workers", "2")
+    assert remote.returncode == 0, remote.stderr
+    local_json, remote_json = (json.loads((tmp_path / name / "sweep.json").read_text()) for name in ("local", "ray"))
+    assert len(remote_json["rows"]) == 2 * 2 * 2  # categories × timesteps × α: one model pass per timestep and unit
+    for key in ("rows", "summary", "best", "held_out"):
+        assert remote_json[key] == local_json[key]

@@ -314,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "(without it, choice and report use the same test labels: optimistic)")
     sweep.add_argument("--eval-size", default="256", metavar="N|native", help="as for evaluate (default: 256)")
     _add_processing_options(sweep)
+    _add_engine_options(sweep, "each (encoder setting, category, shots, seed) model pass is a Ray task")
 
     bench = _command(commands, "benchmark", "time CLIPFusion and WinCLIP side by side (full size, random weights)",
                      "Per-image time and per-stage split of each method, preset, shots and batch size, measured "
@@ -511,7 +512,12 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
         eval_size=parse_eval_size(args.eval_size), metric=args.metric, batch_size=args.batch_size,
         select_on=args.select_on, max_pixels=args.max_pixels,
     )
-    run_sweep(config, dataset, _runtime(args), args.out, progress=not args.quiet)
+    engine = None
+    if args.engine == "ray":
+        from clipfusion.distributed.evaluate import RaySweep
+
+        engine = RaySweep(_ray_options(args), _recipe(args, "clipfusion", {}))
+    run_sweep(config, dataset, _runtime(args), args.out, progress=not args.quiet, engine=engine)
     print((Path(args.out) / "sweep.md").read_text())
 
 

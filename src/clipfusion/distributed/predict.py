@@ -20,6 +20,10 @@ DECODE_MEMORY = 512 * 2**20
 # CPUs of one decoding and one rendering task: together one CPU beside the scoring workers (Ray's CPUs
 # are scheduling tokens; the two stages mostly wait on each other's batches).
 STAGE_CPUS = 0.5
+# Decoding and rendering tasks running at once, per scoring worker.  Unbounded, Ray Data starts a task
+# process per free half CPU, and each new process pays clipfusion's imports (seconds of CPU, torch
+# included) before its first batch: measured as 2.3 s per batch on 2 cores (benchmarks/ray.py).
+STAGE_TASKS_PER_WORKER = 2
 
 
 def _decode(row: dict[str, Any], max_pixels: int) -> dict[str, Any]:
@@ -51,6 +55,8 @@ def ray_scorer(recipe: DetectorRecipe, options: RayOptions) -> Any:
     context.enable_progress_bars = False  # predict shows its own bar, per image
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # its execution plans and progress-bar notes
 
+    stage_tasks = STAGE_TASKS_PER_WORKER * options.workers
+
     def make_scorer(settings: RowSettings) -> Scorer:
         def score(batches: Sequence[Sequence[str]]) -> Iterator[list[Outcome]]:
             if not batches:
@@ -58,11 +64,12 @@ def ray_scorer(recipe: DetectorRecipe, options: RayOptions) -> Any:
             items = [{"batch": index, "sources": list(batch)} for index, batch in enumerate(batches)]
             dataset = (ray.data.from_items(items, override_num_blocks=len(items))
                        .map(_decode, fn_kwargs={"max_pixels": settings.max_pixels}, num_cpus=STAGE_CPUS,
-                            memory=DECODE_MEMORY)
+                            memory=DECODE_MEMORY, concurrency=stage_tasks)
                        .map(ScoringActor, fn_constructor_args=(recipe, settings.category),
                             compute=ray.data.ActorPoolStrategy(size=options.workers),
                             num_cpus=options.cpus_per_worker, num_gpus=options.gpus_per_worker)
-                       .map(_render, fn_kwargs={"settings": settings}, num_cpus=STAGE_CPUS))
+                       .map(_render, fn_kwargs={"settings": settings}, num_cpus=STAGE_CPUS,
+                            concurrency=stage_tasks))
             # Batches arrive as they finish (a retried one late); they are handed on in their order.
             waiting: dict[int, list[Outcome]] = {}
             following = 0

@@ -11,7 +11,7 @@ import itertools
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from clipfusion.config import RuntimeConfig, get_preset
-from clipfusion.data import AnomalyDataset, Sample
+from clipfusion.data import AnomalyDataset
 from clipfusion.data.base import MAX_PIXELS
 from clipfusion.errors import ClipfusionError
 from clipfusion.evaluation import units
@@ -92,9 +92,52 @@ class SweepConfig:
         return list(self.select_on), report
 
 
+# One encoder-level setting on one (category, shots, seed) unit: what a model pass is spent on.
+SweepTask = tuple[dict[str, Any], tuple[str, int, int]]
+# Runs sweep tasks, yielding each one's (rows, skipped files) in the tasks' order.
+SweepEngine = Callable[["SweepConfig", AnomalyDataset, RuntimeConfig, list[SweepTask]],
+                       Iterator[tuple[list[dict[str, Any]], list[units.SkippedFile]]]]
+
+
+def sweep_task(config: SweepConfig, dataset: AnomalyDataset, runtime: RuntimeConfig, task: SweepTask
+               ) -> tuple[list[dict[str, Any]], list[units.SkippedFile]]:
+    """One model pass over a unit's test images with one encoder setting, then every fusion setting on
+    its encoder outputs (no further model pass): (rows of metrics, files skipped)."""
+    encoder_setting, (category, shots, seed) = task
+    fusion_grid = {k: v for k, v in config.grid.items() if k.startswith("fusion__")}
+    skipped: list[units.SkippedFile] = []
+    samples = units.load_samples(dataset.test_samples(category), skipped, config.max_pixels)
+    detector = CLIPFusion(config.preset, runtime, config.batch_size, **config.overrides, **encoder_setting)
+    names, references = units.load_references(dataset, category, shots, seed, skipped, config.max_pixels)
+    if shots:
+        detector.fit(references, category, reference_names=names)
+    maps = detector.encode([s.image for s in samples], category)
+    labels = np.array([s.label for s in samples])
+    rows = []
+    for fusion_setting in _combinations(fusion_grid):
+        fusion = dataclasses.replace(detector.config.fusion,
+                                     **{k.removeprefix("fusion__"): v for k, v in fusion_setting.items()})
+        prediction = detector.fuse(maps, fusion)
+        pairs = [units.at_eval_size(s.mask, m, config.eval_size) for s, m in zip(samples, prediction.maps,
+                                                                                 strict=True)]
+        metrics = units.unit_metrics(labels, prediction.scores, [p[0] for p in pairs], [p[1] for p in pairs],
+                                     config.fpr_limit)
+        rows.append({"setting": {**encoder_setting, **fusion_setting}, "category": category,
+                     "shots": shots, "seed": seed, **metrics})
+    return rows, skipped
+
+
+def sweep_here(config: SweepConfig, dataset: AnomalyDataset, runtime: RuntimeConfig, tasks: list[SweepTask]
+               ) -> Iterator[tuple[list[dict[str, Any]], list[units.SkippedFile]]]:
+    """The local engine: the tasks one after the other, in this process."""
+    for task in tasks:
+        yield sweep_task(config, dataset, runtime, task)
+
+
 def run_sweep(config: SweepConfig, dataset: AnomalyDataset, runtime: RuntimeConfig, out: str | Path,
-              progress: bool = True) -> dict[str, Any]:
-    """Score every combination of ``config.grid``; write sweep.json and sweep.md to ``out``."""
+              progress: bool = True, engine: SweepEngine | None = None) -> dict[str, Any]:
+    """Score every combination of ``config.grid``; write sweep.json and sweep.md to ``out``.  ``engine``
+    runs the model passes elsewhere (Ray); the local one runs them here, one after the other."""
     if config.metric not in METRICS:
         raise ClipfusionError(f"--metric must be one of {', '.join(METRICS)}, not {config.metric!r}")
     select, report = config.split()
@@ -107,41 +150,19 @@ def run_sweep(config: SweepConfig, dataset: AnomalyDataset, runtime: RuntimeConf
         logger.warning("the best setting is selected and reported on the same test images (%s): its figures are "
                        "optimistic; pass --select-on CATEGORIES to choose on some categories and report on the "
                        "others", ", ".join(select))
-    fusion_grid = {k: v for k, v in config.grid.items() if k.startswith("fusion__")}
     encoder_grid = {k: v for k, v in config.grid.items() if not k.startswith("fusion__")}
     for setting in _combinations(config.grid):  # refuse a bad setting before any model runs
         get_preset(config.preset, **config.overrides, **setting)
-    rows: list[dict[str, Any]] = []
-    skipped: list[units.SkippedFile] = []
-    unit_list = units.unit_keys(config.categories, config.shots, config.seeds)
-    encoder_combos = _combinations(encoder_grid)
-    bar = tqdm(total=len(encoder_combos) * len(unit_list), desc="sweep (model passes)", disable=not progress)
-    samples_by_category: dict[str, list[Sample]] = {}
-    for encoder_setting in encoder_combos:
-        for category, shots, seed in unit_list:
-            if category not in samples_by_category:
-                samples_by_category[category] = units.load_samples(dataset.test_samples(category), skipped,
-                                                                   config.max_pixels)
-            samples = samples_by_category[category]
-            detector = CLIPFusion(config.preset, runtime, config.batch_size, **config.overrides, **encoder_setting)
-            names, references = units.load_references(dataset, category, shots, seed, skipped,
-                                                          config.max_pixels)
-            if shots:
-                detector.fit(references, category, reference_names=names)
-            maps = detector.encode([s.image for s in samples], category)
-            labels = np.array([s.label for s in samples])
-            for fusion_setting in _combinations(fusion_grid):
-                fusion = dataclasses.replace(detector.config.fusion,
-                                             **{k.removeprefix("fusion__"): v for k, v in fusion_setting.items()})
-                prediction = detector.fuse(maps, fusion)
-                pairs = [units.at_eval_size(s.mask, m, config.eval_size) for s, m in zip(samples, prediction.maps,
-                                                                                   strict=True)]
-                metrics = units.unit_metrics(labels, prediction.scores, [p[0] for p in pairs], [p[1] for p in pairs],
-                                       config.fpr_limit)
-                rows.append({"setting": {**encoder_setting, **fusion_setting}, "category": category,
-                             "shots": shots, "seed": seed, **metrics})
-            bar.update(1)
+    tasks = [(encoder_setting, unit) for encoder_setting in _combinations(encoder_grid)
+             for unit in units.unit_keys(config.categories, config.shots, config.seeds)]
+    outcomes: list[tuple[list[dict[str, Any]], list[units.SkippedFile]]] = []
+    bar = tqdm(total=len(tasks), desc="sweep (model passes)", disable=not progress)
+    for outcome in (engine or sweep_here)(config, dataset, runtime, tasks):
+        outcomes.append(outcome)
+        bar.update(1)
     bar.close()
+    rows = [row for task_rows, _ in outcomes for row in task_rows]
+    skipped = list({(s.path, s.reason): s for _, task_skipped in outcomes for s in task_skipped}.values())
     summary = _summarise([r for r in rows if r["category"] in select], config.metric)
     best = summary[0] if summary else None
     held_out = None

@@ -1,0 +1,84 @@
+"""CPU cost per image of the two stages around the model in ``predict``: decoding (PNG and JPEG) and
+rendering (regions, overlay, mask, thumbnail, raw map), at 256, 1024 and 2048 px, on one thread.
+These set how many CPUs a scoring GPU needs beside it (docs/scale.md).
+Usage: python benchmarks/stages.py [--out benchmarks/results/stages.json]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from scipy import ndimage
+
+from clipfusion.config import RuntimeConfig
+from clipfusion.decisions import Thresholds
+from clipfusion.tasks.benchmark import machine_info
+from clipfusion.tasks.predict import RowSettings, Scored, decode_batch, render_batch
+from clipfusion.tasks.thresholds import Decisions
+
+SIDES = (256, 1024, 2048)
+REPEATS = 5
+
+
+def _scene(side: int, seed: int) -> np.ndarray:
+    """A textured RGB image (compresses like a photo, not like a flat colour)."""
+    rng = np.random.default_rng(seed)
+    noise = ndimage.gaussian_filter(rng.random((side, side, 3)), (2, 2, 0))
+    return (255 * (noise - noise.min()) / np.ptp(noise)).astype(np.uint8)
+
+
+def _median_ms(action, repeats: int = REPEATS) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        action()
+        times.append(time.perf_counter() - start)
+    return round(1000 * statistics.median(times), 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/results/stages.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    thresholds = Thresholds(image=0.5, pixel=0.6, rule="fixed for the benchmark", n_normals=1, normal_min=0.2,
+                            normal_max=0.5, normal_mean=0.4, normal_std=0.05, pixel_median=0.3)
+    decisions = Decisions(0.5, 0.6, "fixed", thresholds.colour_scale, thresholds)
+    settings = RowSettings("disc", decisions, None, 16, 10**9)
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for side in SIDES:
+            image = _scene(side, side)
+            files = {}
+            for kind, suffix in (("png", ".png"), ("jpeg", ".jpg")):
+                path = Path(folder) / f"{side}{suffix}"
+                buffer = io.BytesIO()
+                Image.fromarray(image).save(buffer, format=kind.upper(), **({"quality": 90} if kind == "jpeg" else {}))
+                path.write_bytes(buffer.getvalue())
+                files[kind] = str(path)
+            raw_map = ndimage.gaussian_filter(np.random.default_rng(0).random((256, 256)), 8).astype(np.float32)
+            raw_map = 0.3 + 0.5 * (raw_map - raw_map.min()) / np.ptp(raw_map)  # NG, with regions above 0.6
+            scored = [Scored("x.png", image, 0.7, raw_map, 0.0)]
+            row = {"side": side,
+                   "decode_png_ms": _median_ms(lambda p=files["png"]: decode_batch([p], 10**9)),
+                   "decode_jpeg_ms": _median_ms(lambda p=files["jpeg"]: decode_batch([p], 10**9)),
+                   "render_ms": _median_ms(lambda s=scored: render_batch(s, settings))}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"runs": rows, "machine": machine_info(RuntimeConfig()),
+                                          "note": "one thread; median of 5; a textured RGB image, JPEG quality 90; "
+                                                  "render = regions, annotated overlay PNG, mask PNG, thumbnail "
+                                                  "JPEG and raw-map .npy of one NG image"}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
