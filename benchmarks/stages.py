@@ -1,6 +1,7 @@
-"""CPU cost per image of the two stages around the model in ``predict``: decoding (PNG and JPEG) and
-rendering (regions, overlay, mask, thumbnail, raw map), at 256, 1024 and 2048 px, on one thread.
-These set how many CPUs a scoring GPU needs beside it (docs/scale.md).
+"""CPU cost per image of the stages around the model in ``predict``: decoding (PNG and JPEG), rendering
+(regions, overlay, mask, thumbnail, raw map) and the driver's writing of the files, at 256, 1024 and
+2048 px, on one thread.  These set how many CPUs a scoring GPU needs beside it, and how many images
+per second one driver can write (docs/scale.md).
 Usage: python benchmarks/stages.py [--out benchmarks/results/stages.json]
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from scipy import ndimage
 from clipfusion.config import RuntimeConfig
 from clipfusion.decisions import Thresholds
 from clipfusion.tasks.benchmark import machine_info
-from clipfusion.tasks.predict import RowSettings, Scored, decode_batch, render_batch
+from clipfusion.tasks.predict import ImageWriter, Rendered, RowSettings, Scored, decode_batch, render_batch
 from clipfusion.tasks.thresholds import Decisions
 
 SIDES = (256, 1024, 2048)
@@ -67,17 +68,24 @@ def main() -> None:
             raw_map = ndimage.gaussian_filter(np.random.default_rng(0).random((256, 256)), 8).astype(np.float32)
             raw_map = 0.3 + 0.5 * (raw_map - raw_map.min()) / np.ptp(raw_map)  # NG, with regions above 0.6
             scored = [Scored("x.png", image, 0.7, raw_map, 0.0)]
+            rendered = render_batch(scored, settings)[0]
+            assert isinstance(rendered, Rendered)
+            writer = ImageWriter(Path(folder) / f"out-{side}", settings)
+            names = iter(range(10**6))
             row = {"side": side,
                    "decode_png_ms": _median_ms(lambda p=files["png"]: decode_batch([p], 10**9)),
                    "decode_jpeg_ms": _median_ms(lambda p=files["jpeg"]: decode_batch([p], 10**9)),
-                   "render_ms": _median_ms(lambda s=scored: render_batch(s, settings))}
+                   "render_ms": _median_ms(lambda s=scored: render_batch(s, settings)),
+                   "write_ms": _median_ms(lambda r=rendered, w=writer, n=names: w.write(f"{next(n):06d}", r)),
+                   "files_kb": round(sum(len(data) for data in rendered.files.values()) / 1024)}
             print(json.dumps(row), flush=True)
             rows.append(row)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"runs": rows, "machine": machine_info(RuntimeConfig()),
                                           "note": "one thread; median of 5; a textured RGB image, JPEG quality 90; "
                                                   "render = regions, annotated overlay PNG, mask PNG, thumbnail "
-                                                  "JPEG and raw-map .npy of one NG image"}, indent=2) + "\n")
+                                                  "JPEG and raw-map .npy of one NG image; write = the driver "
+                                                  "writing them atomically to local disk"}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
