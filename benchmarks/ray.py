@@ -105,8 +105,9 @@ def main() -> None:
             runs.append(result)
     ray.shutdown()
     note = ("fast: full-size architectures with random weights (speed does not depend on weights); 256x256 PNGs; "
-            "local Ray instance with one actor (2 CPUs, torch on 2 threads) and decoding tasks (1 CPU), on a "
-            "2-core machine: Ray's CPUs are scheduling tokens, the cores are shared as in the local engine")
+            "local Ray instance with one actor (2 CPUs, torch on 2 threads) and decoding and rendering tasks "
+            "(half a CPU each), on a 2-core machine: Ray's CPUs are scheduling tokens, the cores are shared as "
+            "in the local engine; steady cost = wall(N images) - wall(one batch)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"runs": runs, "machine": machine_info(RuntimeConfig()), "note": note},
                                          indent=2) + "\n")
