@@ -12,26 +12,15 @@ import argparse
 import json
 import os
 import resource
-import statistics
 import time
 
-from _common import run_isolated, write_results
+from _common import median_ms, run_isolated, write_results
 
 SIZES = {
     "tiny": {"clip": ("tiny", None), "diffusion": ("tiny-unet", "sd-vae", "tiny-text-encoder"), "image_size": 128},
     "full": {"clip": ("ViT-B-16-plus-240", None),
              "diffusion": ("sd15-unet", "sd-vae", "sd15-text-encoder"), "image_size": 512},
 }
-
-
-def _median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return round(1000 * statistics.median(times), 1)
 
 
 def measure(size: str, repeats: int) -> dict:
@@ -69,18 +58,18 @@ def measure(size: str, repeats: int) -> dict:
         diffusion.encode_prompts(prompts)
 
     stages = {
-        "clip_image": _median_ms(lambda: clip.encode_image(clip_pixels, dense=False), repeats),
-        "clip_image_with_dense_vv": _median_ms(lambda: clip.encode_image(clip_pixels, blocks=[-1]), repeats),
-        "clip_text_ensemble_uncached": _median_ms(text_ensemble, repeats),
-        "sd_text_encoder_2_prompts_uncached": _median_ms(sd_text, repeats),
-        "vae_encode": _median_ms(lambda: diffusion.encode_latents(sd_pixels), repeats),
+        "clip_image": median_ms(lambda: clip.encode_image(clip_pixels, dense=False), repeats),
+        "clip_image_with_dense_vv": median_ms(lambda: clip.encode_image(clip_pixels, blocks=[-1]), repeats),
+        "clip_text_ensemble_uncached": median_ms(text_ensemble, repeats),
+        "sd_text_encoder_2_prompts_uncached": median_ms(sd_text, repeats),
+        "vae_encode": median_ms(lambda: diffusion.encode_latents(sd_pixels), repeats),
     }
     latents = diffusion.encode_latents(sd_pixels)
     diffusion.encode_latents = lambda _pixels: latents  # time the UNet alone below
     for n_prompts in (1, 2):
         for early in (False, True):
             name = f"unet_{n_prompts}_prompt{'s' if n_prompts > 1 else ''}_{'early_stop' if early else 'full'}"
-            stages[name] = _median_ms(
+            stages[name] = median_ms(
                 lambda n=n_prompts, e=early: diffusion.encode(sd_pixels, prompts[:n], token_indices=[5], stop_early=e),
                 repeats,
             )

@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import clipfusion_command, make_model
+
 # This file is called ray.py: its folder, first on the path of a script, must not shadow the ray package.
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != Path(__file__).resolve().parent]
 
@@ -34,19 +36,6 @@ from clipfusion.tasks.benchmark import machine_info  # noqa: E402
 
 # images of the long run and batch size per preset (the short run is one batch)
 IMAGES = {"tiny": (96, 8), "fast": (24, 8)}
-RANDOM_FAST = ["--set", "clip__pretrained=null", "--set", "diffusion__model_id=random:sd15",
-               "--set", "diffusion__vae_id=random:taesd"]
-
-
-def clipfusion_command() -> str:
-    return str(Path(sys.executable).with_name("clipfusion"))
-
-
-def make_model(preset: str, normal: Path, out: Path) -> Path:
-    extra = RANDOM_FAST if preset == "fast" else []
-    subprocess.run([clipfusion_command(), "fit", "--normal", str(normal), "--category", "disc", "--shots", "0",
-                    "--preset", preset, *extra, "--out", str(out), "--quiet"], check=True)
-    return out
 
 
 def images(root: Path, count: int, folder: Path) -> Path:

@@ -14,7 +14,6 @@ import json
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from _common import clipfusion_command, make_model
 
 from clipfusion.config import RuntimeConfig
 from clipfusion.data.synthetic import SyntheticSpec, generate
@@ -30,22 +30,6 @@ from clipfusion.tasks.benchmark import machine_info
 CLIENTS = (1, 4, 16)
 # images per client count: enough for a steady figure, few enough for the slow preset
 REQUESTS = {"tiny": {1: 40, 4: 80, 16: 160}, "fast": {1: 4, 4: 8, 16: 16}}
-RANDOM_FAST = ["--set", "clip__pretrained=null", "--set", "diffusion__model_id=random:sd15",
-               "--set", "diffusion__vae_id=random:taesd"]
-
-
-def clipfusion_command() -> str:
-    return str(Path(sys.executable).with_name("clipfusion"))
-
-
-def make_model(preset: str, normal: Path, out: Path) -> Path:
-    """A zero-shot model file of ``preset`` (random weights for fast) with thresholds from ``normal``."""
-    extra = RANDOM_FAST if preset == "fast" else []
-    subprocess.run([clipfusion_command(), "fit", "--normal", str(normal), "--category", "disc", "--shots", "0",
-                    "--preset", preset, *extra, "--out", str(out), "--quiet"], check=True)
-    return out
-
-
 def serve(model: Path, data: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

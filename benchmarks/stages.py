@@ -9,13 +9,12 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from _common import median_ms
 from PIL import Image
 from scipy import ndimage
 
@@ -34,15 +33,6 @@ def _scene(side: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     noise = ndimage.gaussian_filter(rng.random((side, side, 3)), (2, 2, 0))
     return (255 * (noise - noise.min()) / np.ptp(noise)).astype(np.uint8)
-
-
-def _median_ms(action, repeats: int = REPEATS) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        action()
-        times.append(time.perf_counter() - start)
-    return round(1000 * statistics.median(times), 1)
 
 
 def main() -> None:
@@ -73,19 +63,19 @@ def main() -> None:
             writer = ImageWriter(Path(folder) / f"out-{side}", settings)
             names = iter(range(10**6))
             row = {"side": side,
-                   "decode_png_ms": _median_ms(lambda p=files["png"]: decode_batch([p], 10**9)),
-                   "decode_jpeg_ms": _median_ms(lambda p=files["jpeg"]: decode_batch([p], 10**9)),
-                   "render_ms": _median_ms(lambda s=scored: render_batch(s, settings)),
-                   "write_ms": _median_ms(lambda r=rendered, w=writer, n=names: w.write(f"{next(n):06d}", r)),
+                   "decode_png_ms": median_ms(lambda p=files["png"]: decode_batch([p], 10**9), REPEATS),
+                   "decode_jpeg_ms": median_ms(lambda p=files["jpeg"]: decode_batch([p], 10**9), REPEATS),
+                   "render_ms": median_ms(lambda s=scored: render_batch(s, settings), REPEATS),
+                   "write_ms": median_ms(lambda r=rendered, w=writer, n=names: w.write(f"{next(n):06d}", r), REPEATS),
                    "files_kb": round(sum(len(data) for data in rendered.files.values()) / 1024)}
             print(json.dumps(row), flush=True)
             rows.append(row)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"runs": rows, "machine": machine_info(RuntimeConfig()),
-                                          "note": "one thread; median of 5; a textured RGB image, JPEG quality 90; "
-                                                  "render = regions, annotated overlay PNG, mask PNG, thumbnail "
-                                                  "JPEG and raw-map .npy of one NG image; write = the driver "
-                                                  "writing them atomically to local disk"}, indent=2) + "\n")
+    note = ("one thread; median of 5 after a warm-up; a textured RGB image, JPEG quality 90; render = regions, "
+            "annotated overlay PNG, mask PNG, thumbnail JPEG and raw-map .npy of one NG image; write = the driver "
+            "writing them atomically to local disk")
+    Path(args.out).write_text(json.dumps({"runs": rows, "machine": machine_info(RuntimeConfig()), "note": note},
+                                         indent=2) + "\n")
 
 
 if __name__ == "__main__":
