@@ -38,9 +38,15 @@ def overlay(image: np.ndarray, anomaly_map: np.ndarray, vmin: float, vmax: float
     return np.clip(blended, 0, 255).astype(np.uint8)
 
 
+# zlib level of the overlays' PNGs: for a 2048-px textured overlay, level 1 took 0.51 s and 6.4 MB
+# where Pillow's default 6 took 2.6 s and 5.5 MB (one thread, this project's 2-core EPYC): 5x the speed
+# for 17 % more disk.
+PNG_COMPRESS_LEVEL = 1
+
+
 def png_bytes(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buffer.getvalue()
 
 
