@@ -39,9 +39,9 @@ def _uri_of(uri: str, path: str) -> str:
 
 def list_uri_images(uri: str) -> list[str]:
     """Image URIs at ``uri``: the object itself, or every image below the prefix, sorted by name."""
+    filesystem, path = _file_system(uri)  # first: it says how to install pyarrow when it is missing
     from pyarrow import fs
 
-    filesystem, path = _file_system(uri)
     try:
         info = filesystem.get_file_info(path)
         if info.type == fs.FileType.File:

@@ -109,12 +109,12 @@ class ParquetParts:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        schema = pa.schema([(name, pa.float64() if name in self.numbers else pa.string()) for name in self.fields])
         for first in range(0, len(rows), self.part_rows):
             chunk = rows[first:first + self.part_rows]
             full = len(chunk) == self.part_rows
             if first in self._complete or not (full or final):
                 continue
-            schema = pa.schema([(name, pa.float64() if name in self.numbers else pa.string()) for name in self.fields])
             columns = {name: [_csv_cell(json_safe(row.get(name))) for row in chunk] for name in self.fields}
             buffer = pa.BufferOutputStream()
             pq.write_table(pa.table(columns, schema=schema), buffer)

@@ -20,7 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from clipfusion.config import RuntimeConfig, get_preset
-from clipfusion.data import AnomalyDataset
+from clipfusion.data import AnomalyDataset, Sample
 from clipfusion.data.base import MAX_PIXELS
 from clipfusion.errors import ClipfusionError
 from clipfusion.evaluation import units
@@ -99,14 +99,24 @@ SweepEngine = Callable[["SweepConfig", AnomalyDataset, RuntimeConfig, list[Sweep
                        Iterator[tuple[list[dict[str, Any]], list[units.SkippedFile]]]]
 
 
-def sweep_task(config: SweepConfig, dataset: AnomalyDataset, runtime: RuntimeConfig, task: SweepTask
-               ) -> tuple[list[dict[str, Any]], list[units.SkippedFile]]:
+# A category's decoded test samples and the files among them that could not be read.
+LoadedSamples = tuple[list[Sample], list[units.SkippedFile]]
+
+
+def sweep_task(config: SweepConfig, dataset: AnomalyDataset, runtime: RuntimeConfig, task: SweepTask,
+               loaded: dict[str, LoadedSamples] | None = None) -> tuple[list[dict[str, Any]], list[units.SkippedFile]]:
     """One model pass over a unit's test images with one encoder setting, then every fusion setting on
-    its encoder outputs (no further model pass): (rows of metrics, files skipped)."""
+    its encoder outputs (no further model pass): (rows of metrics, files skipped).  ``loaded`` keeps
+    each category's decoded test images for the next tasks of the same process."""
     encoder_setting, (category, shots, seed) = task
     fusion_grid = {k: v for k, v in config.grid.items() if k.startswith("fusion__")}
-    skipped: list[units.SkippedFile] = []
-    samples = units.load_samples(dataset.test_samples(category), skipped, config.max_pixels)
+    loaded = {} if loaded is None else loaded
+    if category not in loaded:
+        unreadable: list[units.SkippedFile] = []
+        loaded[category] = (units.load_samples(dataset.test_samples(category), unreadable, config.max_pixels),
+                            unreadable)
+    samples, unreadable = loaded[category]
+    skipped = list(unreadable)
     detector = CLIPFusion(config.preset, runtime, config.batch_size, **config.overrides, **encoder_setting)
     names, references = units.load_references(dataset, category, shots, seed, skipped, config.max_pixels)
     if shots:
@@ -129,9 +139,11 @@ def sweep_task(config: SweepConfig, dataset: AnomalyDataset, runtime: RuntimeCon
 
 def sweep_here(config: SweepConfig, dataset: AnomalyDataset, runtime: RuntimeConfig, tasks: list[SweepTask]
                ) -> Iterator[tuple[list[dict[str, Any]], list[units.SkippedFile]]]:
-    """The local engine: the tasks one after the other, in this process."""
+    """The local engine: the tasks one after the other, in this process, each category's test images
+    decoded once."""
+    loaded: dict[str, LoadedSamples] = {}
     for task in tasks:
-        yield sweep_task(config, dataset, runtime, task)
+        yield sweep_task(config, dataset, runtime, task, loaded)
 
 
 def run_sweep(config: SweepConfig, dataset: AnomalyDataset, runtime: RuntimeConfig, out: str | Path,
