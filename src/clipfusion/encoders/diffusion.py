@@ -5,8 +5,9 @@ all images) → **one** UNet forward with every prompt in the same batch (no cla
 guidance, no sampling loop).  Chosen ``attn2`` (cross-attention) layers get a capturing processor
 that computes the probabilities explicitly, averages heads and keeps only the requested token
 columns as they come out; every other layer keeps its fast (SDPA) processor, so self-attention
-probabilities are never built.  Up-block outputs are read with forward hooks removed after the call,
-and the UNet stops as soon as the last block any output needs has run.
+probabilities are never built.  The UNet runs through :func:`partial_unet_forward`, an explicit forward
+that stops after the last block any output needs and returns the chosen up-blocks' outputs: no hooks, no
+exception, so the same code traces into an exported graph (``clipfusion export``) and compiles.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from clipfusion.config import DiffusionConfig, RuntimeConfig
@@ -42,8 +44,73 @@ class DiffusionOutput:
     features: dict[int, torch.Tensor]
 
 
-class _StopUNet(Exception):
-    """Raised by a hook once the last needed block has run (caught by the encoder)."""
+def unet_block_order(unet: UNet2DConditionModel) -> list[str]:
+    """The UNet's top-level blocks in execution order: ``down_blocks.i``…, ``mid_block``, ``up_blocks.j``…"""
+    return ([f"down_blocks.{i}" for i in range(len(unet.down_blocks))] + ["mid_block"]
+            + [f"up_blocks.{j}" for j in range(len(unet.up_blocks))])
+
+
+def check_partial_forward(unet: UNet2DConditionModel, latent_size: int) -> None:
+    """Raise SettingError for a UNet :func:`partial_unet_forward` does not reproduce (extra conditioning)."""
+    config = unet.config
+    extras = {"class_embed_type": config.class_embed_type, "addition_embed_type": config.addition_embed_type,
+              "encoder_hid_dim_type": config.encoder_hid_dim_type,
+              "center_input_sample": config.center_input_sample or None}
+    unsupported = [f"{key}={value!r}" for key, value in extras.items() if value is not None]
+    if latent_size % 2 ** unet.num_upsamplers:
+        unsupported.append(f"a latent side of {latent_size} (not a multiple of {2 ** unet.num_upsamplers})")
+    if unsupported:
+        raise SettingError(f"this UNet has {', '.join(unsupported)}: clipfusion reads Stable Diffusion 1.x/2.x UNets "
+                           "conditioned on the prompt only")
+
+
+def partial_unet_forward(unet: UNet2DConditionModel, sample: torch.Tensor, timestep: torch.Tensor,
+                         context: torch.Tensor, last_block: str, feature_blocks: Sequence[int]
+                         ) -> dict[int, torch.Tensor]:
+    """diffusers' ``UNet2DConditionModel.forward`` for a text-conditioned UNet, stopped after ``last_block``.
+
+    sample (N, 4, h, w) noised latents, timestep (N,), context (N, 77, D).  Runs the time embedding,
+    ``conv_in`` and the blocks of :func:`unet_block_order` up to and including ``last_block``, and
+    returns {j: output (N, C, h_j, w_j) of ``up_blocks.j``} for the ``feature_blocks`` that ran.  The
+    attention processors run as usual, so capturing ones record their maps on the way.  Blocks after
+    ``last_block`` (and the output head) never run: written out rather than stopped by an exception,
+    so that tracing and ``torch.compile`` see one straight graph.  See :func:`check_partial_forward`.
+    """
+    order = unet_block_order(unet)
+    stop = order.index(last_block)
+    embedding = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep))
+    if unet.time_embed_act is not None:
+        embedding = unet.time_embed_act(embedding)
+    hidden = unet.conv_in(sample)
+    skips: tuple[torch.Tensor, ...] = (hidden,)
+    features: dict[int, torch.Tensor] = {}
+    for name in order[:stop + 1]:
+        place, _, index = name.partition(".")
+        if place == "down_blocks":
+            block = unet.down_blocks[int(index)]
+            if getattr(block, "has_cross_attention", False):
+                hidden, residuals = block(hidden_states=hidden, temb=embedding, encoder_hidden_states=context)
+            else:
+                hidden, residuals = block(hidden_states=hidden, temb=embedding)
+            skips += residuals
+        elif place == "mid_block":
+            if unet.mid_block is None:
+                continue
+            if getattr(unet.mid_block, "has_cross_attention", False):
+                hidden = unet.mid_block(hidden, embedding, encoder_hidden_states=context)
+            else:
+                hidden = unet.mid_block(hidden, embedding)
+        else:
+            block = unet.up_blocks[int(index)]
+            taken, skips = skips[-len(block.resnets):], skips[:-len(block.resnets)]
+            if getattr(block, "has_cross_attention", False):
+                hidden = block(hidden_states=hidden, temb=embedding, res_hidden_states_tuple=taken,
+                               encoder_hidden_states=context)
+            else:
+                hidden = block(hidden_states=hidden, temb=embedding, res_hidden_states_tuple=taken)
+            if int(index) in feature_blocks:
+                features[int(index)] = hidden
+    return features
 
 
 class DiffusionEncoder:
@@ -60,6 +127,7 @@ class DiffusionEncoder:
         vae_channels = getattr(vae_config, "block_out_channels", None) or vae_config.encoder_block_out_channels
         self.vae_scale_factor = 2 ** (len(vae_channels) - 1)
         self.latent_size = config.image_size // self.vae_scale_factor
+        check_partial_forward(self.unet, self.latent_size)
         self.layer_names = select_cross_attention_layers(self.unet, config.cross_attn_factors, config.cross_attn_places)
         for block in config.feature_blocks:
             if not 0 <= block < len(self.unet.up_blocks):
@@ -136,9 +204,11 @@ class DiffusionEncoder:
 
     # --- the pass --------------------------------------------------------------------------------
 
-    def _stop_module(self, feature_blocks: Sequence[int]) -> str:
+    def last_block(self, feature_blocks: Sequence[int]) -> str:
+        """The top-level UNet block (``unet_block_order``) holding the last capture any output needs."""
         needed = list(self.layer_names) + [f"up_blocks.{b}" for b in feature_blocks]
-        return max(needed, key=layer_order)
+        last = max(needed, key=layer_order)
+        return "mid_block" if last.startswith("mid_block") else ".".join(last.split(".")[:2])
 
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor, prompts: Sequence[str], token_indices: Sequence[int] | None = None,
@@ -204,37 +274,32 @@ class DiffusionEncoder:
         context = self.encode_prompts(prompts).repeat(n_images, 1, 1)  # row b·P + p: image b, prompt p
         timesteps = torch.full((latents.shape[0],), self.config.timestep, dtype=torch.long, device=self.device)
 
-        features: dict[int, torch.Tensor] = {}
-        modules = dict(self.unet.named_modules())
-        handles = [
-            self.unet.up_blocks[block].register_forward_hook(
-                lambda _m, _i, output, block=block: features.__setitem__(block, output.float()))
-            for block in feature_blocks
-        ]
-        if stop_early:
-            handles.append(modules[self._stop_module(feature_blocks)].register_forward_hook(self._raise_stop))
         self.unet.set_attn_processor(dict(processors or self._processors))  # the UNet may be shared
         self._state.token_indices = None if token_indices is None else list(token_indices)
         self._state.maps = {}
         self._state.active = True
         try:
-            self.unet(latents, timesteps, encoder_hidden_states=context)
-        except _StopUNet:
-            pass
+            if stop_early:
+                features = partial_unet_forward(self.unet, latents, timesteps, context,
+                                                self.last_block(feature_blocks), feature_blocks)
+            else:  # diffusers' own forward, whole, as the reference: up-block outputs read by hooks
+                features = {}
+                handles = [self.unet.up_blocks[block].register_forward_hook(
+                    lambda _m, _i, output, block=block: features.__setitem__(block, output))
+                    for block in feature_blocks]
+                try:
+                    self.unet(latents, timesteps, encoder_hidden_states=context)
+                finally:
+                    for handle in handles:
+                        handle.remove()
         finally:
             self._state.active = False
-            for handle in handles:
-                handle.remove()
         maps = {name: self._to_grid(probs, n_images, n_prompts) for name, probs in self._state.maps.items()}
         self._state.maps = {}
         return DiffusionOutput(
             cross_attn_maps=maps,
-            features={b: f.reshape(n_images, n_prompts, *f.shape[1:]) for b, f in sorted(features.items())},
+            features={b: f.float().reshape(n_images, n_prompts, *f.shape[1:]) for b, f in sorted(features.items())},
         )
-
-    @staticmethod
-    def _raise_stop(*_args: object) -> None:
-        raise _StopUNet
 
     def _to_grid(self, probs: torch.Tensor, n_images: int, n_prompts: int) -> torch.Tensor:
         """(B·P, Q, T) → (B, P, T, h, w) on the square latent grid of that layer."""
