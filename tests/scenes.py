@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from clipfusion.geometry import resize_mask
+from clipfusion.resampling import resize_mask
 
 SIZE = 128
 

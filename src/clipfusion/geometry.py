@@ -1,15 +1,13 @@
-"""Where pixels are: token sequences ↔ spatial grids, window indices, and every resize, in one place.
+"""Where patches are, in torch: token sequences ↔ spatial grids, window indices, resizing map tensors.
 
-Grids are row-major (token ``r * w + c`` is row r, column c); maps are resized bilinearly with
-``align_corners=False`` (as torch and the field do); masks with nearest-neighbour sampling (ground
-truth is never blurred); images bicubically as a whole (no crop, so maps stay aligned with masks).
+Grids are row-major (token ``r * w + c`` is row r, column c); map tensors are resized bilinearly with
+``align_corners=False`` (as torch and the field do).  Resizing NumPy images, masks and maps is in
+:mod:`clipfusion.resampling`, which needs no torch.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from clipfusion.errors import SettingError
 
@@ -47,28 +45,3 @@ def resize_grid(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(maps.shape[-2:]) == tuple(size):
         return maps
     return F.interpolate(maps[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
-
-
-def resize_maps(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(N, h, w) array → (N, H, W) float32: :func:`resize_grid` for NumPy callers."""
-    array = np.asarray(maps, dtype=np.float32)
-    if array.shape[1:] == tuple(size):
-        return array
-    return resize_grid(torch.from_numpy(np.ascontiguousarray(array)), size).numpy()
-
-
-def resize_image(image: np.ndarray, size: tuple[int, int], resample: int = Image.Resampling.BICUBIC) -> np.ndarray:
-    """(H, W, 3) uint8 → (size[0], size[1], 3) uint8; whole image, no crop (keeps mask alignment)."""
-    height, width = size
-    if image.shape[:2] == (height, width):
-        return image
-    return np.asarray(Image.fromarray(image).resize((width, height), resample))
-
-
-def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(H, W) bool → (size) bool with nearest-neighbour sampling (ground truth is never blurred)."""
-    height, width = size
-    if mask.shape == (height, width):
-        return mask
-    picture = Image.fromarray(mask.astype(np.uint8) * 255)
-    return np.asarray(picture.resize((width, height), Image.Resampling.NEAREST)) > 0

@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 from clipfusion.decisions import NG, OK, Region
-from clipfusion.geometry import resize_maps, resize_mask
+from clipfusion.resampling import resize_maps, resize_mask
 
 COLORMAP = "jet"
 BANNER_COLOURS = {NG: (196, 32, 32), OK: (32, 128, 64)}  # anything else (no threshold): grey

@@ -7,8 +7,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from clipfusion.decisions import Region, find_regions, label
-from clipfusion.geometry import resize_maps
 from clipfusion.images import Images
+from clipfusion.resampling import resize_maps
 
 
 @dataclass

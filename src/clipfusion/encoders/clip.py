@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from clipfusion.config import ClipConfig, RuntimeConfig
 from clipfusion.encoders.loading import OpenClipParts, load_open_clip
 from clipfusion.errors import SettingError
-from clipfusion.geometry import resize_image, window_indices
+from clipfusion.geometry import window_indices
+from clipfusion.resampling import normalised_pixels
 
 
 def state_probability(embeddings: torch.Tensor, prototypes: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -58,8 +59,7 @@ class ClipEncoder:
         self.num_blocks = len(visual.transformer.resblocks)
         param = next(self.model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self._mean = torch.tensor(parts.mean).view(1, 3, 1, 1)
-        self._std = torch.tensor(parts.std).view(1, 3, 1, 1)
+        self.mean, self.std = tuple(parts.mean), tuple(parts.std)
         self._text_cache: dict[tuple[str, ...], torch.Tensor] = {}
 
     @classmethod
@@ -69,10 +69,8 @@ class ClipEncoder:
 
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """(H, W, 3) uint8 images → (B, 3, S, S) normalised tensor on the model's device."""
-        resized = np.stack([resize_image(image, self.image_size) for image in images])
-        pixels = torch.from_numpy(resized).permute(0, 3, 1, 2).float() / 255.0
-        pixels = (pixels - self._mean) / self._std
-        return pixels.to(device=self.device, dtype=self.dtype)
+        pixels = normalised_pixels(list(images), self.image_size, self.mean, self.std)
+        return torch.from_numpy(pixels).to(device=self.device, dtype=self.dtype)
 
     def _block_index(self, block: int) -> int:
         index = block if block >= 0 else self.num_blocks + block

@@ -29,8 +29,11 @@ from clipfusion.encoders.attention import (
 )
 from clipfusion.encoders.loading import DiffusionParts, load_diffusion
 from clipfusion.errors import SettingError
-from clipfusion.geometry import resize_image, tokens_to_grid
+from clipfusion.geometry import tokens_to_grid
+from clipfusion.resampling import normalised_pixels
 from clipfusion.timing import StageTimer
+
+VAE_MEAN = VAE_STD = (0.5, 0.5, 0.5)  # the VAE reads pixels in [-1, 1]
 
 
 @dataclass
@@ -157,9 +160,8 @@ class DiffusionEncoder:
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """(H, W, 3) uint8 images → (B, 3, S, S) in [-1, 1] (bicubic resize of the whole image), in the VAE's dtype."""
         size = (self.config.image_size, self.config.image_size)
-        resized = np.stack([resize_image(image, size) for image in images])
-        pixels = torch.from_numpy(resized).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        return pixels.to(device=self.device, dtype=self.vae_dtype)
+        pixels = normalised_pixels(list(images), size, VAE_MEAN, VAE_STD)
+        return torch.from_numpy(pixels).to(device=self.device, dtype=self.vae_dtype)
 
     @torch.inference_mode()
     def encode_latents(self, pixels: torch.Tensor) -> torch.Tensor:

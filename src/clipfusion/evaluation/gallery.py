@@ -7,9 +7,9 @@ from typing import Any
 import numpy as np
 
 from clipfusion.data import read_rgb
-from clipfusion.geometry import resize_image
 from clipfusion.outputs import write_atomic
 from clipfusion.overlays import overlay, thumbnail_jpeg
+from clipfusion.resampling import resize_image
 
 
 def write_gallery(out_dir: Path, unit: str, rows: list[dict[str, Any]], maps: list[np.ndarray],

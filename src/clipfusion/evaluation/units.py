@@ -13,7 +13,7 @@ from clipfusion.data import AnomalyDataset, Sample, SampleRef, sample_references
 from clipfusion.data.base import MAX_PIXELS, read_images
 from clipfusion.errors import DatasetError, ImageReadError
 from clipfusion.evaluation.metrics import image_metrics, pixel_metrics
-from clipfusion.geometry import resize_maps, resize_mask
+from clipfusion.resampling import resize_maps, resize_mask
 
 logger = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from clipfusion.geometry import resize_image
 from clipfusion.images import Images, as_rgb_list
 from clipfusion.protocol import Prediction
+from clipfusion.resampling import resize_image
 
 
 class MeanImageDetector:

@@ -21,12 +21,12 @@ from tqdm.auto import tqdm
 from clipfusion.data.base import MAX_PIXELS, read_images, read_rgb
 from clipfusion.decisions import NG, Region, find_regions, label
 from clipfusion.errors import ClipfusionError, ImageReadError
-from clipfusion.geometry import resize_image, resize_maps
 from clipfusion.methods.clipfusion.model_file import read_card
 from clipfusion.object_store import is_uri, read_uri_rgb
 from clipfusion.outputs import file_sha256, json_text, read_json, write_atomic
 from clipfusion.overlays import inspection_overlay, mask_png, png_bytes, thumbnail_jpeg
 from clipfusion.protocol import Detector
+from clipfusion.resampling import resize_image, resize_maps
 from clipfusion.row_log import CSV, JSONL, PARTS, ParquetParts, RowLog
 from clipfusion.run_folders import check_output_folder, output_folder
 from clipfusion.tasks.index_page import write_index

@@ -9,6 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_tensors
@@ -28,6 +29,11 @@ from clipfusion.methods.memory import MemoryBank
 from clipfusion.outputs import write_atomic
 from clipfusion.protocol import Prediction
 from clipfusion.timing import StageTimer
+
+
+def _array(values: torch.Tensor) -> np.ndarray:
+    """A branch map as fusion takes it: float32 NumPy on the CPU."""
+    return values.detach().float().cpu().numpy()
 
 
 def _quiet() -> bool | None:
@@ -248,10 +254,11 @@ class CLIPFusion:
             if fitted:
                 with timer("memory"):
                     neighbours = self.config.memory.neighbours
-                    clip_visual = patchclip.visual_map(clip_out.visual_tokens, self.memory_bank_, neighbours).cpu()
-                    diff_visual = mapdiff.visual_map(diff_out.features, self.memory_bank_, neighbours).cpu()
-            parts.append(BranchMaps(clip_score=clip_out.image_score.cpu(), clip_language=clip_out.language_map.cpu(),
-                                    diff_language=diff_out.language_map.cpu(), clip_visual=clip_visual,
+                    clip_visual = _array(patchclip.visual_map(clip_out.visual_tokens, self.memory_bank_, neighbours))
+                    diff_visual = _array(mapdiff.visual_map(diff_out.features, self.memory_bank_, neighbours))
+            parts.append(BranchMaps(clip_score=_array(clip_out.image_score),
+                                    clip_language=_array(clip_out.language_map),
+                                    diff_language=_array(diff_out.language_map), clip_visual=clip_visual,
                                     diff_visual=diff_visual))
         return BranchMaps.concat(parts)
 
