@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/runtime-venv.sh
 # The browser tests drive Debian's Chromium (Playwright's own browser download needs the internet).
 # The service tests start a throw-away PostgreSQL server (initdb + pg_ctl on a temporary folder).
 missing=()

@@ -42,6 +42,19 @@ model's fixed colour scale, region boxes, the verdict and a colour bar), masks/*
 maps/*.npy (raw maps) and, at the end, index.html (sorted by score, filter OK/NG).
 """
 
+EXPORT_EXAMPLES = """\
+examples:
+  clipfusion export --model bottle.cfm --out bottle-ov                    # OpenVINO IR (default)
+  clipfusion export --model bottle.cfm --format onnx --out bottle-onnx    # ONNX
+  clipfusion export --preset fast --category bottle --out bottle-zero-ov  # zero-shot, no thresholds
+  clipfusion predict new_parts/ --model bottle-ov --out inspection        # runs without torch
+
+The folder holds three graphs (CLIP image tower, VAE encoder, the UNet up to the last block the maps need)
+with the prompts, noise and memory bank as constants, and clipfusion-export.json (settings, thresholds,
+versions, a SHA-256 of every file).  Copy the whole folder to the inspection PC and install
+'clipfusion[runtime]' there (no torch): docs/deploy.md.
+"""
+
 FIT_EXAMPLES = """\
 examples:
   clipfusion fit --normal good/ --category bottle --shots 4 --out bottle.cfm     # inspection model file
@@ -269,9 +282,10 @@ def build_parser() -> argparse.ArgumentParser:
                        PREDICT_EXAMPLES)
     predict.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
     _add_reference_options(predict, required=False)
-    predict.add_argument("--model", default=None, metavar="FILE.cfm",
+    predict.add_argument("--model", default=None, metavar="FILE.cfm|FOLDER",
                          help="inspection model written by `clipfusion fit --out FILE.cfm`: settings, references and "
-                              "thresholds come from it, so it needs no other option")
+                              "thresholds come from it, so it needs no other option; or a folder written by "
+                              "`clipfusion export`, run by OpenVINO Runtime without torch")
     predict.add_argument("--memory", default=None, metavar="FILE", help="memory bank written by `clipfusion fit`")
     predict.add_argument("--threshold", default=None, metavar="VALUE|auto",
                          help="image score above which an image is flagged; 'auto' derives it from the normal "
@@ -300,6 +314,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="model file to write (.cfm: settings, references, thresholds; for predict --model), or a "
                           "bare memory bank (.safetensors, for predict --memory)")
     _add_processing_options(fit)
+
+    export = _command(commands, "export", "write a model as OpenVINO or ONNX graphs for the torch-free runtime",
+                      "Export a model file (or a preset and category, zero-shot) to a folder that `clipfusion "
+                      "predict --model FOLDER` runs with OpenVINO Runtime, without torch.", EXPORT_EXAMPLES)
+    export.add_argument("--model", default=None, metavar="FILE.cfm", help="model file from `clipfusion fit`")
+    export.add_argument("--preset", default=None, choices=PRESET_NAMES, metavar="PRESET",
+                        help="without --model: a zero-shot export of this preset (no thresholds)")
+    export.add_argument("--category", default=None, help="without --model: the object name used in prompts")
+    export.add_argument("--format", default="openvino", choices=("openvino", "onnx"),
+                        help="graph format (default: %(default)s)")
+    export.add_argument("--out", required=True, metavar="FOLDER", help="the export folder to write")
+    export.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+    group = export.add_argument_group("where the weights come from")
+    group.add_argument("--offline", action="store_true", help="never touch the network (weights from the cache)")
+    group.add_argument("--cache-dir", default=None, help="Hugging Face cache folder (default: the hub's own)")
+    group.add_argument("--hub-timeout", type=float, default=10.0, metavar="SECONDS",
+                       help="how long the model hub may take to answer (default: %(default)s)")
+    _add_common(export)
 
     sweep = _command(commands, "sweep", "grid-search CLIPFusion settings on a dataset (calibrates settings)",
                      "Score every combination of --grid values. Fusion-level settings (fusion__*) reuse the "
@@ -438,10 +470,31 @@ def _cmd_fit(args: argparse.Namespace) -> None:
     print(f"wrote {path}: {len(names)} references of {args.category} ({', '.join(names)})")
 
 
+def _cmd_export(args: argparse.Namespace) -> None:
+    from clipfusion.export.writer import export_model
+
+    if bool(args.model) == bool(args.preset or args.category):
+        raise ClipfusionError("give either --model FILE.cfm or --preset and --category (zero-shot)")
+    if not args.model and not (args.preset and args.category):
+        raise ClipfusionError("a zero-shot export needs both --preset and --category")
+    runtime = RuntimeConfig("cpu", "float32", args.offline, args.cache_dir, args.hub_timeout)
+    out = export_model(Path(args.out), args.format, runtime, model=args.model, preset=args.preset,
+                       category=args.category, overwrite=args.overwrite)
+    print(f"wrote {out.resolve()} ({args.format}); run it with: clipfusion predict IMAGES --model {out}")
+
+
+def _is_export(args: argparse.Namespace) -> bool:
+    """Whether ``--model`` names an export folder (run by the torch-free runtime)."""
+    return bool(getattr(args, "model", None)) and Path(args.model).is_dir()
+
+
 def _cmd_predict(args: argparse.Namespace) -> None:
     from clipfusion.tasks.predict import Engine, PredictJob, run_predict
 
     engine, detector = None, None
+    if args.engine == "ray" and _is_export(args):
+        raise ClipfusionError(f"--model {args.model} is an export, which runs with the local engine; drop --engine "
+                              "ray, or pass the .cfm model file it came from")
     if args.engine == "ray":
         from clipfusion.distributed.predict import ray_scorer
 
@@ -454,6 +507,12 @@ def _cmd_predict(args: argparse.Namespace) -> None:
             args.category, args.preset = args.category or "object", args.preset or "paper-recon"
             recipe = _recipe(args, args.method, _params(args, args.method))
         engine = Engine(ray_scorer(recipe, _ray_options(args)), parquet=True)
+    elif _is_export(args):
+        from clipfusion.runtime.exported import ExportedDetector
+
+        _model_card(args)
+        detector = ExportedDetector(args.model)
+        args.category, args.preset = detector.category_, detector.preset
     elif args.model:
         detector = _model_detector(args)
         args.category, args.preset = detector.category_, detector.preset
@@ -475,18 +534,24 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
 def _model_card(args: argparse.Namespace) -> Any:
     """The card of ``--model``; an option that contradicts the file is a one-line error naming it."""
+    from clipfusion.export.bundle import read_manifest
     from clipfusion.methods.clipfusion.model_file import read_card
 
-    card = read_card(Path(args.model))
+    if _is_export(args):  # its card is None for an uncalibrated zero-shot export
+        manifest = read_manifest(Path(args.model), verify=False)
+        card, card_category, card_preset = manifest.card, manifest.category, manifest.preset
+    else:
+        card = read_card(Path(args.model))
+        card_category, card_preset = card.category, card.preset
     given = {"--memory": args.memory, "--normal": args.normal, "--shots": args.shots or None,
              "--set/--alpha/--sigma/--timestep/--dense-mode": _overrides(args) or None}
     clashes = [f"{flag} (the model file fixes it)" for flag, value in given.items() if value]
     if args.method != "clipfusion":
         clashes.append(f"--method {args.method} (the model file is a clipfusion model)")
-    if args.category not in (None, card.category):
-        clashes.append(f"--category {args.category} (the model file's category is {card.category})")
-    if args.preset not in (None, card.preset):
-        clashes.append(f"--preset {args.preset} (the model file's preset is {card.preset})")
+    if args.category not in (None, card_category):
+        clashes.append(f"--category {args.category} (the model file's category is {card_category})")
+    if args.preset not in (None, card_preset):
+        clashes.append(f"--preset {args.preset} (the model file's preset is {card_preset})")
     if clashes:
         raise ClipfusionError(f"--model {args.model} contradicts: {'; '.join(clashes)}; drop those options")
     return card
@@ -577,12 +642,16 @@ def _configure_output(quiet: bool) -> None:
     warnings.formatwarning = lambda message, category, *rest: f"clipfusion: warning: {message}\n"
 
 
+# what the 'models' extra installs (an exported model runs without them)
+MODEL_PACKAGES = ("torch", "torchvision", "diffusers", "open_clip", "transformers", "sklearn", "skimage")
+
 INTERRUPTED = {
     "evaluate": "finished (category, shots, seed) units are kept: run the same command to resume",
     "demo": "finished units are kept: run the same command to resume",
     "sweep": "nothing was written; run it again", "predict": "every image finished so far is in results.jsonl "
     "and results.csv; add --resume to the same command to score the rest",
     "fit": "no memory bank was written", "benchmark": "nothing was written",
+    "export": "the folder holds no complete export; run it again",
     "synth": "the dataset is incomplete; run it again",
     "serve": "stopped",
 }
@@ -593,8 +662,8 @@ def _resolve_auto(args: argparse.Namespace) -> None:
     The values asked for are kept (``asked_device``/``asked_dtype``): Ray workers resolve them on their
     own machines."""
     args.asked_device, args.asked_dtype = getattr(args, "device", None), getattr(args, "dtype", None)
-    if "auto" not in (args.asked_device, args.asked_dtype):
-        return
+    if "auto" not in (args.asked_device, args.asked_dtype) or _is_export(args):
+        return  # an export runs on OpenVINO Runtime, whatever --device says
     from clipfusion.encoders.loading import auto_device_dtype
 
     args.device, args.dtype = auto_device_dtype(args.device, args.dtype)
@@ -607,6 +676,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_output(args.quiet)
     _resolve_auto(args)
     commands = {"demo": _cmd_demo, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "fit": _cmd_fit,
+                "export": _cmd_export,
                 "sweep": _cmd_sweep, "benchmark": _cmd_benchmark, "synth": _cmd_synth, "serve": _cmd_serve}
     try:
         from tqdm.contrib.logging import logging_redirect_tqdm
@@ -617,6 +687,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"clipfusion: error: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        if args.debug or exc.name not in MODEL_PACKAGES:
+            raise
+        print(f"clipfusion: error: {args.command} needs {exc.name}, which this installation lacks: pip install "
+              "'clipfusion[models]' (an exported model runs without it: docs/deploy.md)", file=sys.stderr)
         return 2
     except OSError as exc:  # disk full, read-only or vanished folders, permissions: the user's to fix
         if args.debug:

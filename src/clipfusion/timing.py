@@ -1,12 +1,11 @@
 """Per-stage wall-clock time, for benchmarks: what a detector spent on CLIP, the VAE, the UNet..."""
 from __future__ import annotations
 
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
-
-import torch
 
 
 class StageTimer:
@@ -18,7 +17,8 @@ class StageTimer:
 
     @staticmethod
     def _sync() -> None:
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch = sys.modules.get("torch")  # not imported by the exported runtime, which has no CUDA work
+        if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()
 
     @contextmanager

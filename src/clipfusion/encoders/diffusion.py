@@ -174,7 +174,7 @@ class DiffusionEncoder:
     def noised(self, latents: torch.Tensor, draw: int = 0) -> torch.Tensor:
         """z_t = √ᾱ_t z0 + √(1-ᾱ_t) ε at the absolute timestep t, with one ε (seed noise_seed + draw) for
         every image, so that queries and references are noised alike."""
-        key = (draw, *latents.shape[1:])
+        key = (draw, *(int(side) for side in latents.shape[1:]))  # plain ints, also while tracing
         if key not in self._noise:
             generator = torch.Generator(device="cpu").manual_seed(self.config.noise_seed + draw)
             self._noise[key] = torch.randn((1, *latents.shape[1:]), generator=generator)

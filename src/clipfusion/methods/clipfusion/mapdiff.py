@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from clipfusion.config import MapDiffConfig, PromptConfig
-from clipfusion.encoders.diffusion import DiffusionEncoder
+from clipfusion.encoders.diffusion import DiffusionEncoder, DiffusionOutput
 from clipfusion.geometry import grid_to_tokens, resize_grid
 from clipfusion.methods.memory import MemoryBank
 from clipfusion.timing import StageTimer
@@ -72,21 +72,40 @@ class MapDiff:
         encoder = self.encoder
         timer = timer or StageTimer()
         state = self.state_prompts(category)
-        columns = sorted({i for _, positions in state.words for i in positions})
+        columns = self.columns(state)
         feature_blocks = encoder.config.feature_blocks if with_features else []
         out = encoder.encode(encoder.preprocess(images), state.prompts, columns, feature_blocks, timer=timer)
         with timer("maps"):
-            latent = (encoder.latent_size, encoder.latent_size)
-            per_word = []
-            for p, positions in state.words:
-                keep = [columns.index(i) for i in positions]
-                layers = [resize_grid(maps[:, p, keep].mean(dim=1), latent) for maps in out.cross_attn_maps.values()]
-                per_word.append(torch.stack(layers).mean(dim=0))  # (B, H, W) attention mass on the word
-            normal = torch.stack(per_word[:state.n_normal]).mean(dim=0)
-            anomalous = torch.stack(per_word[state.n_normal:]).mean(dim=0)
-            language = self._rule(anomalous, normal)
-        features = {block: f[:, 0] for block, f in out.features.items()}  # the first (normal or joint) prompt
-        return MapDiffOutput(language, features)
+            return self.read_out(out, state, columns)
+
+    def run_latents(self, latents: torch.Tensor, category: str, with_features: bool = False) -> MapDiffOutput:
+        """The branch on VAE latents ``latents`` (B, 4, h, w) (:meth:`DiffusionEncoder.encode_latents`): noise,
+        the partial UNet pass and the read-out.  Traceable: it is what ``clipfusion export`` writes as the
+        diffusion graph (the text side, cached by then, becomes constants)."""
+        state = self.state_prompts(category)
+        columns = self.columns(state)
+        feature_blocks = self.encoder.config.feature_blocks if with_features else []
+        out = self.encoder.run_unet(latents, state.prompts, columns, feature_blocks)
+        return self.read_out(out, state, columns)
+
+    @staticmethod
+    def columns(state: StatePrompts) -> list[int]:
+        """The token columns the UNet pass keeps: every state word's positions, sorted."""
+        return sorted({i for _, positions in state.words for i in positions})
+
+    def read_out(self, out: DiffusionOutput, state: StatePrompts, columns: list[int]) -> MapDiffOutput:
+        """The language map from the captured attention (per word: its columns, every layer on the latent
+        grid, averaged) and the features of the first (normal or joint) prompt."""
+        latent = (self.encoder.latent_size, self.encoder.latent_size)
+        per_word = []
+        for p, positions in state.words:
+            keep = [columns.index(i) for i in positions]
+            layers = [resize_grid(maps[:, p, keep].mean(dim=1), latent) for maps in out.cross_attn_maps.values()]
+            per_word.append(torch.stack(layers).mean(dim=0))  # (B, H, W) attention mass on the word
+        normal = torch.stack(per_word[:state.n_normal]).mean(dim=0)
+        anomalous = torch.stack(per_word[state.n_normal:]).mean(dim=0)
+        features = {block: f[:, 0] for block, f in out.features.items()}
+        return MapDiffOutput(self._rule(anomalous, normal), features)
 
     @torch.inference_mode()
     def reference_features(self, images: Sequence[np.ndarray], category: str) -> dict[int, torch.Tensor]:

@@ -51,12 +51,26 @@ class PatchClip:
 
     @torch.inference_mode()
     def run(self, images: Sequence[np.ndarray], category: str) -> PatchClipOutput:
+        if self.config.dense_mode == "tile":
+            out = self.encoder.encode_image(self.encoder.preprocess(images), blocks=self._blocks(), dense=False)
+            prototypes = self.prototypes(category)
+            return PatchClipOutput(self._tile_map(images, prototypes), self._score(out, prototypes), self._visual(out))
+        return self.run_pixels(self.encoder.preprocess(images), self.prototypes(category))
+
+    def _blocks(self) -> list[int]:
+        return sorted(set(self.config.visual_blocks) | {-1})
+
+    def _score(self, out: ClipImageOutput, prototypes: torch.Tensor) -> torch.Tensor:
+        return state_probability(out.global_embedding, prototypes, self.config.temperature)
+
+    def run_pixels(self, pixels: torch.Tensor, prototypes: torch.Tensor) -> PatchClipOutput:
+        """The branch on preprocessed ``pixels`` (B, 3, S, S) with the category's (2, D) ``prototypes``: one
+        pass of the image tower (every dense mode but ``tile``, which needs the images).  Traceable: it is
+        what ``clipfusion export`` writes as the CLIP graph."""
         encoder, config = self.encoder, self.config
-        prototypes = self.prototypes(category)
-        pixels = encoder.preprocess(images)
         mode = config.dense_mode
-        out = encoder.encode_image(pixels, blocks=sorted(set(config.visual_blocks) | {-1}), dense=mode == "vv")
-        image_score = state_probability(out.global_embedding, prototypes, config.temperature)
+        out = encoder.encode_image(pixels, blocks=self._blocks(), dense=mode == "vv")
+        image_score = self._score(out, prototypes)
         if mode == "vv":
             assert out.dense_embedding is not None  # asked for with dense=True
             language = state_probability(out.dense_embedding, prototypes, config.temperature)
@@ -66,8 +80,6 @@ class PatchClip:
         elif mode == "window":
             windows = encoder.window_embeddings(pixels, config.window_scales)
             language = window_zero_shot_map(encoder.grid_size, windows, prototypes, image_score, config.temperature)
-        elif mode == "tile":
-            return PatchClipOutput(self._tile_map(images, prototypes), image_score, self._visual(out))
         else:
             raise SettingError(f"patchclip__dense_mode must be one of {', '.join(DENSE_MODES)}, not {mode!r}")
         grid = tokens_to_grid(language[..., None], encoder.grid_size)[:, 0]

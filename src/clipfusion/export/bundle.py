@@ -1,0 +1,77 @@
+"""The export folder's manifest: what a runtime needs besides the graphs, and a checksum of every file.
+
+Torch-free (the runtime reads it).  ``clipfusion-export.json`` is written last, atomically: a folder
+without it is not an export.  It records the format, the graph files and their inputs and outputs,
+the settings (preset, overrides, category), the model card (thresholds; None for an uncalibrated
+zero-shot export), the source model's SHA-256, the package versions, and the SHA-256 of every file.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clipfusion.errors import ClipfusionError
+from clipfusion.methods.clipfusion.model_file import ModelCard
+from clipfusion.outputs import file_sha256, read_json
+
+MANIFEST = "clipfusion-export.json"
+EXPORT_FORMAT = "clipfusion-export/1"
+GRAPH_FORMATS = ("openvino", "onnx")
+GRAPHS = ("clip", "vae", "diffusion")
+
+
+@dataclass(frozen=True)
+class ExportManifest:
+    """What ``clipfusion-export.json`` says.  ``inputs``: per graph, its pixel size and normalisation
+    (``size``, ``mean``, ``std``); ``outputs``: per graph, the names of its outputs in order."""
+
+    folder: Path
+    graph_format: str
+    graphs: dict[str, str]
+    inputs: dict[str, dict[str, Any]]
+    outputs: dict[str, list[str]]
+    preset: str
+    overrides: dict[str, Any]
+    category: str
+    card: ModelCard | None
+    source: dict[str, Any]
+    versions: dict[str, str]
+    files: dict[str, str]
+
+
+def is_export(path: Path) -> bool:
+    return path.is_dir() and (path / MANIFEST).is_file()
+
+
+def read_manifest(folder: Path, verify: bool = True) -> ExportManifest:
+    """The manifest of the export in ``folder``; with ``verify``, every file's checksum is checked (a
+    damaged or edited file is a one-line error naming it)."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise ClipfusionError(f"{folder} is not a clipfusion export (no {MANIFEST}); write one with "
+                              "`clipfusion export --model X.cfm --out FOLDER`")
+    data = read_json(path, "export manifest")
+    if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
+        found = data.get("format") if isinstance(data, dict) else None
+        raise ClipfusionError(f"{path} is not a {EXPORT_FORMAT} manifest (it says {found!r}); export the model "
+                              "again with this version of clipfusion")
+    try:
+        card = None if data["card"] is None else ModelCard.from_json(data["card"], path)
+        manifest = ExportManifest(folder, data["graph_format"], dict(data["graphs"]), dict(data["inputs"]),
+                                  {k: list(v) for k, v in data["outputs"].items()}, data["preset"],
+                                  dict(data["overrides"]), data["category"], card, dict(data["source"]),
+                                  dict(data["versions"]), dict(data["files"]))
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise ClipfusionError(f"{path} cannot be read ({exc!r}); export the model again") from None
+    if set(manifest.graphs) != set(GRAPHS):
+        raise ClipfusionError(f"{path} lists the graphs {sorted(manifest.graphs)}, not {list(GRAPHS)}; export again")
+    if verify:
+        for name, digest in manifest.files.items():
+            file = folder / name
+            if not file.is_file():
+                raise ClipfusionError(f"export {folder}: {name} is missing; copy the whole folder or export again")
+            if file_sha256(file) != digest:
+                raise ClipfusionError(f"export {folder}: {name} does not match its checksum (damaged or edited); "
+                                      "copy the folder again or export again")
+    return manifest

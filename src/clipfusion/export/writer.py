@@ -1,0 +1,188 @@
+"""Write a detector as an export folder: three graphs, their weights, and the manifest (see ``bundle``).
+
+The detector runs in float32 on the CPU for the export (the graphs carry float32 weights; the runtime
+chooses its own precision).  Its text side runs once here: the prompt embeddings become constants of
+the graphs, so no tokenizer or text encoder ships.  Every file is written under ``out/.partial`` and
+moved into ``out`` when complete; the manifest comes last.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from clipfusion import __version__
+from clipfusion.config import RuntimeConfig
+from clipfusion.encoders.diffusion import VAE_MEAN, VAE_STD
+from clipfusion.errors import ClipfusionError
+from clipfusion.export.bundle import EXPORT_FORMAT, GRAPH_FORMATS, MANIFEST, is_export
+from clipfusion.export.graphs import ClipGraph, DiffusionGraph, VaeGraph
+from clipfusion.methods.clipfusion.detector import CLIPFusion
+from clipfusion.methods.clipfusion.model_file import ModelCard, read_card
+from clipfusion.outputs import file_sha256, json_text, write_atomic
+
+logger = logging.getLogger(__name__)
+EXPORTABLE_DENSE_MODES = ("vv", "raw", "window")
+
+
+def _openvino() -> Any:
+    try:
+        import openvino
+    except ImportError:
+        raise ClipfusionError("export needs OpenVINO: pip install 'clipfusion[export]'") from None
+    return openvino
+
+
+def _versions() -> dict[str, str]:
+    names = ("torch", "diffusers", "open_clip_torch", "transformers", "openvino", "onnx")
+    found = {}
+    for name in names:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return {"clipfusion": __version__, **found}
+
+
+def _write_graph(module: torch.nn.Module, example: torch.Tensor, folder: Path, name: str, graph_format: str,
+                 output_names: list[str]) -> list[str]:
+    """Trace ``module`` on ``example`` and write it as ``name.xml``/``.bin`` or ``name.onnx``; the file names."""
+    ov = _openvino()
+    with torch.no_grad(), warnings.catch_warnings():
+        # the tracer warns of every Python value it fixes: by design here (batch 1, fixed settings)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace", category=FutureWarning)
+        if graph_format == "onnx":
+            return _write_onnx(module, example, folder, name, output_names)
+        model = ov.convert_model(module, example_input=example)
+    for port, output in zip(model.outputs, output_names, strict=True):
+        port.get_tensor().set_names({output})
+    ov.save_model(model, str(folder / f"{name}.xml"), compress_to_fp16=False)  # float32 weights: the same maps
+    return [f"{name}.xml", f"{name}.bin"]
+
+
+def _write_onnx(module: torch.nn.Module, example: torch.Tensor, folder: Path, name: str,
+                output_names: list[str]) -> list[str]:
+    """``name.onnx``, plus ``name.onnx.data`` holding the weights when they pass protobuf's 2 GB limit."""
+    try:
+        import onnx
+    except ImportError:
+        raise ClipfusionError("--format onnx needs onnx: pip install 'clipfusion[export]'") from None
+    staging = folder / f".{name}-onnx"
+    staging.mkdir()
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # its fused kernel has no ONNX form; the plain path: same maths
+    try:
+        torch.onnx.export(module, (example,), str(staging / f"{name}.onnx"), input_names=["input"],
+                          output_names=output_names, dynamo=False)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    files = sorted(path.name for path in staging.iterdir())
+    if files == [f"{name}.onnx"]:
+        (staging / files[0]).replace(folder / files[0])
+        staging.rmdir()
+        return files
+    # torch wrote one file per weight: gather them into one data file beside the graph
+    model = onnx.load(str(staging / f"{name}.onnx"))
+    onnx.save_model(model, str(folder / f"{name}.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=f"{name}.onnx.data")
+    shutil.rmtree(staging)
+    return [f"{name}.onnx", f"{name}.onnx.data"]
+
+
+def export_model(out: Path, graph_format: str, runtime: RuntimeConfig, model: str | None = None,
+                 preset: str | None = None, category: str | None = None, overwrite: bool = False) -> Path:
+    """``clipfusion export``: the model file ``model`` (or a zero-shot ``preset`` for ``category``) into ``out``."""
+    if model is not None:
+        path = Path(model)
+        card = read_card(path)
+        detector = CLIPFusion.load(path, runtime)
+        source = {"model": path.name, "sha256": file_sha256(path)}
+        return export_detector(detector, card.category, out, graph_format, card, source, overwrite)
+    if preset is None or category is None:
+        raise ClipfusionError("a zero-shot export needs both --preset and --category")
+    detector = CLIPFusion(preset, runtime)
+    return export_detector(detector, category, out, graph_format, None, {"preset": preset, "category": category},
+                           overwrite)
+
+
+def check_exportable(detector: CLIPFusion) -> None:
+    config = detector.config
+    if config.patchclip.dense_mode not in EXPORTABLE_DENSE_MODES:
+        raise ClipfusionError(f"patchclip__dense_mode={config.patchclip.dense_mode!r} cannot be exported (it crops "
+                              f"the image itself); use one of {', '.join(EXPORTABLE_DENSE_MODES)}")
+    if config.diffusion.naive:
+        raise ClipfusionError("diffusion__naive=true is the slow reference path; export without it")
+
+
+def export_detector(detector: CLIPFusion, category: str, out: Path, graph_format: str = "openvino",
+                    card: ModelCard | None = None, source: dict[str, Any] | None = None,
+                    overwrite: bool = False) -> Path:
+    """Write ``detector`` (fitted or not; loaded on the CPU in float32) for ``category`` into ``out``."""
+    if graph_format not in GRAPH_FORMATS:
+        raise ClipfusionError(f"--format must be one of {', '.join(GRAPH_FORMATS)}, not {graph_format!r}")
+    check_exportable(detector)
+    _openvino()
+    if out.exists() and not out.is_dir():
+        raise ClipfusionError(f"--out {out} is a file; give a new folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not is_export(out):
+            raise ClipfusionError(f"--out {out} holds other files; give a new or empty folder")
+        if not overwrite:
+            raise ClipfusionError(f"--out {out} holds an earlier export; add --overwrite to replace it")
+    patchclip, mapdiff = detector._branches()
+    if patchclip.encoder.device.type != "cpu" or mapdiff.encoder.device.type != "cpu" \
+            or mapdiff.encoder.dtype != torch.float32 or patchclip.encoder.dtype != torch.float32:
+        raise ClipfusionError("export runs the models on the CPU in float32: pass --device cpu --dtype float32")
+    blank = np.full((mapdiff.encoder.config.image_size,) * 2 + (3,), 127, dtype=np.uint8)
+    with torch.inference_mode():  # fills the text caches and the noise, which the graphs then hold as constants
+        detector.encode([blank], category)
+    clip_pixels = patchclip.encoder.preprocess([blank])
+    vae_pixels = mapdiff.encoder.preprocess([blank])
+    latents = mapdiff.encoder.encode_latents(vae_pixels)
+    fitted = hasattr(detector, "memory_bank_")
+    outputs = {"clip": ["clip_score", "clip_language"] + (["clip_visual"] if fitted else []),
+               "vae": ["latents"], "diffusion": ["diff_language"] + (["diff_visual"] if fitted else [])}
+    partial = out / ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    graphs, files = {}, []
+    for name, module, example in (("clip", ClipGraph(detector, category), clip_pixels),
+                                  ("vae", VaeGraph(detector), vae_pixels),
+                                  ("diffusion", DiffusionGraph(detector, category), latents)):
+        logger.info("export: tracing and writing the %s graph", name)
+        written = _write_graph(module.eval(), example, partial, name, graph_format, outputs[name])
+        graphs[name] = written[0]
+        files += written
+    (out / MANIFEST).unlink(missing_ok=True)  # the folder is no export until the new manifest is in
+    for name in files:
+        (partial / name).replace(out / name)
+    partial.rmdir()
+    config = detector.config
+    bank = getattr(detector, "memory_bank_", None)
+    manifest = {
+        "format": EXPORT_FORMAT, "graph_format": graph_format, "graphs": graphs,
+        "inputs": {"clip": {"size": list(patchclip.encoder.image_size), "mean": list(patchclip.encoder.mean),
+                            "std": list(patchclip.encoder.std)},
+                   "vae": {"size": [config.diffusion.image_size] * 2, "mean": list(VAE_MEAN), "std": list(VAE_STD)}},
+        "outputs": outputs, "preset": config.name if isinstance(detector.preset, str) else "custom",
+        "overrides": detector.overrides, "category": category,
+        "card": None if card is None else card.to_json(),
+        "source": source or {},
+        "constants": {"clip_prompts": "the category's state prompt ensembles (prototypes)",
+                      "unet_prompts": mapdiff.state_prompts(category).prompts,
+                      "noise": {"seed": config.diffusion.noise_seed, "draws": config.diffusion.noise_draws,
+                                "timestep": config.diffusion.timestep},
+                      "memory_bank": None if bank is None else {k: list(v.shape) for k, v in bank.features.items()}},
+        "versions": _versions(),
+        "files": {name: file_sha256(out / name) for name in files},
+    }
+    write_atomic(out / MANIFEST, json_text(json.loads(json.dumps(manifest, default=str))))
+    return out
