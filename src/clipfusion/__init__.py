@@ -2,7 +2,7 @@
 
 The public API, imported on first use so that ``clipfusion --help`` does not load torch:
 ``CLIPFusion``, ``WinCLIP``, ``Prediction``, ``get_preset``, ``load_dataset``,
-``EvaluationConfig``, ``EvaluationRunner``.
+``EvaluationConfig``, ``EvaluationRunner``, and ``ExportedDetector`` (an export, without torch).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ _PUBLIC = {
     "load_dataset": "clipfusion.data",
     "EvaluationConfig": "clipfusion.evaluation.runner",
     "EvaluationRunner": "clipfusion.evaluation.runner",
+    "ExportedDetector": "clipfusion.runtime.exported",
 }
 __all__ = ["__version__", *_PUBLIC]
 

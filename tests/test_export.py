@@ -1,0 +1,129 @@
+"""clipfusion export and the torch-free runtime: the exported graphs give PyTorch's maps, per branch;
+`predict --model FOLDER` runs in a venv without torch (.venv-runtime, built by scripts/test.sh)."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from clipfusion.config import MAP_NAMES
+from clipfusion.errors import ClipfusionError
+from clipfusion.export.writer import export_detector
+from clipfusion.methods.clipfusion.detector import CLIPFusion
+from clipfusion.runtime.exported import ExportedDetector
+
+from .commands import clipfusion_here, results
+from .scenes import pixel_auroc
+
+RUNTIME_VENV = Path(__file__).resolve().parents[1] / ".venv-runtime"
+# Agreement asked of an export: max |Δ| of every branch map, the fused map and the score, relative to the
+# map's range in PyTorch (measured on these data: about 1e-6; float32 graphs, float32 inference).
+RELATIVE_TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def fitted(scenes) -> CLIPFusion:
+    normal, _, _ = scenes
+    return CLIPFusion("tiny", fusion__sigma=0.0).fit(normal[:2], "plate").calibrate(normal[2:], "plate")
+
+
+def _relative_difference(got: np.ndarray, expected: np.ndarray) -> float:
+    return float(np.abs(got - expected).max() / max(float(np.ptp(expected)), 1e-12))
+
+
+@pytest.mark.parametrize(("shots", "graph_format"), [(2, "openvino"), (0, "openvino"), (2, "onnx")])
+def test_exported_branch_maps_fused_maps_and_decisions_equal_pytorch(scenes, fitted, tmp_path, shots, graph_format):
+    normal, defective, masks = scenes
+    detector = fitted if shots else CLIPFusion("tiny", fusion__sigma=0.0)
+    export_detector(detector, "plate", tmp_path / "export", graph_format)
+    exported = ExportedDetector(tmp_path / "export")
+    expected, got = detector.encode(defective, "plate"), exported.encode(defective, "plate")
+    for name in ("clip_score", *MAP_NAMES):
+        reference = getattr(expected, name)
+        if reference is None:  # zero-shot: no visual maps on either side
+            assert getattr(got, name) is None
+            continue
+        assert getattr(got, name).shape == reference.shape, name
+        assert _relative_difference(getattr(got, name), reference) <= RELATIVE_TOLERANCE, name
+    torch_prediction, exported_prediction = detector.predict(defective, "plate"), exported.predict(defective, "plate")
+    assert _relative_difference(exported_prediction.maps, torch_prediction.maps) <= RELATIVE_TOLERANCE
+    np.testing.assert_allclose(exported_prediction.scores, torch_prediction.scores, rtol=0,
+                               atol=RELATIVE_TOLERANCE * float(np.ptp(torch_prediction.maps)))
+    if shots:  # the export carries no thresholds of its own here; the detector's decide both
+        exported.thresholds_ = detector.thresholds_
+        assert exported.predict(defective, "plate").labels() == torch_prediction.labels()
+        # the signal is still found: the exported visual maps rank the dark squares' pixels first
+        assert pixel_auroc(masks, got.clip_visual) > 0.95
+
+
+def test_export_refuses_what_it_cannot_write(tmp_path):
+    with pytest.raises(ClipfusionError, match="dense_mode='tile' cannot be exported"):
+        export_detector(CLIPFusion("tiny", patchclip__dense_mode="tile"), "plate", tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "notes.txt").write_text("mine")
+    with pytest.raises(ClipfusionError, match="holds other files"):
+        export_detector(CLIPFusion("tiny"), "plate", tmp_path / "b")
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["notes.txt"]
+
+
+@pytest.fixture(scope="module")
+def exported_model(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``clipfusion export --model disc.cfm`` (the 2-shot tiny model of conftest), written once."""
+    out = tmp_path_factory.mktemp("export") / "disc-ov"
+    result = clipfusion_here("export", "--model", str(model), "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_manifest_names_the_source_and_checksums_every_file(exported_model, model):
+    import hashlib
+
+    manifest = json.loads((exported_model / "clipfusion-export.json").read_text())
+    assert manifest["source"]["sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+    on_disk = {p.name for p in exported_model.iterdir()} - {"clipfusion-export.json"}
+    assert set(manifest["files"]) == on_disk == {"clip.xml", "clip.bin", "vae.xml", "vae.bin", "diffusion.xml",
+                                                 "diffusion.bin"}
+    for name, digest in manifest["files"].items():
+        assert hashlib.sha256((exported_model / name).read_bytes()).hexdigest() == digest
+    assert json.loads(manifest["card"])["category"] == "disc" and "openvino" in manifest["versions"]
+
+
+def test_predict_with_an_export_runs_without_torch_and_gives_the_model_files_rows(
+        exported_model, model, synthetic_root, tmp_path):
+    """The README's deployment: the export predicted in .venv-runtime, where torch is not installed."""
+    python = RUNTIME_VENV / "bin" / "python"
+    assert python.exists(), "run scripts/runtime-venv.sh (scripts/test.sh does) to build .venv-runtime"
+    assert subprocess.run([python, "-c", "import torch"], capture_output=True).returncode != 0
+    images = synthetic_root / "disc" / "test"
+    run = subprocess.run([RUNTIME_VENV / "bin" / "clipfusion", "predict", str(images), "--model", str(exported_model),
+                          "--out", str(tmp_path / "ov"), "--quiet"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    reference = clipfusion_here("predict", str(images), "--model", str(model), "--out", str(tmp_path / "pt"),
+                                "--device", "cpu", "--dtype", "float32", "--quiet")
+    assert reference.returncode == 0, reference.stderr
+    got = {row["path"]: row for row in results(tmp_path / "ov")}
+    expected = {row["path"]: row for row in results(tmp_path / "pt")}
+    assert got.keys() == expected.keys() and len(got) > 5
+    for path, row in expected.items():
+        assert abs(got[path]["score"] - row["score"]) < 1e-4, path
+        assert got[path]["decision"] == row["decision"] and got[path]["threshold"] == row["threshold"]
+        assert len(got[path]["regions"] or []) == len(row["regions"] or [])
+    assert (tmp_path / "ov" / "index.html").is_file()
+
+
+def test_a_damaged_export_is_a_one_line_error(exported_model, synthetic_root, tmp_path):
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    for file in exported_model.iterdir():
+        (damaged / file.name).write_bytes(file.read_bytes())
+    weights = bytearray((damaged / "diffusion.bin").read_bytes())
+    weights[len(weights) // 2] ^= 0xFF
+    (damaged / "diffusion.bin").write_bytes(bytes(weights))
+    result = clipfusion_here("predict", str(synthetic_root / "disc" / "test"), "--model", str(damaged), "--out",
+                             str(tmp_path / "out"), "--quiet")
+    assert result.returncode == 2
+    assert "diffusion.bin does not match its checksum" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
