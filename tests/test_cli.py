@@ -91,7 +91,7 @@ def test_demo_runs_every_method_on_generated_data(tmp_path):
 @pytest.mark.parametrize("method", ["clipfusion", "winclip"])
 def test_evaluate_runs_the_real_methods_with_the_tiny_preset(synthetic_root, tmp_path, method):
     out = tmp_path / method
-    result = clipfusion("evaluate", "--dataset", "mvtec", "--root", str(synthetic_root), "--method", method,
+    result = clipfusion_here("evaluate", "--dataset", "mvtec", "--root", str(synthetic_root), "--method", method,
                         "--preset", "tiny", "--shots", "0", "1", "--out", str(out), "--quiet")
     assert result.returncode == 0, result.stderr
     results = json.loads((out / "results.json").read_text())

@@ -2,8 +2,10 @@
 `predict --model FOLDER` runs in a venv without torch (.venv-runtime, built by scripts/test.sh)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ from clipfusion.errors import ClipfusionError
 from clipfusion.export.writer import export_detector
 from clipfusion.methods.clipfusion.detector import CLIPFusion
 from clipfusion.runtime.exported import ExportedDetector
+from clipfusion.service.settings import ServiceSettings
 
 from .commands import clipfusion_here, results
 from .scenes import pixel_auroc
@@ -36,7 +39,7 @@ def _relative_difference(got: np.ndarray, expected: np.ndarray) -> float:
 
 @pytest.mark.parametrize(("shots", "graph_format"), [(2, "openvino"), (0, "openvino"), (2, "onnx")])
 def test_exported_branch_maps_fused_maps_and_decisions_equal_pytorch(scenes, fitted, tmp_path, shots, graph_format):
-    normal, defective, masks = scenes
+    _, defective, masks = scenes
     detector = fitted if shots else CLIPFusion("tiny", fusion__sigma=0.0)
     export_detector(detector, "plate", tmp_path / "export", graph_format)
     exported = ExportedDetector(tmp_path / "export")
@@ -79,8 +82,6 @@ def exported_model(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 
 def test_manifest_names_the_source_and_checksums_every_file(exported_model, model):
-    import hashlib
-
     manifest = json.loads((exported_model / "clipfusion-export.json").read_text())
     assert manifest["source"]["sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
     on_disk = {p.name for p in exported_model.iterdir()} - {"clipfusion-export.json"}
@@ -127,3 +128,42 @@ def test_a_damaged_export_is_a_one_line_error(exported_model, synthetic_root, tm
     assert result.returncode == 2
     assert "diffusion.bin does not match its checksum" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+SERVE_WITHOUT_TORCH = """
+import json, sys
+from pathlib import Path
+sys.modules["torch"] = None  # from here on, any import of torch fails
+from clipfusion.data.base import read_rgb
+from clipfusion.service.app import create_app
+from clipfusion.service.database import make_engine, migrate, session_factory
+from clipfusion.service.inspector import ServedModel, Upload
+from clipfusion.service.settings import ServiceSettings
+export, image, data = map(Path, sys.argv[1:4])
+settings = ServiceSettings(models=(export,), data_dir=data)
+data.mkdir()
+engine = make_engine(settings.url)
+migrate(engine)
+served = ServedModel("disc-ov", export, settings, session_factory(engine))
+(identifier,) = served.inspect([Upload(image.name, read_rgb(image), image.read_bytes(), 0.0)])
+with session_factory(engine).begin() as session:
+    from clipfusion.service.tables import Inspection
+    row = session.get(Inspection, identifier)
+    print(json.dumps({"score": row.score, "decision": row.decision, "sha256": row.model_sha256}))
+"""
+
+
+def test_the_service_serves_an_export_without_importing_torch(exported_model, model, synthetic_root, tmp_path):
+    """A ServedModel of the export, in a process where importing torch fails, stores PyTorch's verdict."""
+    image = sorted((synthetic_root / "disc" / "test").rglob("*.png"))[-1]
+    run = subprocess.run([sys.executable, "-c", SERVE_WITHOUT_TORCH, str(exported_model), str(image),
+                          str(tmp_path / "data")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    stored = json.loads(run.stdout.strip().splitlines()[-1])
+    expected = CLIPFusion.load(model).predict([str(image)], "disc")
+    assert abs(stored["score"] - float(expected.scores[0])) < 1e-4
+    assert stored["decision"] == expected.labels()[0]
+    manifest = exported_model / "clipfusion-export.json"
+    assert stored["sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
+    with pytest.raises(ClipfusionError, match="is an export, which is fixed"):
+        ServiceSettings(models=(exported_model,), learn=True)

@@ -49,16 +49,16 @@ def test_predict_few_shot_with_auto_threshold(synthetic_root, tmp_path):
 def test_fit_then_predict_with_the_memory_bank_and_refuse_a_mismatch(synthetic_root, tmp_path):
     bank = tmp_path / "disc.safetensors"
     normal = str(synthetic_root / "disc" / "train" / "good")
-    fitted = clipfusion("fit", "--normal", normal, "--category", "disc", "--shots", "2", "--preset", "tiny",
+    fitted = clipfusion_here("fit", "--normal", normal, "--category", "disc", "--shots", "2", "--preset", "tiny",
                         "--out", str(bank), "--quiet")
     assert fitted.returncode == 0, fitted.stderr
     assert bank.is_file() and "2 references of disc" in fitted.stdout
     images = str(synthetic_root / "disc" / "test" / "hole")
-    ok = clipfusion("predict", images, "--memory", str(bank), "--category", "disc", "--preset", "tiny",
+    ok = clipfusion_here("predict", images, "--memory", str(bank), "--category", "disc", "--preset", "tiny",
                     "--out", str(tmp_path / "p"), "--quiet")
     assert ok.returncode == 0, ok.stderr
     assert len(json.loads((tmp_path / "p" / "summary.json").read_text())["references"]) == 2
-    wrong = clipfusion("predict", images, "--memory", str(bank), "--category", "disc", "--preset", "tiny",
+    wrong = clipfusion_here("predict", images, "--memory", str(bank), "--category", "disc", "--preset", "tiny",
                        "--timestep", "300", "--out", str(tmp_path / "q"), "--quiet")
     assert wrong.returncode == 2
     assert "timestep: bank 100 vs detector 300" in wrong.stderr and "Traceback" not in wrong.stderr

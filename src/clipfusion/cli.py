@@ -324,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--category", default=None, help="without --model: the object name used in prompts")
     export.add_argument("--format", default="openvino", choices=("openvino", "onnx"),
                         help="graph format (default: %(default)s)")
+    export.add_argument("--weights", default="float32", choices=("float32", "int8"),
+                        help="float32: PyTorch's maps (default); int8: OpenVINO weight compression (NNCF), smaller, "
+                             "maps differ (docs/deploy.md)")
     export.add_argument("--out", required=True, metavar="FOLDER", help="the export folder to write")
     export.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     group = export.add_argument_group("where the weights come from")
@@ -368,8 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "Serve model files (from `clipfusion fit`) over HTTP: POST images, get OK/NG, regions and "
                      "overlays; every inspection is kept in a database (SQLite in --data by default).",
                      SERVE_EXAMPLES)
-    serve.add_argument("--model", action="append", required=True, metavar="FILE.cfm", dest="models",
-                       help="model file to serve (repeatable)")
+    serve.add_argument("--model", action="append", required=True, metavar="FILE.cfm|FOLDER", dest="models",
+                       help="model file to serve, or a folder from `clipfusion export` (run without torch; "
+                            "repeatable)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this "
                                                            "machine only; 0.0.0.0 for the network)")
     serve.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
@@ -479,13 +483,15 @@ def _cmd_export(args: argparse.Namespace) -> None:
         raise ClipfusionError("a zero-shot export needs both --preset and --category")
     runtime = RuntimeConfig("cpu", "float32", args.offline, args.cache_dir, args.hub_timeout)
     out = export_model(Path(args.out), args.format, runtime, model=args.model, preset=args.preset,
-                       category=args.category, overwrite=args.overwrite)
+                       category=args.category, overwrite=args.overwrite, weights=args.weights)
     print(f"wrote {out.resolve()} ({args.format}); run it with: clipfusion predict IMAGES --model {out}")
 
 
 def _is_export(args: argparse.Namespace) -> bool:
-    """Whether ``--model`` names an export folder (run by the torch-free runtime)."""
-    return bool(getattr(args, "model", None)) and Path(args.model).is_dir()
+    """Whether ``--model`` names an export folder (run by the torch-free runtime), or every ``serve
+    --model`` does."""
+    models = getattr(args, "models", None) or ([args.model] if getattr(args, "model", None) else [])
+    return bool(models) and all(Path(model).is_dir() for model in models)
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:

@@ -249,7 +249,8 @@ def presets_markdown() -> str:
         default = " (default)" if name == "paper-recon" else ""
         lines.append(f"| `{name}`{default} | {clip} | {sd} | {preset.description} |")
     return "\n".join(lines) + "\n"
-BENCHMARK_METHODS = METHOD_NAMES[:2]  # the mean-image baseline is not worth timing
+# the mean-image baseline is not worth timing; clipfusion-openvino(-int8): CLIPFusion exported, on OpenVINO
+BENCHMARK_METHODS = (*METHOD_NAMES[:2], "clipfusion-openvino", "clipfusion-openvino-int8")
 
 
 def get_preset(name: str, **overrides: Any) -> Preset:

@@ -2,8 +2,9 @@
 
 Torch-free (the runtime reads it).  ``clipfusion-export.json`` is written last, atomically: a folder
 without it is not an export.  It records the format, the graph files and their inputs and outputs,
-the settings (preset, overrides, category), the model card (thresholds; None for an uncalibrated
-zero-shot export), the source model's SHA-256, the package versions, and the SHA-256 of every file.
+the settings (preset name, overrides, the fusion settings in full, category), the model card
+(thresholds; None for an uncalibrated zero-shot export), the source model's SHA-256, the package
+versions, and the SHA-256 of every file.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clipfusion.config import FusionConfig
 from clipfusion.errors import ClipfusionError
 from clipfusion.methods.clipfusion.model_file import ModelCard
 from clipfusion.outputs import file_sha256, read_json
@@ -33,6 +35,7 @@ class ExportManifest:
     outputs: dict[str, list[str]]
     preset: str
     overrides: dict[str, Any]
+    fusion: FusionConfig
     category: str
     card: ModelCard | None
     source: dict[str, Any]
@@ -40,8 +43,20 @@ class ExportManifest:
     files: dict[str, str]
 
 
+def _fusion(settings: dict[str, Any]) -> FusionConfig:
+    """The fusion settings as written by the exporter (JSON lists back to tuples)."""
+    values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}
+    return FusionConfig(**values)
+
+
 def is_export(path: Path) -> bool:
     return path.is_dir() and (path / MANIFEST).is_file()
+
+
+def model_sha256(path: Path) -> str:
+    """A model's identity: the SHA-256 of a model file, or of an export's manifest (which holds the
+    checksum of every file of the export)."""
+    return file_sha256(path / MANIFEST if path.is_dir() else path)
 
 
 def read_manifest(folder: Path, verify: bool = True) -> ExportManifest:
@@ -60,7 +75,8 @@ def read_manifest(folder: Path, verify: bool = True) -> ExportManifest:
         card = None if data["card"] is None else ModelCard.from_json(data["card"], path)
         manifest = ExportManifest(folder, data["graph_format"], dict(data["graphs"]), dict(data["inputs"]),
                                   {k: list(v) for k, v in data["outputs"].items()}, data["preset"],
-                                  dict(data["overrides"]), data["category"], card, dict(data["source"]),
+                                  dict(data["overrides"]), _fusion(data["fusion"]), data["category"], card,
+                                  dict(data["source"]),
                                   dict(data["versions"]), dict(data["files"]))
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         raise ClipfusionError(f"{path} cannot be read ({exc!r}); export the model again") from None

@@ -7,7 +7,10 @@ moved into ``out`` when complete; the manifest comes last.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import importlib.metadata
+import io
 import json
 import logging
 import shutil
@@ -30,6 +33,7 @@ from clipfusion.outputs import file_sha256, json_text, write_atomic
 
 logger = logging.getLogger(__name__)
 EXPORTABLE_DENSE_MODES = ("vv", "raw", "window")
+WEIGHT_FORMATS = ("float32", "int8")
 
 
 def _openvino() -> Any:
@@ -51,19 +55,34 @@ def _versions() -> dict[str, str]:
     return {"clipfusion": __version__, **found}
 
 
+def _compress_int8(model: Any) -> Any:
+    """OpenVINO IR with its weights compressed to 8 bits (NNCF ``compress_weights``, asymmetric per channel);
+    activations stay float32."""
+    try:
+        import nncf
+    except ImportError:
+        raise ClipfusionError("--weights int8 needs NNCF: pip install 'clipfusion[export]'") from None
+    nncf.set_log_level(logging.ERROR)
+    with contextlib.redirect_stdout(io.StringIO()):  # its tables and progress bar go to stdout
+        return nncf.compress_weights(model)
+
+
 def _write_graph(module: torch.nn.Module, example: torch.Tensor, folder: Path, name: str, graph_format: str,
-                 output_names: list[str]) -> list[str]:
+                 output_names: list[str], weights: str = "float32") -> list[str]:
     """Trace ``module`` on ``example`` and write it as ``name.xml``/``.bin`` or ``name.onnx``; the file names."""
     ov = _openvino()
     with torch.no_grad(), warnings.catch_warnings():
         # the tracer warns of every Python value it fixes: by design here (batch 1, fixed settings)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace", category=FutureWarning)
+        warnings.filterwarnings("ignore", module=r"torch\.onnx.*")  # the TorchScript exporter's deprecation notes
         if graph_format == "onnx":
             return _write_onnx(module, example, folder, name, output_names)
         model = ov.convert_model(module, example_input=example)
     for port, output in zip(model.outputs, output_names, strict=True):
         port.get_tensor().set_names({output})
+    if weights == "int8":
+        model = _compress_int8(model)
     ov.save_model(model, str(folder / f"{name}.xml"), compress_to_fp16=False)  # float32 weights: the same maps
     return [f"{name}.xml", f"{name}.bin"]
 
@@ -98,19 +117,20 @@ def _write_onnx(module: torch.nn.Module, example: torch.Tensor, folder: Path, na
 
 
 def export_model(out: Path, graph_format: str, runtime: RuntimeConfig, model: str | None = None,
-                 preset: str | None = None, category: str | None = None, overwrite: bool = False) -> Path:
+                 preset: str | None = None, category: str | None = None, overwrite: bool = False,
+                 weights: str = "float32") -> Path:
     """``clipfusion export``: the model file ``model`` (or a zero-shot ``preset`` for ``category``) into ``out``."""
     if model is not None:
         path = Path(model)
         card = read_card(path)
         detector = CLIPFusion.load(path, runtime)
         source = {"model": path.name, "sha256": file_sha256(path)}
-        return export_detector(detector, card.category, out, graph_format, card, source, overwrite)
+        return export_detector(detector, card.category, out, graph_format, card, source, overwrite, weights)
     if preset is None or category is None:
         raise ClipfusionError("a zero-shot export needs both --preset and --category")
     detector = CLIPFusion(preset, runtime)
     return export_detector(detector, category, out, graph_format, None, {"preset": preset, "category": category},
-                           overwrite)
+                           overwrite, weights)
 
 
 def check_exportable(detector: CLIPFusion) -> None:
@@ -124,10 +144,17 @@ def check_exportable(detector: CLIPFusion) -> None:
 
 def export_detector(detector: CLIPFusion, category: str, out: Path, graph_format: str = "openvino",
                     card: ModelCard | None = None, source: dict[str, Any] | None = None,
-                    overwrite: bool = False) -> Path:
-    """Write ``detector`` (fitted or not; loaded on the CPU in float32) for ``category`` into ``out``."""
+                    overwrite: bool = False, weights: str = "float32") -> Path:
+    """Write ``detector`` (fitted or not; loaded on the CPU in float32) for ``category`` into ``out``.
+
+    weights: ``float32`` (the same maps as PyTorch), or ``int8`` (OpenVINO IR only: weights compressed
+    to 8 bits, smaller and possibly faster, maps no longer equal; measure the difference)."""
     if graph_format not in GRAPH_FORMATS:
         raise ClipfusionError(f"--format must be one of {', '.join(GRAPH_FORMATS)}, not {graph_format!r}")
+    if weights not in WEIGHT_FORMATS:
+        raise ClipfusionError(f"--weights must be one of {', '.join(WEIGHT_FORMATS)}, not {weights!r}")
+    if weights == "int8" and graph_format != "openvino":
+        raise ClipfusionError("--weights int8 is OpenVINO's weight compression: use it with --format openvino")
     check_exportable(detector)
     _openvino()
     if out.exists() and not out.is_dir():
@@ -158,7 +185,7 @@ def export_detector(detector: CLIPFusion, category: str, out: Path, graph_format
                                   ("vae", VaeGraph(detector), vae_pixels),
                                   ("diffusion", DiffusionGraph(detector, category), latents)):
         logger.info("export: tracing and writing the %s graph", name)
-        written = _write_graph(module.eval(), example, partial, name, graph_format, outputs[name])
+        written = _write_graph(module.eval(), example, partial, name, graph_format, outputs[name], weights)
         graphs[name] = written[0]
         files += written
     (out / MANIFEST).unlink(missing_ok=True)  # the folder is no export until the new manifest is in
@@ -168,12 +195,12 @@ def export_detector(detector: CLIPFusion, category: str, out: Path, graph_format
     config = detector.config
     bank = getattr(detector, "memory_bank_", None)
     manifest = {
-        "format": EXPORT_FORMAT, "graph_format": graph_format, "graphs": graphs,
+        "format": EXPORT_FORMAT, "graph_format": graph_format, "weights": weights, "graphs": graphs,
         "inputs": {"clip": {"size": list(patchclip.encoder.image_size), "mean": list(patchclip.encoder.mean),
                             "std": list(patchclip.encoder.std)},
                    "vae": {"size": [config.diffusion.image_size] * 2, "mean": list(VAE_MEAN), "std": list(VAE_STD)}},
-        "outputs": outputs, "preset": config.name if isinstance(detector.preset, str) else "custom",
-        "overrides": detector.overrides, "category": category,
+        "outputs": outputs, "preset": config.name, "overrides": detector.overrides,
+        "fusion": dataclasses.asdict(config.fusion), "category": category,
         "card": None if card is None else card.to_json(),
         "source": source or {},
         "constants": {"clip_prompts": "the category's state prompt ensembles (prototypes)",

@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 
-from clipfusion.config import Preset, get_preset
 from clipfusion.decisions import Thresholds
 from clipfusion.errors import ClipfusionError
 from clipfusion.export.bundle import ExportManifest, read_manifest
@@ -55,10 +54,6 @@ class ExportedDetector:
                         for name, file in self.manifest.graphs.items()}
         self.timings_ = StageTimer()
 
-    @property
-    def config(self) -> Preset:
-        return get_preset(self.preset, **self.manifest.overrides)
-
     def get_params(self) -> dict[str, Any]:
         return {"export": str(self.folder.resolve()), "preset": self.preset, "overrides": self.manifest.overrides,
                 "category": self.category_, "graph_format": self.manifest.graph_format}
@@ -97,7 +92,7 @@ class ExportedDetector:
             raise ClipfusionError("predict needs at least one image")
         maps = self.encode(images, category)
         with self.timings_("fusion"):
-            prediction = fuse(maps, self.config.fusion)
+            prediction = fuse(maps, self.manifest.fusion)
         prediction.input_sizes = [(int(image.shape[0]), int(image.shape[1])) for image in images]
         thresholds = getattr(self, "thresholds_", None)
         if thresholds is not None:

@@ -9,17 +9,23 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
-from clipfusion.methods.clipfusion.detector import CLIPFusion
+from clipfusion.errors import ClipfusionError
+from clipfusion.export.bundle import is_export, model_sha256
 from clipfusion.methods.clipfusion.model_file import read_card
-from clipfusion.outputs import file_sha256, write_atomic
+from clipfusion.outputs import write_atomic
+from clipfusion.runtime.exported import ExportedDetector
 from clipfusion.service.settings import ServiceSettings
 from clipfusion.service.tables import Inspection, Region
 from clipfusion.tasks.predict import ImageWriter, RowSettings
 from clipfusion.tasks.thresholds import resolve_decisions
+
+if TYPE_CHECKING:
+    from clipfusion.methods.clipfusion.detector import CLIPFusion
 
 
 @dataclass
@@ -50,9 +56,19 @@ class ServedModel:
         """Serve the model file at ``path`` from now on (start-up, learning, rollback).  Call it from
         the model's own thread only, so that no batch sees half of a swap."""
         self.path = Path(path)
-        self.card = read_card(self.path)
-        self.detector = CLIPFusion.load(self.path, self.settings.runtime, self.settings.batch_size)
-        self.sha256 = file_sha256(self.path)
+        self.detector: CLIPFusion | ExportedDetector
+        if is_export(self.path):  # run by OpenVINO Runtime: this path imports no torch
+            self.detector = ExportedDetector(self.path)
+            if self.detector.manifest.card is None:
+                raise ClipfusionError(f"--model {self.path} is an export without thresholds; export a model file "
+                                      "(`clipfusion export --model X.cfm`) to serve it")
+            self.card = self.detector.manifest.card
+        else:
+            from clipfusion.methods.clipfusion.detector import CLIPFusion
+
+            self.card = read_card(self.path)
+            self.detector = CLIPFusion.load(self.path, self.settings.runtime, self.settings.batch_size)
+        self.sha256 = model_sha256(self.path)
         self.category: str = self.detector.category_
         self.decisions = resolve_decisions(None, None, self.detector.thresholds_, self.detector, self.category, None)
         self.writer = ImageWriter(self.files, RowSettings(self.category, self.decisions, self.sha256,

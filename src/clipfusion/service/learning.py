@@ -11,7 +11,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from clipfusion.data.base import read_rgb
-from clipfusion.methods.clipfusion.detector import CLIPFusion
 from clipfusion.outputs import file_sha256
 from clipfusion.service.errors import ServiceError
 from clipfusion.service.inspector import ServedModel
@@ -43,6 +42,8 @@ def learn(session: Session, model: ServedModel, inspection: Inspection) -> Chang
     if inspection.image is None or folder is None or not (folder / inspection.image).is_file():
         raise ServiceError(409, "image_not_stored", f"inspection {inspection.id} kept no image (deleted by "
                                                     "--keep-days, or made before --learn): nothing to learn from")
+    from clipfusion.methods.clipfusion.detector import CLIPFusion  # torch: not for exported models, which never learn
+
     before = model.detector.thresholds_
     detector = CLIPFusion.load(model.path, model.settings.runtime, model.settings.batch_size)
     reference = f"{REFERENCE_PREFIX}{inspection.id}"

@@ -7,6 +7,7 @@ from pathlib import Path
 from clipfusion.config import RuntimeConfig
 from clipfusion.data.base import MAX_PIXELS
 from clipfusion.errors import ClipfusionError
+from clipfusion.export.bundle import is_export
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,10 @@ class ServiceSettings:
         names = [model_name(path) for path in self.models]
         if len(set(names)) != len(names):
             raise ClipfusionError(f"two --model files share a name ({', '.join(names)}); rename one")
+        exports = [str(path) for path in self.models if is_export(Path(path))]
+        if self.learn and exports:
+            raise ClipfusionError(f"--learn adds references to a model file; {', '.join(exports)} is an export, "
+                                  "which is fixed: serve its .cfm model file with --learn, or drop --learn")
         if self.max_batch < 1 or self.max_queue < 1 or self.max_wait_ms < 0 or self.max_upload_bytes < 1:
             raise ClipfusionError("--max-batch, --max-queue and --max-upload-mb must be >= 1, --max-wait-ms >= 0")
 

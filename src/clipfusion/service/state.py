@@ -10,7 +10,7 @@ from pathlib import Path
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from clipfusion.outputs import file_sha256
+from clipfusion.export.bundle import model_sha256
 from clipfusion.service import learning
 from clipfusion.service.batching import Batcher
 from clipfusion.service.database import make_engine, migrate, session_factory
@@ -94,7 +94,7 @@ class ServiceState:
         """The file to serve for ``--model given``: with --learn, the newest version learned from it
         (when it still exists); otherwise ``given``, recorded as the active version."""
         assert self.sessions is not None
-        sha = file_sha256(given)
+        sha = model_sha256(given)
         with self.sessions.begin() as session:
             active = active_version(session, name)
             if active is not None and active.sha256 == sha:

@@ -5,6 +5,13 @@ Speed does not depend on weight values, so every model is built at full size wit
 preset): nothing is downloaded.  Every configuration is warmed up once, then all configurations are
 measured in turn, ``repeats`` times (interleaved, so slow drifts of the machine hit all alike), and
 the median per image is reported with the per-stage split from the detectors' stage timers.
+
+``clipfusion-openvino`` is CLIPFusion exported (``clipfusion export``, OpenVINO IR, float32) and run by
+the torch-free runtime (``clipfusion-openvino-int8``: with 8-bit weights).  It is the same random-weight
+detector as the ``clipfusion`` row, so the two rows compare engines on identical models.  Its export
+and load times are reported, and its maps are compared with PyTorch's (``agreement``: max |Δ| per
+branch relative to PyTorch's map range; with random weights this measures numerical agreement only,
+not accuracy).  Graphs run one image at a time (batch 1).
 """
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from clipfusion import __version__
-from clipfusion.config import TINY, Preset, RuntimeConfig, get_preset, override
+from clipfusion.config import MAP_NAMES, TINY, Preset, RuntimeConfig, get_preset, override
 from clipfusion.data import MVTecDataset, read_rgb
 from clipfusion.data.synthetic import SyntheticSpec, generate
 from clipfusion.errors import ClipfusionError
@@ -32,6 +39,8 @@ from clipfusion.methods.clipfusion.detector import CLIPFusion
 from clipfusion.methods.winclip import WinCLIP
 from clipfusion.outputs import write_atomic
 from clipfusion.run_folders import output_folder
+
+EXPORTED = {"clipfusion-openvino": "float32", "clipfusion-openvino-int8": "int8"}  # method: exported weights
 
 RANDOM_DIFFUSION = {"stable-diffusion-v1-5/stable-diffusion-v1-5": "random:sd15",
                     "stabilityai/stable-diffusion-2-1-base": "random:sd21-base"}
@@ -73,6 +82,8 @@ class _Config:
     times: list[float] = field(default_factory=list)
     stages: list[dict[str, float]] = field(default_factory=list)
     peak_rss_mb: float = 0.0
+    setup_seconds: dict[str, float] = field(default_factory=dict)  # an export's: export, load (to compiled graphs)
+    source: Any = None  # an export's PyTorch detector
 
 
 def _peak_rss_mb() -> float:
@@ -89,7 +100,52 @@ def _images(count: int, shots: int) -> tuple[list[np.ndarray], list[np.ndarray]]
     return tests, references
 
 
-def _configs(spec: BenchmarkSpec, runtime: RuntimeConfig, references: list[np.ndarray]) -> list[_Config]:
+def _exported(method: str, detector: CLIPFusion, preset: str, shots: int, folder: Path) -> _Config:
+    """The OpenVINO row ``method`` of ``detector``: exported into ``folder`` and loaded, both timed."""
+    from clipfusion.export.writer import export_detector
+    from clipfusion.runtime.exported import ExportedDetector
+
+    start = time.perf_counter()
+    export = export_detector(detector, "disc", folder / f"{method}-{preset}-{shots}shot", weights=EXPORTED[method])
+    exported_at = time.perf_counter()
+    runtime = ExportedDetector(export)
+    loaded_at = time.perf_counter()
+    return _Config(method, preset, shots, 1, runtime, source=detector, setup_seconds={
+        "export": round(exported_at - start, 1), "load": round(loaded_at - exported_at, 1)})
+
+
+def _agreement(configs: list[_Config], tests: list[np.ndarray]) -> dict[str, dict[str, float]]:
+    """Per exported row: max |Δ| of each branch map, the fused map and the score against the PyTorch
+    detector it came from, relative to PyTorch's range of that map (the score: of the fused map; s_clip,
+    a probability: absolute)."""
+    found = {}
+    for config in configs:
+        if config.method not in EXPORTED:
+            continue
+        source = config.source
+        expected, got = source.encode(tests, "disc"), config.detector.encode(tests, "disc")
+        differences = {}
+        differences["clip_score"] = _relative(got.clip_score, expected.clip_score, 1.0)  # a probability: absolute
+        for name in MAP_NAMES:
+            if getattr(expected, name) is not None:
+                differences[name] = _relative(getattr(got, name), getattr(expected, name))
+                # random weights can give a map of almost no range (references ≈ queries), which inflates
+                # its relative figure: the range itself says how much that map weighs in the fused one
+                differences[f"{name}_range"] = float(f"{float(np.ptp(getattr(expected, name))):.3g}")
+        fused, exported = source.predict(tests, "disc"), config.detector.predict(tests, "disc")
+        differences["fused_map"] = _relative(exported.maps, fused.maps)
+        differences["score"] = _relative(exported.scores, fused.scores, float(np.ptp(fused.maps)))
+        found[f"{config.method}_{config.preset}_{config.shots}shot"] = differences
+    return found
+
+
+def _relative(got: np.ndarray, expected: np.ndarray, scale: float | None = None) -> float:
+    scale = float(np.ptp(expected)) if scale is None else scale
+    return float(f"{float(np.abs(got - expected).max()) / max(scale, 1e-12):.3g}")
+
+
+def _configs(spec: BenchmarkSpec, runtime: RuntimeConfig, references: list[np.ndarray],
+             folder: Path) -> list[_Config]:
     configs: list[_Config] = []
     fitted: dict[tuple[str, str, int], Any] = {}
 
@@ -105,9 +161,13 @@ def _configs(spec: BenchmarkSpec, runtime: RuntimeConfig, references: list[np.nd
 
     for method in spec.methods:
         # WinCLIP reads CLIP only, which every preset shares: measure it once
-        presets = spec.presets if method == "clipfusion" else spec.presets[:1]
+        presets = spec.presets[:1] if method == "winclip" else spec.presets
         for preset_name in presets:
             for shots in spec.shots:
+                if method in EXPORTED:  # graphs of batch 1: one row per preset and shots
+                    configs.append(_exported(method, detector("clipfusion", preset_name, shots), preset_name, shots,
+                                             folder))
+                    continue
                 for batch in spec.batch_sizes:
                     configs.append(_Config(method, preset_name, shots, batch, detector(method, preset_name, shots)))
     if spec.naive_reference and "clipfusion" in spec.methods and "paper-recon" in spec.presets:
@@ -116,10 +176,15 @@ def _configs(spec: BenchmarkSpec, runtime: RuntimeConfig, references: list[np.nd
 
 
 def run_benchmark(spec: BenchmarkSpec, progress: bool = True) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="clipfusion-benchmark-") as folder:  # exports, deleted at the end
+        return _run_benchmark(spec, progress, Path(folder))
+
+
+def _run_benchmark(spec: BenchmarkSpec, progress: bool, folder: Path) -> dict[str, Any]:
     runtime = RuntimeConfig(spec.device, spec.dtype)
     tests, references = _images(spec.images, max(spec.shots))
     build_start = time.perf_counter()
-    configs = _configs(spec, runtime, references)
+    configs = _configs(spec, runtime, references, folder)
     for config in tqdm(configs, desc="warm-up (builds the models)", disable=not progress):
         config.detector.batch_size = config.batch_size
         config.detector.predict(tests[:1], "disc")
@@ -141,9 +206,10 @@ def run_benchmark(spec: BenchmarkSpec, progress: bool = True) -> dict[str, Any]:
         "stages": {k: round(1000 * statistics.median(s.get(k, 0.0) for s in c.stages), 1)
                    for k in sorted({k for s in c.stages for k in s})},
         "peak_rss_mb": round(c.peak_rss_mb),
+        **({"setup_seconds": c.setup_seconds} if c.setup_seconds else {}),
     } for c in configs]
-    return {"runs": runs, "ratios": _ratios(runs), "spec": spec.__dict__, "build_and_warmup_seconds":
-            round(build_seconds, 1), "machine": machine_info(runtime)}
+    return {"runs": runs, "ratios": _ratios(runs), "agreement": _agreement(configs, tests), "spec": spec.__dict__,
+            "build_and_warmup_seconds": round(build_seconds, 1), "machine": machine_info(runtime)}
 
 
 def _find(runs: list[dict[str, Any]], **where: Any) -> dict[str, Any] | None:
@@ -158,6 +224,12 @@ def _ratios(runs: list[dict[str, Any]]) -> dict[str, float]:
         ours = _find(runs, method="clipfusion", preset=preset, shots=0, batch_size=1)
         if winclip and ours:
             ratios[f"{preset}_vs_winclip_zero_shot"] = round(winclip["ms_per_image"] / ours["ms_per_image"], 2)
+    for run in runs:
+        if run["method"] in EXPORTED:
+            eager = _find(runs, method="clipfusion", preset=run["preset"], shots=run["shots"], batch_size=1)
+            if eager:
+                ratios[f"{run['preset']}_{run['shots']}shot_{run['method']}_vs_pytorch"] = round(
+                    eager["ms_per_image"] / run["ms_per_image"], 2)
     naive = _find(runs, method="clipfusion-naive")
     paper = _find(runs, method="clipfusion", preset="paper-recon", shots=0, batch_size=1)
     if naive and paper:
@@ -203,6 +275,15 @@ def render_markdown(result: dict[str, Any]) -> str:
                      + " | ".join(cells) + f" | {r['peak_rss_mb']} |")
     lines += ["", "Ratios (larger = faster):", ""]
     lines += [f"- {name}: {value}" for name, value in result["ratios"].items()]
+    for r in result["runs"]:
+        if "setup_seconds" in r:
+            lines.append(f"- {r['method']} {r['preset']} {r['shots']}-shot: export {r['setup_seconds']['export']} s, "
+                         f"load and compile {r['setup_seconds']['load']} s")
+    if result.get("agreement"):
+        lines += ["", "Exported (OpenVINO) vs PyTorch float32 on the same random weights: max |Δ| relative "
+                  "to PyTorch's range of each map (numerical agreement only, not accuracy):", ""]
+        lines += [f"- {name}: " + ", ".join(f"{k} {v:.2g}" for k, v in values.items())
+                  for name, values in result["agreement"].items()]
     return "\n".join(lines) + "\n"
 
 

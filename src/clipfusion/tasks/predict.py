@@ -21,10 +21,10 @@ from tqdm.auto import tqdm
 from clipfusion.data.base import MAX_PIXELS, read_images, read_rgb
 from clipfusion.decisions import NG, Region, find_regions, label
 from clipfusion.errors import ClipfusionError, ImageReadError
-from clipfusion.export.bundle import MANIFEST
+from clipfusion.export.bundle import model_sha256
 from clipfusion.methods.clipfusion.model_file import read_card
 from clipfusion.object_store import is_uri, read_uri_rgb
-from clipfusion.outputs import file_sha256, json_text, read_json, write_atomic
+from clipfusion.outputs import json_text, read_json, write_atomic
 from clipfusion.overlays import inspection_overlay, mask_png, png_bytes, thumbnail_jpeg
 from clipfusion.protocol import Detector
 from clipfusion.resampling import resize_image, resize_maps
@@ -341,11 +341,6 @@ class Engine:
     parquet: bool = False
 
 
-def _model_id(path: Path) -> str:
-    """The SHA-256 of a model file, or of an export's manifest (which holds the checksum of every file)."""
-    return file_sha256(path / MANIFEST if path.is_dir() else path)
-
-
 def run_predict(job: PredictJob, detector: Detector | None, engine: Engine | None = None
                 ) -> tuple[dict[str, Any], Decisions]:
     """Fit ``detector`` on drawn references or load a memory bank, set the decisions, score the inputs.
@@ -392,7 +387,7 @@ def run_predict(job: PredictJob, detector: Detector | None, engine: Engine | Non
         read_card(Path(job.model)).thresholds if job.model else None
     decisions = resolve_decisions(job.threshold, job.scale, thresholds, detector, job.category, held_out,
                                   job.batch_size, job.progress)
-    model_id = _model_id(Path(job.model)) if job.model else None
+    model_id = model_sha256(Path(job.model)) if job.model else None
     identity = {"model_id": model_id, "method": job.method, "preset": job.preset, "category": job.category,
                 "image_threshold": decisions.image, "pixel_threshold": decisions.pixel,
                 "scale": list(decisions.scale), "min_area": job.min_area}
