@@ -70,6 +70,9 @@ def test_export_refuses_what_it_cannot_write(tmp_path):
     with pytest.raises(ClipfusionError, match="holds other files"):
         export_detector(CLIPFusion("tiny"), "plate", tmp_path / "b")
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["notes.txt"]
+    (tmp_path / "c" / ".partial").mkdir(parents=True)  # what an interrupted export leaves behind
+    export_detector(CLIPFusion("tiny"), "plate", tmp_path / "c")
+    assert (tmp_path / "c" / "clipfusion-export.json").is_file() and not (tmp_path / "c" / ".partial").exists()
 
 
 @pytest.fixture(scope="module")

@@ -43,6 +43,15 @@ class ExportManifest:
     files: dict[str, str]
 
 
+def import_openvino(purpose: str, extra: str) -> Any:
+    """The ``openvino`` module, or a one-line error: what needs it and which extra installs it."""
+    try:
+        import openvino
+    except ImportError:
+        raise ClipfusionError(f"{purpose} needs OpenVINO: pip install 'clipfusion[{extra}]'") from None
+    return openvino
+
+
 def _fusion(settings: dict[str, Any]) -> FusionConfig:
     """The fusion settings as written by the exporter (JSON lists back to tuples)."""
     values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()}

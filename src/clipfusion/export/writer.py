@@ -25,7 +25,7 @@ from clipfusion import __version__
 from clipfusion.config import RuntimeConfig
 from clipfusion.encoders.diffusion import VAE_MEAN, VAE_STD
 from clipfusion.errors import ClipfusionError
-from clipfusion.export.bundle import EXPORT_FORMAT, GRAPH_FORMATS, MANIFEST, is_export
+from clipfusion.export.bundle import EXPORT_FORMAT, GRAPH_FORMATS, MANIFEST, import_openvino, is_export
 from clipfusion.export.graphs import ClipGraph, DiffusionGraph, VaeGraph
 from clipfusion.methods.clipfusion.detector import CLIPFusion
 from clipfusion.methods.clipfusion.model_file import ModelCard, read_card
@@ -34,14 +34,6 @@ from clipfusion.outputs import file_sha256, json_text, write_atomic
 logger = logging.getLogger(__name__)
 EXPORTABLE_DENSE_MODES = ("vv", "raw", "window")
 WEIGHT_FORMATS = ("float32", "int8")
-
-
-def _openvino() -> Any:
-    try:
-        import openvino
-    except ImportError:
-        raise ClipfusionError("export needs OpenVINO: pip install 'clipfusion[export]'") from None
-    return openvino
 
 
 def _versions() -> dict[str, str]:
@@ -70,7 +62,7 @@ def _compress_int8(model: Any) -> Any:
 def _write_graph(module: torch.nn.Module, example: torch.Tensor, folder: Path, name: str, graph_format: str,
                  output_names: list[str], weights: str = "float32") -> list[str]:
     """Trace ``module`` on ``example`` and write it as ``name.xml``/``.bin`` or ``name.onnx``; the file names."""
-    ov = _openvino()
+    ov = import_openvino("export", "export")
     with torch.no_grad(), warnings.catch_warnings():
         # the tracer warns of every Python value it fixes: by design here (batch 1, fixed settings)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -156,10 +148,11 @@ def export_detector(detector: CLIPFusion, category: str, out: Path, graph_format
     if weights == "int8" and graph_format != "openvino":
         raise ClipfusionError("--weights int8 is OpenVINO's weight compression: use it with --format openvino")
     check_exportable(detector)
-    _openvino()
+    import_openvino("export", "export")
     if out.exists() and not out.is_dir():
         raise ClipfusionError(f"--out {out} is a file; give a new folder")
-    if out.is_dir() and any(out.iterdir()):
+    # an interrupted export leaves only its .partial folder: a rerun continues into the same --out
+    if out.is_dir() and any(path.name != ".partial" for path in out.iterdir()):
         if not is_export(out):
             raise ClipfusionError(f"--out {out} holds other files; give a new or empty folder")
         if not overwrite:

@@ -13,20 +13,12 @@ import numpy as np
 
 from clipfusion.decisions import Thresholds
 from clipfusion.errors import ClipfusionError
-from clipfusion.export.bundle import ExportManifest, read_manifest
+from clipfusion.export.bundle import ExportManifest, import_openvino, read_manifest
 from clipfusion.images import Images, as_rgb_list
 from clipfusion.methods.clipfusion.fusion import BranchMaps, fuse
 from clipfusion.protocol import Prediction
 from clipfusion.resampling import normalised_pixels
 from clipfusion.timing import StageTimer
-
-
-def _openvino() -> Any:
-    try:
-        import openvino
-    except ImportError:
-        raise ClipfusionError("an exported model runs on OpenVINO Runtime: pip install 'clipfusion[runtime]'") from None
-    return openvino
 
 
 class ExportedDetector:
@@ -45,7 +37,7 @@ class ExportedDetector:
         if self.manifest.card is not None:
             self.thresholds_: Thresholds = self.manifest.card.thresholds
             self.references_ = self.manifest.card.references
-        ov = _openvino()
+        ov = import_openvino("an exported model", "runtime")
         core = ov.Core()
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}  # the maps of PyTorch float32, on every CPU
         if threads is not None:
