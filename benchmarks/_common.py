@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -49,9 +48,14 @@ def run_isolated(script: str, args: list[str]) -> dict:
 
 
 def write_results(path: str, runs: list[dict], **extra: object) -> None:
+    """``runs`` with the machine they ran on (the CPU, its speed flags, torch's CPU build) as JSON."""
     import torch
 
-    machine = {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
-               "processor": platform.processor() or platform.machine()}
+    from clipfusion.hardware import cpu_info, torch_cpu_build
+
+    cpu = cpu_info()
+    machine = {"python": platform.python_version(), "torch": torch.__version__, "cpu": cpu.model,
+               "cpus": cpu.cores, "cpu_flags": list(cpu.flags), "torch_cpu": torch_cpu_build(),
+               "threads": torch.get_num_threads()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps({"runs": runs, **extra, "machine": machine}, indent=2) + "\n")

@@ -1,63 +1,137 @@
-"""What ``torch.compile`` (inductor, CPU) buys per model part: compile time and steady-state time
-against eager, in one process, full-size architectures with random weights (speed does not depend
-on weights).  Parts: the CLIP image tower (240 px), the SD VAE encoder (512 px, paper-recon), the
-TAESD encoder (256 px, fast) and a full SD1.5 UNet forward at latent 32² (fast), batch 1, float32.
+"""What ``torch.compile`` (inductor, CPU) and the memory layout buy per model part, in one process.
 
-The UNet is compiled without clipfusion's attention capture and early stop: that path stops the
-UNet by raising from a hook, which dynamo cannot trace, so it is not compile-ready yet; the figure
-here bounds what compiling it could give.
-Compile times are cold: inductor's caches are disabled (a warm cache makes later starts faster).
-Usage: python benchmarks/compile.py [--out benchmarks/results/compile.json]
+Full-size architectures with random weights (speed does not depend on weights), batch 1, float32:
+the CLIP image tower (240 px), the TAESD encoder (256 px, fast), the SD VAE encoder (512 px,
+paper-recon) and clipfusion's own UNet pass with attention capture (``DiffusionEncoder.run_unet``:
+the explicit partial forward up to the last block read; fast = latent 32², one joint-prompt row;
+paper-recon = latent 64², one row per state prompt).
+
+Per part: eager in channels-first and channels-last layout (convolutional parts only), then
+compiled in the layout clipfusion loads it in (UNet channels-last, the rest channels-first), twice:
+inductor's defaults, and with ``freezing`` (weights folded in as constants, so convolution and
+linear weights are packed for oneDNN once instead of at every call; what ``--compile`` uses).  For
+each: the first compiled call's time (cold caches: inductor's caches are disabled) and the steady
+state, plus the graph breaks ``torch._dynamo.explain`` finds.  Every eager figure is taken before
+any compile, so inductor's worker processes never run beside an eager measurement.
+
+Usage: python benchmarks/compile.py [--repeats 3] [--out benchmarks/results/compile.json]
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
-import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")  # cold compile times, before torch loads
 
 import torch
+from _common import median_ms
 
 from clipfusion.config import RuntimeConfig
-from clipfusion.encoders import cache
+from clipfusion.encoders import cache, diffusion
+from clipfusion.encoders.diffusion import DiffusionEncoder
 from clipfusion.tasks.benchmark import machine_info, random_weight_preset
 
-
-def median_ms(run: Callable[[], Any], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+MODES = {"compiled": {}, "compiled_frozen": {"freezing": True}}  # torch.compile options per mode
 
 
-def measure(parts: list[tuple[str, torch.nn.Module, tuple[Any, ...]]], repeats: int) -> list[dict[str, Any]]:
-    """Every part eager first, then every part compiled: inductor's compile workers must not run while
-    an eager figure is taken."""
-    results = []
+@dataclass
+class Part:
+    """One model part: ``run(options)`` calls it once, eager (None) or through ``torch.compile(options=...)``,
+    compiled at the first call with those options."""
+
+    name: str
+    run: Callable[[dict[str, Any] | None], Any]
+    layout_module: torch.nn.Module | None  # the module whose memory layout is switched, None: no convolutions
+    loaded_layout: torch.memory_format
+    explain: Callable[[], Any]  # torch._dynamo.explain's output for the compiled function
+
+
+class Compiled:
+    """``function`` compiled once per options (static shapes)."""
+
+    def __init__(self, function: Callable[..., Any]) -> None:
+        self.function = function
+        self.compiled: dict[str, Callable[..., Any]] = {}
+
+    def get(self, options: dict[str, Any] | None) -> Callable[..., Any]:
+        if options is None:
+            return self.function
+        key = json.dumps(options, sort_keys=True)
+        if key not in self.compiled:
+            self.compiled[key] = torch.compile(self.function, options=options, dynamic=False)
+        return self.compiled[key]
+
+
+def module_part(name: str, module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], convolutional: bool) -> Part:
+    forward = Compiled(module)
+    return Part(name, lambda options: forward.get(options)(*inputs), module if convolutional else None,
+                torch.contiguous_format, lambda: torch._dynamo.explain(module)(*inputs))
+
+
+def unet_part(name: str, encoder: DiffusionEncoder, prompts: list[str]) -> Part:
+    """``run_unet`` as clipfusion runs it; compiled = its partial forward through ``torch.compile``."""
+    side = encoder.latent_size
+    latents = torch.randn(1, 4, side, side)
+    eager_forward = diffusion.partial_unet_forward
+    forward = Compiled(eager_forward)
+
+    def run(options: dict[str, Any] | None) -> Any:
+        diffusion.partial_unet_forward = forward.get(options)  # what run_unet calls
+        try:
+            return encoder.run_unet(latents, prompts, token_indices=[1, 2])
+        finally:
+            diffusion.partial_unet_forward = eager_forward
+
+    def explain() -> Any:
+        rows = len(prompts)
+        timesteps = torch.full((rows,), encoder.config.timestep)
+        context = encoder.encode_prompts(prompts)
+        blocks = list(encoder.config.feature_blocks)
+        return torch._dynamo.explain(eager_forward)(encoder.unet, latents.repeat(rows, 1, 1, 1), timesteps, context,
+                                                   encoder.last_block(blocks), blocks)
+
+    return Part(name, run, encoder.unet, torch.channels_last, explain)
+
+
+def measure(parts: list[Part], repeats: int) -> list[dict[str, Any]]:
+    results: dict[str, dict[str, Any]] = {}
     with torch.inference_mode():
-        eager = {}
-        for name, module, inputs in parts:
-            module(*inputs)  # warm-up
-            eager[name] = median_ms(lambda m=module, i=inputs: m(*i), repeats)
-        for name, module, inputs in parts:
-            compiled = torch.compile(module)
-            start = time.perf_counter()
-            compiled(*inputs)
-            compile_seconds = time.perf_counter() - start
-            fast = median_ms(lambda c=compiled, i=inputs: c(*i), repeats)
-            result = {"part": name, "eager_ms": round(eager[name]), "compiled_ms": round(fast),
-                      "speedup": round(eager[name] / fast, 2), "compile_s": round(compile_seconds, 1)}
+        for part in parts:
+            result: dict[str, Any] = {"part": part.name}
+            layouts = [part.loaded_layout] if part.layout_module is None else \
+                [torch.contiguous_format, torch.channels_last]
+            for layout in layouts:
+                if part.layout_module is not None:
+                    part.layout_module.to(memory_format=layout)
+                key = "eager_channels_last_ms" if layout == torch.channels_last else "eager_ms"
+                result[key] = median_ms(functools.partial(part.run, None), repeats)
+            if part.layout_module is not None:
+                part.layout_module.to(memory_format=part.loaded_layout)
+            result["loaded_layout"] = "channels_last" if part.loaded_layout == torch.channels_last else "channels_first"
+            results[part.name] = result
             print(json.dumps(result), flush=True)
-            results.append(result)
-    return results
+        for part in parts:
+            result = results[part.name]
+            explained = part.explain()
+            result["graph_breaks"] = explained.graph_break_count
+            result["break_reasons"] = sorted({str(reason.reason).splitlines()[0] for reason in explained.break_reasons})
+            loaded = result["eager_channels_last_ms" if part.loaded_layout == torch.channels_last else "eager_ms"]
+            for mode, options in MODES.items():
+                torch._dynamo.reset()
+                start = time.perf_counter()
+                part.run(options)
+                result[f"{mode}_first_call_s"] = round(time.perf_counter() - start, 1)
+                result[f"{mode}_ms"] = median_ms(functools.partial(part.run, options), repeats)
+                result[f"{mode}_speedup"] = round(loaded / result[f"{mode}_ms"], 2)
+            print(json.dumps(result), flush=True)
+    return list(results.values())
 
 
 def main() -> None:
@@ -71,14 +145,23 @@ def main() -> None:
     taesd = cache.diffusion_encoder(fast.diffusion, runtime)
     sd = cache.diffusion_encoder(paper.diffusion, runtime)
     runs = measure([
-        ("CLIP ViT-B-16-plus-240 image tower", clip.model.visual, (torch.randn(1, 3, *clip.image_size),)),
-        ("SD VAE encoder, 512 px", sd.vae.encoder, (torch.randn(1, 3, 512, 512),)),
-        ("TAESD encoder, 256 px", taesd.vae.encoder, (torch.randn(1, 3, 256, 256),)),
-        ("SD1.5 UNet forward, latent 32x32, 2 prompts", taesd.unet,
-         (torch.randn(2, 4, 32, 32), torch.tensor([100, 100]), torch.randn(2, 77, 768))),
+        module_part("CLIP ViT-B-16-plus-240 image tower", clip.model.visual, (torch.randn(1, 3, *clip.image_size),),
+                    convolutional=False),
+        module_part("TAESD encoder, 256 px (fast)", taesd.vae.encoder, (torch.randn(1, 3, 256, 256),),
+                    convolutional=True),
+        module_part("SD VAE encoder, 512 px (paper-recon)", sd.vae.encoder, (torch.randn(1, 3, 512, 512),),
+                    convolutional=True),
+        unet_part("UNet pass with capture, latent 32², 1 joint prompt (fast)", taesd,
+                  ["a photo of a flawless or damaged object"]),
+        unet_part("UNet pass with capture, latent 64², 2 prompts (paper-recon)", sd,
+                  ["a photo of a flawless object", "a photo of a damaged object"]),
     ], args.repeats)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"runs": runs, "machine": machine_info(runtime)}, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps({"runs": runs, "machine": machine_info(runtime),
+                                          "note": "batch 1, float32, random weights; ms per call, median of "
+                                                  f"{args.repeats} after a warm-up; compiled in the loaded layout; "
+                                                  "speed-ups over eager in the loaded layout"},
+                                         indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from _common import clipfusion_command, make_model
 
+from clipfusion.hardware import cpu_info
+
 ROOT = Path(__file__).resolve().parents[1]
 RUNTIME = ROOT / ".venv-runtime" / "bin" / "clipfusion"
 
@@ -43,6 +45,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/deploy.json")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    cpu = cpu_info()
     if not RUNTIME.exists():
         raise SystemExit("build .venv-runtime first: bash scripts/runtime-venv.sh")
     with tempfile.TemporaryDirectory() as folder:
@@ -68,6 +71,7 @@ def main() -> None:
             "export_seconds": round(export_seconds, 1),
             "cold_start_seconds": {"full install, fast.cfm": full, "runtime, fast export": runtime},
             "repeats": args.repeats,
+            "machine": {"cpu": cpu.model, "cpus": cpu.cores, "cpu_flags": list(cpu.flags)},
         }
     print(json.dumps(result, indent=2))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -222,6 +222,10 @@ def _add_runtime_options(group: Any) -> None:
     group.add_argument("--hub-timeout", type=float, default=10.0, metavar="SECONDS",
                        help="how long the model hub may take to answer before only the local cache is used "
                             "(default: %(default)s)")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the UNet pass and the autoencoder (frozen weights, one image per call): "
+                            "the same maps, minutes of compiling before the first image, then faster "
+                            "(docs/speed.md); pays on long runs and in serve")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -241,7 +245,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _runtime(args: argparse.Namespace) -> RuntimeConfig:
-    return RuntimeConfig(args.device, args.dtype, args.offline, args.cache_dir, args.hub_timeout)
+    return RuntimeConfig(args.device, args.dtype, args.offline, args.cache_dir, args.hub_timeout, args.compile)
 
 
 def _params(args: argparse.Namespace, method: str, preset: str | None = None) -> dict[str, Any]:
@@ -362,8 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--images", type=int, default=4, help="test images per measurement (default: %(default)s)")
     bench.add_argument("--repeats", type=int, default=2, help="measurements per configuration (default: %(default)s)")
     bench.add_argument("--no-naive", action="store_true", help="skip the naive reference run of paper-recon")
-    bench.add_argument("--device", default="cpu")
-    bench.add_argument("--dtype", default="float32", choices=DTYPES)
+    bench.add_argument("--device", default="auto",
+                       help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: %(default)s)")
+    bench.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
+                       help="auto: the default every command runs at (float16 on CUDA, bfloat16 on CPUs with "
+                            "native bf16, float32 elsewhere); both methods run at it (default: %(default)s)")
     bench.add_argument("--out", default="runs/benchmark", help="output folder (default: %(default)s)")
     _add_common(bench)
 

@@ -166,18 +166,24 @@ class FusionConfig:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """Where and how models run.  offline: never touch the network (also when HF_HUB_OFFLINE=1)."""
+    """Where and how models run.  offline: never touch the network (also when HF_HUB_OFFLINE=1).
+    compile: run the UNet pass and the autoencoder through ``torch.compile`` (inductor, weights frozen
+    in), one image per call: the same maps, a slow first image (minutes on a CPU), faster after that
+    (docs/speed.md)."""
 
     device: str = "cpu"
     dtype: str = "float32"
     offline: bool = False
     cache_dir: str | None = None
     hub_timeout: float = 10.0  # seconds the model hub gets to answer before the local cache is used alone
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", self.device):
             raise SettingError(f"device must be cpu, cuda, cuda:N or mps, not {self.device!r}")
         _choice("dtype", self.dtype, DTYPES)
+        if self.compile and self.device == "mps":
+            raise SettingError("compile runs on cpu or cuda, not mps: drop --compile")
 
 
 @dataclass(frozen=True)
@@ -250,7 +256,7 @@ def presets_markdown() -> str:
         lines.append(f"| `{name}`{default} | {clip} | {sd} | {preset.description} |")
     return "\n".join(lines) + "\n"
 # the mean-image baseline is not worth timing; clipfusion-openvino(-int8): CLIPFusion exported, on OpenVINO
-BENCHMARK_METHODS = (*METHOD_NAMES[:2], "clipfusion-openvino", "clipfusion-openvino-int8")
+BENCHMARK_METHODS = (*METHOD_NAMES[:2], "clipfusion-compiled", "clipfusion-openvino", "clipfusion-openvino-int8")
 
 
 def get_preset(name: str, **overrides: Any) -> Preset:

@@ -14,8 +14,12 @@ from clipfusion.encoders.diffusion import DiffusionEncoder
 from clipfusion.encoders.loading import DiffusionParts, load_diffusion
 
 
-@lru_cache(maxsize=2)
 def clip_encoder(config: ClipConfig, runtime: RuntimeConfig) -> ClipEncoder:
+    return _clip_encoder(config, dataclasses.replace(runtime, compile=False))  # CLIP runs eager either way
+
+
+@lru_cache(maxsize=2)
+def _clip_encoder(config: ClipConfig, runtime: RuntimeConfig) -> ClipEncoder:
     return ClipEncoder.from_config(config, runtime)
 
 
@@ -28,5 +32,6 @@ def _diffusion_parts(model_id: str, vae_id: str | None, vae_dtype: str | None, r
 @lru_cache(maxsize=4)
 def diffusion_encoder(config: DiffusionConfig, runtime: RuntimeConfig) -> DiffusionEncoder:
     """Encoders differing only in read-out settings (layers, timestep...) share one set of weights."""
-    parts = _diffusion_parts(config.model_id, config.vae_id, config.vae_dtype, runtime)
-    return DiffusionEncoder(dataclasses.replace(parts), config)
+    weights = dataclasses.replace(runtime, compile=False)  # compiled and eager encoders of a model share its weights
+    parts = _diffusion_parts(config.model_id, config.vae_id, config.vae_dtype, weights)
+    return DiffusionEncoder(dataclasses.replace(parts), config, runtime.compile)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 from clipfusion.config import DiffusionConfig, RuntimeConfig
@@ -27,6 +27,7 @@ from clipfusion.encoders.attention import (
     layer_order,
     select_cross_attention_layers,
 )
+from clipfusion.encoders.compiling import compile_for_inference, one_image_per_call
 from clipfusion.encoders.loading import DiffusionParts, load_diffusion
 from clipfusion.errors import SettingError
 from clipfusion.geometry import tokens_to_grid
@@ -116,13 +117,27 @@ def partial_unet_forward(unet: UNet2DConditionModel, sample: torch.Tensor, times
     return features
 
 
-class DiffusionEncoder:
-    """A Stable Diffusion UNet (diffusers) read as a feature extractor; see the module docstring."""
+def vae_latents(vae: AutoencoderKL | AutoencoderTiny, pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, S, S) pixels in [-1, 1] → (B, 4, S/8, S/8) latents z0 scaled by the VAE's scaling factor:
+    the mean of an ``AutoencoderKL``'s posterior (no sampling), or an ``AutoencoderTiny``'s output."""
+    encoded = vae.encode(pixels)
+    latents = encoded.latent_dist.mean if hasattr(encoded, "latent_dist") else encoded.latents
+    return latents * vae.config.scaling_factor
 
-    def __init__(self, parts: DiffusionParts, config: DiffusionConfig) -> None:
+
+class DiffusionEncoder:
+    """A Stable Diffusion UNet (diffusers) read as a feature extractor; see the module docstring.
+
+    compile: run the UNet pass and the VAE encoder through :func:`compile_for_inference`, one image
+    per call (``RuntimeConfig.compile``)."""
+
+    def __init__(self, parts: DiffusionParts, config: DiffusionConfig, compile: bool = False) -> None:
         self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
         self.tokenizer, self.scheduler, self.model_id = parts.tokenizer, parts.scheduler, parts.model_id
         self.config = config
+        self.compiled = compile
+        self._unet_forward = compile_for_inference(partial_unet_forward) if compile else partial_unet_forward
+        self._vae_latents = compile_for_inference(vae_latents) if compile else vae_latents
         param = next(self.unet.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.vae_dtype = next(self.vae.parameters()).dtype  # differs from dtype with diffusion__vae_dtype
@@ -153,7 +168,8 @@ class DiffusionEncoder:
 
     @classmethod
     def from_config(cls, config: DiffusionConfig, runtime: RuntimeConfig | None = None) -> DiffusionEncoder:
-        return cls(load_diffusion(config, runtime or RuntimeConfig()), config)
+        runtime = runtime or RuntimeConfig()
+        return cls(load_diffusion(config, runtime), config, runtime.compile)
 
     # --- inputs ----------------------------------------------------------------------------------
 
@@ -167,9 +183,8 @@ class DiffusionEncoder:
     def encode_latents(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) → (B, 4, S/8, S/8) latents z0 in the UNet's dtype, scaled by the VAE's scaling factor
         (mean, no sampling)."""
-        encoded = self.vae.encode(pixels.to(self.vae_dtype))
-        latents = encoded.latent_dist.mean if hasattr(encoded, "latent_dist") else encoded.latents
-        return (latents * self.vae.config.scaling_factor).to(self.dtype)
+        chunks = one_image_per_call(pixels.to(self.vae_dtype), self.compiled)
+        return torch.cat([self._vae_latents(self.vae, chunk) for chunk in chunks]).to(self.dtype)
 
     def noised(self, latents: torch.Tensor, draw: int = 0) -> torch.Tensor:
         """z_t = √ᾱ_t z0 + √(1-ᾱ_t) ε at the absolute timestep t, with one ε (seed noise_seed + draw) for
@@ -282,8 +297,15 @@ class DiffusionEncoder:
         self._state.active = True
         try:
             if stop_early:
-                features = partial_unet_forward(self.unet, latents, timesteps, context,
-                                                self.last_block(feature_blocks), feature_blocks)
+                last_block = self.last_block(feature_blocks)
+                parts = []  # (maps, features) per call
+                for rows in one_image_per_call(torch.arange(latents.shape[0]), self.compiled, n_prompts):
+                    self._state.maps = {}
+                    part = self._unet_forward(self.unet, latents[rows], timesteps[rows], context[rows], last_block,
+                                              feature_blocks)
+                    parts.append((self._state.maps, part))
+                self._state.maps = {name: torch.cat([maps[name] for maps, _ in parts]) for name in parts[0][0]}
+                features = {block: torch.cat([part[block] for _, part in parts]) for block in parts[0][1]}
             else:  # diffusers' own forward, whole, as the reference: up-block outputs read by hooks
                 features = {}
                 handles = [self.unet.up_blocks[block].register_forward_hook(

@@ -2,6 +2,7 @@
 rows).  ``inspect`` runs in the model's own batching thread."""
 from __future__ import annotations
 
+import logging
 import math
 import time
 import uuid
@@ -26,6 +27,8 @@ from clipfusion.tasks.thresholds import resolve_decisions
 
 if TYPE_CHECKING:
     from clipfusion.methods.clipfusion.detector import CLIPFusion
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -68,6 +71,10 @@ class ServedModel:
 
             self.card = read_card(self.path)
             self.detector = CLIPFusion.load(self.path, self.settings.runtime, self.settings.batch_size)
+            if self.settings.runtime.compile:
+                # compile now, before requests come: the first image would otherwise wait minutes
+                logger.info("compiling %s's models (--compile) before serving it", self.name)
+                self.detector.predict([np.full((256, 256, 3), 128, np.uint8)], self.detector.category_)
         self.sha256 = model_sha256(self.path)
         self.category: str = self.detector.category_
         self.decisions = resolve_decisions(None, None, self.detector.thresholds_, self.detector, self.category, None)

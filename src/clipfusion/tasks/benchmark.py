@@ -12,9 +12,14 @@ detector as the ``clipfusion`` row, so the two rows compare engines on identical
 and load times are reported, and its maps are compared with PyTorch's (``agreement``: max |Δ| per
 branch relative to PyTorch's map range; with random weights this measures numerical agreement only,
 not accuracy).  Graphs run one image at a time (batch 1).
+
+``clipfusion-compiled`` is the ``clipfusion`` detector with ``RuntimeConfig.compile`` (``--compile``):
+UNet pass and autoencoder through ``torch.compile`` with frozen weights, one image per call.  Its
+warm-up, which compiles, is reported as its setup time.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import resource
@@ -82,7 +87,8 @@ class _Config:
     times: list[float] = field(default_factory=list)
     stages: list[dict[str, float]] = field(default_factory=list)
     peak_rss_mb: float = 0.0
-    setup_seconds: dict[str, float] = field(default_factory=dict)  # an export's: export, load (to compiled graphs)
+    # an export's: export, load (to compiled graphs); a compiled detector's: compile (its warm-up)
+    setup_seconds: dict[str, float] = field(default_factory=dict)
     source: Any = None  # an export's PyTorch detector
 
 
@@ -153,7 +159,11 @@ def _configs(spec: BenchmarkSpec, runtime: RuntimeConfig, references: list[np.nd
         key = (method, preset_name + ("-naive" if naive else ""), shots)
         if key not in fitted:
             preset = random_weight_preset(preset_name, naive)
-            made = CLIPFusion(preset, runtime) if method == "clipfusion" else WinCLIP(preset, runtime)
+            made: CLIPFusion | WinCLIP
+            if method == "winclip":
+                made = WinCLIP(preset, runtime)
+            else:
+                made = CLIPFusion(preset, dataclasses.replace(runtime, compile=method == "clipfusion-compiled"))
             if shots:
                 made.fit(references[:shots], "disc")
             fitted[key] = made
@@ -187,7 +197,10 @@ def _run_benchmark(spec: BenchmarkSpec, progress: bool, folder: Path) -> dict[st
     configs = _configs(spec, runtime, references, folder)
     for config in tqdm(configs, desc="warm-up (builds the models)", disable=not progress):
         config.detector.batch_size = config.batch_size
+        start = time.perf_counter()
         config.detector.predict(tests[:1], "disc")
+        if config.method == "clipfusion-compiled" and not config.setup_seconds:
+            config.setup_seconds = {"compile": round(time.perf_counter() - start, 1)}
     build_seconds = time.perf_counter() - build_start
     with tqdm(total=spec.repeats * len(configs), desc="measuring", disable=not progress) as bar:
         for _ in range(spec.repeats):
@@ -217,14 +230,24 @@ def _find(runs: list[dict[str, Any]], **where: Any) -> dict[str, Any] | None:
 
 
 def _ratios(runs: list[dict[str, Any]]) -> dict[str, float]:
-    """Speed-ups the project tracks (larger = faster), from batch-1 runs."""
+    """Speed-ups the project tracks (larger = faster), from batch-1 runs unless named otherwise."""
     ratios = {}
-    winclip = _find(runs, method="winclip", shots=0, batch_size=1)
-    for preset in ("fast", "paper-recon"):
-        ours = _find(runs, method="clipfusion", preset=preset, shots=0, batch_size=1)
-        if winclip and ours:
-            ratios[f"{preset}_vs_winclip_zero_shot"] = round(winclip["ms_per_image"] / ours["ms_per_image"], 2)
+    for batch in sorted({r["batch_size"] for r in runs}):
+        winclip = _find(runs, method="winclip", shots=0, batch_size=batch)
+        suffix = "" if batch == 1 else f"_batch{batch}"
+        for method, name in (("clipfusion", ""), ("clipfusion-compiled", "_compiled")):
+            for preset in ("fast", "paper-recon"):
+                ours = _find(runs, method=method, preset=preset, shots=0, batch_size=batch)
+                if winclip and ours:
+                    ratios[f"{preset}{name}_vs_winclip_zero_shot{suffix}"] = round(
+                        winclip["ms_per_image"] / ours["ms_per_image"], 2)
     for run in runs:
+        if run["method"] == "clipfusion-compiled":
+            eager = _find(runs, method="clipfusion", preset=run["preset"], shots=run["shots"],
+                          batch_size=run["batch_size"])
+            if eager:
+                ratios[f"{run['preset']}_{run['shots']}shot_batch{run['batch_size']}_compiled_vs_eager"] = round(
+                    eager["ms_per_image"] / run["ms_per_image"], 2)
         if run["method"] in EXPORTED:
             eager = _find(runs, method="clipfusion", preset=run["preset"], shots=run["shots"], batch_size=1)
             if eager:
@@ -276,7 +299,10 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines += ["", "Ratios (larger = faster):", ""]
     lines += [f"- {name}: {value}" for name, value in result["ratios"].items()]
     for r in result["runs"]:
-        if "setup_seconds" in r:
+        if "compile" in r.get("setup_seconds", {}):
+            lines.append(f"- {r['method']} {r['preset']} {r['shots']}-shot batch {r['batch_size']}: warm-up with "
+                         f"compiling {r['setup_seconds']['compile']} s")
+        elif "setup_seconds" in r:
             lines.append(f"- {r['method']} {r['preset']} {r['shots']}-shot: export {r['setup_seconds']['export']} s, "
                          f"load and compile {r['setup_seconds']['load']} s")
     if result.get("agreement"):
