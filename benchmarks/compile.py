@@ -7,14 +7,15 @@ the explicit partial forward up to the last block read; fast = latent 32², one 
 paper-recon = latent 64², one row per state prompt).
 
 Per part: eager in channels-first and channels-last layout (convolutional parts only), then
-compiled in the layout clipfusion loads it in (UNet channels-last, the rest channels-first), twice:
+compiled in the layout clipfusion loads it in (UNet and VAEs channels-last, CLIP as it is), twice:
 inductor's defaults, and with ``freezing`` (weights folded in as constants, so convolution and
 linear weights are packed for oneDNN once instead of at every call; what ``--compile`` uses).  For
 each: the first compiled call's time (cold caches: inductor's caches are disabled) and the steady
 state, plus the graph breaks ``torch._dynamo.explain`` finds.  Every eager figure is taken before
 any compile, so inductor's worker processes never run beside an eager measurement.
 
-Usage: python benchmarks/compile.py [--repeats 3] [--out benchmarks/results/compile.json]
+Usage: python benchmarks/compile.py [--parts clip taesd sd-vae unet-fast unet-paper] [--repeats 3]
+                                   [--out benchmarks/results/compile.json]
 """
 from __future__ import annotations
 
@@ -33,12 +34,12 @@ os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")  # cold compile
 import torch
 from _common import median_ms
 
-from clipfusion.config import RuntimeConfig
+from clipfusion.config import Preset, RuntimeConfig
 from clipfusion.encoders import cache, diffusion
 from clipfusion.encoders.diffusion import DiffusionEncoder
 from clipfusion.tasks.benchmark import machine_info, random_weight_preset
 
-MODES = {"compiled": {}, "compiled_frozen": {"freezing": True}}  # torch.compile options per mode
+MODES = {"compiled": {}, "compiled_frozen": {"freezing": True}}  # inductor settings per mode
 
 
 @dataclass
@@ -54,7 +55,9 @@ class Part:
 
 
 class Compiled:
-    """``function`` compiled once per options (static shapes)."""
+    """``function`` compiled once per mode (static shapes), run with that mode's inductor settings patched
+    in for the whole call: dynamo reads ``freezing`` while tracing, before torch.compile's ``options``
+    would reach inductor."""
 
     def __init__(self, function: Callable[..., Any]) -> None:
         self.function = function
@@ -65,14 +68,21 @@ class Compiled:
             return self.function
         key = json.dumps(options, sort_keys=True)
         if key not in self.compiled:
-            self.compiled[key] = torch.compile(self.function, options=options, dynamic=False)
+            compiled = torch.compile(self.function, dynamic=False)
+
+            def run(*args: Any, settings: dict[str, Any] = options, compiled: Any = compiled) -> Any:
+                with torch._inductor.config.patch(**settings):
+                    return compiled(*args)
+
+            self.compiled[key] = run
         return self.compiled[key]
 
 
 def module_part(name: str, module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], convolutional: bool) -> Part:
     forward = Compiled(module)
     return Part(name, lambda options: forward.get(options)(*inputs), module if convolutional else None,
-                torch.contiguous_format, lambda: torch._dynamo.explain(module)(*inputs))
+                torch.channels_last if convolutional else torch.contiguous_format,
+                lambda: torch._dynamo.explain(module)(*inputs))
 
 
 def unet_part(name: str, encoder: DiffusionEncoder, prompts: list[str]) -> Part:
@@ -83,11 +93,11 @@ def unet_part(name: str, encoder: DiffusionEncoder, prompts: list[str]) -> Part:
     forward = Compiled(eager_forward)
 
     def run(options: dict[str, Any] | None) -> Any:
-        diffusion.partial_unet_forward = forward.get(options)  # what run_unet calls
+        encoder._unet_forward = forward.get(options)  # what run_unet calls (--compile sets it the same way)
         try:
             return encoder.run_unet(latents, prompts, token_indices=[1, 2])
         finally:
-            diffusion.partial_unet_forward = eager_forward
+            encoder._unet_forward = eager_forward
 
     def explain() -> Any:
         rows = len(prompts)
@@ -100,7 +110,7 @@ def unet_part(name: str, encoder: DiffusionEncoder, prompts: list[str]) -> Part:
     return Part(name, run, encoder.unet, torch.channels_last, explain)
 
 
-def measure(parts: list[Part], repeats: int) -> list[dict[str, Any]]:
+def measure(parts: list[Part], repeats: int, modes: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     results: dict[str, dict[str, Any]] = {}
     with torch.inference_mode():
         for part in parts:
@@ -123,7 +133,7 @@ def measure(parts: list[Part], repeats: int) -> list[dict[str, Any]]:
             result["graph_breaks"] = explained.graph_break_count
             result["break_reasons"] = sorted({str(reason.reason).splitlines()[0] for reason in explained.break_reasons})
             loaded = result["eager_channels_last_ms" if part.loaded_layout == torch.channels_last else "eager_ms"]
-            for mode, options in MODES.items():
+            for mode, options in modes.items():
                 torch._dynamo.reset()
                 start = time.perf_counter()
                 part.run(options)
@@ -134,30 +144,46 @@ def measure(parts: list[Part], repeats: int) -> list[dict[str, Any]]:
     return list(results.values())
 
 
+PARTS: dict[str, Callable[[Preset, Preset, RuntimeConfig], Part]] = {
+    "clip": lambda fast, _, runtime: module_part(
+        "CLIP ViT-B-16-plus-240 image tower", cache.clip_encoder(fast.clip, runtime).model.visual,
+        (torch.randn(1, 3, 240, 240),), convolutional=False),
+    "taesd": lambda fast, _, runtime: module_part(
+        "TAESD encoder, 256 px (fast)", cache.diffusion_encoder(fast.diffusion, runtime).vae.encoder,
+        (torch.randn(1, 3, 256, 256),), convolutional=True),
+    "sd-vae": lambda _, paper, runtime: module_part(
+        "SD VAE encoder, 512 px (paper-recon)", cache.diffusion_encoder(paper.diffusion, runtime).vae.encoder,
+        (torch.randn(1, 3, 512, 512),), convolutional=True),
+    "unet-fast": lambda fast, _, runtime: unet_part(
+        "UNet pass with capture, latent 32², 1 joint prompt (fast)", cache.diffusion_encoder(fast.diffusion, runtime),
+        ["a photo of a flawless or damaged object"]),
+    "unet-paper": lambda _, paper, runtime: unet_part(
+        "UNet pass with capture, latent 64², 2 prompts (paper-recon)",
+        cache.diffusion_encoder(paper.diffusion, runtime),
+        ["a photo of a flawless object", "a photo of a damaged object"]),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results/compile.json")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS,
+                        help="measure only these; the other parts' results already in --out are kept")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
+                        help="compile modes to measure; figures of other modes already in --out are kept")
     args = parser.parse_args()
     runtime = RuntimeConfig("cpu", "float32")
     fast, paper = random_weight_preset("fast"), random_weight_preset("paper-recon")
-    clip = cache.clip_encoder(fast.clip, runtime)
-    taesd = cache.diffusion_encoder(fast.diffusion, runtime)
-    sd = cache.diffusion_encoder(paper.diffusion, runtime)
-    runs = measure([
-        module_part("CLIP ViT-B-16-plus-240 image tower", clip.model.visual, (torch.randn(1, 3, *clip.image_size),),
-                    convolutional=False),
-        module_part("TAESD encoder, 256 px (fast)", taesd.vae.encoder, (torch.randn(1, 3, 256, 256),),
-                    convolutional=True),
-        module_part("SD VAE encoder, 512 px (paper-recon)", sd.vae.encoder, (torch.randn(1, 3, 512, 512),),
-                    convolutional=True),
-        unet_part("UNet pass with capture, latent 32², 1 joint prompt (fast)", taesd,
-                  ["a photo of a flawless or damaged object"]),
-        unet_part("UNet pass with capture, latent 64², 2 prompts (paper-recon)", sd,
-                  ["a photo of a flawless object", "a photo of a damaged object"]),
-    ], args.repeats)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"runs": runs, "machine": machine_info(runtime),
+    parts = {key: PARTS[key](fast, paper, runtime) for key in args.parts}
+    runs = measure(list(parts.values()), args.repeats, {mode: MODES[mode] for mode in args.modes})
+    out = Path(args.out)
+    kept = {run["part"]: run for run in json.loads(out.read_text())["runs"]} if out.is_file() else {}
+    for run in runs:  # an earlier run's figures of the modes not measured now stay
+        kept[run["part"]] = {**kept.get(run["part"], {}), **run}
+    runs = list(kept.values())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"runs": runs, "machine": machine_info(runtime),
                                           "note": "batch 1, float32, random weights; ms per call, median of "
                                                   f"{args.repeats} after a warm-up; compiled in the loaded layout; "
                                                   "speed-ups over eager in the loaded layout"},

@@ -1,7 +1,11 @@
-"""The committed CPU figures: `clipfusion benchmark` with the issue's settings, written to benchmarks/results/.
+"""The committed CPU figures: `clipfusion benchmark` of CLIPFusion (eager and `--compile`) and WinCLIP,
+written to benchmarks/results/ (both methods at the default dtype, `--dtype auto`).
 
-Usage: python benchmarks/methods.py [--out benchmarks/results] [extra `clipfusion benchmark` options]
-Writes cpu.json and cpu.md (run it alone: other load on the machine distorts the timings).
+Usage: python benchmarks/methods.py [--out benchmarks/results] [--name cpu] [extra `clipfusion benchmark` options]
+e.g. the committed files:
+  python benchmarks/methods.py --name cpu --shots 0 --batch-size 1 --images 2 --no-naive
+  python benchmarks/methods.py --name cpu-batch8 --presets fast --shots 0 --batch-size 8 --images 8
+Writes NAME.json and NAME.md (run it alone: other load on the machine distorts the timings).
 """
 from __future__ import annotations
 
@@ -20,8 +24,8 @@ def main() -> int:
     parser.add_argument("--name", default="cpu", help="file stem of the results (default: %(default)s)")
     args, extra = parser.parse_known_args()
     with tempfile.TemporaryDirectory() as folder:
-        code = clipfusion(["benchmark", "--methods", "clipfusion", "winclip", "--presets", "paper-recon", "fast",
-                           "--images", "4", "--out", folder, *extra])
+        code = clipfusion(["benchmark", "--methods", "clipfusion", "clipfusion-compiled", "winclip", "--presets",
+                           "paper-recon", "fast", "--images", "4", "--out", folder, *extra])
         if code == 0:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             shutil.copy(Path(folder) / "benchmark.json", Path(args.out) / f"{args.name}.json")

@@ -76,6 +76,22 @@ def test_sweep_writes_the_table_and_the_best_setting(synthetic_root, tmp_path):
     assert "Best by AUPRO" in (out / "sweep.md").read_text()
 
 
+def test_benchmark_ratios_compare_like_with_like():
+    """Each ratio divides two rows of the same batch size (and shots, for compiled vs eager)."""
+    from clipfusion.tasks.benchmark import _ratios
+
+    def row(method: str, batch: int, ms: float) -> dict:
+        return {"method": method, "preset": "fast", "shots": 0, "batch_size": batch, "ms_per_image": ms,
+                "stages": {}}
+
+    runs = [row("winclip", 1, 8000.0), row("winclip", 8, 7600.0), row("clipfusion", 1, 4000.0),
+            row("clipfusion", 8, 3800.0), row("clipfusion-compiled", 1, 2500.0), row("clipfusion-compiled", 8, 1900.0)]
+    assert _ratios(runs) == {
+        "fast_vs_winclip_zero_shot": 2.0, "fast_compiled_vs_winclip_zero_shot": 3.2,
+        "fast_vs_winclip_zero_shot_batch8": 2.0, "fast_compiled_vs_winclip_zero_shot_batch8": 4.0,
+        "fast_0shot_batch1_compiled_vs_eager": 1.6, "fast_0shot_batch8_compiled_vs_eager": 2.0}
+
+
 def test_benchmark_writes_both_files_with_stage_split(tmp_path):
     out = tmp_path / "bench"
     result = clipfusion("benchmark", "--presets", "tiny", "--images", "2", "--repeats", "1", "--out", str(out),

@@ -8,6 +8,7 @@ per model part, not one per batch size (serve's batches vary, a run's last batch
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -18,7 +19,17 @@ Function = TypeVar("Function", bound=Callable[..., Any])
 
 def compile_for_inference(function: Function) -> Function:
     """``function`` compiled lazily (at its first call) with frozen weights and static shapes."""
-    return cast(Function, torch.compile(function, options={"freezing": True}, dynamic=False))
+    compiled = torch.compile(function, dynamic=False)
+
+    @functools.wraps(function)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        # Set for the whole call, not through torch.compile(options=...): dynamo decides while tracing
+        # whether parameters become constants, and options reach inductor only after that (measured:
+        # options={"freezing": True} left the UNet pass as slow as eager).
+        with torch._inductor.config.patch(freezing=True):
+            return compiled(*args, **kwargs)
+
+    return cast(Function, run)
 
 
 def one_image_per_call(tensor: torch.Tensor, compiled: bool, rows_per_image: int = 1) -> tuple[torch.Tensor, ...]:
