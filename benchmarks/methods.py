@@ -2,9 +2,8 @@
 written to benchmarks/results/ (both methods at the default dtype, `--dtype auto`).
 
 Usage: python benchmarks/methods.py [--out benchmarks/results] [--name cpu] [extra `clipfusion benchmark` options]
-e.g. the committed files:
-  python benchmarks/methods.py --name cpu --shots 0 --batch-size 1 --images 2 --no-naive
-  python benchmarks/methods.py --name cpu-batch8 --presets fast --shots 0 --batch-size 8 --images 8
+e.g. the committed cpu.json and cpu.md (about 13 minutes on a 2-core CPU):
+  python benchmarks/methods.py --name cpu --presets fast --shots 0 --batch-size 1 8 --images 8 --no-naive
 Writes NAME.json and NAME.md (run it alone: other load on the machine distorts the timings).
 """
 from __future__ import annotations
