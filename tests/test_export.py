@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
@@ -20,6 +22,7 @@ from clipfusion.service.settings import ServiceSettings
 
 from .commands import clipfusion_here, results
 from .scenes import pixel_auroc
+from .servers import start_server
 
 RUNTIME_VENV = Path(__file__).resolve().parents[1] / ".venv-runtime"
 # Agreement asked of an export: max |Δ| of every branch map, the fused map and the score, relative to the
@@ -170,3 +173,21 @@ def test_the_service_serves_an_export_without_importing_torch(exported_model, mo
     assert stored["sha256"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
     with pytest.raises(ClipfusionError, match="is an export, which is fixed"):
         ServiceSettings(models=(exported_model,), learn=True)
+
+
+def test_clipfusion_serve_serves_an_export_folder_over_http(exported_model, model, synthetic_root, tmp_path):
+    """The README's `serve --model FOLDER`, through the command itself: uvicorn, the API, PyTorch's verdict."""
+    image = sorted((synthetic_root / "disc" / "test").rglob("*.png"))[-1]
+    refused = clipfusion_here("serve", "--model", str(exported_model), "--compile", "--data", str(tmp_path / "x"))
+    assert refused.returncode == 2 and "drop --compile" in refused.stderr and not (tmp_path / "x").exists()
+    server = start_server([exported_model], tmp_path / "data")
+    try:
+        answer = httpx.post(f"{server.url}/v1/models/disc-ov/inspect", timeout=120,
+                            files=[("files", (image.name, image.read_bytes(), "image/png"))])
+    finally:
+        assert server.stop(signal.SIGTERM) in (0, -signal.SIGTERM)  # as test_service_faults accepts
+    assert answer.status_code == 200, answer.text
+    (inspection,) = answer.json()["inspections"]
+    expected = CLIPFusion.load(model).predict([str(image)], "disc")
+    assert abs(inspection["score"] - float(expected.scores[0])) < 1e-4
+    assert inspection["decision"] == expected.labels()[0]

@@ -497,14 +497,26 @@ def _cmd_export(args: argparse.Namespace) -> None:
 def _is_export(args: argparse.Namespace) -> bool:
     """Whether ``--model`` names an export folder (run by the torch-free runtime), or every ``serve
     --model`` does."""
-    models = getattr(args, "models", None) or ([args.model] if getattr(args, "model", None) else [])
+    models = _model_paths(args)
     return bool(models) and all(Path(model).is_dir() for model in models)
+
+
+def _model_paths(args: argparse.Namespace) -> list[str]:
+    """The ``--model`` values of predict (one) or serve (several)."""
+    return getattr(args, "models", None) or ([args.model] if getattr(args, "model", None) else [])
+
+
+def _refuse_compile_of_exports(args: argparse.Namespace) -> None:
+    if args.compile and any(Path(model).is_dir() for model in _model_paths(args)):
+        raise ClipfusionError("--compile runs PyTorch models; an export folder is compiled by OpenVINO Runtime when "
+                              "it loads: drop --compile")
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
     from clipfusion.tasks.predict import Engine, PredictJob, run_predict
 
     engine, detector = None, None
+    _refuse_compile_of_exports(args)
     if args.engine == "ray" and _is_export(args):
         raise ClipfusionError(f"--model {args.model} is an export, which runs with the local engine; drop --engine "
                               "ray, or pass the .cfm model file it came from")
@@ -621,11 +633,14 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     except ImportError as exc:
         raise ClipfusionError(f"the service needs its extra packages ({exc.name} is missing): "
                               "pip install 'clipfusion[serve]'") from None
+    from clipfusion.export.bundle import is_export
     from clipfusion.service.settings import ServiceSettings, read_api_keys
 
     for model in args.models:
-        if not Path(model).is_file():
-            raise ClipfusionError(f"--model {model} not found; write one with `clipfusion fit --out {model}`")
+        if not (Path(model).is_file() or is_export(Path(model))):
+            raise ClipfusionError(f"--model {model} is neither a model file nor an export folder; write one with "
+                                  f"`clipfusion fit --out {model}` or `clipfusion export --out {model}`")
+    _refuse_compile_of_exports(args)
     settings = ServiceSettings(
         models=tuple(Path(m) for m in args.models), data_dir=Path(args.data), database_url=args.db,
         runtime=_runtime(args), batch_size=args.max_batch, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
@@ -675,8 +690,11 @@ def _resolve_auto(args: argparse.Namespace) -> None:
     The values asked for are kept (``asked_device``/``asked_dtype``): Ray workers resolve them on their
     own machines."""
     args.asked_device, args.asked_dtype = getattr(args, "device", None), getattr(args, "dtype", None)
-    if "auto" not in (args.asked_device, args.asked_dtype) or _is_export(args):
-        return  # an export runs on OpenVINO Runtime, whatever --device says
+    if _is_export(args):  # OpenVINO Runtime runs it on the CPU in float32, whatever was asked; no torch import
+        args.device, args.dtype = "cpu", "float32"
+        return
+    if "auto" not in (args.asked_device, args.asked_dtype):
+        return
     from clipfusion.encoders.loading import auto_device_dtype
 
     args.device, args.dtype = auto_device_dtype(args.device, args.dtype)
