@@ -8,6 +8,7 @@ import torch
 from clipfusion.config import RuntimeConfig, get_preset
 from clipfusion.encoders import cache
 from clipfusion.geometry import window_indices
+from clipfusion.methods.clipfusion.detector import CLIPFusion
 from clipfusion.methods.winclip import WinCLIP
 from clipfusion.methods.windows import harmonic_aggregate, window_zero_shot_map
 
@@ -48,3 +49,20 @@ def test_winclip_zero_and_few_shot(scenes):
     assert pixel_auroc(masks, few_shot.maps) > 0.85
     assert not np.allclose(zero_shot.maps, few_shot.maps)
 
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_towers_give_the_float32_maps(scenes, dtype):
+    """At half precision (bfloat16 is the CPU default where BF16 is native, float16 the CUDA one) WinCLIP+'s
+    patch memory and PatchCLIP's 'raw' read-out pass float32 tokens back through the tower's ln_post: they
+    must be cast, and the maps stay those of float32."""
+    normal, defective, masks = scenes
+    half = RuntimeConfig(device="cpu", dtype=dtype)
+    reference = WinCLIP("tiny").fit(normal, "plate").predict(defective[:4], "plate")
+    lowered = WinCLIP("tiny", half).fit(normal, "plate").predict(defective[:4], "plate")
+    assert pixel_auroc(masks[:4], lowered.maps) > 0.85
+    spread = float(reference.maps.max() - reference.maps.min())
+    assert np.abs(lowered.maps - reference.maps).max() < 0.05 * spread
+    raw = CLIPFusion("tiny", half, patchclip__dense_mode="raw").predict(defective[:4], "plate")
+    assert raw.maps.shape == (4, 256, 256)
+    assert np.isfinite(raw.maps).all()

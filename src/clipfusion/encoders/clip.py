@@ -129,9 +129,10 @@ class ClipEncoder:
         """(B, N, C) raw patch tokens of the last block → ``ln_post`` applied (B, N, C), or, with
         ``project``, also the projection into the joint text–image space, L2-normalised (B, N, D)."""
         visual = self.visual
-        normed = visual.ln_post(tokens)
+        # encode_image hands its tokens back in float32; the tower may run in half precision
+        normed = visual.ln_post(tokens.to(visual.ln_post.weight.dtype))
         if not project:
-            return normed
+            return normed.float()
         return F.normalize((normed @ visual.proj if visual.proj is not None else normed).float(), dim=-1)
 
     @torch.inference_mode()
