@@ -136,6 +136,17 @@ def test_a_damaged_export_is_a_one_line_error(exported_model, synthetic_root, tm
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("asked", [("--device", "cuda"), ("--dtype", "bfloat16")])
+def test_an_export_refuses_a_device_or_dtype_it_would_ignore(exported_model, synthetic_root, tmp_path, asked):
+    """OpenVINO Runtime runs an export on the CPU in float32: asking for anything else is a one-line error,
+    not a silent CPU run."""
+    result = clipfusion_here("predict", str(synthetic_root / "disc" / "test"), "--model", str(exported_model),
+                             "--out", str(tmp_path / "out"), *asked, "--quiet")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "runs on the CPU in float32" in result.stderr and "drop --device" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 SERVE_WITHOUT_TORCH = """
 import json, sys
 from pathlib import Path

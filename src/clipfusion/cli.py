@@ -506,17 +506,26 @@ def _model_paths(args: argparse.Namespace) -> list[str]:
     return getattr(args, "models", None) or ([args.model] if getattr(args, "model", None) else [])
 
 
-def _refuse_compile_of_exports(args: argparse.Namespace) -> None:
-    if args.compile and any(Path(model).is_dir() for model in _model_paths(args)):
+def _refuse_torch_options_for_exports(args: argparse.Namespace) -> None:
+    """An export folder runs on OpenVINO Runtime, on the CPU in float32: options of PyTorch models that it
+    would silently ignore are refused."""
+    exports = [model for model in _model_paths(args) if Path(model).is_dir()]
+    if not exports:
+        return
+    if args.compile:
         raise ClipfusionError("--compile runs PyTorch models; an export folder is compiled by OpenVINO Runtime when "
                               "it loads: drop --compile")
+    if args.asked_device not in ("auto", "cpu") or args.asked_dtype not in ("auto", "float32"):
+        raise ClipfusionError(f"--model {exports[0]} is an export, which OpenVINO Runtime runs on the CPU in float32: "
+                              f"drop --device {args.asked_device} --dtype {args.asked_dtype}, or pass the .cfm model "
+                              "file it came from to run PyTorch there")
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
     from clipfusion.tasks.predict import Engine, PredictJob, run_predict
 
     engine, detector = None, None
-    _refuse_compile_of_exports(args)
+    _refuse_torch_options_for_exports(args)
     if args.engine == "ray" and _is_export(args):
         raise ClipfusionError(f"--model {args.model} is an export, which runs with the local engine; drop --engine "
                               "ray, or pass the .cfm model file it came from")
@@ -640,7 +649,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         if not (Path(model).is_file() or is_export(Path(model))):
             raise ClipfusionError(f"--model {model} is neither a model file nor an export folder; write one with "
                                   f"`clipfusion fit --out {model}` or `clipfusion export --out {model}`")
-    _refuse_compile_of_exports(args)
+    _refuse_torch_options_for_exports(args)
     settings = ServiceSettings(
         models=tuple(Path(m) for m in args.models), data_dir=Path(args.data), database_url=args.db,
         runtime=_runtime(args), batch_size=args.max_batch, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
