@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .commands import clipfusion, clipfusion_here, results
+from .commands import clipfusion_here, results
 
 
 def test_predict_folder_with_a_corrupt_file_writes_every_other_result(synthetic_root, tmp_path):
@@ -18,7 +18,8 @@ def test_predict_folder_with_a_corrupt_file_writes_every_other_result(synthetic_
     shutil.copytree(synthetic_root / "disc" / "test" / "good", folder / "good")
     (folder / "good" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     out = tmp_path / "out"
-    result = clipfusion("predict", str(folder), "--category", "disc", "--preset", "tiny", "--out", str(out), "--quiet")
+    result = clipfusion_here("predict", str(folder), "--category", "disc", "--preset", "tiny", "--out", str(out),
+                             "--quiet")
     assert result.returncode == 0, result.stderr
     assert "broken.png" in result.stderr
     summary = json.loads((out / "summary.json").read_text())
@@ -34,7 +35,7 @@ def test_predict_folder_with_a_corrupt_file_writes_every_other_result(synthetic_
 
 def test_predict_few_shot_with_auto_threshold(synthetic_root, tmp_path):
     out = tmp_path / "out"
-    result = clipfusion("predict", str(synthetic_root / "disc" / "test"), "--category", "disc", "--preset", "tiny",
+    result = clipfusion_here("predict", str(synthetic_root / "disc" / "test"), "--category", "disc", "--preset", "tiny",
                         "--normal", str(synthetic_root / "disc" / "train" / "good"), "--shots", "2",
                         "--threshold", "auto", "--out", str(out), "--quiet")
     assert result.returncode == 0, result.stderr
@@ -66,7 +67,7 @@ def test_fit_then_predict_with_the_memory_bank_and_refuse_a_mismatch(synthetic_r
 
 def test_sweep_writes_the_table_and_the_best_setting(synthetic_root, tmp_path):
     out = tmp_path / "sweep"
-    result = clipfusion("sweep", "--dataset", "mvtec", "--root", str(synthetic_root), "--categories", "disc",
+    result = clipfusion_here("sweep", "--dataset", "mvtec", "--root", str(synthetic_root), "--categories", "disc",
                         "--preset", "tiny", "--shots", "1", "--grid", "fusion__alpha_seg=0.2,0.8",
                         "--grid", "diffusion__timestep=50,150", "--out", str(out), "--quiet")
     assert result.returncode == 0, result.stderr
@@ -94,7 +95,7 @@ def test_benchmark_ratios_compare_like_with_like():
 
 def test_benchmark_writes_both_files_with_stage_split(tmp_path):
     out = tmp_path / "bench"
-    result = clipfusion("benchmark", "--presets", "tiny", "--images", "2", "--repeats", "1", "--out", str(out),
+    result = clipfusion_here("benchmark", "--presets", "tiny", "--images", "2", "--repeats", "1", "--out", str(out),
                         "--quiet")
     assert result.returncode == 0, result.stderr
     bench = json.loads((out / "benchmark.json").read_text())
@@ -116,7 +117,7 @@ def test_benchmark_writes_both_files_with_stage_split(tmp_path):
 
 def test_sweep_selects_on_some_categories_and_reports_on_the_others(synthetic_root, tmp_path):
     out = tmp_path / "sweep"
-    result = clipfusion("sweep", "--dataset", "mvtec", "--root", str(synthetic_root), "--preset", "tiny",
+    result = clipfusion_here("sweep", "--dataset", "mvtec", "--root", str(synthetic_root), "--preset", "tiny",
                         "--shots", "1", "--select-on", "disc", "--grid", "fusion__alpha_seg=0.1,0.9",
                         "--out", str(out), "--quiet")
     assert result.returncode == 0, result.stderr
@@ -129,11 +130,11 @@ def test_sweep_selects_on_some_categories_and_reports_on_the_others(synthetic_ro
     fabric = next(r for r in sweep["rows"] if r["category"] == "fabric" and r["setting"] == best_on_disc)
     assert sweep["held_out"]["pixel_aupro"] == pytest.approx(fabric["pixel_aupro"])  # reported on fabric
     assert "held-out categories ['fabric']" in (out / "sweep.md").read_text()
-    same = clipfusion("sweep", "--dataset", "mvtec", "--root", str(synthetic_root), "--preset", "tiny",
+    same = clipfusion_here("sweep", "--dataset", "mvtec", "--root", str(synthetic_root), "--preset", "tiny",
                       "--categories", "disc", "--grid", "fusion__alpha_seg=0.5", "--out", str(tmp_path / "s2"))
     assert same.returncode == 0 and "selected and reported on the same test images" in same.stderr
     assert "optimistic" in (tmp_path / "s2" / "sweep.md").read_text()
-    every = clipfusion("sweep", "--dataset", "mvtec", "--root", str(synthetic_root), "--preset", "tiny",
+    every = clipfusion_here("sweep", "--dataset", "mvtec", "--root", str(synthetic_root), "--preset", "tiny",
                        "--select-on", "disc", "fabric", "--grid", "fusion__alpha_seg=0.5",
                        "--out", str(tmp_path / "s3"))
     assert every.returncode == 2 and "--select-on names every category" in every.stderr
@@ -162,8 +163,7 @@ def test_shots_without_a_folder_of_normals_is_an_error(synthetic_root, tmp_path)
 def test_auto_device_and_dtype(monkeypatch):
     import torch
 
-    from clipfusion.encoders.loading import auto_device_dtype, slow_on_cpu
-    from clipfusion.hardware import CpuInfo
+    from clipfusion.hardware import CpuInfo, auto_device_dtype, slow_on_cpu
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert auto_device_dtype("auto", "auto") == ("cuda", "float16")

@@ -704,7 +704,7 @@ def _resolve_auto(args: argparse.Namespace) -> None:
         return
     if "auto" not in (args.asked_device, args.asked_dtype):
         return
-    from clipfusion.encoders.loading import auto_device_dtype
+    from clipfusion.hardware import auto_device_dtype
 
     args.device, args.dtype = auto_device_dtype(args.device, args.dtype)
     if getattr(args, "engine", "local") == "local":

@@ -24,7 +24,7 @@ class DetectorRecipe:
 
     def runtime(self, base: RuntimeConfig | None) -> RuntimeConfig:
         """``base`` (or the defaults) on this worker's device and dtype."""
-        from clipfusion.encoders.loading import auto_device_dtype
+        from clipfusion.hardware import auto_device_dtype
 
         device, dtype = auto_device_dtype(self.device, self.dtype)
         return dataclasses.replace(base or RuntimeConfig(), device=device, dtype=dtype)

@@ -25,7 +25,7 @@ import torch
 
 from clipfusion.config import TINY, ClipConfig, DiffusionConfig, RuntimeConfig
 from clipfusion.errors import ClipfusionError, WeightsNotFoundError
-from clipfusion.hardware import CpuInfo, cpu_info
+from clipfusion.hardware import cpu_info, slow_on_cpu
 
 if TYPE_CHECKING:  # diffusers and transformers load only when a model is built
     from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
@@ -55,27 +55,6 @@ def runtime_device_dtype(runtime: RuntimeConfig) -> tuple[torch.device, torch.dt
     if device.type == "cpu" and slow_on_cpu(runtime.dtype, cpu_info()):
         logger.warning("%s on this CPU (%s) is emulated: 7-60x slower than float32 on the CPUs we measured; "
                        "use --dtype float32 here", runtime.dtype, cpu_info().model)
-    return device, dtype
-
-
-def slow_on_cpu(dtype: str, cpu: CpuInfo) -> bool:
-    """float16 is emulated on every CPU we know; bfloat16 is native only with AVX-512 BF16 or AMX."""
-    return dtype == "float16" or (dtype == "bfloat16" and not cpu.native_bf16)
-
-
-def auto_device_dtype(device: str, dtype: str, cpu: CpuInfo | None = None) -> tuple[str, str]:
-    """``auto`` resolved: the device to cuda, then mps, then cpu; the dtype to float16 on CUDA, bfloat16
-    on a CPU with native bf16 (``cpu``, default this machine's; 2x faster than float32 on the one we
-    measured) and float32 elsewhere.  Other values pass through."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if dtype == "auto":
-        if device.startswith("cuda"):
-            dtype = "float16"
-        elif device == "cpu" and (cpu or cpu_info()).native_bf16:
-            dtype = "bfloat16"
-        else:
-            dtype = "float32"
     return device, dtype
 
 
