@@ -374,9 +374,9 @@ def test_a_pickled_checkpoint_as_clip_weights_is_refused_in_one_line(synthetic_r
     checkpoint = tmp_path / "weights.bin"
     checkpoint.write_bytes(pickle.dumps({"state_dict": Path("not/a/tensor")}))  # torch.load(weights_only) refuses it
     image = str(next((synthetic_root / "disc" / "test" / "good").glob("*.png")))
-    result = clipfusion("predict", image, "--category", "disc", "--preset", "tiny", "--quiet",
-                        "--set", "clip__model_name=ViT-B-32", "--set", f"clip__pretrained={checkpoint}",
-                        "--out", str(tmp_path / "o"))
+    result = clipfusion_here("predict", image, "--category", "disc", "--preset", "tiny", "--quiet",
+                             "--set", "clip__model_name=ViT-B-32", "--set", f"clip__pretrained={checkpoint}",
+                             "--out", str(tmp_path / "o"))
     _one_line_error(result, f"cannot load CLIP weights {checkpoint}")
 
 
@@ -391,7 +391,7 @@ def _parse_outputs(out: Path) -> None:
 
 def test_kill_9_at_random_moments_never_leaves_a_broken_file(synthetic_root, tmp_path):
     reference = tmp_path / "reference"
-    assert _evaluate(synthetic_root, reference, "--seeds", "0", "1").returncode == 0
+    assert _evaluate_here(synthetic_root, reference, "--seeds", "0", "1").returncode == 0
     expected = _strict_json(reference / "results.json")["mean"]
     out = tmp_path / "killed"
     script = Path(sys.executable).with_name("clipfusion")
