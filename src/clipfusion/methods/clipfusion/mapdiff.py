@@ -110,11 +110,16 @@ class MapDiff:
     @torch.inference_mode()
     def reference_features(self, images: Sequence[np.ndarray], category: str) -> dict[int, torch.Tensor]:
         """{up-block: (B, C, h, w)} of normal references: only the prompt the features come from is run,
-        so a reference costs one UNet row, not one per state word."""
+        so a reference costs one UNet row, not one per state word.  Compiled, references run the queries'
+        pass instead (every prompt, every word's columns): one compiled graph then serves both, and a
+        second compile costs minutes where the extra rows of k references cost seconds."""
         encoder = self.encoder
         state = self.state_prompts(category)
-        prompt, positions = state.prompts[0], state.words[0][1]
-        out = encoder.encode(encoder.preprocess(images), [prompt], token_indices=positions)
+        pixels = encoder.preprocess(images)
+        if encoder.compiled:
+            out = encoder.encode(pixels, state.prompts, self.columns(state), encoder.config.feature_blocks)
+        else:
+            out = encoder.encode(pixels, [state.prompts[0]], token_indices=state.words[0][1])
         return {block: f[:, 0] for block, f in out.features.items()}
 
     def _rule(self, anomalous: torch.Tensor, normal: torch.Tensor) -> torch.Tensor:
