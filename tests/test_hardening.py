@@ -370,6 +370,7 @@ def test_damaged_run_files_and_banks_are_named(synthetic_root, tmp_path):
     _one_line_error(listed, "not a JSON object")
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch.load on the planted file
 def test_a_pickled_checkpoint_as_clip_weights_is_refused_in_one_line(synthetic_root, tmp_path):
     checkpoint = tmp_path / "weights.bin"
     checkpoint.write_bytes(pickle.dumps({"state_dict": Path("not/a/tensor")}))  # torch.load(weights_only) refuses it
