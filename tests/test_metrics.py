@@ -208,3 +208,16 @@ def test_rejects_mismatched_or_non_finite_input():
     bad[0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         pixel_auroc(np.eye(4, dtype=bool)[None], bad)
+
+
+def test_descending_order_is_numpys_lexsort_order():
+    """The packed-key sort behind the curves against NumPy's own sort: scores high to low, ties by index high to
+    low; negative, tiny, huge and repeated values."""
+    from clipfusion.evaluation.metrics import _descending_order
+
+    rng = np.random.default_rng(3)
+    scores = np.concatenate([rng.normal(size=5000), [1e-30, -1e-30, 3e38, -3e38, 0.0], np.repeat([0.25, -2.0], 50)])
+    scores = rng.permutation(scores).astype(np.float32)
+    order = _descending_order(scores)
+    expected = np.lexsort((-np.arange(scores.size), -scores))  # last key first: score descending, then index
+    np.testing.assert_array_equal(order, expected)

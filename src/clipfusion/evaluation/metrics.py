@@ -116,6 +116,28 @@ def _rank_pixels(masks: ArrayOrMaps, maps: ArrayOrMaps) -> _PixelRanking:
     return _PixelRanking(scores, np.concatenate(region_ids), np.concatenate(sizes))
 
 
+def _descending_order(scores: np.ndarray) -> np.ndarray:
+    """Indices of finite float32 ``scores`` from the highest score to the lowest, as one sort of 64-bit keys
+    (the score's bits made order-preserving as an unsigned integer, above the pixel's index).
+
+    Why not ``np.argsort``: NumPy has SIMD argsort kernels only for AVX-512, while its plain sort has them
+    for AVX2 too.  On a 2-core AVX2 EPYC, 9.8 M pixels: 0.9 s against argsort's 2.5 s (benchmarks/metrics.py).
+    """
+    if scores.size >= 2**32:  # the index must fit the low 32 bits
+        return np.argsort(scores)[::-1]
+    keys = scores.view(np.uint32).astype(np.uint64)
+    negative = keys >= 0x80000000
+    np.bitwise_xor(keys, 0xFFFFFFFF, out=keys, where=negative)  # negative floats: larger magnitude sorts lower
+    np.bitwise_or(keys, 0x80000000, out=keys, where=~negative)  # non-negative floats: above every negative one
+    del negative
+    np.left_shift(keys, 32, out=keys)
+    for start in range(0, keys.size, _CHUNK):  # the index into the low bits, without a full-size temporary
+        keys[start:start + _CHUNK] |= np.arange(start, min(start + _CHUNK, keys.size), dtype=np.uint64)
+    keys.sort()
+    np.bitwise_and(keys, 0xFFFFFFFF, out=keys)
+    return keys[::-1].view(np.int64)
+
+
 def _curve_metrics(ranking: _PixelRanking, fpr_limit: float) -> dict[str, float]:
     """AUROC, AP, F1-max and exact AUPRO from one pass over the pixels in descending score order.
 
@@ -128,7 +150,7 @@ def _curve_metrics(ranking: _PixelRanking, fpr_limit: float) -> dict[str, float]
     n_neg = regions.size - n_pos
     weights = np.zeros(ranking.n_regions + 1)
     weights[1:] = 1.0 / (ranking.region_sizes[1:] * max(ranking.n_regions, 1))
-    order = np.argsort(scores)[::-1]
+    order = _descending_order(scores)
     tp = fp = 0
     pro = 0.0
     prev_fpr = prev_tpr = prev_pro = 0.0
