@@ -515,10 +515,13 @@ def _refuse_torch_options_for_exports(args: argparse.Namespace) -> None:
     if args.compile:
         raise ClipfusionError("--compile runs PyTorch models; an export folder is compiled by OpenVINO Runtime when "
                               "it loads: drop --compile")
-    if args.asked_device not in ("auto", "cpu") or args.asked_dtype not in ("auto", "float32"):
+    ignored = [f"--{name} {value}" for name, value, fits in (("device", args.asked_device, ("auto", "cpu")),
+                                                             ("dtype", args.asked_dtype, ("auto", "float32")))
+               if value not in fits]
+    if ignored:
         raise ClipfusionError(f"--model {exports[0]} is an export, which OpenVINO Runtime runs on the CPU in float32: "
-                              f"drop --device {args.asked_device} --dtype {args.asked_dtype}, or pass the .cfm model "
-                              "file it came from to run PyTorch there")
+                              f"drop {' '.join(ignored)}, or pass the .cfm model file it came from to run PyTorch "
+                              "there")
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:

@@ -121,7 +121,8 @@ def _descending_order(scores: np.ndarray) -> np.ndarray:
     (the score's bits made order-preserving as an unsigned integer, above the pixel's index).
 
     Why not ``np.argsort``: NumPy has SIMD argsort kernels only for AVX-512, while its plain sort has them
-    for AVX2 too.  On a 2-core AVX2 EPYC, 9.8 M pixels: 0.9 s against argsort's 2.5 s (benchmarks/metrics.py).
+    for AVX2 too.  On a 2-core AVX2 EPYC, 9.8 M pixels: 0.9 s against argsort's 2.5 s, and all the curve metrics
+    of 150 maps at 256² 1.7 s against 3.6 s (benchmarks/metrics.py).
     """
     if scores.size >= 2**32:  # the index must fit the low 32 bits
         return np.argsort(scores)[::-1]
