@@ -246,6 +246,36 @@ def test_predict_outputs_are_strict_json(synthetic_root, tmp_path):
     assert all(row["decision"] == ("NG" if row["score"] > 0.5 else "OK") for row in results(out))
 
 
+def test_predict_outputs_get_the_permissions_of_a_plain_write(synthetic_root, tmp_path):
+    """Atomic writes go through mkstemp's 0600 files; the outputs must still be readable as the umask allows,
+    like any file the user's tools write (the operating system's open() is the reference)."""
+    out = tmp_path / "out"
+    result = clipfusion_here("predict", str(synthetic_root / "disc" / "test"), "--category", "disc", "--preset",
+                             "tiny", "--threshold", "0.5", "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    (tmp_path / "plain").write_text("x")
+    plain = (tmp_path / "plain").stat().st_mode & 0o777
+    written = [path for path in out.rglob("*") if path.is_file()]
+    assert {"results.csv", "summary.json", "index.html"} <= {path.name for path in written}
+    assert {path.parent.name for path in written} >= {"maps", "overlays", "thumbnails"}
+    assert {path.relative_to(out).as_posix(): path.stat().st_mode & 0o777 for path in written} == \
+        {path.relative_to(out).as_posix(): plain for path in written}
+
+
+def test_an_atomic_write_follows_the_umask_and_keeps_an_existing_files_mode(tmp_path):
+    code = ("import os, sys\nfrom pathlib import Path\nfrom clipfusion.outputs import write_atomic\n"
+            "folder = Path(sys.argv[1])\nwrite_atomic(folder / 'new.json', '{}')\n"
+            "open(folder / 'plain.json', 'w').close()\n"
+            "kept = folder / 'kept.json'\nkept.write_text('old')\nos.chmod(kept, 0o604)\nwrite_atomic(kept, 'new')\n"
+            "names = ('new.json', 'plain.json', 'kept.json')\n"
+            "print(' '.join(oct(os.stat(folder / name).st_mode & 0o777) for name in names))")
+    run = subprocess.run(["sh", "-c", 'umask 027 && exec "$0" -c "$1" "$2"', sys.executable, code, str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["0o640", "0o640", "0o604"]
+    assert (tmp_path / "kept.json").read_text() == "new"
+
+
 # --- 9. predict leaves no stale files ----------------------------------------------------------------------------
 
 def test_predict_refuses_a_folder_with_an_earlier_run_unless_overwrite(synthetic_root, tmp_path):

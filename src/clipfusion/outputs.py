@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import stat
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -30,11 +31,32 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def _process_umask() -> int:
+    """The process's umask, read once (setting it back at once: Python can only read it by setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# read at import, before any thread of this process writes files with it
+UMASK = _process_umask()
+
+
+def _final_mode(path: Path) -> int:
+    """The permissions ``path`` gets: an existing file's own, else what ``open()`` would give a new one
+    (0o666 less the umask)."""
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~UMASK
+
+
 def write_atomic(path: Path, data: str | bytes) -> None:
     """Write ``data`` to a unique temporary file beside ``path``, then rename it over ``path``.
 
     A crash leaves either the old file or the new one, never a partial one; two writers never
-    share a temporary name.
+    share a temporary name.  The file gets the permissions a plain write would give it (mkstemp's
+    temporary files are 0o600, which would hide results from the line's other accounts).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -42,6 +64,7 @@ def write_atomic(path: Path, data: str | bytes) -> None:
         with os.fdopen(handle, "wb") as stream:
             # surrogateescape: a file name that is not valid UTF-8 is written back as its original bytes
             stream.write(data.encode("utf-8", errors="surrogateescape") if isinstance(data, str) else data)
+        os.chmod(tmp, _final_mode(path))  # os.chmod, not fchmod: Windows (the exported runtime) has only this
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
