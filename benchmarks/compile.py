@@ -178,16 +178,17 @@ def main() -> None:
     parts = {key: PARTS[key](fast, paper, runtime) for key in args.parts}
     runs = measure(list(parts.values()), args.repeats, {mode: MODES[mode] for mode in args.modes})
     out = Path(args.out)
-    kept = {run["part"]: run for run in json.loads(out.read_text())["runs"]} if out.is_file() else {}
+    earlier = json.loads(out.read_text()) if out.is_file() else {"runs": []}
+    kept = {run["part"]: run for run in earlier["runs"]}
     for run in runs:  # an earlier run's figures of the modes not measured now stay
         kept[run["part"]] = {**kept.get(run["part"], {}), **run}
     runs = list(kept.values())
+    # a merged file keeps its note, which says which figures came from which run (edit it by hand)
+    note = earlier.get("note") or (f"batch 1, float32, random weights; ms per call, median of {args.repeats} after "
+                                   "a warm-up; compiled in the loaded layout; speed-ups over eager in the loaded "
+                                   "layout")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"runs": runs, "machine": machine_info(runtime),
-                                          "note": "batch 1, float32, random weights; ms per call, median of "
-                                                  f"{args.repeats} after a warm-up; compiled in the loaded layout; "
-                                                  "speed-ups over eager in the loaded layout"},
-                                         indent=2) + "\n")
+    out.write_text(json.dumps({"runs": runs, "machine": machine_info(runtime), "note": note}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
