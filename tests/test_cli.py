@@ -161,6 +161,52 @@ def test_the_readme_first_screen_gets_a_newcomer_to_a_verdict():
         assert needle in first_screen, needle
 
 
+def test_predict_and_fit_report_mistakes_before_a_model_loads_or_ray_starts(synthetic_root, model, tmp_path):
+    """A mistyped path, a refused --out or a bad --threshold is a one-line error within the imports' seconds:
+    no model package or Ray is imported first (a real model takes a minute to load, Ray seconds to start),
+    and nothing is written."""
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "run.json").write_text("{}")
+    good, normal = synthetic_root / "disc" / "test" / "good", synthetic_root / "disc" / "train" / "good"
+    tiny = ["--category", "disc", "--preset", "tiny", "--quiet"]
+    cases = [
+        (["predict", str(tmp_path / "typo"), "--out", str(tmp_path / "a"), *tiny], "no image files found at"),
+        (["predict", str(tmp_path / "typo"), "--out", str(tmp_path / "b"), "--engine", "ray", *tiny],
+         "no image files found at"),
+        (["predict", str(tmp_path / "typo"), "--model", str(model), "--out", str(tmp_path / "c"), "--quiet"],
+         "no image files found at"),
+        (["predict", str(good), "--out", str(earlier), *tiny], "holds an earlier predict run"),
+        (["predict", str(good), "--normal", str(normal), "--shots", "1", "--threshold", "0.x5",
+          "--out", str(tmp_path / "d"), *tiny], "--threshold must be a finite number"),
+        (["predict", str(good), "--threshold", "auto", "--out", str(tmp_path / "e"), *tiny],
+         "--threshold auto needs --normal"),
+        (["predict", str(good), "--memory", str(tmp_path / "no.safetensors"), "--out", str(tmp_path / "f"), *tiny],
+         "no.safetensors not found"),
+        (["predict", str(good), "--normal", str(tmp_path / "typo"), "--shots", "1", "--out", str(tmp_path / "g"),
+          *tiny], "no image files found at"),
+        (["fit", "--normal", str(tmp_path / "typo"), "--shots", "1", "--out", str(tmp_path / "h.cfm"), *tiny],
+         "no image files found at"),
+        (["fit", "--normal", str(normal), "--shots", "1", "--out", str(earlier), *tiny], "is a folder"),
+    ]
+    code = ("import contextlib, io, json, sys\nfrom clipfusion.cli import main\nout = []\n"
+            "for args in json.loads(sys.argv[1]):\n"
+            "    err = io.StringIO()\n"
+            "    with contextlib.redirect_stderr(err):\n"
+            "        out.append([main(args), err.getvalue()])\n"
+            "out.append(sorted(m for m in ('diffusers', 'open_clip', 'transformers', 'ray') if m in sys.modules))\n"
+            "print(json.dumps(out))")
+    run = subprocess.run([sys.executable, "-c", code, json.dumps([args for args, _ in cases])], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    *outcomes, imported = json.loads(run.stdout.strip().splitlines()[-1])
+    for (args, message), (code_, stderr) in zip(cases, outcomes, strict=True):
+        assert code_ == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, (args, stderr)
+    assert imported == []
+    assert [path.name for path in tmp_path.iterdir()] == ["earlier"]  # no --out was made
+    assert [path.name for path in earlier.iterdir()] == ["run.json"]
+
+
 def test_the_mean_image_baseline_does_not_load_the_models_packages(synthetic_root, tmp_path):
     """Methods are imported when first used: the baseline (and every one-line error before a model loads) is
     spared open_clip's and diffusers' imports, about 10 s a process on 2 cores."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -469,15 +470,16 @@ def _cmd_fit(args: argparse.Namespace) -> None:
     from clipfusion.methods.clipfusion.model_file import MODEL_SUFFIX
     from clipfusion.tasks.fit import fit_memory, fit_model
 
-    detector = _make_detector(args, "clipfusion")
+    make_detector = functools.partial(_make_detector, args, "clipfusion")
     if Path(args.out).suffix == MODEL_SUFFIX:
-        path, fitted = fit_model(detector, args.normal, args.category, args.shots, args.seed, args.out,
+        path, fitted = fit_model(make_detector, args.normal, args.category, args.shots, args.seed, args.out,
                                  args.max_pixels, progress=not args.quiet)
         thresholds = fitted.thresholds_
         print(f"wrote {path}: {args.category}, {args.shots} references, image threshold {thresholds.image:.4f} and "
               f"pixel threshold {thresholds.pixel:.4f} from {thresholds.n_normals} held-out normal images")
         return
-    path, names = fit_memory(detector, args.normal, args.category, args.shots, args.seed, args.out, args.max_pixels)
+    path, names = fit_memory(make_detector, args.normal, args.category, args.shots, args.seed, args.out,
+                             args.max_pixels)
     print(f"wrote {path}: {len(names)} references of {args.category} ({', '.join(names)})")
 
 
@@ -525,43 +527,44 @@ def _refuse_torch_options_for_exports(args: argparse.Namespace) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
-    from clipfusion.tasks.predict import Engine, PredictJob, run_predict
+    from clipfusion.protocol import Detector
+    from clipfusion.tasks.predict import Engine, PredictJob, plan_predict, run_predict
 
-    engine, detector = None, None
     _refuse_torch_options_for_exports(args)
-    if args.engine == "ray" and _is_export(args):
+    export = _is_export(args)
+    if args.engine == "ray" and export:
         raise ClipfusionError(f"--model {args.model} is an export, which runs with the local engine; drop --engine "
                               "ray, or pass the .cfm model file it came from")
-    if args.engine == "ray":
-        from clipfusion.distributed.predict import ray_scorer
-
-        if args.model:
-            card = _model_card(args)
-            args.category, args.preset = card.category, card.preset
-            recipe = _recipe(args, "clipfusion", {"batch_size": args.batch_size, "runtime": _runtime(args)},
-                             args.model)
-        else:
-            args.category, args.preset = args.category or "object", args.preset or "paper-recon"
-            recipe = _recipe(args, args.method, _params(args, args.method))
-        engine = Engine(ray_scorer(recipe, _ray_options(args)), parquet=True)
-    elif _is_export(args):
-        from clipfusion.runtime.exported import ExportedDetector
-
-        _model_card(args)
-        detector = ExportedDetector(args.model)
-        args.category, args.preset = detector.category_, detector.preset
-    elif args.model:
-        detector = _model_detector(args)
-        args.category, args.preset = detector.category_, detector.preset
+    if args.model:
+        args.category, args.preset = _model_category_preset(args)
     else:
         args.category, args.preset = args.category or "object", args.preset or "paper-recon"
-        detector = _make_detector(args, args.method)
     job = PredictJob(inputs=args.paths, category=args.category, out=args.out, method=args.method, preset=args.preset,
                      model=args.model, normal=args.normal, shots=args.shots, seed=args.seed, memory=args.memory,
                      threshold=args.threshold, scale=args.scale, min_area=args.min_area, batch_size=args.batch_size,
                      progress=not args.quiet, overwrite=args.overwrite, resume=args.resume,
                      max_pixels=args.max_pixels)
-    summary, decisions = run_predict(job, detector, engine)
+    # every mistake in the options, inputs and --out is reported before a model loads or Ray starts
+    plan = plan_predict(job, local=args.engine == "local")
+    engine: Engine | None = None
+    detector: Detector | None = None
+    if args.engine == "ray":
+        from clipfusion.distributed.predict import ray_scorer
+
+        recipe = _recipe(args, "clipfusion", {"batch_size": args.batch_size, "runtime": _runtime(args)}, args.model) \
+            if args.model else _recipe(args, args.method, _params(args, args.method))
+        engine = Engine(ray_scorer(recipe, _ray_options(args)), parquet=True)
+    elif export:
+        from clipfusion.runtime.exported import ExportedDetector
+
+        detector = ExportedDetector(args.model)
+    elif args.model:
+        from clipfusion.methods.clipfusion.detector import CLIPFusion
+
+        detector = CLIPFusion.load(args.model, _runtime(args), args.batch_size)
+    else:
+        detector = _make_detector(args, args.method)
+    summary, decisions = run_predict(job, plan, detector, engine)
     out = Path(args.out).resolve()
     print(f"scored {summary['images']} images ({len(summary['skipped'])} skipped) → {out / 'results.csv'}")
     if decisions.image is not None:
@@ -569,14 +572,15 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     print(f"open {out / 'index.html'}")
 
 
-def _model_card(args: argparse.Namespace) -> Any:
-    """The card of ``--model``; an option that contradicts the file is a one-line error naming it."""
+def _model_category_preset(args: argparse.Namespace) -> tuple[str, str]:
+    """The category and preset of ``--model`` (a model file's card, an export's manifest); an option that
+    contradicts the file is a one-line error naming it."""
     from clipfusion.export.bundle import read_manifest
     from clipfusion.methods.clipfusion.model_file import read_card
 
-    if _is_export(args):  # its card is None for an uncalibrated zero-shot export
+    if _is_export(args):
         manifest = read_manifest(Path(args.model), verify=False)
-        card, card_category, card_preset = manifest.card, manifest.category, manifest.preset
+        card_category, card_preset = manifest.category, manifest.preset
     else:
         card = read_card(Path(args.model))
         card_category, card_preset = card.category, card.preset
@@ -591,15 +595,7 @@ def _model_card(args: argparse.Namespace) -> Any:
         clashes.append(f"--preset {args.preset} (the model file's preset is {card_preset})")
     if clashes:
         raise ClipfusionError(f"--model {args.model} contradicts: {'; '.join(clashes)}; drop those options")
-    return card
-
-
-def _model_detector(args: argparse.Namespace) -> Any:
-    """The detector of ``--model``, loaded here (options checked against its card first)."""
-    from clipfusion.methods.clipfusion.detector import CLIPFusion
-
-    _model_card(args)
-    return CLIPFusion.load(args.model, _runtime(args), args.batch_size)
+    return card_category, card_preset
 
 
 def _cmd_sweep(args: argparse.Namespace) -> None:

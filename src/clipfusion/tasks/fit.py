@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from clipfusion.data.base import MAX_PIXELS, read_images
 from clipfusion.errors import ClipfusionError
-from clipfusion.methods.clipfusion.detector import CLIPFusion
 from clipfusion.outputs import file_sha256
 from clipfusion.tasks.inputs import draw_references
+
+if TYPE_CHECKING:  # the detector's packages load only once the options, --normal and --out are checked
+    from clipfusion.methods.clipfusion.detector import CLIPFusion
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +31,10 @@ def check_writable_file(path: Path) -> None:
         raise ClipfusionError(f"cannot write in {folder} (permission denied); choose another --out")
 
 
-def fit_memory(detector: CLIPFusion, normal: str, category: str, shots: int, seed: int, out: str,
+def fit_memory(make_detector: Callable[[], CLIPFusion], normal: str, category: str, shots: int, seed: int, out: str,
                max_pixels: int = MAX_PIXELS) -> tuple[Path, list[str]]:
-    """Draw ``shots`` references from ``normal`` with ``seed``, fit, save the bank; (path, reference names)."""
+    """Draw ``shots`` references from ``normal`` with ``seed``, fit the detector ``make_detector`` builds
+    (after every check), save the bank; (path, reference names)."""
     if shots < 1:
         raise ClipfusionError("--shots must be >= 1 for a memory bank")
     if seed < 0:
@@ -40,14 +45,16 @@ def fit_memory(detector: CLIPFusion, normal: str, category: str, shots: int, see
     if not images:
         raise ClipfusionError(f"none of the drawn references in {normal} could be read")
     names = [p.name for p in paths]
+    detector = make_detector()
     detector.fit(images, category, reference_names=names)
     return detector.save_memory(out), names
 
 
-def fit_model(detector: CLIPFusion, normal: str, category: str, shots: int, seed: int, out: str,
+def fit_model(make_detector: Callable[[], CLIPFusion], normal: str, category: str, shots: int, seed: int, out: str,
               max_pixels: int = MAX_PIXELS, progress: bool = False) -> tuple[Path, CLIPFusion]:
     """The inspection model file: ``shots`` references drawn with ``seed`` (none: a zero-shot model),
-    thresholds from the other normal images of ``normal`` (never the references), written to ``out``."""
+    thresholds from the other normal images of ``normal`` (never the references), written to ``out``.
+    ``make_detector`` is called once every check has passed."""
     if shots < 0 or seed < 0:
         raise ClipfusionError("--shots and --seed must be >= 0")
     check_writable_file(Path(out))  # before any model runs
@@ -55,6 +62,7 @@ def fit_model(detector: CLIPFusion, normal: str, category: str, shots: int, seed
     used, images, _ = read_images(drawn.used, max_pixels)
     if shots and not images:
         raise ClipfusionError(f"none of the drawn references in {normal} could be read")
+    detector = make_detector()
     if images:
         detector.fit(images, category, reference_names=[p.name for p in used], progress=progress)
     _, normals, _ = read_images(drawn.held_out, max_pixels)

@@ -31,8 +31,8 @@ from clipfusion.resampling import resize_image, resize_maps
 from clipfusion.row_log import CSV, JSONL, PARTS, ParquetParts, RowLog
 from clipfusion.run_folders import check_output_folder, output_folder
 from clipfusion.tasks.index_page import write_index
-from clipfusion.tasks.inputs import collect_sources, draw_references
-from clipfusion.tasks.thresholds import Decisions, resolve_decisions
+from clipfusion.tasks.inputs import References, collect_sources, draw_references
+from clipfusion.tasks.thresholds import Decisions, check_decision_options, resolve_decisions
 
 logger = logging.getLogger(__name__)
 # What predict writes directly in --out (all that --overwrite may delete).
@@ -341,30 +341,59 @@ class Engine:
     parquet: bool = False
 
 
-def run_predict(job: PredictJob, detector: Detector | None, engine: Engine | None = None
-                ) -> tuple[dict[str, Any], Decisions]:
-    """Fit ``detector`` on drawn references or load a memory bank, set the decisions, score the inputs.
+@dataclass(frozen=True)
+class PredictPlan:
+    """What a predict run reads and where it writes, checked by :func:`plan_predict` before any model
+    loads or engine starts, so a mistyped path costs seconds, not a model load.
 
-    ``engine`` None scores with ``detector`` in this process.  An engine that builds its own detectors
-    (Ray) may come with ``detector`` None: the thresholds are then read from the model file's card.
-    """
+    paths: the images (absolute paths or URIs); protected: the input folders (never written);
+    earlier: whether ``out`` holds an earlier run; drawn: the references drawn from ``--normal``."""
+
+    paths: list[str]
+    out: Path
+    protected: list[Path]
+    earlier: bool
+    drawn: References | None
+
+
+def plan_predict(job: PredictJob, local: bool = True) -> PredictPlan:
+    """Every one-line error of the options, the inputs, ``--normal`` and ``--out``; ``local``: the
+    images are scored in this process (``--memory`` and ``--normal`` need it)."""
     _check_options(job)
-    if detector is None and (job.memory or job.normal):
+    if not local and (job.memory or job.normal):
         raise ClipfusionError("--memory and --normal need the local engine: write a model file with "
                               "`clipfusion fit --out X.cfm` and pass --model X.cfm")
-    if engine is None:
-        if detector is None:
-            raise ValueError("run_predict needs a detector or an engine")
-        engine = Engine(functools.partial(local_scorer, detector))
+    check_decision_options(job.threshold, job.scale, job.normal)
+    if job.memory and not Path(job.memory).is_file():
+        raise ClipfusionError(f"--memory {job.memory} not found; write one with `clipfusion fit --out "
+                              f"{job.memory}`")
     out = Path(job.out)
     paths = _paths(job, out)
-    inputs = [Path(item).expanduser() for item in job.inputs if not is_uri(item) and Path(item).expanduser().is_dir()]
-    check_output_folder(out, "predict", PREDICT_OUTPUTS, protected=inputs)
+    protected = [Path(item).expanduser() for item in job.inputs
+                 if not is_uri(item) and Path(item).expanduser().is_dir()]
+    check_output_folder(out, "predict", PREDICT_OUTPUTS, protected=protected)
     earlier = out.is_dir() and (out / "run.json").is_file()
     if earlier and not (job.overwrite or job.resume):
         raise ClipfusionError(f"--out {out} holds an earlier predict run; add --resume to score only the images "
                               "it lacks, --overwrite to replace it (only clipfusion's own files are deleted), or "
                               "choose another folder")
+    drawn = draw_references(job.normal, job.shots, job.seed) if job.normal else None
+    return PredictPlan(paths, out, protected, earlier, drawn)
+
+
+def run_predict(job: PredictJob, plan: PredictPlan, detector: Detector | None, engine: Engine | None = None
+                ) -> tuple[dict[str, Any], Decisions]:
+    """Fit ``detector`` on the drawn references or load a memory bank, set the decisions, score the
+    inputs of ``plan`` (from :func:`plan_predict`).
+
+    ``engine`` None scores with ``detector`` in this process.  An engine that builds its own detectors
+    (Ray) may come with ``detector`` None: the thresholds are then read from the model file's card.
+    """
+    if engine is None:
+        if detector is None:
+            raise ValueError("run_predict needs a detector or an engine")
+        engine = Engine(functools.partial(local_scorer, detector))
+    out, earlier = plan.out, plan.earlier
     if job.resume and not earlier:
         logger.info("--resume: %s holds no earlier run; starting one", out)
     references: list[str] = []
@@ -375,12 +404,11 @@ def run_predict(job: PredictJob, detector: Detector | None, engine: Engine | Non
             raise ClipfusionError(f"--memory works with --method clipfusion, not {job.method}")
         load_memory(job.memory)
         references = detector.memory_bank_.manifest.get("references", [])  # type: ignore[attr-defined]
-    if job.normal and detector is not None:
-        drawn = draw_references(job.normal, job.shots, job.seed)
+    if plan.drawn is not None and detector is not None:
         # the memory bank's own references are not held out: they would pull an auto threshold down
-        held_out = [p for p in drawn.held_out if p.name not in set(references)]
-        if drawn.used:
-            used, images, _ = read_images(drawn.used, job.max_pixels)
+        held_out = [p for p in plan.drawn.held_out if p.name not in set(references)]
+        if plan.drawn.used:
+            used, images, _ = read_images(plan.drawn.used, job.max_pixels)
             detector.fit(images, job.category)
             references = [p.name for p in used]
     thresholds = getattr(detector, "thresholds_", None) if detector is not None else \
@@ -392,14 +420,14 @@ def run_predict(job: PredictJob, detector: Detector | None, engine: Engine | Non
                 "image_threshold": decisions.image, "pixel_threshold": decisions.pixel,
                 "scale": list(decisions.scale), "min_area": job.min_area}
     settings = RowSettings(job.category, decisions, model_id, job.min_area, job.max_pixels)
-    with output_folder(out, "predict", PREDICT_OUTPUTS, job.overwrite, protected=inputs):
+    with output_folder(out, "predict", PREDICT_OUTPUTS, job.overwrite, protected=plan.protected):
         if job.resume and earlier:
             _check_resumable(out, identity)
         else:
             write_atomic(out / "run.json", json_text({"identity": identity, "how": decisions.how,
                                                       "references": references, "model": job.model}))
         parts = ParquetParts(out / PARTS, ROW_FIELDS, NUMBER_FIELDS) if engine.parquet else None
-        rows, skipped = predict_paths(engine.make_scorer(settings), paths, out, settings, job.batch_size,
+        rows, skipped = predict_paths(engine.make_scorer(settings), plan.paths, out, settings, job.batch_size,
                                       job.progress, parts)
         if not rows:
             raise ClipfusionError("none of the images could be scored (see the messages above)")

@@ -61,6 +61,26 @@ def parse_scale(text: str | None) -> tuple[float, float] | None:
     return low, high
 
 
+def parse_threshold(spec: str | None) -> float | str | None:
+    """``--threshold``: None, ``"auto"``, or a finite number."""
+    if spec is None or spec == "auto":
+        return spec
+    try:
+        value = float(spec)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise ClipfusionError(f"--threshold must be a finite number or 'auto', not {spec!r}")
+    return value
+
+
+def check_decision_options(spec: str | None, scale_text: str | None, normal: str | None) -> None:
+    """The one-line errors of :func:`resolve_decisions`'s options, raised before any model loads."""
+    parse_scale(scale_text)
+    if parse_threshold(spec) == "auto" and normal is None:
+        raise ClipfusionError("--threshold auto needs --normal DIR: normal images to set it from")
+
+
 def resolve_decisions(spec: str | None, scale_text: str | None, model: Thresholds | None, detector: Detector | None,
                       category: str, held_out: Sequence[Path] | None, batch_size: int = 8,
                       progress: bool = False) -> Decisions:
@@ -68,16 +88,11 @@ def resolve_decisions(spec: str | None, scale_text: str | None, model: Threshold
     a model file still gives the pixel threshold) or ``auto``: :func:`normal_thresholds` over the
     ``held_out`` normal images (None: no folder of normals was given)."""
     scale = parse_scale(scale_text)
-    if spec is not None and spec != "auto":
-        try:
-            value = float(spec)
-        except ValueError:
-            value = math.nan
-        if not math.isfinite(value):
-            raise ClipfusionError(f"--threshold must be a finite number or 'auto', not {spec!r}")
-        return Decisions(value, model.pixel if model else None, "given with --threshold",
+    threshold = parse_threshold(spec)
+    if isinstance(threshold, float):
+        return Decisions(threshold, model.pixel if model else None, "given with --threshold",
                          scale or (model.colour_scale if model else DEFAULT_SCALE), model)
-    if spec == "auto":
+    if threshold == "auto":
         if held_out is None or detector is None:
             raise ClipfusionError("--threshold auto needs --normal DIR: normal images to set it from")
         model = normal_thresholds(detector, held_out, category, batch_size, progress)
