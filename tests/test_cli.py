@@ -194,7 +194,8 @@ def test_predict_and_fit_report_mistakes_before_a_model_loads_or_ray_starts(synt
             "    err = io.StringIO()\n"
             "    with contextlib.redirect_stderr(err):\n"
             "        out.append([main(args), err.getvalue()])\n"
-            "out.append(sorted(m for m in ('diffusers', 'open_clip', 'transformers', 'ray') if m in sys.modules))\n"
+            "heavy = ('torch', 'diffusers', 'open_clip', 'transformers', 'ray')\n"
+            "out.append(sorted(m for m in heavy if m in sys.modules))\n"
             "print(json.dumps(out))")
     run = subprocess.run([sys.executable, "-c", code, json.dumps([args for args, _ in cases])], capture_output=True,
                          text=True, timeout=300)

@@ -246,7 +246,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _runtime(args: argparse.Namespace) -> RuntimeConfig:
-    return RuntimeConfig(args.device, args.dtype, args.offline, args.cache_dir, args.hub_timeout, args.compile)
+    return RuntimeConfig(*_device_dtype(args), args.offline, args.cache_dir, args.hub_timeout, args.compile)
 
 
 def _params(args: argparse.Namespace, method: str, preset: str | None = None) -> dict[str, Any]:
@@ -450,7 +450,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
           f"zero-shot and 1-shot, preset '{preset}'.")
     if preset == "tiny":
         print(tiny_notice(chosen_by_user=args.preset == "tiny"))
-    elif args.device == "cpu":
+    elif _device_dtype(args)[0] == "cpu":
         logger.warning("real models on the CPU: expect 20-30 minutes (about 9 s per image); add --device cuda on "
                        "a GPU machine, or --preset tiny for the quick offline run")
     table, report = run_demo(data, Path(args.out), preset, lambda method, name: _params(args, method, name),
@@ -626,9 +626,10 @@ def _cmd_benchmark(args: argparse.Namespace) -> None:
     if args.images < 1 or args.repeats < 1 or min(args.batch_sizes) < 1:
         raise ClipfusionError("--images, --repeats and --batch-size must be >= 1")
     check_output_folder(Path(args.out), "benchmark", BENCHMARK_OUTPUTS)  # before minutes of measuring
+    device, dtype = _device_dtype(args)
     spec = BenchmarkSpec(methods=args.methods, presets=args.presets, shots=args.shots, batch_sizes=args.batch_sizes,
                          images=args.images, repeats=args.repeats, naive_reference=not args.no_naive,
-                         device=args.device, dtype=args.dtype)
+                         device=device, dtype=dtype)
     out = write_benchmark(run_benchmark(spec, progress=not args.quiet), args.out)
     print((out / "benchmark.md").read_text())
 
@@ -693,27 +694,30 @@ INTERRUPTED = {
 }
 
 
-def _resolve_auto(args: argparse.Namespace) -> None:
-    """``--device auto`` / ``--dtype auto`` made concrete once, and said, so results name what ran.
-    The values asked for are kept (``asked_device``/``asked_dtype``): Ray workers resolve them on their
-    own machines."""
+def _keep_asked(args: argparse.Namespace) -> None:
+    """Keep the ``--device``/``--dtype`` values asked for (``asked_device``/``asked_dtype``): Ray workers
+    resolve ``auto`` on their own machines.  An export runs on the CPU in float32, whatever was asked."""
     args.asked_device, args.asked_dtype = getattr(args, "device", None), getattr(args, "dtype", None)
-    if _is_export(args):  # OpenVINO Runtime runs it on the CPU in float32, whatever was asked; no torch import
+    if _is_export(args):
         args.device, args.dtype = "cpu", "float32"
-        return
-    if "auto" not in (args.asked_device, args.asked_dtype):
-        return
-    from clipfusion.hardware import auto_device_dtype
 
-    args.device, args.dtype = auto_device_dtype(args.device, args.dtype)
-    if getattr(args, "engine", "local") == "local":
-        logger.info("running on %s in %s", args.device, args.dtype)
+
+def _device_dtype(args: argparse.Namespace) -> tuple[str, str]:
+    """``--device auto`` / ``--dtype auto`` made concrete, and said, so results name what ran.  Resolved
+    at the first need, not at start-up: it imports torch (seconds), which a one-line error need not wait for."""
+    if "auto" in (args.device, args.dtype):
+        from clipfusion.hardware import auto_device_dtype
+
+        args.device, args.dtype = auto_device_dtype(args.device, args.dtype)
+        if getattr(args, "engine", "local") == "local":
+            logger.info("running on %s in %s", args.device, args.dtype)
+    return args.device, args.dtype
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_output(args.quiet)
-    _resolve_auto(args)
+    _keep_asked(args)
     commands = {"demo": _cmd_demo, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "fit": _cmd_fit,
                 "export": _cmd_export,
                 "sweep": _cmd_sweep, "benchmark": _cmd_benchmark, "synth": _cmd_synth, "serve": _cmd_serve}

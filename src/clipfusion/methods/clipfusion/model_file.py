@@ -78,7 +78,8 @@ def read_card(path: Path) -> ModelCard:
     if not path.is_file():
         raise ClipfusionError(f"model file {path} not found")
     try:
-        with safe_open(str(path), framework="pt") as handle:
+        # numpy, not pt: the card is read before torch is imported (a one-line error must not wait for it)
+        with safe_open(str(path), framework="np") as handle:
             metadata = handle.metadata() or {}
     except Exception as exc:  # a truncated or foreign file
         raise ClipfusionError(f"{path} is not a clipfusion model file: {exc}") from None
