@@ -209,12 +209,13 @@ def test_predict_and_fit_report_mistakes_before_a_model_loads_or_ray_starts(synt
 
 
 def test_the_mean_image_baseline_does_not_load_the_models_packages(synthetic_root, tmp_path):
-    """Methods are imported when first used: the baseline (and every one-line error before a model loads) is
-    spared open_clip's and diffusers' imports, about 10 s a process on 2 cores."""
+    """Methods are imported when first used and ``--device auto`` is resolved when a model needs it: the
+    baseline is spared torch's, open_clip's and diffusers' imports, about 10 s a process on 2 cores."""
     args = ["evaluate", "--dataset", "mvtec", "--root", str(synthetic_root), "--categories", "disc", "--method",
             "mean-image", "--out", str(tmp_path / "o"), "--quiet"]
     code = ("import sys\nfrom clipfusion.cli import main\ncode = main(sys.argv[1:])\n"
-            "print(sorted(m for m in ('diffusers', 'open_clip', 'transformers') if m in sys.modules))\nsys.exit(code)")
+            "print(sorted(m for m in ('torch', 'diffusers', 'open_clip', 'transformers') if m in sys.modules))\n"
+            "sys.exit(code)")
     run = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().splitlines()[-1] == "[]"

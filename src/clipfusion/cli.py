@@ -253,8 +253,8 @@ def _params(args: argparse.Namespace, method: str, preset: str | None = None) ->
     """Constructor arguments of ``method`` from the command line (settings checked, no model loaded)."""
     from clipfusion.methods.registry import detector_params
 
-    return detector_params(method, preset or args.preset or "paper-recon", _overrides(args), _runtime(args),
-                           args.batch_size)
+    return detector_params(method, preset or args.preset or "paper-recon", _overrides(args),
+                           functools.partial(_runtime, args), args.batch_size)
 
 
 def build_parser() -> argparse.ArgumentParser:

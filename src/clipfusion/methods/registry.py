@@ -22,9 +22,10 @@ METHODS: dict[str, tuple[str, str]] = {
 }
 
 
-def detector_params(method: str, preset: str, overrides: dict[str, Any], runtime: RuntimeConfig,
+def detector_params(method: str, preset: str, overrides: dict[str, Any], runtime: Callable[[], RuntimeConfig],
                     batch_size: int) -> dict[str, Any]:
-    """Constructor arguments of ``method``; settings are checked here, before any model loads."""
+    """Constructor arguments of ``method``; settings are checked here, before any model loads.
+    ``runtime`` is called only for the methods that run models (resolving ``--device auto`` imports torch)."""
     if method not in METHODS:
         raise ClipfusionError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
     if batch_size < 1:
@@ -32,7 +33,7 @@ def detector_params(method: str, preset: str, overrides: dict[str, Any], runtime
     if method == "mean-image":
         return {}
     get_preset(preset, **overrides)  # fail early with the setting's name
-    params: dict[str, Any] = {"preset": preset, "batch_size": batch_size, "runtime": runtime}
+    params: dict[str, Any] = {"preset": preset, "batch_size": batch_size, "runtime": runtime()}
     if method == "clipfusion":
         params.update(overrides)
     elif overrides:
