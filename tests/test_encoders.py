@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from clipfusion.config import ClipConfig, DiffusionConfig, RuntimeConfig, get_preset
 from clipfusion.encoders import ClipEncoder, DiffusionEncoder, WeightsNotFoundError
 from clipfusion.encoders.attention import cross_attention_layers
+from clipfusion.encoders.diffusion import vae_latents
 from clipfusion.encoders.loading import build_diffusion_from_configs, load_open_clip
 
 PROMPTS = ["a photo of a flawless disc", "a photo of a damaged disc"]
@@ -218,6 +219,25 @@ def test_diffusion_outputs_shapes_and_determinism(diffusion):
         assert torch.equal(maps, second.cross_attn_maps[name])
     assert first.features[1].shape == (3, 2, 32, 8, 8)
     assert first.features[2].shape == (3, 2, 32, 16, 16)
+
+
+def test_on_a_cpu_the_vae_encodes_one_image_per_call_with_the_batched_latents(diffusion, monkeypatch):
+    """A batch through the VAE encoder one image at a time (faster on a CPU: benchmarks/vae_batch.py) gives
+    the latents of diffusers' encoder run on the whole batch at once, in order."""
+    pixels = diffusion.preprocess(_images(3))
+    with torch.inference_mode():
+        batched = vae_latents(diffusion.vae, pixels)
+    encode, sizes = diffusion.vae.encode, []
+
+    def counting(chunk: torch.Tensor) -> object:
+        sizes.append(len(chunk))
+        return encode(chunk)
+
+    monkeypatch.setattr(diffusion.vae, "encode", counting)
+    latents = diffusion.encode_latents(pixels)
+    assert sizes == [1, 1, 1]
+    torch.testing.assert_close(latents, batched, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(latents[0], latents[1])  # three different images, not one repeated
 
 
 def test_one_noise_draw_is_shared_by_all_images_and_seeded(diffusion):

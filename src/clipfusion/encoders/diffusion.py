@@ -182,8 +182,13 @@ class DiffusionEncoder:
     @torch.inference_mode()
     def encode_latents(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) → (B, 4, S/8, S/8) latents z0 in the UNet's dtype, scaled by the VAE's scaling factor
-        (mean, no sampling)."""
-        chunks = one_image_per_call(pixels.to(self.vae_dtype), self.compiled)
+        (mean, no sampling).
+
+        On a CPU the images go through one at a time, compiled or not: a batch of 8 took 1.34× as long
+        per image as single images (TAESD at 256 px on a 2-core AVX2 EPYC; benchmarks/vae_batch.py),
+        probably because a whole batch's full-resolution activations overflow the caches."""
+        one_per_call = (self.compiled or self.device.type == "cpu") and len(pixels) > 1  # (an export traces 1)
+        chunks = one_image_per_call(pixels.to(self.vae_dtype), one_per_call)
         return torch.cat([self._vae_latents(self.vae, chunk) for chunk in chunks]).to(self.dtype)
 
     def noised(self, latents: torch.Tensor, draw: int = 0) -> torch.Tensor:
