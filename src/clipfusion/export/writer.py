@@ -67,7 +67,9 @@ def _write_graph(module: torch.nn.Module, example: torch.Tensor, folder: Path, n
         # the tracer warns of every Python value it fixes: by design here (batch 1, fixed settings)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=r".*torch\.jit\.trace", category=FutureWarning)
-        warnings.filterwarnings("ignore", module=r"torch\.onnx.*")  # the TorchScript exporter's deprecation notes
+        # the TorchScript exporter's deprecation notes (attributed to the caller, so matched by their text)
+        warnings.filterwarnings("ignore", module=r"torch\.onnx.*")
+        warnings.filterwarnings("ignore", message=r".*legacy TorchScript-based ONNX export")
         if graph_format == "onnx":
             return _write_onnx(module, example, folder, name, output_names)
         model = ov.convert_model(module, example_input=example)
