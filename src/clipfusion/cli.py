@@ -635,6 +635,13 @@ def _cmd_benchmark(args: argparse.Namespace) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:
+    from clipfusion.export.bundle import is_export
+
+    for model in args.models:  # before the service's imports: a mistyped path is reported at once
+        if not (Path(model).is_file() or is_export(Path(model))):
+            raise ClipfusionError(f"--model {model} is neither a model file nor an export folder; write one with "
+                                  f"`clipfusion fit --out {model}` or `clipfusion export --out {model}`")
+    _refuse_torch_options_for_exports(args)
     try:
         import uvicorn
 
@@ -642,14 +649,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     except ImportError as exc:
         raise ClipfusionError(f"the service needs its extra packages ({exc.name} is missing): "
                               "pip install 'clipfusion[serve]'") from None
-    from clipfusion.export.bundle import is_export
     from clipfusion.service.settings import ServiceSettings, read_api_keys
 
-    for model in args.models:
-        if not (Path(model).is_file() or is_export(Path(model))):
-            raise ClipfusionError(f"--model {model} is neither a model file nor an export folder; write one with "
-                                  f"`clipfusion fit --out {model}` or `clipfusion export --out {model}`")
-    _refuse_torch_options_for_exports(args)
     settings = ServiceSettings(
         models=tuple(Path(m) for m in args.models), data_dir=Path(args.data), database_url=args.db,
         runtime=_runtime(args), batch_size=args.max_batch, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
