@@ -161,7 +161,7 @@ def test_the_readme_first_screen_gets_a_newcomer_to_a_verdict():
         assert needle in first_screen, needle
 
 
-def test_predict_fit_and_serve_report_mistakes_before_a_model_loads_or_ray_starts(synthetic_root, model, tmp_path):
+def test_commands_report_mistakes_before_a_model_loads_or_ray_starts(synthetic_root, model, tmp_path):
     """A mistyped path, a refused --out or a bad --threshold is a one-line error within the imports' seconds:
     no model package or Ray is imported first (a real model takes a minute to load, Ray seconds to start),
     and nothing is written."""
@@ -190,13 +190,15 @@ def test_predict_fit_and_serve_report_mistakes_before_a_model_loads_or_ray_start
         (["fit", "--normal", str(normal), "--shots", "1", "--out", str(earlier), *tiny], "is a folder"),
         (["serve", "--model", str(tmp_path / "typo.cfm"), "--data", str(tmp_path / "i"), "--quiet"],
          "is neither a model file nor an export folder"),
+        (["export", "--model", str(tmp_path / "typo.cfm"), "--out", str(tmp_path / "j"), "--quiet"],
+         "typo.cfm not found"),
     ]
     code = ("import contextlib, io, json, sys\nfrom clipfusion.cli import main\nout = []\n"
             "for args in json.loads(sys.argv[1]):\n"
             "    err = io.StringIO()\n"
             "    with contextlib.redirect_stderr(err):\n"
             "        out.append([main(args), err.getvalue()])\n"
-            "heavy = ('torch', 'diffusers', 'open_clip', 'transformers', 'ray', 'uvicorn')\n"
+            "heavy = ('torch', 'diffusers', 'open_clip', 'transformers', 'ray', 'uvicorn', 'openvino')\n"
             "out.append(sorted(m for m in heavy if m in sys.modules))\n"
             "print(json.dumps(out))")
     run = subprocess.run([sys.executable, "-c", code, json.dumps([args for args, _ in cases])], capture_output=True,
