@@ -7,7 +7,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 # `fast` with its models swapped for the same architectures with random weights (speed does not
@@ -37,6 +37,22 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return round(1000 * statistics.median(times), 1)
+
+
+def interleaved_median_ms(calls: Mapping[str, Callable[[], object]], repeats: int,
+                          before: Callable[[str], object] = lambda key: None) -> dict[str, float]:
+    """{key: median wall time of ``calls[key]`` in ms} over ``repeats`` rounds that each run every call
+    once in turn, after one warm-up round, so drift on a shared machine hits every call alike.
+    ``before(key)`` runs untimed before each call (switching a module's memory layout, say)."""
+    times: dict[str, list[float]] = {key: [] for key in calls}
+    for round_ in range(repeats + 1):
+        for key, call in calls.items():
+            before(key)
+            start = time.perf_counter()
+            call()
+            if round_:
+                times[key].append(time.perf_counter() - start)
+    return {key: round(1000 * statistics.median(values), 1) for key, values in times.items()}
 
 
 def run_isolated(script: str, args: list[str]) -> dict:

@@ -11,8 +11,11 @@ compiled in the layout clipfusion loads it in (UNet and VAEs channels-last, CLIP
 inductor's defaults, and with ``freezing`` (weights folded in as constants, so convolution and
 linear weights are packed for oneDNN once instead of at every call; what ``--compile`` uses).  For
 each: the first compiled call's time (cold caches: inductor's caches are disabled) and the steady
-state, plus the graph breaks ``torch._dynamo.explain`` finds.  Every eager figure is taken before
-any compile, so inductor's worker processes never run beside an eager measurement.
+state, plus the graph breaks ``torch._dynamo.explain`` finds.  Figures that are compared are taken
+interleaved (one call of each per round, median over the rounds), because this kind of shared
+machine drifts by up to 1.5x within minutes: the two layouts before anything compiles, and each
+compiled mode against eager in the loaded layout right after its compile (inductor's compile
+workers are idle by then).
 
 Usage: python benchmarks/compile.py [--parts clip taesd sd-vae unet-fast unet-paper] [--repeats 3]
                                    [--out benchmarks/results/compile.json]
@@ -32,7 +35,7 @@ from typing import Any
 os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")  # cold compile times, before torch loads
 
 import torch
-from _common import median_ms
+from _common import interleaved_median_ms
 
 from clipfusion.config import Preset, RuntimeConfig
 from clipfusion.encoders import cache, diffusion
@@ -110,19 +113,25 @@ def unet_part(name: str, encoder: DiffusionEncoder, prompts: list[str]) -> Part:
     return Part(name, run, encoder.unet, torch.channels_last, explain)
 
 
+LAYOUTS = {"eager_ms": torch.contiguous_format, "eager_channels_last_ms": torch.channels_last}  # result key: layout
+
+
+def _switch_layout(module: torch.nn.Module, key: str) -> None:
+    module.to(memory_format=LAYOUTS[key])
+
+
 def measure(parts: list[Part], repeats: int, modes: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     results: dict[str, dict[str, Any]] = {}
     with torch.inference_mode():
-        for part in parts:
+        for part in parts:  # eager layouts, interleaved, before anything compiles
             result: dict[str, Any] = {"part": part.name}
-            layouts = [part.loaded_layout] if part.layout_module is None else \
-                [torch.contiguous_format, torch.channels_last]
-            for layout in layouts:
-                if part.layout_module is not None:
-                    part.layout_module.to(memory_format=layout)
-                key = "eager_channels_last_ms" if layout == torch.channels_last else "eager_ms"
-                result[key] = median_ms(functools.partial(part.run, None), repeats)
-            if part.layout_module is not None:
+            if part.layout_module is None:
+                result["eager_ms"] = interleaved_median_ms({"eager": functools.partial(part.run, None)},
+                                                           repeats)["eager"]
+            else:
+                switch = functools.partial(_switch_layout, part.layout_module)
+                result |= interleaved_median_ms({key: functools.partial(part.run, None) for key in LAYOUTS}, repeats,
+                                                before=switch)
                 part.layout_module.to(memory_format=part.loaded_layout)
             result["loaded_layout"] = "channels_last" if part.loaded_layout == torch.channels_last else "channels_first"
             results[part.name] = result
@@ -132,14 +141,16 @@ def measure(parts: list[Part], repeats: int, modes: dict[str, dict[str, Any]]) -
             explained = part.explain()
             result["graph_breaks"] = explained.graph_break_count
             result["break_reasons"] = sorted({str(reason.reason).splitlines()[0] for reason in explained.break_reasons})
-            loaded = result["eager_channels_last_ms" if part.loaded_layout == torch.channels_last else "eager_ms"]
             for mode, options in modes.items():
                 torch._dynamo.reset()
                 start = time.perf_counter()
                 part.run(options)
                 result[f"{mode}_first_call_s"] = round(time.perf_counter() - start, 1)
-                result[f"{mode}_ms"] = median_ms(functools.partial(part.run, options), repeats)
-                result[f"{mode}_speedup"] = round(loaded / result[f"{mode}_ms"], 2)
+                # against eager in the loaded layout, measured in the same rounds
+                figures = interleaved_median_ms({"eager": functools.partial(part.run, None),
+                                                 mode: functools.partial(part.run, options)}, repeats)
+                result[f"{mode}_ms"], result[f"{mode}_eager_ms"] = figures[mode], figures["eager"]
+                result[f"{mode}_speedup"] = round(figures["eager"] / figures[mode], 2)
             print(json.dumps(result), flush=True)
     return list(results.values())
 
@@ -184,9 +195,9 @@ def main() -> None:
         kept[run["part"]] = {**kept.get(run["part"], {}), **run}
     runs = list(kept.values())
     # a merged file keeps its note, which says which figures came from which run (edit it by hand)
-    note = earlier.get("note") or (f"batch 1, float32, random weights; ms per call, median of {args.repeats} after "
-                                   "a warm-up; compiled in the loaded layout; speed-ups over eager in the loaded "
-                                   "layout")
+    note = earlier.get("note") or (f"batch 1, float32, random weights; ms per call, median of {args.repeats} "
+                                   "interleaved rounds after a warm-up round; compiled in the loaded layout; each "
+                                   "speed-up over eager in the loaded layout from the same rounds (<mode>_eager_ms)")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"runs": runs, "machine": machine_info(runtime), "note": note}, indent=2) + "\n")
 

@@ -9,12 +9,12 @@ Usage: python benchmarks/vae_batch.py [--repeats 5] [--out benchmarks/results/va
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from _common import interleaved_median_ms
 
 from clipfusion.config import RuntimeConfig
 from clipfusion.encoders import cache
@@ -25,18 +25,9 @@ CASES = (("TAESD encoder, 256 px (fast)", "fast", 256, 8, (8, 4, 2, 1)),
          ("SD VAE encoder, 512 px (paper-recon)", "paper-recon", 512, 2, (2, 1)))
 
 
-def _ms_per_image(vae: torch.nn.Module, pixels: torch.Tensor, chunks: tuple[int, ...], repeats: int
-                  ) -> dict[int, float]:
-    """{chunk size: median ms per image} over ``repeats`` interleaved rounds, after one warm-up round."""
-    times: dict[int, list[float]] = {chunk: [] for chunk in chunks}
-    for round_ in range(repeats + 1):
-        for chunk in chunks:
-            start = time.perf_counter()
-            for part in pixels.split(chunk):
-                vae_latents(vae, part)
-            if round_:
-                times[chunk].append(time.perf_counter() - start)
-    return {chunk: round(1000 * statistics.median(values) / len(pixels), 1) for chunk, values in times.items()}
+def _encode_in_chunks(vae: torch.nn.Module, pixels: torch.Tensor, chunk: int) -> None:
+    for part in pixels.split(chunk):
+        vae_latents(vae, part)
 
 
 def main() -> None:
@@ -50,7 +41,9 @@ def main() -> None:
         for name, preset, side, batch, chunks in CASES:
             vae = cache.diffusion_encoder(random_weight_preset(preset).diffusion, runtime).vae
             pixels = torch.rand(batch, 3, side, side, generator=torch.Generator().manual_seed(0)) * 2 - 1
-            per_image = _ms_per_image(vae, pixels, chunks, args.repeats)
+            calls = {str(chunk): functools.partial(_encode_in_chunks, vae, pixels, chunk) for chunk in chunks}
+            per_image = {int(chunk): round(ms / batch, 1)
+                         for chunk, ms in interleaved_median_ms(calls, args.repeats).items()}
             run = {"part": name, "batch": batch, "ms_per_image_by_chunk": per_image,
                    "one_call_over_single_images": round(per_image[batch] / per_image[1], 2)}
             print(json.dumps(run), flush=True)
