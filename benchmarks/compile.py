@@ -6,7 +6,9 @@ paper-recon) and clipfusion's own UNet pass with attention capture (``DiffusionE
 the explicit partial forward up to the last block read; fast = latent 32², one joint-prompt row;
 paper-recon = latent 64², one row per state prompt).
 
-Per part: eager in channels-first and channels-last layout (convolutional parts only), then
+Per part: eager in channels-first and channels-last layout and channels-last with the convolution
+weights packed once (``clipfusion.encoders.prepacking``, what clipfusion runs eager on a CPU;
+convolutional parts only), then
 compiled in the layout clipfusion loads it in (UNet and VAEs channels-last, CLIP as it is), twice:
 inductor's defaults, and with ``freezing`` (weights folded in as constants, so convolution and
 linear weights are packed for oneDNN once instead of at every call; what ``--compile`` uses).  For
@@ -14,11 +16,11 @@ each: the first compiled call's time (cold caches: inductor's caches are disable
 state, plus the graph breaks ``torch._dynamo.explain`` finds.  Figures that are compared are taken
 interleaved (one call of each per round, median over the rounds), because this kind of shared
 machine drifts by up to 1.5x within minutes: the two layouts before anything compiles, and each
-compiled mode against eager in the loaded layout right after its compile (inductor's compile
+compiled mode against plain eager in the loaded layout right after its compile (inductor's compile
 workers are idle by then).
 
 Usage: python benchmarks/compile.py [--parts clip taesd sd-vae unet-fast unet-paper] [--repeats 3]
-                                   [--out benchmarks/results/compile.json]
+                                   [--modes [compiled compiled_frozen]] [--out benchmarks/results/compile.json]
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ from _common import interleaved_median_ms
 from clipfusion.config import Preset, RuntimeConfig
 from clipfusion.encoders import cache, diffusion
 from clipfusion.encoders.diffusion import DiffusionEncoder
+from clipfusion.encoders.prepacking import PrepackedConv2d
 from clipfusion.tasks.benchmark import machine_info, random_weight_preset
 
 MODES = {"compiled": {}, "compiled_frozen": {"freezing": True}}  # inductor settings per mode
@@ -114,10 +117,17 @@ def unet_part(name: str, encoder: DiffusionEncoder, prompts: list[str]) -> Part:
 
 
 LAYOUTS = {"eager_ms": torch.contiguous_format, "eager_channels_last_ms": torch.channels_last}  # result key: layout
+PACKING = {"eager_plain_ms": torch.nn.Conv2d, "eager_prepacked_ms": PrepackedConv2d}  # result key: convolution class
 
 
 def _switch_layout(module: torch.nn.Module, key: str) -> None:
     module.to(memory_format=LAYOUTS[key])
+
+
+def _switch_packing(module: torch.nn.Module, key: str) -> None:
+    for child in module.modules():
+        if isinstance(child, torch.nn.Conv2d):  # the class only: a packed weight stays for the next round
+            child.__class__ = PACKING[key]
 
 
 def measure(parts: list[Part], repeats: int, modes: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -129,10 +139,16 @@ def measure(parts: list[Part], repeats: int, modes: dict[str, dict[str, Any]]) -
                 result["eager_ms"] = interleaved_median_ms({"eager": functools.partial(part.run, None)},
                                                            repeats)["eager"]
             else:
-                switch = functools.partial(_switch_layout, part.layout_module)
+                module = part.layout_module
+                _switch_packing(module, "eager_plain_ms")
                 result |= interleaved_median_ms({key: functools.partial(part.run, None) for key in LAYOUTS}, repeats,
-                                                before=switch)
-                part.layout_module.to(memory_format=part.loaded_layout)
+                                                before=functools.partial(_switch_layout, module))
+                module.to(memory_format=part.loaded_layout)
+                # packed against plain in the loaded layout, interleaved by switching the class
+                result |= interleaved_median_ms({key: functools.partial(part.run, None) for key in PACKING}, repeats,
+                                                before=functools.partial(_switch_packing, module))
+                result["eager_prepacked_speedup"] = round(result["eager_plain_ms"] / result["eager_prepacked_ms"], 2)
+                _switch_packing(module, "eager_plain_ms")  # compiled figures stay against plain eager, as before
             result["loaded_layout"] = "channels_last" if part.loaded_layout == torch.channels_last else "channels_first"
             results[part.name] = result
             print(json.dumps(result), flush=True)
@@ -181,8 +197,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS,
                         help="measure only these; the other parts' results already in --out are kept")
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
-                        help="compile modes to measure; figures of other modes already in --out are kept")
+    parser.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES,
+                        help="compile modes to measure (none: eager figures only); figures of other modes "
+                             "already in --out are kept")
     args = parser.parse_args()
     runtime = RuntimeConfig("cpu", "float32")
     fast, paper = random_weight_preset("fast"), random_weight_preset("paper-recon")
