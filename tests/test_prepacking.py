@@ -21,7 +21,7 @@ CASES = [  # in, out, kernel, stride, padding, bias, channels-last input
 
 
 @pytest.mark.parametrize(("cin", "cout", "kernel", "stride", "padding", "bias", "channels_last"), CASES)
-def test_a_prepacked_convolution_equals_torch_conv2d_and_packs_again_for_a_new_shape(
+def test_a_prepacked_convolution_equals_torch_conv2d_at_every_batch_size_and_image_size(
         cin, cout, kernel, stride, padding, bias, channels_last):
     torch.manual_seed(0)
     conv = nn.Conv2d(cin, cout, kernel, stride=stride, padding=padding, bias=bias)
@@ -32,8 +32,12 @@ def test_a_prepacked_convolution_equals_torch_conv2d_and_packs_again_for_a_new_s
             x = torch.randn(batch, cin, 11, 13).to(memory_format=layout)
             expected = F.conv2d(x, conv.weight, conv.bias, stride, padding)
             torch.testing.assert_close(conv(x), expected, atol=1e-5, rtol=1e-5)
-            assert conv._packed is not None and conv._packed[0][0] == tuple(x.shape)  # the packed path ran
-        assert conv._packed[1].is_mkldnn
+            assert conv._packed is not None and conv._packed[1].is_mkldnn  # the packed path ran
+            packed = conv._packed[1]
+            x = torch.randn(batch, cin, 7, 9).to(memory_format=layout)  # another image size: packed again
+            torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, stride, padding),
+                                       atol=1e-5, rtol=1e-5)
+            assert conv._packed[1] is not packed
 
 
 def test_a_weight_written_in_place_is_packed_again():
@@ -100,3 +104,16 @@ def test_the_unet_on_a_cpu_runs_prepacked_and_gives_the_maps_of_plain_convolutio
     for got, want in zip(packed, plain, strict=True):
         scale = float(want.max() - want.min())
         assert scale > 0 and float((got - want).abs().max()) <= 1e-4 * scale
+
+
+def test_one_packing_serves_every_batch_size():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3, padding=1).to(memory_format=torch.channels_last)
+    prepack_convolutions(conv)
+    with torch.inference_mode():
+        conv(torch.randn(1, 8, 10, 10))
+        packed = conv._packed[1]
+        for batch in (8, 3, 1):
+            x = torch.randn(batch, 8, 10, 10)
+            torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-5, rtol=1e-5)
+            assert conv._packed[1] is packed

@@ -7,9 +7,9 @@ once, after minutes of compiling; this packs them in eager mode with the same on
 torch that inductor's frozen graphs call (``mkldnn_reorder_conv2d_weight`` and
 ``mkldnn._convolution_pointwise``), at no compile time.  Measured in ``benchmarks/compile.py``.
 
-The packed weight is a second copy of each convolution's weight, made at its first call for the
-input shape of that call; a call with another shape packs again (what eager does at every call), so
-one copy per convolution is kept.
+The packed weight is a second copy of each convolution's weight, made at its first call, packed
+for one image of that call's shape and used for every batch size; a call with another image shape
+(or a changed weight) packs again.  One copy per convolution is kept.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from torch import nn
 
 
 class PrepackedConv2d(nn.Conv2d):
-    """An ``nn.Conv2d`` whose float32 inference calls on a CPU reuse a weight packed for oneDNN.
+    """An ``nn.Conv2d`` whose float32 inference calls on a CPU reuse a weight packed for oneDNN once.
 
     Made by :func:`prepack_convolutions` from a plain ``nn.Conv2d`` (same parameters and state dict).
     Every other call (autograd, another device or dtype, tracing for an export, compiling) runs
@@ -36,11 +36,14 @@ class PrepackedConv2d(nn.Conv2d):
         # the weight's version counter changes with every in-place write (load_state_dict, copy_); a weight
         # made under torch.inference_mode has none, and is taken as unchanged while its storage is
         version = -1 if self.weight.is_inference() else self.weight._version
-        key = (tuple(input.shape), self.weight.data_ptr(), version)
+        key = (tuple(input.shape[1:]), self.weight.data_ptr(), version)
         if self._packed is None or self._packed[0] != key:
-            # (torch's stub omits the op's last argument, the input size the packing is chosen for)
+            # Packed for one image whatever the batch: repacking at every change of batch size (serve's
+            # batches vary, a run's last batch is short) cost more than eager's own re-layout, and the fast
+            # UNet pass at batch 8 with weights packed for one image was still 1.17x plain eager's speed.
+            # (torch's stub omits the op's last argument, the input size the packing is chosen for.)
             packed = torch._C._nn.mkldnn_reorder_conv2d_weight(  # type: ignore[call-arg]
-                self.weight.detach().to_mkldnn(), padding, stride, dilation, self.groups, list(input.shape))
+                self.weight.detach().to_mkldnn(), padding, stride, dilation, self.groups, [1, *input.shape[1:]])
             self._packed = (key, packed)
         # channels-last in, as eager's convolution turns its output when the weight is channels-last
         return torch.ops.mkldnn._convolution_pointwise(input.contiguous(memory_format=torch.channels_last),
