@@ -75,6 +75,12 @@ def test_training_and_tracing_get_a_plain_convolution():
     assert "aten::_convolution" in graph and "mkldnn" not in graph
 
 
+def test_the_environment_can_turn_prepacking_off(monkeypatch):
+    monkeypatch.setenv("CLIPFUSION_PREPACK", "0")
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1))
+    assert prepack_convolutions(model) == 0 and type(model[0]) is nn.Conv2d
+
+
 def test_only_plain_zero_padded_convolutions_are_turned():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding="same"),
                           nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), nn.Conv1d(4, 4, 3))

@@ -13,6 +13,7 @@ for one image of that call's shape and used for every batch size; a call with an
 """
 from __future__ import annotations
 
+import os
 import platform
 
 import torch
@@ -61,8 +62,11 @@ class PrepackedConv2d(nn.Conv2d):
 def prepack_convolutions(module: nn.Module) -> int:
     """Turn every plain ``nn.Conv2d`` in ``module`` with zero padding given in numbers into a
     :class:`PrepackedConv2d`, in place; the number turned.  Nothing is packed until a call.  Only on
-    x86 CPUs with oneDNN, where it was measured; elsewhere none is turned."""
-    if not torch.backends.mkldnn.is_available() or platform.machine().lower() not in {"x86_64", "amd64"}:
+    x86 CPUs with oneDNN, where it was measured; elsewhere none is turned.  ``CLIPFUSION_PREPACK=0``
+    in the environment turns none, for machines short of memory (the packed copies of ``fast``'s UNet
+    take 2.2 GB in float32)."""
+    if (os.environ.get("CLIPFUSION_PREPACK", "1") == "0" or not torch.backends.mkldnn.is_available()
+            or platform.machine().lower() not in {"x86_64", "amd64"}):
         return 0
     turned = 0
     for child in module.modules():
