@@ -15,9 +15,9 @@ linear weights are packed for oneDNN once instead of at every call; what ``--com
 each: the first compiled call's time (cold caches: inductor's caches are disabled) and the steady
 state, plus the graph breaks ``torch._dynamo.explain`` finds.  Figures that are compared are taken
 interleaved (one call of each per round, median over the rounds), because this kind of shared
-machine drifts by up to 1.5x within minutes: the two layouts before anything compiles, and each
-compiled mode against plain eager in the loaded layout right after its compile (inductor's compile
-workers are idle by then).
+machine drifts by up to 1.5x within minutes: the two layouts, and plain against packed, before
+anything compiles, and each compiled mode against plain eager in the loaded layout right after its
+compile (inductor's compile workers are idle by then).
 
 Usage: python benchmarks/compile.py [--parts clip taesd sd-vae unet-fast unet-paper] [--repeats 3]
                                    [--modes [compiled compiled_frozen]] [--out benchmarks/results/compile.json]
@@ -213,8 +213,9 @@ def main() -> None:
     runs = list(kept.values())
     # a merged file keeps its note, which says which figures came from which run (edit it by hand)
     note = earlier.get("note") or (f"batch 1, float32, random weights; ms per call, median of {args.repeats} "
-                                   "interleaved rounds after a warm-up round; compiled in the loaded layout; each "
-                                   "speed-up over eager in the loaded layout from the same rounds (<mode>_eager_ms)")
+                                   "interleaved rounds after a warm-up round; compiled in the loaded layout; "
+                                   "each speed-up over plain eager in the loaded layout from the same rounds "
+                                   "(<mode>_eager_ms)")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"runs": runs, "machine": machine_info(runtime), "note": note}, indent=2) + "\n")
 
