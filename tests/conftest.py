@@ -1,12 +1,15 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from clipfusion import notices
 from clipfusion.data.synthetic import SyntheticSpec, generate
+from clipfusion.hardware import NATIVE_BF16_SWITCH
 
 from .commands import clipfusion_here
 from .scenes import CORNERS, scene
@@ -30,15 +33,51 @@ def scenes() -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
     return normal, [img for img, _ in defective], np.stack([m for _, m in defective])
 
 
-@pytest.fixture(scope="session")
-def model(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-shot tiny-preset model file of 'disc' (``clipfusion fit --out disc.cfm``), written once."""
-    path = tmp_path_factory.mktemp("model") / "disc.cfm"
+def fit_disc(synthetic_root: Path, path: Path) -> Path:
+    """``clipfusion fit`` of a 2-shot tiny-preset model of 'disc' to ``path``, in this process's precision."""
     result = clipfusion_here("fit", "--normal", str(synthetic_root / "disc" / "train" / "good"), "--category", "disc",
                              "--shots", "2", "--preset", "tiny", "--set", "fusion__sigma=2", "--out", str(path),
                              "--quiet")
     assert result.returncode == 0, result.stderr
     return path
+
+
+@pytest.fixture(scope="session")
+def model(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-shot tiny-preset model file of 'disc' (``clipfusion fit --out disc.cfm``), written once, in the
+    precision this machine (or CLIPFUSION_NATIVE_BF16) gives ``--dtype auto``."""
+    return fit_disc(synthetic_root, tmp_path_factory.mktemp("model") / "disc.cfm")
+
+
+@pytest.fixture(params=["1", "0"], ids=["native-bf16", "no-bf16"])
+def cpu_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The test runs as if the CPU had native bfloat16 (``1``) and as if it had not (``0``): the switch
+    CLIPFUSION_NATIVE_BF16, seen by this process and the commands it starts.  What a precision-sensitive
+    test needs, so that a machine of either kind catches what the other would."""
+    monkeypatch.setenv(NATIVE_BF16_SWITCH, request.param)
+    return str(request.param)
+
+
+@pytest.fixture(scope="session")
+def model_fitted_as(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """``model_fitted_as(switch)``: the ``model`` fixture's fit made with CLIPFUSION_NATIVE_BF16=switch
+    (``1``: the file records bfloat16; ``0``: float32), each written once per session."""
+    fitted: dict[str, Path] = {}
+
+    def fit(switch: str) -> Path:
+        if switch not in fitted:
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setenv(NATIVE_BF16_SWITCH, switch)
+                fitted[switch] = fit_disc(synthetic_root, tmp_path_factory.mktemp(f"model-bf16-{switch}") / "disc.cfm")
+        return fitted[switch]
+
+    return fit
+
+
+@pytest.fixture
+def model_here(cpu_kind: str, model_fitted_as: Callable[[str], Path]) -> Path:
+    """The model fitted as the CPU kind of ``cpu_kind`` would fit it (the test runs as that kind too)."""
+    return model_fitted_as(cpu_kind)
 
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's; scripts/test.sh installs it
@@ -72,3 +111,15 @@ def service(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[o
                           "--max-upload-mb", "0.5", "--max-pixels", "20000", "--min-region-area", "1")
     yield server
     server.stop()
+
+
+@pytest.fixture
+def warnings_said(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> Callable[[], list[str]]:
+    """``warnings_said()``: clipfusion's warnings since the test began.  Messages said once per process are
+    forgotten first (this test hears them again), and clipfusion's log reaches pytest (the command line
+    stops its propagation)."""
+    monkeypatch.setattr(notices, "_said", set())
+    monkeypatch.setattr(logging.getLogger("clipfusion"), "propagate", True)
+    caplog.set_level(logging.WARNING, logger="clipfusion")
+    return lambda: [r.getMessage() for r in caplog.records
+                    if r.name.startswith("clipfusion") and r.levelno >= logging.WARNING]

@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
-from clipfusion.config import MAP_NAMES
+from clipfusion.config import MAP_NAMES, RuntimeConfig
 from clipfusion.errors import ClipfusionError
 from clipfusion.export.writer import export_detector
 from clipfusion.methods.clipfusion.detector import CLIPFusion
@@ -28,12 +28,13 @@ RUNTIME_VENV = Path(__file__).resolve().parents[1] / ".venv-runtime"
 # Agreement asked of an export: max |Δ| of every branch map, the fused map and the score, relative to the
 # map's range in PyTorch (measured on these data: about 1e-6; float32 graphs, float32 inference).
 RELATIVE_TOLERANCE = 1e-4
+FLOAT32 = RuntimeConfig("cpu", "float32")  # what the graphs are compared against (traced from float32 models)
 
 
 @pytest.fixture(scope="module")
 def fitted(scenes) -> CLIPFusion:
     normal, _, _ = scenes
-    return CLIPFusion("tiny", fusion__sigma=0.0).fit(normal[:2], "plate").calibrate(normal[2:], "plate")
+    return CLIPFusion("tiny", FLOAT32, fusion__sigma=0.0).fit(normal[:2], "plate").calibrate(normal[2:], "plate")
 
 
 def _relative_difference(got: np.ndarray, expected: np.ndarray) -> float:
@@ -43,11 +44,11 @@ def _relative_difference(got: np.ndarray, expected: np.ndarray) -> float:
 @pytest.mark.parametrize(("shots", "graph_format"), [(2, "openvino"), (0, "openvino"), (2, "onnx")])
 def test_exported_branch_maps_fused_maps_and_decisions_equal_pytorch(scenes, fitted, tmp_path, shots, graph_format):
     _, defective, masks = scenes
-    detector = fitted if shots else CLIPFusion("tiny", fusion__sigma=0.0)
+    detector = fitted if shots else CLIPFusion("tiny", FLOAT32, fusion__sigma=0.0)
     (tmp_path / "export" / ".partial").mkdir(parents=True)  # what an interrupted export leaves behind
     export_detector(detector, "plate", tmp_path / "export", graph_format)
     assert not (tmp_path / "export" / ".partial").exists()
-    exported = ExportedDetector(tmp_path / "export")
+    exported = ExportedDetector(tmp_path / "export", dtype="float32")
     expected, got = detector.encode(defective, "plate"), exported.encode(defective, "plate")
     for name in ("clip_score", *MAP_NAMES):
         reference = getattr(expected, name)
@@ -79,17 +80,24 @@ def test_export_refuses_what_it_cannot_write(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def exported_model(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``clipfusion export --model disc.cfm`` (the 2-shot tiny model of conftest), written once."""
+def source_model(model_fitted_as) -> Path:
+    """The 2-shot tiny model of conftest fitted as on a CPU with native bfloat16: its card records
+    bfloat16, so the export's precision rule is exercised on every machine."""
+    return model_fitted_as("1")
+
+
+@pytest.fixture(scope="module")
+def exported_model(source_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``clipfusion export --model disc.cfm`` of ``source_model``, written once."""
     out = tmp_path_factory.mktemp("export") / "disc-ov"
-    result = clipfusion_here("export", "--model", str(model), "--out", str(out), "--quiet")
+    result = clipfusion_here("export", "--model", str(source_model), "--out", str(out), "--quiet")
     assert result.returncode == 0, result.stderr
     return out
 
 
-def test_manifest_names_the_source_and_checksums_every_file(exported_model, model):
+def test_manifest_names_the_source_and_checksums_every_file(exported_model, source_model):
     manifest = json.loads((exported_model / "clipfusion-export.json").read_text())
-    assert manifest["source"]["sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+    assert manifest["source"]["sha256"] == hashlib.sha256(source_model.read_bytes()).hexdigest()
     on_disk = {p.name for p in exported_model.iterdir()} - {"clipfusion-export.json"}
     assert set(manifest["files"]) == on_disk == {"clip.xml", "clip.bin", "vae.xml", "vae.bin", "diffusion.xml",
                                                  "diffusion.bin"}
@@ -99,16 +107,18 @@ def test_manifest_names_the_source_and_checksums_every_file(exported_model, mode
 
 
 def test_predict_with_an_export_runs_without_torch_and_gives_the_model_files_rows(
-        exported_model, model, synthetic_root, tmp_path):
-    """The README's deployment: the export predicted in .venv-runtime, where torch is not installed."""
+        exported_model, source_model, synthetic_root, tmp_path):
+    """The README's deployment: the export predicted in .venv-runtime, where torch is not installed (both
+    sides in float32: the numbers compared are the graphs', not a precision's)."""
     python = RUNTIME_VENV / "bin" / "python"
     assert python.exists(), "run scripts/runtime-venv.sh (scripts/test.sh does) to build .venv-runtime"
     assert subprocess.run([python, "-c", "import torch"], capture_output=True).returncode != 0
     images = synthetic_root / "disc" / "test"
     run = subprocess.run([RUNTIME_VENV / "bin" / "clipfusion", "predict", str(images), "--model", str(exported_model),
-                          "--out", str(tmp_path / "ov"), "--quiet"], capture_output=True, text=True, timeout=300)
+                          "--out", str(tmp_path / "ov"), "--dtype", "float32", "--quiet"], capture_output=True,
+                         text=True, timeout=300)
     assert run.returncode == 0, run.stderr
-    reference = clipfusion_here("predict", str(images), "--model", str(model), "--out", str(tmp_path / "pt"),
+    reference = clipfusion_here("predict", str(images), "--model", str(source_model), "--out", str(tmp_path / "pt"),
                                 "--device", "cpu", "--dtype", "float32", "--quiet")
     assert reference.returncode == 0, reference.stderr
     got = {row["path"]: row for row in results(tmp_path / "ov")}
@@ -136,15 +146,34 @@ def test_a_damaged_export_is_a_one_line_error(exported_model, synthetic_root, tm
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("asked", [("--device", "cuda"), ("--dtype", "bfloat16")])
+@pytest.mark.parametrize("asked", [("--device", "cuda"), ("--dtype", "float16")])
 def test_an_export_refuses_a_device_or_dtype_it_would_ignore(exported_model, synthetic_root, tmp_path, asked):
-    """OpenVINO Runtime runs an export on the CPU in float32: asking for anything else is a one-line error,
-    not a silent CPU run."""
+    """OpenVINO Runtime runs an export on the CPU in float32 or bfloat16: asking for anything else is a
+    one-line error, not a silent CPU run."""
     result = clipfusion_here("predict", str(synthetic_root / "disc" / "test"), "--model", str(exported_model),
                              "--out", str(tmp_path / "out"), *asked, "--quiet")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "runs on the CPU in float32" in result.stderr and f"drop {' '.join(asked)}, or pass" in result.stderr
+    assert "runs on the CPU in float32 or bfloat16" in result.stderr
+    assert f"drop {' '.join(asked)}, or pass" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_an_export_runs_in_its_models_precision_where_this_cpu_can(cpu_kind, exported_model, warnings_said):
+    """The card of the export records bfloat16: OpenVINO is asked for bf16 where the CPU has it natively
+    (and reports what it runs: a CPU without bf16 computes f32 whatever it is asked), float32 elsewhere."""
+    import openvino
+
+    assert json.loads(json.loads((exported_model / "clipfusion-export.json").read_text())["card"])["dtype"] == \
+        "bfloat16"
+    openvino_bf16 = "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    assert ExportedDetector(exported_model).precision == \
+        ("bfloat16" if cpu_kind == "1" and openvino_bf16 else "float32")
+    said = warnings_said()
+    if cpu_kind == "1":
+        assert said == []
+    else:
+        assert len(said) == 1 and "derived in bfloat16" in said[0] and "running in float32" in said[0]
+    assert ExportedDetector(exported_model, dtype="float32").precision == "float32"
 
 
 SERVE_WITHOUT_TORCH = """
@@ -154,10 +183,11 @@ sys.modules["torch"] = None  # from here on, any import of torch fails
 from clipfusion.data.base import read_rgb
 from clipfusion.service.app import create_app
 from clipfusion.service.database import make_engine, migrate, session_factory
+from clipfusion.config import RuntimeConfig
 from clipfusion.service.inspector import ServedModel, Upload
 from clipfusion.service.settings import ServiceSettings
 export, image, data = map(Path, sys.argv[1:4])
-settings = ServiceSettings(models=(export,), data_dir=data)
+settings = ServiceSettings(models=(export,), data_dir=data, runtime=RuntimeConfig(dtype="float32"))
 data.mkdir()
 engine = make_engine(settings.url)
 migrate(engine)
@@ -170,14 +200,16 @@ with session_factory(engine).begin() as session:
 """
 
 
-def test_the_service_serves_an_export_without_importing_torch(exported_model, model, synthetic_root, tmp_path):
-    """A ServedModel of the export, in a process where importing torch fails, stores PyTorch's verdict."""
+def test_the_service_serves_an_export_without_importing_torch(exported_model, source_model, synthetic_root,
+                                                              tmp_path):
+    """A ServedModel of the export, in a process where importing torch fails, stores PyTorch's verdict
+    (both in float32)."""
     image = sorted((synthetic_root / "disc" / "test").rglob("*.png"))[-1]
     run = subprocess.run([sys.executable, "-c", SERVE_WITHOUT_TORCH, str(exported_model), str(image),
                           str(tmp_path / "data")], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     stored = json.loads(run.stdout.strip().splitlines()[-1])
-    expected = CLIPFusion.load(model).predict([str(image)], "disc")
+    expected = CLIPFusion.load(source_model, FLOAT32).predict([str(image)], "disc")
     assert abs(stored["score"] - float(expected.scores[0])) < 1e-4
     assert stored["decision"] == expected.labels()[0]
     manifest = exported_model / "clipfusion-export.json"
@@ -186,12 +218,13 @@ def test_the_service_serves_an_export_without_importing_torch(exported_model, mo
         ServiceSettings(models=(exported_model,), learn=True)
 
 
-def test_clipfusion_serve_serves_an_export_folder_over_http(exported_model, model, synthetic_root, tmp_path):
-    """The README's `serve --model FOLDER`, through the command itself: uvicorn, the API, PyTorch's verdict."""
+def test_clipfusion_serve_serves_an_export_folder_over_http(exported_model, source_model, synthetic_root, tmp_path):
+    """The README's `serve --model FOLDER`, through the command itself: uvicorn, the API, PyTorch's verdict
+    (both in float32)."""
     image = sorted((synthetic_root / "disc" / "test").rglob("*.png"))[-1]
     refused = clipfusion_here("serve", "--model", str(exported_model), "--compile", "--data", str(tmp_path / "x"))
     assert refused.returncode == 2 and "drop --compile" in refused.stderr and not (tmp_path / "x").exists()
-    server = start_server([exported_model], tmp_path / "data")
+    server = start_server([exported_model], tmp_path / "data", "--dtype", "float32")
     try:
         answer = httpx.post(f"{server.url}/v1/models/disc-ov/inspect", timeout=120,
                             files=[("files", (image.name, image.read_bytes(), "image/png"))])
@@ -199,6 +232,6 @@ def test_clipfusion_serve_serves_an_export_folder_over_http(exported_model, mode
         assert server.stop(signal.SIGTERM) in (0, -signal.SIGTERM)  # as test_service_faults accepts
     assert answer.status_code == 200, answer.text
     (inspection,) = answer.json()["inspections"]
-    expected = CLIPFusion.load(model).predict([str(image)], "disc")
+    expected = CLIPFusion.load(source_model, FLOAT32).predict([str(image)], "disc")
     assert abs(inspection["score"] - float(expected.scores[0])) < 1e-4
     assert inspection["decision"] == expected.labels()[0]

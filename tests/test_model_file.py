@@ -16,9 +16,14 @@ from clipfusion.methods.clipfusion.model_file import read_card
 
 from .commands import clipfusion_here, results
 
+# what `--dtype auto` resolves to on a CPU with native bfloat16 ("1") and without ("0")
+AUTO_ON_CPU = {"1": "bfloat16", "0": "float32"}
 
-def test_the_file_describes_itself_and_thresholds_come_from_held_out_normals(model, synthetic_root):
+
+def test_the_file_describes_itself_and_thresholds_come_from_held_out_normals(model_here, cpu_kind, synthetic_root):
+    model = model_here
     card = read_card(model)
+    assert (card.dtype, card.device) == (AUTO_ON_CPU[cpu_kind], "cpu")  # the precision its thresholds were derived in
     normal_dir = synthetic_root / "disc" / "train" / "good"
     assert (card.preset, card.overrides, card.category, card.prompt_name) == ("tiny", {"fusion__sigma": 2}, "disc",
                                                                               "disc")
@@ -28,7 +33,8 @@ def test_the_file_describes_itself_and_thresholds_come_from_held_out_normals(mod
         assert reference["sha256"] == hashlib.sha256((normal_dir / reference["name"]).read_bytes()).hexdigest()
     held_out = sorted(p for p in normal_dir.iterdir() if p.name not in names)
     assert card.thresholds.n_normals == len(held_out) == 2  # 4 normal images, 2 of them references
-    # recomputed here: a detector fitted on the same references, scoring the held-out images
+    # recomputed here, by the library's defaults (the command line's): a detector fitted on the same
+    # references, scoring the held-out images
     detector = CLIPFusion("tiny", fusion__sigma=2).fit([read_rgb(normal_dir / n) for n in names], "disc")
     prediction = detector.predict([read_rgb(p) for p in held_out], "disc")
     assert card.thresholds.image == pytest.approx(float(np.quantile(prediction.scores, 0.99, method="higher")))
@@ -38,7 +44,8 @@ def test_the_file_describes_itself_and_thresholds_come_from_held_out_normals(mod
     np.testing.assert_allclose(normalised, [0.5, 0.0, 1.0])
 
 
-def test_a_loaded_model_predicts_like_the_fitted_detector(model, synthetic_root):
+def test_a_loaded_model_predicts_like_the_fitted_detector(model_here, synthetic_root):
+    model = model_here
     card = read_card(model)
     normal_dir = synthetic_root / "disc" / "train" / "good"
     fitted = CLIPFusion("tiny", fusion__sigma=2).fit([read_rgb(normal_dir / r["name"]) for r in card.references],
@@ -48,7 +55,8 @@ def test_a_loaded_model_predicts_like_the_fitted_detector(model, synthetic_root)
     np.testing.assert_array_equal(loaded.predict(queries, "disc").maps, fitted.predict(queries, "disc").maps)
 
 
-def test_predict_with_the_model_needs_no_other_option(model, synthetic_root, tmp_path):
+def test_predict_with_the_model_needs_no_other_option(model_here, cpu_kind, synthetic_root, tmp_path):
+    model = model_here
     out = tmp_path / "out"
     result = clipfusion_here("predict", str(synthetic_root / "disc" / "test"), "--model", str(model),
                              "--out", str(out), "--quiet")
@@ -60,6 +68,7 @@ def test_predict_with_the_model_needs_no_other_option(model, synthetic_root, tmp
     rows = results(out)
     assert all(row["decision"] == ("NG" if row["score"] > threshold else "OK") for row in rows)
     assert {row["model_id"] for row in rows} == {hashlib.sha256(model.read_bytes()).hexdigest()}
+    assert {row["precision"] for row in rows} == {summary["identity"]["precision"]} == {AUTO_ON_CPU[cpu_kind]}
     thresholds = read_card(model).thresholds
     for row in rows:  # 0.5 + (score - threshold) / (normal max - normal min), clipped to [0, 1]
         span = thresholds.normal_max - thresholds.normal_min
@@ -97,7 +106,7 @@ def _rewrite(model, tmp_path, edit_card=None, format_tag=None):
     (lambda card: card["thresholds"].__setitem__("image", float("nan")), None, "not a finite number"),
     (lambda card: card.__setitem__("overrides", {"fusion__alpha_seg": 2}), None, "settings are not valid"),
     (lambda card: card.__setitem__("category", "fabric"), None, "its bank was fit on 'disc'"),
-    (None, "clipfusion-model/99", "format clipfusion-model/2"),
+    (None, "clipfusion-model/99", "format clipfusion-model/3"),
 ])
 def test_a_tampered_model_file_is_refused(model, tmp_path, edit, tag, needle):
     path = _rewrite(model, tmp_path, edit, tag)

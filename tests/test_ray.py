@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from clipfusion.data.base import read_rgb
+from clipfusion.hardware import BF16_SCORE_TOLERANCE
 from clipfusion.methods.clipfusion.detector import CLIPFusion
 from clipfusion.row_log import ParquetParts
 from clipfusion.tasks.inputs import collect_sources
@@ -86,8 +87,14 @@ def local_predict(model, photos, tmp_path_factory) -> Path:
     return out
 
 
-def test_predict_on_ray_writes_what_the_local_engine_writes(ray_address, model, photos, local_predict, tmp_path):
-    out = tmp_path / "ray"
+def test_predict_on_ray_writes_what_the_local_engine_writes(ray_address, cpu_kind, model_here, photos, tmp_path):
+    """In both precisions: the switch of the driver reaches the workers, which run the model file in the
+    precision the local engine runs it in."""
+    model, local_predict, out = model_here, tmp_path / "local", tmp_path / "ray"
+    with one_thread():
+        local = clipfusion_here("predict", str(photos), "--model", str(model), "--out", str(local_predict),
+                                "--batch-size", "2", "--quiet")
+    assert local.returncode == 0, local.stderr
     done = clipfusion("predict", str(photos), "--model", str(model), "--out", str(out), "--batch-size", "2",
                       "--engine", "ray", "--ray-address", ray_address, "--quiet")
     assert done.returncode == 0, done.stderr
@@ -100,11 +107,14 @@ def test_predict_on_ray_writes_what_the_local_engine_writes(ray_address, model, 
     summary = json.loads((out / "summary.json").read_text())
     assert [s["path"] for s in summary["skipped"]] == [str(photos / "broken.png")]
     assert summary == json.loads((local_predict / "summary.json").read_text())
-    # independently: the scores of the model run in this process, image by image (one copy of the images)
+    assert {row["precision"] for row in remote} == {"bfloat16" if cpu_kind == "1" else "float32"}
+    # independently: the scores of the model run in this process, image by image (one copy of the images),
+    # on this process's threads: float32 agrees to rounding, bfloat16 within its documented tolerance
     paths = _image_paths(photos / "a")
     expected = [float(CLIPFusion.load(model).predict([read_rgb(p)], "disc").scores[0]) for p in paths]
     scores = {row["path"]: row["score"] for row in remote}
-    assert [scores[p] for p in paths] == pytest.approx(expected, abs=1e-5)
+    assert [scores[p] for p in paths] == pytest.approx(expected, abs=BF16_SCORE_TOLERANCE if cpu_kind == "1"
+                                                       else 1e-5)
     # the Parquet parts hold the same rows, read back by pyarrow
     table = pq.read_table(out / "parts")
     assert table.column("path").to_pylist() == [row["path"] for row in remote]

@@ -16,7 +16,9 @@ from PIL import Image
 from sqlalchemy import create_engine, text
 
 from clipfusion.data import read_rgb
+from clipfusion.hardware import BF16_SCORE_TOLERANCE
 from clipfusion.methods.clipfusion.detector import CLIPFusion
+from clipfusion.methods.clipfusion.model_file import read_card
 from clipfusion.service.database import make_engine, migrate
 from clipfusion.service.tables import Base
 
@@ -136,12 +138,34 @@ def test_models_health_and_metrics(service, model):
     card = CLIPFusion.load(model)
     assert (served["name"], served["category"], served["preset"]) == ("disc", "disc", "tiny")
     assert served["image_threshold"] == card.thresholds_.image and served["bank_size"] == 2
+    # fitted and served on one machine: the precision its thresholds were derived in is the one that runs
+    assert served["precision"] == served["thresholds_precision"] == read_card(model).dtype
     assert httpx.get(f"{service.url}/readyz").json() == {"status": "ready"}
     metrics = httpx.get(f"{service.url}/metrics").text
     for name in ("clipfusion_requests_total", "clipfusion_request_seconds_bucket", "clipfusion_queue_depth",
                  "clipfusion_batch_size_bucket", "clipfusion_model_seconds_bucket", "clipfusion_decisions_total"):
         assert name in metrics
     assert httpx.get(f"{service.url}/docs").status_code == 200  # the OpenAPI page stays on
+
+
+def test_the_service_runs_a_model_in_the_precision_the_library_runs_it(cpu_kind, model_here, synthetic_root,
+                                                                      tmp_path):
+    """On either CPU kind (the switch reaches the server): the served model reports the precision it runs
+    in, and its inspections equal the library's in this process, within that precision's tolerance."""
+    paths = _images(synthetic_root)[:5]
+    server = start_server([model_here], tmp_path / "data")
+    try:
+        [served] = httpx.get(f"{server.url}/v1/models").json()
+        answer = httpx.post(f"{server.url}/v1/models/disc/inspect", timeout=120,
+                            files=[("files", (p.name, p.read_bytes(), "image/png")) for p in paths])
+    finally:
+        server.stop()
+    runs = "bfloat16" if cpu_kind == "1" else "float32"
+    assert (served["precision"], served["thresholds_precision"]) == (runs, runs)
+    assert answer.status_code == 200, answer.text
+    expected = CLIPFusion.load(model_here).predict(paths, "disc").scores
+    assert [i["score"] for i in answer.json()["inspections"]] == \
+        pytest.approx(expected.tolist(), abs=BF16_SCORE_TOLERANCE if runs == "bfloat16" else 1e-5)
 
 
 def test_a_request_larger_than_the_queue_is_refused_whole_with_retry_after(service, synthetic_root):

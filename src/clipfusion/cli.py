@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from clipfusion import __version__
-from clipfusion.config import BENCHMARK_METHODS, DATASET_NAMES, DTYPES, METHOD_NAMES, PRESET_NAMES, RuntimeConfig
+from clipfusion.config import (
+    BENCHMARK_METHODS,
+    DATASET_NAMES,
+    DTYPES,
+    EXPORT_DTYPES,
+    METHOD_NAMES,
+    PRESET_NAMES,
+    RuntimeConfig,
+)
 from clipfusion.errors import ClipfusionError
 
 logger = logging.getLogger("clipfusion")
@@ -66,6 +74,17 @@ examples:
 A .cfm model file holds the settings, the references (names and SHA-256), the memory bank, and an image
 and a pixel threshold derived from the normal images of --normal that are not references (99% and
 99.9% quantiles of their scores and map values; the rule and count are recorded).
+"""
+
+CALIBRATE_EXAMPLES = """\
+examples:
+  clipfusion calibrate --model bottle.cfm --normal good/ --out bottle-here.cfm   # this machine's precision
+  clipfusion calibrate --model bottle.cfm --normal good/ --out bottle-fp32.cfm --dtype float32
+
+Derives the image and pixel thresholds again from the normal images of --normal that are not the model's
+references (recognised by content), in the precision this machine runs (--dtype auto: bfloat16 on CPUs
+with native bf16, float16 on CUDA, float32 elsewhere), and writes a new model file that records it.  Use it
+when a model fitted on another machine runs here in another precision (predict and serve say so).
 """
 
 SWEEP_EXAMPLES = """\
@@ -161,13 +180,17 @@ def _add_run_options(parser: argparse.ArgumentParser, method: bool = True) -> No
 def _add_processing_options(parser: argparse.ArgumentParser) -> None:
     """What every command that reads images through the models takes: batching, the pixel limit,
     models and settings, verbosity."""
+    _add_batch_options(parser)
+    _add_model_options(parser)
+    _add_common(parser)
+
+
+def _add_batch_options(parser: argparse.ArgumentParser) -> None:
     from clipfusion.data.base import MAX_PIXELS
 
     parser.add_argument("--batch-size", type=int, default=8, help="images per model call (default: %(default)s)")
     parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
                         help="skip (and report) images larger than N pixels (default: %(default)s)")
-    _add_model_options(parser)
-    _add_common(parser)
 
 
 def _add_engine_options(parser: argparse.ArgumentParser, what: str) -> None:
@@ -189,10 +212,10 @@ def _ray_options(args: argparse.Namespace) -> Any:
     return RayOptions(args.ray_address, args.workers, args.gpus_per_worker, args.cpus_per_worker)
 
 
-def _recipe(args: argparse.Namespace, method: str, params: dict[str, Any], model: str | None = None) -> Any:
+def _recipe(method: str, params: dict[str, Any], model: str | None = None) -> Any:
     from clipfusion.distributed.recipe import DetectorRecipe
 
-    return DetectorRecipe(method, params, args.asked_device, args.asked_dtype, model)
+    return DetectorRecipe(method, params, model)
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -246,7 +269,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _runtime(args: argparse.Namespace) -> RuntimeConfig:
-    return RuntimeConfig(*_device_dtype(args), args.offline, args.cache_dir, args.hub_timeout, args.compile)
+    """The runtime as asked: ``auto`` is resolved by each detector where it runs (a model file's recorded
+    precision, a Ray worker's hardware)."""
+    return RuntimeConfig(args.device, args.dtype, args.offline, args.cache_dir, args.hub_timeout, args.compile)
 
 
 def _params(args: argparse.Namespace, method: str, preset: str | None = None) -> dict[str, Any]:
@@ -319,6 +344,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="model file to write (.cfm: settings, references, thresholds; for predict --model), or a "
                           "bare memory bank (.safetensors, for predict --memory)")
     _add_processing_options(fit)
+
+    calibrate = _command(commands, "calibrate", "derive a model file's thresholds again, in this machine's precision",
+                         "Write a new model file with the thresholds of --model derived again from held-out normal "
+                         "images, in the precision this machine runs.", CALIBRATE_EXAMPLES)
+    calibrate.add_argument("--model", required=True, metavar="FILE.cfm", help="model file from `clipfusion fit`")
+    calibrate.add_argument("--normal", required=True, metavar="DIR",
+                           help="normal images (the model's own references among them are left out)")
+    calibrate.add_argument("--out", required=True, metavar="FILE.cfm", help="the new model file (may be --model)")
+    _add_batch_options(calibrate)
+    _add_runtime_options(calibrate.add_argument_group("where the models run"))
+    _add_common(calibrate)
 
     export = _command(commands, "export", "write a model as OpenVINO or ONNX graphs for the torch-free runtime",
                       "Export a model file (or a preset and category, zero-shot) to a folder that `clipfusion "
@@ -431,8 +467,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     if args.engine == "ray":
         from clipfusion.distributed.evaluate import RayUnits
 
-        engine = RayUnits(_ray_options(args), _recipe(args, args.method, params))
-        worker_runtime = (args.asked_device, args.asked_dtype)
+        engine = RayUnits(_ray_options(args), _recipe(args.method, params))
+        worker_runtime = (args.device, args.dtype)
     run_evaluation(args.method, params, args.dataset, Path(args.root).expanduser(),
                    args.categories, args.shots, args.seeds, out, parse_eval_size(args.eval_size), args.batch_size,
                    args.overwrite, progress=not args.quiet, max_pixels=args.max_pixels, engine=engine,
@@ -483,6 +519,18 @@ def _cmd_fit(args: argparse.Namespace) -> None:
     print(f"wrote {path}: {len(names)} references of {args.category} ({', '.join(names)})")
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> None:
+    from clipfusion.tasks.fit import calibrate_model
+
+    if args.batch_size < 1 or args.max_pixels < 1:
+        raise ClipfusionError("--batch-size and --max-pixels must be >= 1")
+    path, before, detector = calibrate_model(args.model, args.normal, args.out, _runtime(args), args.batch_size,
+                                             args.max_pixels, progress=not args.quiet)
+    after = detector.thresholds_
+    print(f"wrote {path}: image threshold {before.image:.4f} -> {after.image:.4f}, pixel threshold {before.pixel:.4f} "
+          f"-> {after.pixel:.4f}, derived in {detector.precision} from {after.n_normals} normal images")
+
+
 def _cmd_export(args: argparse.Namespace) -> None:
     from clipfusion.methods.clipfusion.model_file import read_card
 
@@ -513,21 +561,21 @@ def _model_paths(args: argparse.Namespace) -> list[str]:
 
 
 def _refuse_torch_options_for_exports(args: argparse.Namespace) -> None:
-    """An export folder runs on OpenVINO Runtime, on the CPU in float32: options of PyTorch models that it
-    would silently ignore are refused."""
+    """An export folder runs on OpenVINO Runtime, on the CPU in float32 or bfloat16: options of PyTorch
+    models that it would silently ignore are refused."""
     exports = [model for model in _model_paths(args) if Path(model).is_dir()]
     if not exports:
         return
     if args.compile:
         raise ClipfusionError("--compile runs PyTorch models; an export folder is compiled by OpenVINO Runtime when "
                               "it loads: drop --compile")
-    ignored = [f"--{name} {value}" for name, value, fits in (("device", args.asked_device, ("auto", "cpu")),
-                                                             ("dtype", args.asked_dtype, ("auto", "float32")))
+    ignored = [f"--{name} {value}" for name, value, fits in (("device", args.device, ("auto", "cpu")),
+                                                             ("dtype", args.dtype, EXPORT_DTYPES))
                if value not in fits]
     if ignored:
-        raise ClipfusionError(f"--model {exports[0]} is an export, which OpenVINO Runtime runs on the CPU in float32: "
-                              f"drop {' '.join(ignored)}, or pass the .cfm model file it came from to run PyTorch "
-                              "there")
+        raise ClipfusionError(f"--model {exports[0]} is an export, which OpenVINO Runtime runs on the CPU in float32 "
+                              f"or bfloat16: drop {' '.join(ignored)}, or pass the .cfm model file it came from to run "
+                              "PyTorch there")
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
@@ -555,13 +603,13 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     if args.engine == "ray":
         from clipfusion.distributed.predict import ray_scorer
 
-        recipe = _recipe(args, "clipfusion", {"batch_size": args.batch_size, "runtime": _runtime(args)}, args.model) \
-            if args.model else _recipe(args, args.method, _params(args, args.method))
-        engine = Engine(ray_scorer(recipe, _ray_options(args)), parquet=True)
+        recipe = _recipe("clipfusion", {"batch_size": args.batch_size, "runtime": _runtime(args)}, args.model) \
+            if args.model else _recipe(args.method, _params(args, args.method))
+        engine = Engine(ray_scorer(recipe, _ray_options(args)), parquet=True, precision=recipe.precision())
     elif export:
         from clipfusion.runtime.exported import ExportedDetector
 
-        detector = ExportedDetector(args.model)
+        detector = ExportedDetector(args.model, dtype=args.dtype)
     elif args.model:
         from clipfusion.methods.clipfusion.detector import CLIPFusion
 
@@ -618,7 +666,7 @@ def _cmd_sweep(args: argparse.Namespace) -> None:
     if args.engine == "ray":
         from clipfusion.distributed.evaluate import RaySweep
 
-        engine = RaySweep(_ray_options(args), _recipe(args, "clipfusion", {}))
+        engine = RaySweep(_ray_options(args))
     run_sweep(config, dataset, _runtime(args), args.out, progress=not args.quiet, engine=engine)
     print((Path(args.out) / "sweep.md").read_text())
 
@@ -693,38 +741,27 @@ INTERRUPTED = {
     "sweep": "nothing was written; run it again", "predict": "every image finished so far is in results.jsonl "
     "and results.csv; add --resume to the same command to score the rest",
     "fit": "no memory bank was written", "benchmark": "nothing was written",
+    "calibrate": "no model file was written",
     "export": "the folder holds no complete export; run it again",
     "synth": "the dataset is incomplete; run it again",
     "serve": "stopped",
 }
 
 
-def _keep_asked(args: argparse.Namespace) -> None:
-    """Keep the ``--device``/``--dtype`` values asked for (``asked_device``/``asked_dtype``): Ray workers
-    resolve ``auto`` on their own machines.  An export runs on the CPU in float32, whatever was asked."""
-    args.asked_device, args.asked_dtype = getattr(args, "device", None), getattr(args, "dtype", None)
-    if _is_export(args):
-        args.device, args.dtype = "cpu", "float32"
-
-
 def _device_dtype(args: argparse.Namespace) -> tuple[str, str]:
-    """``--device auto`` / ``--dtype auto`` made concrete, and said, so results name what ran.  Resolved
-    at the first need, not at start-up: it imports torch (seconds), which a one-line error need not wait for."""
-    if "auto" in (args.device, args.dtype):
-        from clipfusion.hardware import auto_device_dtype
+    """``--device auto`` / ``--dtype auto`` made concrete for commands that run no model file (benchmark,
+    demo).  Resolved at the first need, not at start-up: ``--device auto`` imports torch (seconds), which a
+    one-line error need not wait for."""
+    from clipfusion.hardware import auto_device_dtype
 
-        args.device, args.dtype = auto_device_dtype(args.device, args.dtype)
-        if getattr(args, "engine", "local") == "local":
-            logger.info("running on %s in %s", args.device, args.dtype)
-    return args.device, args.dtype
+    return auto_device_dtype(args.device, args.dtype)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_output(args.quiet)
-    _keep_asked(args)
     commands = {"demo": _cmd_demo, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "fit": _cmd_fit,
-                "export": _cmd_export,
+                "calibrate": _cmd_calibrate, "export": _cmd_export,
                 "sweep": _cmd_sweep, "benchmark": _cmd_benchmark, "synth": _cmd_synth, "serve": _cmd_serve}
     try:
         from tqdm.contrib.logging import logging_redirect_tqdm

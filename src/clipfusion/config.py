@@ -23,6 +23,7 @@ MAP_NAMES = ("clip_language", "clip_visual", "diff_language", "diff_visual")
 METHOD_NAMES = ("clipfusion", "winclip", "mean-image")
 DATASET_NAMES = ("mvtec", "visa", "folder", "meta")
 DTYPES = ("float32", "float16", "bfloat16")
+EXPORT_DTYPES = ("auto", "float32", "bfloat16")  # what OpenVINO Runtime runs an export in on a CPU
 
 
 @dataclass(frozen=True)
@@ -166,24 +167,35 @@ class FusionConfig:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    """Where and how models run.  offline: never touch the network (also when HF_HUB_OFFLINE=1).
-    compile: run the UNet pass and the autoencoder through ``torch.compile`` (inductor, weights frozen
-    in), one image per call: the same maps, a slow first image (minutes on a CPU), faster after that
-    (docs/speed.md)."""
+    """Where and how models run.  device: ``auto`` (cuda, then mps, then cpu), cpu, cuda, cuda:N or
+    mps.  dtype: ``auto`` (the precision a model file records where this machine runs it natively;
+    otherwise float16 on CUDA, bfloat16 on CPUs with native bf16, float32 elsewhere: the command line's
+    default too, ``hardware.model_precision``), float32, float16 or bfloat16.  offline: never touch the
+    network (also when HF_HUB_OFFLINE=1).  compile: run the UNet pass and the autoencoder through
+    ``torch.compile`` (inductor, weights frozen in), one image per call: the same maps, a slow first
+    image (minutes on a CPU), faster after that (docs/speed.md)."""
 
-    device: str = "cpu"
-    dtype: str = "float32"
+    device: str = "auto"
+    dtype: str = "auto"
     offline: bool = False
     cache_dir: str | None = None
     hub_timeout: float = 10.0  # seconds the model hub gets to answer before the local cache is used alone
     compile: bool = False
 
     def __post_init__(self) -> None:
-        if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", self.device):
-            raise SettingError(f"device must be cpu, cuda, cuda:N or mps, not {self.device!r}")
-        _choice("dtype", self.dtype, DTYPES)
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise SettingError(f"device must be auto, cpu, cuda, cuda:N or mps, not {self.device!r}")
+        _choice("dtype", self.dtype, ("auto", *DTYPES))
         if self.compile and self.device == "mps":
             raise SettingError("compile runs on cpu or cuda, not mps: drop --compile")
+
+    def resolved(self, recorded: str | None = None) -> tuple[RuntimeConfig, str | None]:
+        """This runtime with ``auto`` made concrete for a model whose bank and thresholds were computed
+        in ``recorded`` (None: no model file), and why that precision does not run (None when it does)."""
+        from clipfusion.hardware import model_precision
+
+        device, dtype, reason = model_precision(self.device, self.dtype, recorded)
+        return dataclasses.replace(self, device=device, dtype=dtype), reason
 
 
 @dataclass(frozen=True)

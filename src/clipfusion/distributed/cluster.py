@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from types import ModuleType
 
 from clipfusion.errors import ClipfusionError
+from clipfusion.hardware import NATIVE_BF16_SWITCH
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +48,14 @@ def connect(options: RayOptions, spare_cpus: float = 0.0) -> ModuleType:
     ``spare_cpus`` (for tasks that feed them: without those CPUs the run would wait forever)."""
     ray = import_ray(local=options.address is None)
     if not ray.is_initialized():
+        # the precision switch set here decides on every worker too: one run, one precision policy
+        switch = os.environ.get(NATIVE_BF16_SWITCH)
+        runtime_env = {"env_vars": {NATIVE_BF16_SWITCH: switch}} if switch is not None else None
         try:
             if options.address is None:
-                ray.init(include_dashboard=False, logging_level=logging.WARNING)
+                ray.init(include_dashboard=False, logging_level=logging.WARNING, runtime_env=runtime_env)
             else:
-                ray.init(address=options.address, logging_level=logging.WARNING)
+                ray.init(address=options.address, logging_level=logging.WARNING, runtime_env=runtime_env)
         except (ConnectionError, ValueError, RuntimeError) as exc:
             where = options.address or "a local instance"
             raise ClipfusionError(f"--ray-address {where}: cannot connect to Ray ({exc}); start a cluster with "

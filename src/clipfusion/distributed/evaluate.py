@@ -36,20 +36,20 @@ class RayUnits:
         return run_tasks(self.ray, self.options, _run_unit, (shipped,), units)
 
 
-def _sweep_task(config: SweepConfig, dataset: AnomalyDataset, recipe: DetectorRecipe, runtime: RuntimeConfig,
+def _sweep_task(config: SweepConfig, dataset: AnomalyDataset, runtime: RuntimeConfig,
                 task: SweepTask) -> tuple[list[dict[str, Any]], list[SkippedFile]]:
-    return sweep_task(config, dataset, recipe.runtime(runtime), task)  # the worker's device and dtype
+    return sweep_task(config, dataset, runtime, task)  # ``auto`` resolved by the detector: the worker's
 
 
 class RaySweep:
     """A sweep engine for :func:`run_sweep`: each (encoder setting, unit) a Ray task; its fusion settings
     reuse that task's encoder outputs, on the worker (they are never recomputed, nor shipped)."""
 
-    def __init__(self, options: RayOptions, recipe: DetectorRecipe) -> None:
-        self.options, self.recipe = options, recipe
+    def __init__(self, options: RayOptions) -> None:
+        self.options = options
         self.ray = connect(options)
 
     def __call__(self, config: SweepConfig, dataset: AnomalyDataset, runtime: RuntimeConfig, tasks: list[SweepTask]
                  ) -> Iterator[tuple[list[dict[str, Any]], list[SkippedFile]]]:
-        return run_tasks(self.ray, self.options, _sweep_task, (config, dataset, self.recipe, runtime),
+        return run_tasks(self.ray, self.options, _sweep_task, (config, dataset, runtime),
                          [(task,) for task in tasks])

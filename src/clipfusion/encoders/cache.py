@@ -15,7 +15,8 @@ from clipfusion.encoders.loading import DiffusionParts, load_diffusion
 
 
 def clip_encoder(config: ClipConfig, runtime: RuntimeConfig) -> ClipEncoder:
-    return _clip_encoder(config, dataclasses.replace(runtime, compile=False))  # CLIP runs eager either way
+    # keyed by the concrete runtime: ``auto`` and what it means share one set of weights
+    return _clip_encoder(config, dataclasses.replace(runtime.resolved()[0], compile=False))  # CLIP runs eager
 
 
 @lru_cache(maxsize=2)
@@ -29,9 +30,13 @@ def _diffusion_parts(model_id: str, vae_id: str | None, vae_dtype: str | None, r
     return load_diffusion(DiffusionConfig(model_id=model_id, vae_id=vae_id, vae_dtype=vae_dtype), runtime)
 
 
-@lru_cache(maxsize=4)
 def diffusion_encoder(config: DiffusionConfig, runtime: RuntimeConfig) -> DiffusionEncoder:
     """Encoders differing only in read-out settings (layers, timestep...) share one set of weights."""
+    return _diffusion_encoder(config, runtime.resolved()[0])
+
+
+@lru_cache(maxsize=4)
+def _diffusion_encoder(config: DiffusionConfig, runtime: RuntimeConfig) -> DiffusionEncoder:
     weights = dataclasses.replace(runtime, compile=False)  # compiled and eager encoders of a model share its weights
     parts = _diffusion_parts(config.model_id, config.vae_id, config.vae_dtype, weights)
     return DiffusionEncoder(dataclasses.replace(parts), config, runtime.compile)

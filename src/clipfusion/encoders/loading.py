@@ -27,6 +27,7 @@ from clipfusion.config import TINY, ClipConfig, DiffusionConfig, RuntimeConfig
 from clipfusion.encoders.prepacking import prepack_convolutions
 from clipfusion.errors import ClipfusionError, WeightsNotFoundError
 from clipfusion.hardware import cpu_info, slow_on_cpu
+from clipfusion.notices import say_once
 
 if TYPE_CHECKING:  # diffusers and transformers load only when a model is built
     from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
@@ -52,10 +53,12 @@ def torch_dtype(name: str) -> torch.dtype:
 def runtime_device_dtype(runtime: RuntimeConfig) -> tuple[torch.device, torch.dtype]:
     """The runtime's device and dtype, warning when a half precision is asked of a CPU where it is slow:
     float16 on any CPU, bfloat16 on a CPU without native bf16 (no AVX-512 BF16 or AMX)."""
+    runtime = runtime.resolved()[0]  # ``auto`` as the command line means it (a model file resolves it before)
     device, dtype = torch_device(runtime.device), torch_dtype(runtime.dtype)
+    say_once(logger, logging.INFO, f"running on {runtime.device} in {runtime.dtype}")
     if device.type == "cpu" and slow_on_cpu(runtime.dtype, cpu_info()):
-        logger.warning("%s on this CPU (%s) is emulated: 7-60x slower than float32 on the CPUs we measured; "
-                       "use --dtype float32 here", runtime.dtype, cpu_info().model)
+        say_once(logger, logging.WARNING, f"{runtime.dtype} on this CPU ({cpu_info().model}) is emulated: 7-60x "
+                                          "slower than float32 on the CPUs we measured; use --dtype float32 here")
     return device, dtype
 
 
@@ -154,6 +157,7 @@ def load_open_clip(
     """Build the open_clip model of ``config``; ``device="meta"`` builds the architecture without memory."""
     import open_clip
 
+    runtime = runtime.resolved()[0]
     target = device if device is not None else runtime_device_dtype(runtime)[0]
     hint = ("--set clip__pretrained=/path/to/open_clip_model.safetensors (Python: "
             "ClipConfig(pretrained=...)), or clip__model_name=local-dir:/path/to/folder")
@@ -305,6 +309,7 @@ def load_diffusion(config: DiffusionConfig, runtime: RuntimeConfig) -> Diffusion
     from diffusers import AutoModel, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    runtime = runtime.resolved()[0]
     device, dtype = runtime_device_dtype(runtime)
     vae_dtype = torch_dtype(config.vae_dtype) if config.vae_dtype else dtype
     parts = _random_architecture(config)

@@ -3,11 +3,13 @@
 Torch-free (the runtime reads it).  ``clipfusion-export.json`` is written last, atomically: a folder
 without it is not an export.  It records the format, the graph files and their inputs and outputs,
 the settings (preset name, overrides, the fusion settings in full, category), the model card
-(thresholds; None for an uncalibrated zero-shot export), the source model's SHA-256, the package
-versions, and the SHA-256 of every file.
+(thresholds and the precision they were derived in; None for an uncalibrated zero-shot export), the
+source model's SHA-256, the package versions, and the SHA-256 of every file.  Exports of format 1
+(before model cards recorded their precision) still load, as float32, said once.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,10 +17,13 @@ from typing import Any
 from clipfusion.config import FusionConfig
 from clipfusion.errors import ClipfusionError
 from clipfusion.methods.clipfusion.model_file import ModelCard
+from clipfusion.notices import say_once
 from clipfusion.outputs import file_sha256, read_json
 
+logger = logging.getLogger(__name__)
 MANIFEST = "clipfusion-export.json"
-EXPORT_FORMAT = "clipfusion-export/1"
+EXPORT_FORMAT = "clipfusion-export/2"  # 2: the card records the precision of the thresholds
+READABLE_FORMATS = ("clipfusion-export/1", EXPORT_FORMAT)
 GRAPH_FORMATS = ("openvino", "onnx")
 GRAPHS = ("clip", "vae", "diffusion")
 
@@ -76,10 +81,14 @@ def read_manifest(folder: Path, verify: bool = True) -> ExportManifest:
         raise ClipfusionError(f"{folder} is not a clipfusion export (no {MANIFEST}); write one with "
                               "`clipfusion export --model X.cfm --out FOLDER`")
     data = read_json(path, "export manifest")
-    if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
+    if not isinstance(data, dict) or data.get("format") not in READABLE_FORMATS:
         found = data.get("format") if isinstance(data, dict) else None
         raise ClipfusionError(f"{path} is not a {EXPORT_FORMAT} manifest (it says {found!r}); export the model "
                               "again with this version of clipfusion")
+    if data["format"] != EXPORT_FORMAT and data.get("card") is not None:
+        say_once(logger, logging.WARNING, f"export {folder} is of format {data['format']}, which does not record the "
+                                          "precision of its thresholds: taken as float32; export the model again to "
+                                          "record it")
     try:
         card = None if data["card"] is None else ModelCard.from_json(data["card"], path)
         manifest = ExportManifest(folder, data["graph_format"], dict(data["graphs"]), dict(data["inputs"]),

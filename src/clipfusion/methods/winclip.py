@@ -60,6 +60,11 @@ class WinCLIP:
         return cache.clip_encoder(self.clip_config, self.runtime or RuntimeConfig())
 
     @property
+    def precision(self) -> str:
+        """The dtype CLIP runs in (``auto`` resolved), as rows and reports name it."""
+        return (self.runtime or RuntimeConfig()).resolved()[0].dtype
+
+    @property
     def timings_(self) -> StageTimer:
         """Seconds per stage (clip, windows, maps, memory, fusion), summed over calls; for benchmarks."""
         if not hasattr(self, "_timer"):

@@ -6,49 +6,70 @@ same NumPy fusion as the torch detector.  Reads either graph format (OpenVINO IR
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from clipfusion.config import EXPORT_DTYPES
 from clipfusion.decisions import Thresholds
 from clipfusion.errors import ClipfusionError
 from clipfusion.export.bundle import ExportManifest, import_openvino, read_manifest
+from clipfusion.hardware import BF16_SCORE_TOLERANCE, model_precision
 from clipfusion.images import Images, as_rgb_list
 from clipfusion.methods.clipfusion.fusion import BranchMaps, fuse
+from clipfusion.notices import say_once
 from clipfusion.protocol import Prediction
 from clipfusion.resampling import normalised_pixels
 from clipfusion.timing import StageTimer
+
+logger = logging.getLogger(__name__)
+OPENVINO_PRECISION = {"float32": "f32", "bfloat16": "bf16"}  # INFERENCE_PRECISION_HINT
 
 
 class ExportedDetector:
     """A fixed inspection model read from an export folder; ``predict`` as :class:`CLIPFusion`'s.
 
-    device: an OpenVINO device name (``CPU``, ``GPU``, ``AUTO``).  threads: inference threads per
-    graph (default: OpenVINO's choice, every core).  ``fit`` is refused: refit with ``clipfusion fit``
-    and export again.
+    device: an OpenVINO device name (``CPU``, ``GPU``, ``AUTO``).  dtype: the inference precision,
+    ``auto`` as in PyTorch (``hardware.model_precision``): the precision the model's thresholds were
+    derived in where this CPU computes it natively, otherwise float32; a zero-shot export runs in
+    bfloat16 on CPUs with native bf16, float32 elsewhere.  threads: inference threads per graph
+    (default: OpenVINO's choice, every core).  ``fit`` is refused: refit with ``clipfusion fit`` and
+    export again.
     """
 
-    def __init__(self, folder: str | Path, device: str = "CPU", threads: int | None = None) -> None:
+    def __init__(self, folder: str | Path, device: str = "CPU", threads: int | None = None,
+                 dtype: str = "auto") -> None:
+        if dtype not in EXPORT_DTYPES:
+            raise ClipfusionError(f"an export runs in {', '.join(EXPORT_DTYPES)}, not {dtype!r}")
         self.folder = Path(folder)
         self.manifest: ExportManifest = read_manifest(self.folder)
         self.preset = self.manifest.preset
         self.category_ = self.manifest.category
-        if self.manifest.card is not None:
-            self.thresholds_: Thresholds = self.manifest.card.thresholds
-            self.references_ = self.manifest.card.references
+        card = self.manifest.card
+        if card is not None:
+            self.thresholds_: Thresholds = card.thresholds
+            self.references_ = card.references
+        _, chosen, reason = model_precision("cpu", dtype, None if card is None else card.dtype)
+        if reason is not None:
+            say_once(logger, logging.WARNING, f"export {self.folder}: {reason}; scores can differ from that "
+                                              f"precision's by about {BF16_SCORE_TOLERANCE:g} (docs/speed.md)")
         ov = import_openvino("an exported model", "runtime")
         core = ov.Core()
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": "f32"}  # the maps of PyTorch float32, on every CPU
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[chosen]}
         if threads is not None:
             config["INFERENCE_NUM_THREADS"] = threads
         self._graphs = {name: core.compile_model(core.read_model(str(self.folder / file)), device, config)
                         for name, file in self.manifest.graphs.items()}
+        # what OpenVINO runs: a CPU without native bf16 computes f32 whatever the hint (or the switch) says
+        hint = str(self._graphs["diffusion"].get_property("INFERENCE_PRECISION_HINT"))
+        self.precision = "bfloat16" if "bfloat16" in hint else "float32"
         self.timings_ = StageTimer()
 
     def get_params(self) -> dict[str, Any]:
         return {"export": str(self.folder.resolve()), "preset": self.preset, "overrides": self.manifest.overrides,
-                "category": self.category_, "graph_format": self.manifest.graph_format}
+                "category": self.category_, "graph_format": self.manifest.graph_format, "dtype": self.precision}
 
     def fit(self, images: Images, category: str) -> ExportedDetector:
         raise ClipfusionError(f"{self.folder} is an exported model and cannot learn; fit with `clipfusion fit --out "

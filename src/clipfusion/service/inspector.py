@@ -61,7 +61,7 @@ class ServedModel:
         self.path = Path(path)
         self.detector: CLIPFusion | ExportedDetector
         if is_export(self.path):  # run by OpenVINO Runtime: this path imports no torch
-            self.detector = ExportedDetector(self.path)
+            self.detector = ExportedDetector(self.path, dtype=self.settings.runtime.dtype)
             if self.detector.manifest.card is None:
                 raise ClipfusionError(f"--model {self.path} is an export without thresholds; export a model file "
                                       "(`clipfusion export --model X.cfm`) to serve it")

@@ -103,6 +103,8 @@ class ModelOut(BaseModel):
     pixel_threshold: float
     bank_size: int = Field(description="references in the memory bank (0: zero-shot)")
     version: str = Field(description="clipfusion version that wrote the model file")
+    precision: str = Field(description="the dtype the model runs in here (float32, bfloat16, float16)")
+    thresholds_precision: str = Field(description="the dtype its thresholds were derived in (the model file's)")
     sha256: str
     created: str
     queue_depth: int

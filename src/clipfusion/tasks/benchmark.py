@@ -114,7 +114,7 @@ def _exported(method: str, detector: CLIPFusion, preset: str, shots: int, folder
     start = time.perf_counter()
     export = export_detector(detector, "disc", folder / f"{method}-{preset}-{shots}shot", weights=EXPORTED[method])
     exported_at = time.perf_counter()
-    runtime = ExportedDetector(export)
+    runtime = ExportedDetector(export, dtype=detector.precision)  # the precision of the PyTorch row it is held to
     loaded_at = time.perf_counter()
     return _Config(method, preset, shots, 1, runtime, source=detector, setup_seconds={
         "export": round(exported_at - start, 1), "load": round(loaded_at - exported_at, 1)})

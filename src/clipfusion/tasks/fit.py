@@ -1,4 +1,5 @@
-"""From a folder of normal images: the inspection model file (``*.cfm``), or a bare memory bank."""
+"""From a folder of normal images: the inspection model file (``*.cfm``), or a bare memory bank; and a model
+file's thresholds derived again in this machine's precision (``calibrate``)."""
 from __future__ import annotations
 
 import logging
@@ -7,7 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from clipfusion.config import RuntimeConfig
 from clipfusion.data.base import MAX_PIXELS, read_images
+from clipfusion.decisions import Thresholds
 from clipfusion.errors import ClipfusionError
 from clipfusion.outputs import file_sha256
 from clipfusion.tasks.inputs import draw_references
@@ -70,3 +73,34 @@ def fit_model(make_detector: Callable[[], CLIPFusion], normal: str, category: st
     detector.calibrate(normals, category, progress=progress)
     references = [{"name": p.name, "sha256": file_sha256(p)} for p in used]
     return detector.save(out, references), detector
+
+
+def calibrate_model(model: str, normal: str, out: str, runtime: RuntimeConfig, batch_size: int = 8,
+                    max_pixels: int = MAX_PIXELS, progress: bool = False) -> tuple[Path, Thresholds, CLIPFusion]:
+    """``clipfusion calibrate``: the model file ``model`` written to ``out`` with its thresholds derived
+    again from the normal images of ``normal`` that are not its references (matched by content), in
+    ``runtime``'s precision (``auto``: this machine's default, not the one the file records).  The
+    settings and the bank are kept; (path, the thresholds before, the recalibrated detector)."""
+    from clipfusion.methods.clipfusion.detector import CLIPFusion
+    from clipfusion.methods.clipfusion.model_file import MODEL_SUFFIX, read_card
+
+    card = read_card(Path(model))
+    if Path(out).suffix != MODEL_SUFFIX:
+        raise ClipfusionError(f"--out {out} must be a model file ({MODEL_SUFFIX}), e.g. {Path(out).stem}{MODEL_SUFFIX}")
+    check_writable_file(Path(out))  # before any model runs
+    references = {reference["sha256"] for reference in card.references}
+    pool = draw_references(normal, 0, 0).held_out
+    held_out = [path for path in pool if file_sha256(path) not in references]
+    if not held_out:
+        raise ClipfusionError(f"{normal} holds only the model's references ({len(pool)} images); give normal images "
+                              "it was not fitted on")
+    here, _ = runtime.resolved()  # this machine's precision: what `auto` means without a model file
+    detector = CLIPFusion.load(model, here, batch_size)
+    _, normals, _ = read_images(held_out, max_pixels)
+    if not normals:
+        raise ClipfusionError(f"none of the normal images in {normal} could be read")
+    logger.info("calibrating on %d normal images in %s (%d references left out)", len(normals), here.dtype,
+                len(pool) - len(held_out))
+    before = detector.thresholds_
+    detector.calibrate(normals, card.category, progress=progress)
+    return detector.save(out, card.references), before, detector

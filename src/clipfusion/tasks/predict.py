@@ -39,14 +39,15 @@ logger = logging.getLogger(__name__)
 PREDICT_OUTPUTS = ("run.json", JSONL, CSV, "summary.json", "index.html", "maps", "overlays", "masks", "thumbnails",
                    PARTS)
 ROW_FIELDS = ("path", "score", "normalised_score", "decision", "threshold", "regions", "overlay", "mask", "map",
-              "thumbnail", "seconds", "model_id", "timestamp")
+              "thumbnail", "seconds", "model_id", "precision", "timestamp")
 NUMBER_FIELDS = ("score", "normalised_score", "threshold", "seconds")
 NO_THRESHOLD = "no threshold"
 # Overlays are drawn at most this many pixels on their longest side: a 100-megapixel frame would
 # otherwise need gigabytes for its heatmap.  Masks and regions are always at the image's full size.
 OVERLAY_MAX_SIDE = 2048
-# What must be equal for --resume to continue a run: the same decisions on the same model.
-RUN_IDENTITY = ("model_id", "method", "preset", "category", "image_threshold", "pixel_threshold", "scale", "min_area")
+# What must be equal for --resume to continue a run: the same decisions on the same model, in the same precision.
+RUN_IDENTITY = ("model_id", "method", "preset", "category", "image_threshold", "pixel_threshold", "scale", "min_area",
+                "precision")
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -177,13 +178,15 @@ def decode_batch(sources: Sequence[str], max_pixels: int) -> list[Decoded]:
 
 @dataclass
 class Scored:
-    """One image after the model pass: its pixels, score, raw map (h, w) and seconds so far (read + model)."""
+    """One image after the model pass: its pixels, score, raw map (h, w), seconds so far (read + model)
+    and the dtype the models ran in (None for a method without models)."""
 
     path: str
     image: np.ndarray
     score: float
     raw_map: np.ndarray
     seconds: float
+    precision: str | None
 
 
 def predict_batch(detector: Detector, decoded: Sequence[Decoded], category: str) -> list[Scored | Skipped]:
@@ -195,9 +198,11 @@ def predict_batch(detector: Detector, decoded: Sequence[Decoded], category: str)
         start = time.perf_counter()
         prediction = detector.predict([image for _, image in readable], category)
         model_seconds = time.perf_counter() - start
+        precision = getattr(detector, "precision", None)
         for (item, image), score, raw_map in zip(readable, prediction.scores, prediction.maps, strict=True):
             if math.isfinite(float(score)) and np.isfinite(raw_map).all():
-                scored[id(item)] = Scored(item.path, image, float(score), raw_map, item.seconds + model_seconds)
+                scored[id(item)] = Scored(item.path, image, float(score), raw_map, item.seconds + model_seconds,
+                                          precision)
             else:
                 scored[id(item)] = (item.path, "score or map not finite (NaN or infinity; check the settings)")
     return [scored.get(id(item), (item.path, item.reason)) for item in decoded]
@@ -213,7 +218,8 @@ def render_batch(scored: Sequence[Scored | Skipped], settings: RowSettings) -> l
         start = time.perf_counter()
         full_map = resize_maps(item.raw_map[None], item.image.shape[:2])[0]  # as Prediction.maps_at_input_size
         row, files = render(settings, item.image, item.score, item.raw_map, full_map)
-        outcomes.append(Rendered(item.path, row, files, item.seconds + time.perf_counter() - start))
+        outcomes.append(Rendered(item.path, {**row, "precision": item.precision}, files,
+                                 item.seconds + time.perf_counter() - start))
     return outcomes
 
 
@@ -335,10 +341,12 @@ def _check_options(job: PredictJob) -> None:
 @dataclass(frozen=True)
 class Engine:
     """Where the images are scored: ``make_scorer(settings)`` gives the scorer of one run; ``parquet``
-    also keeps the rows as Parquet parts (``parts/``) for data tools."""
+    also keeps the rows as Parquet parts (``parts/``) for data tools; ``precision``: the dtype its
+    detectors run in, as far as the driver can tell (each row says what ran)."""
 
     make_scorer: Callable[[RowSettings], Scorer]
     parquet: bool = False
+    precision: str | None = None
 
 
 @dataclass(frozen=True)
@@ -392,7 +400,7 @@ def run_predict(job: PredictJob, plan: PredictPlan, detector: Detector | None, e
     if engine is None:
         if detector is None:
             raise ValueError("run_predict needs a detector or an engine")
-        engine = Engine(functools.partial(local_scorer, detector))
+        engine = Engine(functools.partial(local_scorer, detector), precision=getattr(detector, "precision", None))
     out, earlier = plan.out, plan.earlier
     if job.resume and not earlier:
         logger.info("--resume: %s holds no earlier run; starting one", out)
@@ -418,7 +426,7 @@ def run_predict(job: PredictJob, plan: PredictPlan, detector: Detector | None, e
     model_id = model_sha256(Path(job.model)) if job.model else None
     identity = {"model_id": model_id, "method": job.method, "preset": job.preset, "category": job.category,
                 "image_threshold": decisions.image, "pixel_threshold": decisions.pixel,
-                "scale": list(decisions.scale), "min_area": job.min_area}
+                "scale": list(decisions.scale), "min_area": job.min_area, "precision": engine.precision}
     settings = RowSettings(job.category, decisions, model_id, job.min_area, job.max_pixels)
     with output_folder(out, "predict", PREDICT_OUTPUTS, job.overwrite, protected=plan.protected):
         if job.resume and earlier:

@@ -20,15 +20,19 @@ from clipfusion.config import SETTING_GROUPS, FusionConfig, Preset, RuntimeConfi
 from clipfusion.decisions import Thresholds
 from clipfusion.encoders import cache
 from clipfusion.errors import ClipfusionError
+from clipfusion.hardware import BF16_SCORE_TOLERANCE
 from clipfusion.images import Images, as_rgb_list
 from clipfusion.methods.clipfusion.fusion import BranchMaps, fuse
 from clipfusion.methods.clipfusion.mapdiff import MapDiff
 from clipfusion.methods.clipfusion.model_file import FORMAT, FORMAT_VERSION, ModelCard, read_card
 from clipfusion.methods.clipfusion.patchclip import PatchClip
 from clipfusion.methods.memory import MemoryBank
+from clipfusion.notices import say_once
 from clipfusion.outputs import write_atomic
 from clipfusion.protocol import Prediction
 from clipfusion.timing import StageTimer
+
+logger = logging.getLogger(__name__)
 
 
 def _array(values: torch.Tensor) -> np.ndarray:
@@ -48,6 +52,8 @@ class CLIPFusion:
     scikit-learn style: settings are stored by the constructor and nothing runs there; ``fit``
     builds the few-shot memory banks from normal images and returns ``self`` (learned state ends
     in ``_``); an unfitted detector predicts zero-shot.  Images are (H, W, 3) uint8 RGB arrays.
+    ``runtime`` defaults to ``auto`` device and dtype, as on the command line (``RuntimeConfig``); a
+    loaded model file runs in the precision it records where this machine computes it natively.
 
     Example::
 
@@ -58,6 +64,8 @@ class CLIPFusion:
     """
 
     references_: list[dict[str, str]]  # of a loaded model file: name and sha256 of each reference
+    precision_: tuple[str, str]  # (dtype, device kind) the thresholds were derived in: calibrate's, or the file's
+    path_: Path  # of a loaded model file: where it was read from
 
     def __init__(self, preset: str | Preset = "paper-recon", runtime: RuntimeConfig | None = None,
                  batch_size: int = 8, **overrides: Any) -> None:
@@ -67,7 +75,7 @@ class CLIPFusion:
         self.overrides = overrides
 
     @classmethod
-    def from_preset(cls, name: str = "paper-recon", device: str = "cpu", dtype: str = "float32",
+    def from_preset(cls, name: str = "paper-recon", device: str = "auto", dtype: str = "auto",
                     offline: bool = False, cache_dir: str | None = None, batch_size: int = 8,
                     **overrides: Any) -> CLIPFusion:
         """A detector of preset ``name`` with ``<group>__<field>=value`` overrides (see config.get_preset)."""
@@ -81,10 +89,33 @@ class CLIPFusion:
         return override(base, **self.overrides)
 
     def get_params(self) -> dict[str, Any]:
+        """The settings in full, with the device and dtype that run (``auto`` resolved)."""
         config = self.config
         return {"preset": config.name, **{g: dataclasses.asdict(getattr(config, g)) for g in
                                           SETTING_GROUPS},
-                "runtime": dataclasses.asdict(self.runtime or RuntimeConfig()), "batch_size": self.batch_size}
+                "runtime": dataclasses.asdict(self.runtime_), "batch_size": self.batch_size}
+
+    @property
+    def runtime_(self) -> RuntimeConfig:
+        """The runtime the models run with: ``auto`` resolved, for a loaded model file in the precision
+        it records where this machine computes it natively (``hardware.model_precision``)."""
+        if not hasattr(self, "_resolved"):
+            asked = self.runtime or RuntimeConfig()
+            recorded = self.precision_[0] if hasattr(self, "precision_") else None
+            self._resolved, reason = asked.resolved(recorded)
+            if reason is not None:
+                # a fallback is news; a precision asked for is the user's choice, noted
+                fallback = asked.dtype == "auto"
+                say_once(logger, logging.WARNING if fallback else logging.INFO,
+                         f"model file {getattr(self, 'path_', '')}: {reason}; scores can differ from that precision's "
+                         f"by about {BF16_SCORE_TOLERANCE:g} (docs/speed.md)"
+                         + ("; `clipfusion calibrate` derives the thresholds again here" if fallback else ""))
+        return self._resolved
+
+    @property
+    def precision(self) -> str:
+        """The dtype the models run in (``runtime_``'s), as rows and reports name it."""
+        return self.runtime_.dtype
 
     @property
     def timings_(self) -> StageTimer:
@@ -95,7 +126,7 @@ class CLIPFusion:
 
     def _branches(self) -> tuple[PatchClip, MapDiff]:
         if not hasattr(self, "_built"):
-            config, runtime = self.config, self.runtime or RuntimeConfig()
+            config, runtime = self.config, self.runtime_
             with tqdm(total=2, desc="loading models", disable=_quiet()) as bar:
                 bar.set_postfix_str(f"CLIP {config.clip.model_name}")
                 patchclip = PatchClip(cache.clip_encoder(config.clip, runtime), config.patchclip, config.prompts)
@@ -190,6 +221,7 @@ class CLIPFusion:
                                          disable=not progress))
         self.thresholds_ = Thresholds.from_batches((p.scores, p.maps) for p in predictions)
         self.category_ = category
+        self.precision_ = (self.runtime_.dtype, self.runtime_.device.split(":")[0])
         return self
 
     def save(self, path: str | Path, references: Sequence[dict[str, str]] | None = None) -> Path:
@@ -199,11 +231,12 @@ class CLIPFusion:
             raise ClipfusionError("nothing to save: calibrate the detector on held-out normal images first")
         if not isinstance(self.preset, str):
             raise ClipfusionError("only detectors of a named preset can be saved (pass overrides for the rest)")
+        dtype, device = getattr(self, "precision_", (self.runtime_.dtype, self.runtime_.device.split(":")[0]))
         card = ModelCard(preset=self.preset, overrides=dict(self.overrides), category=self.category_,
                          prompt_name=self.config.prompts.name_of(self.category_),
                          references=list(references if references is not None else getattr(self, "references_", [])),
                          thresholds=self.thresholds_, version=__version__,
-                         created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), dtype=dtype, device=device)
         bank = getattr(self, "memory_bank_", None)
         tensors = {} if bank is None else {k: v.contiguous() for k, v in bank.features.items()}
         manifest = {} if bank is None else {**bank.manifest, "version": __version__}
@@ -215,12 +248,16 @@ class CLIPFusion:
     @classmethod
     def load(cls, path: str | Path, runtime: RuntimeConfig | None = None, batch_size: int = 8) -> CLIPFusion:
         """A ready detector from a model file written by :meth:`save`: settings, bank and thresholds.
+        With ``runtime``'s dtype ``auto`` (the default) it runs in the precision the file records where
+        this machine computes it natively, otherwise in float32, said once (``runtime_``).
 
         The card is checked field by field before anything else; the bank is then checked against
         the settings (it must be the bank these settings make)."""
         path = Path(path)
         card = read_card(path)
         detector = cls(card.preset, runtime, batch_size, **card.overrides)
+        detector.precision_ = (card.dtype, card.device)  # before any model is built: it decides the dtype
+        detector.path_ = path
         with safe_open(str(path), framework="pt") as handle:
             has_bank = bool(list(handle.keys()))
         if has_bank:

@@ -7,11 +7,14 @@ manifest, so ``predict --memory`` reads the same file).  The card records the pr
 override, the category and the object name used in prompts, the references (file names and
 SHA-256), the image and pixel thresholds and how they were derived from held-out normal images
 (never the references), the held-out normal-score statistics behind the normalised score, the
-package version and the creation time.  Loading checks every field before it is trusted.
+precision (dtype and device kind) the bank and thresholds were computed in, the package version and
+the creation time.  Loading checks every field before it is trusted.  Files of format 2 (before the
+precision was recorded) still load, as float32 on the CPU, said once.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,13 +22,18 @@ from typing import Any
 
 from safetensors import safe_open
 
-from clipfusion.config import get_preset
+from clipfusion.config import DTYPES, get_preset
 from clipfusion.decisions import Thresholds
 from clipfusion.errors import ClipfusionError, SettingError
+from clipfusion.notices import say_once
 
+logger = logging.getLogger(__name__)
 FORMAT = "clipfusion-model"
-FORMAT_VERSION = 2  # 2: the thresholds carry the normal pixels' median (the colour scale)
+# 2: the thresholds carry the normal pixels' median (the colour scale); 3: the precision they were computed in
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)
 MODEL_SUFFIX = ".cfm"
+DEVICE_KINDS = ("cpu", "cuda", "mps")
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,8 @@ class ModelCard:
     thresholds: Thresholds
     version: str
     created: str
+    dtype: str = "float32"  # the precision the bank and thresholds were computed in (format 2: float32)
+    device: str = "cpu"  # the kind of device they were computed on (cpu, cuda, mps)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), allow_nan=False)
@@ -58,6 +68,8 @@ class ModelCard:
             raise bad(f"its description cannot be read ({exc})") from None
         if not isinstance(card.overrides, dict) or not isinstance(card.references, list):
             raise bad("overrides or references have the wrong shape")
+        if card.dtype not in DTYPES or card.device not in DEVICE_KINDS:
+            raise bad(f"its precision ({card.dtype!r} on {card.device!r}) is not one clipfusion computes in")
         numbers = [card.thresholds.image, card.thresholds.pixel, card.thresholds.normal_min,
                    card.thresholds.normal_max, card.thresholds.normal_mean, card.thresholds.normal_std,
                    card.thresholds.pixel_median]
@@ -83,7 +95,12 @@ def read_card(path: Path) -> ModelCard:
             metadata = handle.metadata() or {}
     except Exception as exc:  # a truncated or foreign file
         raise ClipfusionError(f"{path} is not a clipfusion model file: {exc}") from None
-    if metadata.get("format") != f"{FORMAT}/{FORMAT_VERSION}":
+    readable = {f"{FORMAT}/{version}": version for version in READABLE_VERSIONS}
+    if metadata.get("format") not in readable:
         raise ClipfusionError(f"{path} is not a clipfusion model file of format {FORMAT}/{FORMAT_VERSION} (it says "
                               f"{metadata.get('format')!r}); write it with `clipfusion fit --out X{MODEL_SUFFIX}`")
+    if readable[metadata["format"]] < 3:
+        say_once(logger, logging.WARNING, f"model file {path} is of format {FORMAT}/2, which does not record the "
+                                          "precision of its thresholds: taken as float32; `clipfusion calibrate` "
+                                          "writes it again with thresholds derived here, in this machine's precision")
     return ModelCard.from_json(metadata.get("model", ""), path)

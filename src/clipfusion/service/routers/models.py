@@ -29,7 +29,8 @@ def list_models(state: StateDep) -> list[ModelOut]:
         batcher = state.batchers.get(name)
         out.append(ModelOut(name=name, category=model.category, preset=str(model.detector.preset),
                             image_threshold=thresholds.image, pixel_threshold=thresholds.pixel,
-                            bank_size=model.bank_size, version=card.version, sha256=model.sha256,
+                            bank_size=model.bank_size, version=card.version, precision=model.detector.precision,
+                            thresholds_precision=card.dtype, sha256=model.sha256,
                             created=card.created, queue_depth=0 if batcher is None else batcher.depth))
     return out
 
