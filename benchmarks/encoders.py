@@ -35,7 +35,7 @@ def measure(size: str, repeats: int) -> dict:
     spec = SIZES[size]
     torch.set_num_threads(os.cpu_count() or 1)
     start = time.perf_counter()
-    clip = ClipEncoder(load_open_clip(ClipConfig(*spec["clip"]), RuntimeConfig()))
+    clip = ClipEncoder(load_open_clip(ClipConfig(*spec["clip"]), RuntimeConfig("cpu", "float32")))
     unet, vae, text = spec["diffusion"]
     if size == "tiny":
         vae = "tiny-vae"

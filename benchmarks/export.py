@@ -33,7 +33,8 @@ def main() -> int:
             with tempfile.TemporaryDirectory() as folder:
                 command = [clipfusion_command(), "benchmark", "--methods", *methods, "--presets", preset,
                            "--shots", str(shots), "--batch-size", "1", "--images", str(args.images),
-                           "--repeats", "2", "--no-naive", "--out", folder, "--quiet"]
+                           "--repeats", "2", "--no-naive", "--device", "cpu", "--dtype", "float32",
+                           "--out", folder, "--quiet"]  # exports are traced from float32 models
                 print(" ".join(command), flush=True)
                 subprocess.run(command, check=True)
                 result = json.loads((Path(folder) / "benchmark.json").read_text())

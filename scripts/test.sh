@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/runtime-venv.sh
+# What the precision-sensitive tests meet here (they also run as the other CPU kind: CLIPFUSION_NATIVE_BF16)
+echo "test: $(.venv/bin/python -c 'from clipfusion.hardware import precision_summary; print(precision_summary())')" >&2
 # The browser tests drive Debian's Chromium (Playwright's own browser download needs the internet).
 # The service tests start a throw-away PostgreSQL server (initdb + pg_ctl on a temporary folder).
 missing=()

@@ -6,12 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from clipfusion.config import FusionConfig, get_preset
+from clipfusion.config import FusionConfig, RuntimeConfig, get_preset
 from clipfusion.errors import MemoryBankMismatchError
 from clipfusion.methods.clipfusion.detector import CLIPFusion
 
 from .references import slow_window_map
 from .scenes import CORNERS, SIZE, pixel_auroc
+
+# what the tests that hold the maps to a reference computed by hand mean: float32 on any CPU
+FLOAT32 = RuntimeConfig("cpu", "float32")
 
 
 def test_few_shot_maps_localise_large_plain_defects(scenes):
@@ -150,7 +153,7 @@ def test_vv_dense_embedding_is_value_value_attention_on_the_last_block_input(sce
     """Recomputed from the last block's captured input: ln_1, value projection, per-head softmax(V Vᵀ/√d) V,
     out_proj, ln_post, projection, normalisation; no residual, no MLP.  Then the language map."""
     _, defective, _ = scenes
-    patchclip, _ = CLIPFusion("tiny", patchclip__dense_mode="vv")._branches()
+    patchclip, _ = CLIPFusion("tiny", FLOAT32, patchclip__dense_mode="vv")._branches()
     encoder = patchclip.encoder
     pixels = encoder.preprocess(defective[:2])
     block_input, _ = _last_block_io(encoder, pixels)
@@ -204,7 +207,7 @@ def test_tile_dense_mode_scores_each_crop_with_open_clip(scenes):
 
 def test_window_dense_mode_is_the_slow_window_map(scenes):
     _, defective, _ = scenes
-    patchclip, _ = CLIPFusion("tiny", patchclip__dense_mode="window")._branches()
+    patchclip, _ = CLIPFusion("tiny", FLOAT32, patchclip__dense_mode="window")._branches()
     encoder = patchclip.encoder
     pixels = encoder.preprocess(defective[:2])
     prototypes = patchclip.prototypes("plate")
@@ -256,8 +259,8 @@ def test_naive_reference_gives_the_same_maps_as_the_fast_path(scenes):
     """Fast path (one batched UNet pass, early stop, SDPA outside the captured layers, one VAE encode)
     against the naive one (per prompt: VAE encode, full UNet, probabilities in every layer)."""
     normal, defective, _ = scenes
-    fast = CLIPFusion("tiny").fit(normal[:2], "plate")
-    naive = CLIPFusion("tiny", diffusion__naive=True).fit(normal[:2], "plate")
+    fast = CLIPFusion("tiny", FLOAT32).fit(normal[:2], "plate")
+    naive = CLIPFusion("tiny", FLOAT32, diffusion__naive=True).fit(normal[:2], "plate")
     fast_maps, naive_maps = fast.encode(defective[:3], "plate"), naive.encode(defective[:3], "plate")
     for name in ("diff_language", "diff_visual", "clip_language", "clip_visual"):
         np.testing.assert_allclose(getattr(fast_maps, name), getattr(naive_maps, name), rtol=1e-4, atol=1e-5)

@@ -18,6 +18,7 @@ from clipfusion.service.tables import Inspection
 
 # Compiled kernels may sum in another order than eager ones: float32 rounding, far below this.
 RELATIVE_TOLERANCE = 1e-4
+FLOAT32 = RuntimeConfig("cpu", "float32")  # what that tolerance is for, on either CPU kind
 
 
 def _relative_difference(got: np.ndarray, expected: np.ndarray) -> float:
@@ -26,9 +27,9 @@ def _relative_difference(got: np.ndarray, expected: np.ndarray) -> float:
 
 def test_compiled_detector_gives_the_eager_maps_scores_and_decisions(scenes):
     normal, defective, _ = scenes
-    eager = CLIPFusion("tiny", fusion__sigma=0.0).fit(normal[:2], "plate").calibrate(normal[2:], "plate")
+    eager = CLIPFusion("tiny", FLOAT32, fusion__sigma=0.0).fit(normal[:2], "plate").calibrate(normal[2:], "plate")
     graphs_before = counters["stats"]["unique_graphs"]
-    compiled = CLIPFusion("tiny", RuntimeConfig(compile=True), fusion__sigma=0.0)
+    compiled = CLIPFusion("tiny", RuntimeConfig("cpu", "float32", compile=True), fusion__sigma=0.0)
     compiled.fit(normal[:2], "plate")  # the bank's features come compiled too
     graphs_after_fit = counters["stats"]["unique_graphs"]
     assert graphs_after_fit > graphs_before  # dynamo really compiled the parts
@@ -47,7 +48,9 @@ def test_compiled_detector_gives_the_eager_maps_scores_and_decisions(scenes):
 
 
 def test_serve_compiles_before_the_first_request(model, tmp_path):
-    settings = ServiceSettings(models=(model,), data_dir=tmp_path, runtime=RuntimeConfig(compile=True))
+    # float32, as above: the graphs compiled there serve here (a bfloat16 model says it runs in float32)
+    settings = ServiceSettings(models=(model,), data_dir=tmp_path, runtime=RuntimeConfig("cpu", "float32",
+                                                                                         compile=True))
     engine = make_engine(settings.url)
     migrate(engine)
     served = ServedModel("disc", model, settings, session_factory(engine))

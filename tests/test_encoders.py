@@ -13,16 +13,18 @@ from clipfusion.encoders.diffusion import vae_latents
 from clipfusion.encoders.loading import build_diffusion_from_configs, load_open_clip
 
 PROMPTS = ["a photo of a flawless disc", "a photo of a damaged disc"]
+# the encoders are held to torch's and diffusers' own computations in float32, on either CPU kind
+FLOAT32 = RuntimeConfig("cpu", "float32")
 
 
 @pytest.fixture(scope="module")
 def clip() -> ClipEncoder:
-    return ClipEncoder.from_config(get_preset("tiny").clip)
+    return ClipEncoder.from_config(get_preset("tiny").clip, FLOAT32)
 
 
 @pytest.fixture(scope="module")
 def diffusion() -> DiffusionEncoder:
-    return DiffusionEncoder.from_config(get_preset("tiny").diffusion)
+    return DiffusionEncoder.from_config(get_preset("tiny").diffusion, FLOAT32)
 
 
 def _images(n: int = 2, seed: int = 0, shape: tuple[int, int] = (96, 128)) -> list[np.ndarray]:
@@ -345,7 +347,7 @@ def test_noise_draws_average_the_outputs_of_each_seeded_draw():
 def test_vae_dtype_keeps_the_autoencoder_in_float32_under_a_bfloat16_unet():
     config = get_preset("tiny", diffusion__vae_dtype="float32").diffusion
     mixed = DiffusionEncoder.from_config(config, RuntimeConfig(dtype="bfloat16"))
-    plain = DiffusionEncoder.from_config(get_preset("tiny").diffusion)
+    plain = DiffusionEncoder.from_config(get_preset("tiny").diffusion, FLOAT32)
     assert next(mixed.vae.parameters()).dtype == torch.float32
     assert next(mixed.unet.parameters()).dtype == torch.bfloat16
     images = _images(2)

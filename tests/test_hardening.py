@@ -346,7 +346,7 @@ def test_exif_orientation_is_applied_on_read(tmp_path):
 # --- 13. one-line errors instead of tracebacks --------------------------------------------------------------------
 
 @pytest.mark.parametrize(("extra", "needle"), [
-    (["--device", "gpu"], "device must be cpu, cuda, cuda:N or mps"),
+    (["--device", "gpu"], "device must be auto, cpu, cuda, cuda:N or mps"),
     (["--set", "fusion__alpha_seg=abc"], "fusion__alpha_seg must be a number"),
     (["--set", "fusion__output_size=0"], "fusion__output_size must be >= 1"),
     (["--set", "diffusion__image_size=0"], "diffusion__image_size must be a positive multiple of 8"),

@@ -236,7 +236,8 @@ def test_the_report_opens_clean_with_the_tiny_banner_first_and_true_aspect_ratio
     shutil.copy(synthetic_root / "synthetic.json", root / "synthetic.json")
     out = tmp_path / "run"
     result = clipfusion_here("evaluate", "--dataset", "mvtec", "--root", str(root), "--preset", "tiny",
-                             "--shots", "0", "1", "--eval-size", "native", "--out", str(out), "--quiet")
+                             "--shots", "0", "1", "--eval-size", "native", "--dtype", "float32", "--out", str(out),
+                             "--quiet")
     assert result.returncode == 0, result.stderr
     opened = open_page(browser, out / "report.html")
     check_self_contained(opened, out / "report.html")

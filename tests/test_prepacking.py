@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipfusion.config import get_preset
+from clipfusion.config import RuntimeConfig, get_preset
 from clipfusion.encoders import DiffusionEncoder
 from clipfusion.encoders.prepacking import PrepackedConv2d, prepack_convolutions
 
@@ -89,7 +89,8 @@ def test_only_plain_zero_padded_convolutions_are_turned():
 
 
 def test_the_unet_on_a_cpu_runs_prepacked_and_gives_the_maps_of_plain_convolutions():
-    encoder = DiffusionEncoder.from_config(get_preset("tiny").diffusion)
+    # packing serves float32 inference only: that is the path under test, on either CPU kind
+    encoder = DiffusionEncoder.from_config(get_preset("tiny").diffusion, RuntimeConfig("cpu", "float32"))
     convolutions = [m for m in encoder.unet.modules() if isinstance(m, nn.Conv2d)]
     assert convolutions and all(type(m) is PrepackedConv2d for m in convolutions)
     assert not any(isinstance(m, PrepackedConv2d) for m in encoder.vae.modules())  # no gain measured there

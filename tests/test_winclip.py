@@ -27,7 +27,7 @@ def test_window_indices_and_harmonic_aggregation_by_hand():
 
 
 def test_window_maps_match_a_slow_per_window_reference():
-    encoder = cache.clip_encoder(get_preset("tiny").clip, RuntimeConfig())
+    encoder = cache.clip_encoder(get_preset("tiny").clip, RuntimeConfig("cpu", "float32"))  # as the reference
     images = [scene(0, (4, 84))[0], scene(1)[0]]
     pixels = encoder.preprocess(images)
     prototypes = encoder.encode_prompt_ensembles([["a photo of a plate."], ["a photo of a damaged plate."]])

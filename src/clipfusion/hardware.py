@@ -131,6 +131,16 @@ def model_precision(device: str, dtype: str, recorded: str | None, cpu: CpuInfo 
     return device, dtype, None
 
 
+def precision_summary(cpu: CpuInfo | None = None) -> str:
+    """One line: the CPU, its speed flags, whether it has native bfloat16 (and whether the switch decided
+    that), and what ``--dtype auto`` runs on it (torch-free: scripts/test.sh prints it at its top)."""
+    cpu = cpu or cpu_info()
+    switch = NATIVE_BF16_SWITCH + (" unset" if cpu.forced_bf16 is None else f"={int(cpu.forced_bf16)}")
+    return (f"CPU {cpu.model} ({cpu.cores} cores; {' '.join(cpu.flags) or 'no speed flags'}); native bfloat16: "
+            f"{'yes' if cpu.native_bf16 else 'no'} ({switch}); --dtype auto on the CPU: "
+            f"{auto_device_dtype('cpu', 'auto', cpu)[1]}")
+
+
 def torch_cpu_build() -> dict[str, Any]:
     """torch's CPU kernels: the capability it dispatches to, and its oneDNN and MKL versions."""
     import torch

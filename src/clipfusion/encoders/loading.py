@@ -314,9 +314,17 @@ def load_diffusion(config: DiffusionConfig, runtime: RuntimeConfig) -> Diffusion
     vae_dtype = torch_dtype(config.vae_dtype) if config.vae_dtype else dtype
     parts = _random_architecture(config)
     if parts is not None:
-        for module, wanted in ((parts.unet, dtype), (parts.text_encoder, dtype), (parts.vae, vae_dtype)):
-            if next(module.parameters()).dtype != wanted:  # diffusers warns on every .to(dtype), even a no-op
-                module.to(dtype=wanted)
+        # diffusers warns at every .to(dtype) of a model that lists no float32-only modules (an empty list
+        # is not None): void for these architectures, and said at every command in bfloat16
+        casting = logging.getLogger("diffusers.models.modeling_utils")
+        level = casting.level
+        casting.setLevel(logging.ERROR)
+        try:
+            for module, wanted in ((parts.unet, dtype), (parts.text_encoder, dtype), (parts.vae, vae_dtype)):
+                if next(module.parameters()).dtype != wanted:
+                    module.to(dtype=wanted)
+        finally:
+            casting.setLevel(level)
     else:
         common = {"cache_dir": runtime.cache_dir, "local_files_only": is_offline(runtime)}
         source = config.model_id

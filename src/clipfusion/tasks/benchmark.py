@@ -265,6 +265,9 @@ def _ratios(runs: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def machine_info(runtime: RuntimeConfig) -> dict[str, Any]:
+    """Where a figure came from: versions, the CPU and its speed flags, threads, and ``runtime``'s device
+    and dtype (``auto`` resolved)."""
+    runtime = runtime.resolved()[0]
     cpu = cpu_info()
     info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
                             "clipfusion": __version__, "cpu": cpu.model, "cpus": cpu.cores,
