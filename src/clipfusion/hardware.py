@@ -8,6 +8,8 @@ bfloat16: the tests run the precision-sensitive cases both ways on any machine. 
 it always does (bfloat16 without native support is emulated: slower, the same numbers)."""
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import platform
 import re
@@ -62,12 +64,20 @@ def parse_cpuinfo(text: str, cores: int) -> CpuInfo:
 
 
 def cpu_info() -> CpuInfo:
-    """This machine's CPU (Linux reads /proc/cpuinfo; elsewhere only the platform's name is known)."""
+    """This machine's CPU, as the switch sees it now (read at every call: tests set it per test)."""
+    found = _this_cpu()
+    return CpuInfo(found.model, found.cores, found.flags, forced_bf16())
+
+
+@functools.cache
+def _this_cpu() -> CpuInfo:
+    """Linux reads /proc/cpuinfo (once per process: every detector asks); elsewhere only the platform's
+    name is known."""
     cores = os.cpu_count() or 1
     source = Path("/proc/cpuinfo")
-    found = parse_cpuinfo(source.read_text(errors="replace"), cores) if source.is_file() else \
-        CpuInfo(platform.processor() or platform.machine(), cores, ())
-    return CpuInfo(found.model, found.cores, found.flags, forced_bf16())
+    if source.is_file():
+        return parse_cpuinfo(source.read_text(errors="replace"), cores)
+    return CpuInfo(platform.processor() or platform.machine(), cores, ())
 
 
 def slow_on_cpu(dtype: str, cpu: CpuInfo) -> bool:
@@ -129,6 +139,16 @@ def model_precision(device: str, dtype: str, recorded: str | None, cpu: CpuInfo 
     if dtype != recorded:
         return device, dtype, f"its thresholds were derived in {recorded}: running in {dtype}, as asked"
     return device, dtype, None
+
+
+def precision_note(source: str, reason: str, asked: str) -> tuple[int, str]:
+    """How to say ``reason`` (from :func:`model_precision`) about ``source`` (a model file, an export):
+    a fallback from ``auto`` is a warning that names the fix, a dtype asked for explicitly a note."""
+    message = f"{source}: {reason}; scores can differ from that precision's by about {BF16_SCORE_TOLERANCE:g} " \
+              "(docs/speed.md)"
+    if asked == "auto":
+        return logging.WARNING, message + "; `clipfusion calibrate` derives the thresholds again here"
+    return logging.INFO, message
 
 
 def precision_summary(cpu: CpuInfo | None = None) -> str:

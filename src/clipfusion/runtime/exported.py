@@ -16,7 +16,7 @@ from clipfusion.config import EXPORT_DTYPES
 from clipfusion.decisions import Thresholds
 from clipfusion.errors import ClipfusionError
 from clipfusion.export.bundle import ExportManifest, import_openvino, read_manifest
-from clipfusion.hardware import BF16_SCORE_TOLERANCE, model_precision
+from clipfusion.hardware import model_precision, precision_note
 from clipfusion.images import Images, as_rgb_list
 from clipfusion.methods.clipfusion.fusion import BranchMaps, fuse
 from clipfusion.notices import say_once
@@ -53,8 +53,7 @@ class ExportedDetector:
             self.references_ = card.references
         _, chosen, reason = model_precision("cpu", dtype, None if card is None else card.dtype)
         if reason is not None:
-            say_once(logger, logging.WARNING, f"export {self.folder}: {reason}; scores can differ from that "
-                                              f"precision's by about {BF16_SCORE_TOLERANCE:g} (docs/speed.md)")
+            say_once(logger, *precision_note(f"export {self.folder}", reason, dtype))
         ov = import_openvino("an exported model", "runtime")
         core = ov.Core()
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[chosen]}

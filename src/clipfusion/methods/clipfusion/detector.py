@@ -20,7 +20,7 @@ from clipfusion.config import SETTING_GROUPS, FusionConfig, Preset, RuntimeConfi
 from clipfusion.decisions import Thresholds
 from clipfusion.encoders import cache
 from clipfusion.errors import ClipfusionError
-from clipfusion.hardware import BF16_SCORE_TOLERANCE
+from clipfusion.hardware import precision_note
 from clipfusion.images import Images, as_rgb_list
 from clipfusion.methods.clipfusion.fusion import BranchMaps, fuse
 from clipfusion.methods.clipfusion.mapdiff import MapDiff
@@ -104,12 +104,7 @@ class CLIPFusion:
             recorded = self.precision_[0] if hasattr(self, "precision_") else None
             self._resolved, reason = asked.resolved(recorded)
             if reason is not None:
-                # a fallback is news; a precision asked for is the user's choice, noted
-                fallback = asked.dtype == "auto"
-                say_once(logger, logging.WARNING if fallback else logging.INFO,
-                         f"model file {getattr(self, 'path_', '')}: {reason}; scores can differ from that precision's "
-                         f"by about {BF16_SCORE_TOLERANCE:g} (docs/speed.md)"
-                         + ("; `clipfusion calibrate` derives the thresholds again here" if fallback else ""))
+                say_once(logger, *precision_note(f"model file {getattr(self, 'path_', '')}", reason, asked.dtype))
         return self._resolved
 
     @property
