@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 
 from clipfusion.config import MAP_NAMES, RuntimeConfig
 from clipfusion.errors import ClipfusionError
+from clipfusion.export.bundle import manifest_digest
 from clipfusion.export.writer import export_detector
 from clipfusion.methods.clipfusion.detector import CLIPFusion
 from clipfusion.runtime.exported import ExportedDetector
@@ -129,6 +131,64 @@ def test_predict_with_an_export_runs_without_torch_and_gives_the_model_files_row
         assert got[path]["decision"] == row["decision"] and got[path]["threshold"] == row["threshold"]
         assert len(got[path]["regions"] or []) == len(row["regions"] or [])
     assert (tmp_path / "ov" / "index.html").is_file()
+
+
+def _edit_threshold(manifest):
+    card = json.loads(manifest["card"])
+    card["thresholds"]["image"] = 0.0
+    manifest["card"] = json.dumps(card)
+
+
+def _edit_fusion(manifest):
+    manifest["fusion"]["alpha_seg"] = 0.9
+
+
+def _edit_input_size(manifest):
+    manifest["inputs"]["clip"]["size"] = [side + 16 for side in manifest["inputs"]["clip"]["size"]]
+
+
+def _unlist_a_file(manifest):
+    del manifest["files"]["clip.bin"]
+
+
+def _point_outside(manifest):
+    manifest["graphs"]["clip"] = "../elsewhere/clip.xml"
+    manifest["files"]["../elsewhere/clip.xml"] = manifest["files"]["clip.xml"]
+
+
+@pytest.mark.parametrize(("edit", "redigest", "needle"), [
+    (_edit_threshold, False, "does not match its digest"),
+    (_edit_fusion, False, "does not match its digest"),
+    (_edit_input_size, False, "does not match its digest"),
+    (_unlist_a_file, False, "does not match its digest"),
+    (_point_outside, False, "does not match its digest"),
+    # written again with a matching digest (by someone who knows the format): the checks behind it
+    (_unlist_a_file, True, "lists no checksum for clip.bin"),
+    (_point_outside, True, "names '../elsewhere/clip.xml', which is not a file of the export folder"),
+])
+def test_an_edited_manifest_is_a_one_line_error_and_nothing_is_read_from_outside(
+        exported_model, synthetic_root, tmp_path, edit, redigest, needle):
+    edited = tmp_path / "export"
+    shutil.copytree(exported_model, edited)
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(edited / "clip.xml", tmp_path / "elsewhere" / "clip.xml")  # what the escape would read
+    manifest = json.loads((edited / "clipfusion-export.json").read_text())
+    edit(manifest)
+    if redigest:
+        manifest["digest"] = manifest_digest(manifest)
+    (edited / "clipfusion-export.json").write_text(json.dumps(manifest))
+    out = tmp_path / "out"
+    result = clipfusion_here("predict", str(synthetic_root / "disc" / "test"), "--model", str(edited), "--out",
+                             str(out), "--quiet")
+    assert result.returncode == 2 and needle in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_the_manifest_digest_is_the_sha256_of_its_canonical_json(exported_model):
+    manifest = json.loads((exported_model / "clipfusion-export.json").read_text())
+    stored = manifest.pop("digest")
+    assert stored == hashlib.sha256(json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def test_a_damaged_export_is_a_one_line_error(exported_model, synthetic_root, tmp_path):

@@ -139,7 +139,7 @@ def test_a_model_file_of_format_2_loads_as_float32_and_says_so_once(model, tmp_p
     with safe_open(str(model), framework="pt") as handle:
         metadata = dict(handle.metadata())
     card = json.loads(metadata["model"])
-    del card["dtype"], card["device"]  # what clipfusion wrote before it recorded the precision
+    del card["dtype"], card["device"], metadata["digest"]  # what clipfusion wrote before format 3
     metadata.update(model=json.dumps(card), format="clipfusion-model/2")
     old = tmp_path / "old.cfm"
     save_file(load_file(str(model)), str(old), metadata=metadata)
@@ -147,6 +147,7 @@ def test_a_model_file_of_format_2_loads_as_float32_and_says_so_once(model, tmp_p
     assert CLIPFusion.load(old).precision == "float32"
     said = warnings_said()
     assert len(said) == 1 and "format clipfusion-model/2" in said[0] and "taken as float32" in said[0]
+    assert "nor a digest" in said[0]
 
 
 def test_resume_refuses_a_run_begun_in_another_precision(monkeypatch, model_fitted_as, synthetic_root, tmp_path):

@@ -141,14 +141,12 @@ def model_precision(device: str, dtype: str, recorded: str | None, cpu: CpuInfo 
     return device, dtype, None
 
 
-def precision_note(source: str, reason: str, asked: str) -> tuple[int, str]:
+def precision_note(source: str, reason: str, asked: str, fix: str) -> tuple[int, str]:
     """How to say ``reason`` (from :func:`model_precision`) about ``source`` (a model file, an export):
-    a fallback from ``auto`` is a warning that names the fix, a dtype asked for explicitly a note."""
+    a fallback from ``auto`` is a warning that names the ``fix``, a dtype asked for explicitly a note."""
     message = f"{source}: {reason}; scores can differ from that precision's by about {BF16_SCORE_TOLERANCE:g} " \
               "(docs/speed.md)"
-    if asked == "auto":
-        return logging.WARNING, message + "; `clipfusion calibrate` derives the thresholds again here"
-    return logging.INFO, message
+    return (logging.WARNING, f"{message}; {fix}") if asked == "auto" else (logging.INFO, message)
 
 
 def precision_summary(cpu: CpuInfo | None = None) -> str:

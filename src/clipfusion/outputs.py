@@ -102,3 +102,9 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def json_sha256(value: Any) -> str:
+    """The SHA-256 of ``value`` as canonical JSON (keys sorted, no spaces): the same for any layout of
+    the same content, so a digest can sit inside the document it covers."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

@@ -4,8 +4,11 @@ Torch-free (the runtime reads it).  ``clipfusion-export.json`` is written last, 
 without it is not an export.  It records the format, the graph files and their inputs and outputs,
 the settings (preset name, overrides, the fusion settings in full, category), the model card
 (thresholds and the precision they were derived in; None for an uncalibrated zero-shot export), the
-source model's SHA-256, the package versions, and the SHA-256 of every file.  Exports of format 1
-(before model cards recorded their precision) still load, as float32, said once.
+source model's SHA-256, the package versions, the SHA-256 of every file, and (format 2) ``digest``: the
+SHA-256 of the manifest itself (canonical JSON, without that entry), so an edited threshold, fusion
+setting, input size or file list is refused.  Every file named is a plain name inside the folder and
+listed with its checksum (an IR graph's ``.bin`` too): nothing else is read.  Exports of format 1 (no
+precision, no digest) still load, as float32, said once.
 """
 from __future__ import annotations
 
@@ -18,11 +21,11 @@ from clipfusion.config import FusionConfig
 from clipfusion.errors import ClipfusionError
 from clipfusion.methods.clipfusion.model_file import ModelCard
 from clipfusion.notices import say_once
-from clipfusion.outputs import file_sha256, read_json
+from clipfusion.outputs import file_sha256, json_sha256, read_json
 
 logger = logging.getLogger(__name__)
 MANIFEST = "clipfusion-export.json"
-EXPORT_FORMAT = "clipfusion-export/2"  # 2: the card records the precision of the thresholds
+EXPORT_FORMAT = "clipfusion-export/2"  # 2: the card records the precision of the thresholds; the manifest's digest
 READABLE_FORMATS = ("clipfusion-export/1", EXPORT_FORMAT)
 GRAPH_FORMATS = ("openvino", "onnx")
 GRAPHS = ("clip", "vae", "diffusion")
@@ -73,6 +76,32 @@ def model_sha256(path: Path) -> str:
     return file_sha256(path / MANIFEST if path.is_dir() else path)
 
 
+def manifest_digest(data: dict[str, Any]) -> str:
+    """The digest a manifest carries: the SHA-256 of its canonical JSON without the ``digest`` entry."""
+    return json_sha256({key: value for key, value in data.items() if key != "digest"})
+
+
+def graph_files(graph: str) -> list[str]:
+    """What reading ``graph`` reads: an OpenVINO IR's ``.xml`` and the ``.bin`` of its weights; an ONNX file
+    (its external data, if any, is named inside it, and it is checked by its own checksum)."""
+    return [graph, graph.removesuffix(".xml") + ".bin"] if graph.endswith(".xml") else [graph]
+
+
+def _check_names(folder: Path, manifest: ExportManifest) -> None:
+    """Every file the manifest names is a plain file name inside ``folder`` (no path, no link out), and each
+    graph, with what reading it reads, is listed with a checksum."""
+    root = folder.resolve()
+    for name in [*manifest.files, *manifest.graphs.values()]:
+        if Path(name).name != name or name in ("", ".", "..") or (root / name).resolve().parent != root:
+            raise ClipfusionError(f"export {folder}: {MANIFEST} names {name!r}, which is not a file of the export "
+                                  "folder; export the model again")
+    for graph in manifest.graphs.values():
+        unlisted = [name for name in graph_files(graph) if name not in manifest.files]
+        if unlisted:
+            raise ClipfusionError(f"export {folder}: {MANIFEST} lists no checksum for {', '.join(unlisted)}; export "
+                                  "the model again")
+
+
 def read_manifest(folder: Path, verify: bool = True) -> ExportManifest:
     """The manifest of the export in ``folder``; with ``verify``, every file's checksum is checked (a
     damaged or edited file is a one-line error naming it)."""
@@ -85,10 +114,13 @@ def read_manifest(folder: Path, verify: bool = True) -> ExportManifest:
         found = data.get("format") if isinstance(data, dict) else None
         raise ClipfusionError(f"{path} is not a {EXPORT_FORMAT} manifest (it says {found!r}); export the model "
                               "again with this version of clipfusion")
-    if data["format"] != EXPORT_FORMAT and data.get("card") is not None:
-        say_once(logger, logging.WARNING, f"export {folder} is of format {data['format']}, which does not record the "
-                                          "precision of its thresholds: taken as float32; export the model again to "
-                                          "record it")
+    if data["format"] != EXPORT_FORMAT:
+        say_once(logger, logging.WARNING, f"export {folder} is of format {data['format']}, which records neither the "
+                                          "precision of its thresholds (taken as float32) nor a digest of its "
+                                          "manifest (not checked); export the model again")
+    elif data.get("digest") != manifest_digest(data):
+        raise ClipfusionError(f"export {folder}: {MANIFEST} does not match its digest (edited or damaged: thresholds, "
+                              "settings or file list); copy the folder again or export again")
     try:
         card = None if data["card"] is None else ModelCard.from_json(data["card"], path)
         manifest = ExportManifest(folder, data["graph_format"], dict(data["graphs"]), dict(data["inputs"]),
@@ -100,6 +132,7 @@ def read_manifest(folder: Path, verify: bool = True) -> ExportManifest:
         raise ClipfusionError(f"{path} cannot be read ({exc!r}); export the model again") from None
     if set(manifest.graphs) != set(GRAPHS):
         raise ClipfusionError(f"{path} lists the graphs {sorted(manifest.graphs)}, not {list(GRAPHS)}; export again")
+    _check_names(folder, manifest)
     if verify:
         for name, digest in manifest.files.items():
             file = folder / name

@@ -25,11 +25,18 @@ from clipfusion import __version__
 from clipfusion.config import RuntimeConfig
 from clipfusion.encoders.diffusion import VAE_MEAN, VAE_STD
 from clipfusion.errors import ClipfusionError
-from clipfusion.export.bundle import EXPORT_FORMAT, GRAPH_FORMATS, MANIFEST, import_openvino, is_export
+from clipfusion.export.bundle import (
+    EXPORT_FORMAT,
+    GRAPH_FORMATS,
+    MANIFEST,
+    import_openvino,
+    is_export,
+    manifest_digest,
+)
 from clipfusion.export.graphs import ClipGraph, DiffusionGraph, VaeGraph
 from clipfusion.methods.clipfusion.detector import CLIPFusion
 from clipfusion.methods.clipfusion.model_file import ModelCard, read_card
-from clipfusion.outputs import file_sha256, json_text, write_atomic
+from clipfusion.outputs import file_sha256, json_safe, json_text, write_atomic
 
 logger = logging.getLogger(__name__)
 EXPORTABLE_DENSE_MODES = ("vv", "raw", "window")
@@ -206,5 +213,6 @@ def export_detector(detector: CLIPFusion, category: str, out: Path, graph_format
         "versions": _versions(),
         "files": {name: file_sha256(out / name) for name in files},
     }
-    write_atomic(out / MANIFEST, json_text(json.loads(json.dumps(manifest, default=str))))
+    manifest = json_safe(json.loads(json.dumps(manifest, default=str)))  # as it will read back
+    write_atomic(out / MANIFEST, json_text({**manifest, "digest": manifest_digest(manifest)}))
     return out

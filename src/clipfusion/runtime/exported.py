@@ -53,7 +53,8 @@ class ExportedDetector:
             self.references_ = card.references
         _, chosen, reason = model_precision("cpu", dtype, None if card is None else card.dtype)
         if reason is not None:
-            say_once(logger, *precision_note(f"export {self.folder}", reason, dtype))
+            say_once(logger, *precision_note(f"export {self.folder}", reason, dtype,
+                                             "`clipfusion calibrate` its model file here and export that again"))
         ov = import_openvino("an exported model", "runtime")
         core = ov.Core()
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[chosen]}

@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save as save_tensors
 from tqdm.auto import tqdm
 
 from clipfusion import __version__
@@ -24,7 +23,7 @@ from clipfusion.hardware import precision_note
 from clipfusion.images import Images, as_rgb_list
 from clipfusion.methods.clipfusion.fusion import BranchMaps, fuse
 from clipfusion.methods.clipfusion.mapdiff import MapDiff
-from clipfusion.methods.clipfusion.model_file import FORMAT, FORMAT_VERSION, ModelCard, read_card
+from clipfusion.methods.clipfusion.model_file import FORMAT, FORMAT_VERSION, ModelCard, read_card, with_digest
 from clipfusion.methods.clipfusion.patchclip import PatchClip
 from clipfusion.methods.memory import MemoryBank
 from clipfusion.notices import say_once
@@ -104,7 +103,8 @@ class CLIPFusion:
             recorded = self.precision_[0] if hasattr(self, "precision_") else None
             self._resolved, reason = asked.resolved(recorded)
             if reason is not None:
-                say_once(logger, *precision_note(f"model file {getattr(self, 'path_', '')}", reason, asked.dtype))
+                say_once(logger, *precision_note(f"model file {getattr(self, 'path_', '')}", reason, asked.dtype,
+                                                 "`clipfusion calibrate` derives the thresholds again here"))
         return self._resolved
 
     @property
@@ -235,8 +235,8 @@ class CLIPFusion:
         bank = getattr(self, "memory_bank_", None)
         tensors = {} if bank is None else {k: v.contiguous() for k, v in bank.features.items()}
         manifest = {} if bank is None else {**bank.manifest, "version": __version__}
-        data = save_tensors(tensors, metadata={"format": f"{FORMAT}/{FORMAT_VERSION}", "model": card.to_json(),
-                                               "manifest": json.dumps(manifest)})
+        data = with_digest(tensors, metadata={"format": f"{FORMAT}/{FORMAT_VERSION}", "model": card.to_json(),
+                                              "manifest": json.dumps(manifest)})
         write_atomic(Path(path), data)
         return Path(path)
 

@@ -8,17 +8,23 @@ override, the category and the object name used in prompts, the references (file
 SHA-256), the image and pixel thresholds and how they were derived from held-out normal images
 (never the references), the held-out normal-score statistics behind the normalised score, the
 precision (dtype and device kind) the bank and thresholds were computed in, the package version and
-the creation time.  Loading checks every field before it is trusted.  Files of format 2 (before the
-precision was recorded) still load, as float32 on the CPU, said once.
+the creation time.  ``digest`` (format 3): a SHA-256 over the header (every tensor's name, dtype, shape
+and place, and the metadata but the digest itself) and every byte of every tensor, checked before the
+card is trusted, so an edited threshold, a flipped bit or a zeroed bank is a one-line error, never a
+score.  Loading checks every field too.  Files of format 2 (no precision, no digest) still load, as
+float32 on the CPU, said once.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import math
+import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from safetensors import safe_open
 
@@ -26,10 +32,12 @@ from clipfusion.config import DTYPES, get_preset
 from clipfusion.decisions import Thresholds
 from clipfusion.errors import ClipfusionError, SettingError
 from clipfusion.notices import say_once
+from clipfusion.outputs import json_sha256
 
 logger = logging.getLogger(__name__)
 FORMAT = "clipfusion-model"
-# 2: the thresholds carry the normal pixels' median (the colour scale); 3: the precision they were computed in
+# 2: the thresholds carry the normal pixels' median (the colour scale); 3: the precision they were computed in,
+# and a digest of every byte
 FORMAT_VERSION = 3
 READABLE_VERSIONS = (2, 3)
 MODEL_SUFFIX = ".cfm"
@@ -85,6 +93,49 @@ class ModelCard:
         return card
 
 
+def contents_digest(data: BinaryIO) -> str:
+    """SHA-256 of a safetensors file read from ``data``: its header as canonical JSON, without the
+    ``digest`` metadata entry (so the digest can be stored in the file it covers), then every byte after
+    the header (the tensors).  The header names each tensor's dtype, shape and byte range."""
+    (length,) = struct.unpack("<Q", data.read(8))
+    header = json.loads(data.read(length))
+    header.get("__metadata__", {}).pop("digest", None)
+    digest = hashlib.sha256(json_sha256(header).encode())
+    for block in iter(lambda: data.read(1 << 20), b""):
+        digest.update(block)
+    return digest.hexdigest()
+
+
+def with_digest(tensors: dict[str, Any], metadata: dict[str, str]) -> bytes:
+    """A model file's bytes (safetensors, torch tensors) with its ``digest`` among the metadata."""
+    from safetensors.torch import save
+
+    digest = contents_digest(io.BytesIO(save(tensors, metadata=metadata)))
+    return bytes(save(tensors, metadata={**metadata, "digest": digest}))
+
+
+_verified: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) → digest: a file read again is not re-hashed
+
+
+def _check_digest(path: Path, metadata: dict[str, str]) -> None:
+    """A one-line error unless the file's contents match the digest it carries."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    stored = metadata.get("digest")
+    if stored is not None and _verified.get(key) == stored:
+        return
+    with path.open("rb") as handle:
+        found = contents_digest(handle)
+    if stored is None:
+        raise ClipfusionError(f"model file {path} carries no digest of its contents (format {FORMAT}/3 must): it "
+                              "was edited or damaged; use the file `clipfusion fit` wrote, or fit again")
+    if found != stored:
+        raise ClipfusionError(f"model file {path} does not match its digest: its settings, thresholds or memory bank "
+                              "were edited or damaged after it was written; copy it again, or fit again with "
+                              "`clipfusion fit`")
+    _verified[key] = stored
+
+
 def read_card(path: Path) -> ModelCard:
     """The card of the model file at ``path`` (no tensor is read, no model is built)."""
     if not path.is_file():
@@ -100,7 +151,10 @@ def read_card(path: Path) -> ModelCard:
         raise ClipfusionError(f"{path} is not a clipfusion model file of format {FORMAT}/{FORMAT_VERSION} (it says "
                               f"{metadata.get('format')!r}); write it with `clipfusion fit --out X{MODEL_SUFFIX}`")
     if readable[metadata["format"]] < 3:
-        say_once(logger, logging.WARNING, f"model file {path} is of format {FORMAT}/2, which does not record the "
-                                          "precision of its thresholds: taken as float32; `clipfusion calibrate` "
-                                          "writes it again with thresholds derived here, in this machine's precision")
+        say_once(logger, logging.WARNING, f"model file {path} is of format {FORMAT}/2, which records neither the "
+                                          "precision of its thresholds (taken as float32) nor a digest of its "
+                                          "contents (not checked); `clipfusion calibrate` writes it again in format "
+                                          f"{FORMAT_VERSION}, with thresholds derived here")
+    else:
+        _check_digest(path, metadata)
     return ModelCard.from_json(metadata.get("model", ""), path)
