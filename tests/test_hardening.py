@@ -366,6 +366,22 @@ def test_bad_settings_are_one_line_errors(synthetic_root, tmp_path, capsys, extr
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("command", ["predict", "fit", "calibrate"])
+@pytest.mark.parametrize(("option", "value"), [("--batch-size", "0"), ("--batch-size", "-1"), ("--max-pixels", "0")])
+def test_a_batch_size_or_pixel_limit_below_one_is_refused_at_once(model, synthetic_root, tmp_path, command, option,
+                                                                   value):
+    """Found when the command line is read: no model loads, nothing is written (was a ValueError traceback,
+    'none of the images could be scored' with no message above it, or 'above the limit of -0')."""
+    out = tmp_path / ("o.cfm" if command != "predict" else "o")
+    normal = str(synthetic_root / "disc" / "train" / "good")
+    given = {"predict": ["predict", str(synthetic_root / "disc" / "test"), "--model", str(model)],
+             "fit": ["fit", "--normal", normal, "--category", "disc", "--shots", "1", "--preset", "tiny"],
+             "calibrate": ["calibrate", "--model", str(model), "--normal", normal]}[command]
+    result = clipfusion_here(*given, "--out", str(out), option, value, "--quiet")
+    _one_line_error(result, f"argument {option}: must be >= 1, not {value}")
+    assert not out.exists()
+
+
 def test_bad_output_paths_are_one_line_errors(synthetic_root, tmp_path):
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")

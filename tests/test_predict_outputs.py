@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
 import numpy as np
 import pytest
@@ -221,6 +224,34 @@ def test_index_html_is_self_contained_sorted_and_filters(run, browser):
         shown = page.locator("#cards figure:visible .verdict").all_inner_texts()
         assert shown == [verdict] * sum(r["decision"] == verdict for r in rows) and shown
     page.close()
+
+
+def test_a_given_threshold_is_where_the_normalised_score_is_one_half(run, model):
+    """``run`` decided with --threshold (the median score), not the model's: the normalised score follows it."""
+    thresholds, rows = read_card(model).thresholds, results(run)
+    given = rows[0]["threshold"]
+    assert given != thresholds.image
+    span = thresholds.normal_max - thresholds.normal_min  # the model's normal range, per unit of score
+    for row in rows:
+        assert row["normalised_score"] == pytest.approx(min(1.0, max(0.0, 0.5 + (row["score"] - given) / span)),
+                                                        abs=1e-6)
+        assert (row["normalised_score"] > 0.5) == (row["decision"] == "NG")
+
+
+def test_index_links_reach_files_whose_names_hold_url_characters(model, synthetic_root, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    source = sorted((synthetic_root / "disc" / "test").rglob("*.png"))[0]
+    for name in ("part#1.png", "what?.png", "lot%20A.png", "a b.png"):
+        shutil.copy(source, photos / name)
+    out = tmp_path / "out"
+    assert clipfusion_here("predict", str(photos), "--model", str(model), "--out", str(out), "--quiet").returncode == 0
+    hrefs = re.findall(r'<a href="([^"]+)">', (out / "index.html").read_text())
+    assert len(hrefs) == 4
+    # read as a browser reads a relative link: the URL's path, percent-decoded by the standard library
+    linked = {(out / url2pathname(urlsplit(href).path)).resolve() for href in hrefs}
+    assert linked == {(out / row["overlay"]).resolve() for row in results(out)}
+    assert all(path.is_file() for path in linked)
 
 
 # --- the evaluation report in Chromium -------------------------------------------------------------------------

@@ -135,6 +135,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _positive(text: str) -> int:
+    """An argparse type: a whole number >= 1 (a batch size or pixel limit of 0 is a mistake, found at once)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
+    return value
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars, only warnings and errors")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of errors")
@@ -188,8 +199,8 @@ def _add_processing_options(parser: argparse.ArgumentParser) -> None:
 def _add_batch_options(parser: argparse.ArgumentParser) -> None:
     from clipfusion.data.base import MAX_PIXELS
 
-    parser.add_argument("--batch-size", type=int, default=8, help="images per model call (default: %(default)s)")
-    parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS, metavar="N",
+    parser.add_argument("--batch-size", type=_positive, default=8, help="images per model call (default: %(default)s)")
+    parser.add_argument("--max-pixels", type=_positive, default=MAX_PIXELS, metavar="N",
                         help="skip (and report) images larger than N pixels (default: %(default)s)")
 
 
@@ -432,13 +443,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--learn", action="store_true",
                        help="a false alarm confirmed by an operator joins the model's memory bank as a new model "
                             "version (uploads are kept; undo with POST /v1/models/NAME/rollback)")
-    serve.add_argument("--max-batch", type=int, default=8, help="images per model batch (default: %(default)s)")
+    serve.add_argument("--max-batch", type=_positive, default=8, help="images per model batch (default: %(default)s)")
     serve.add_argument("--max-wait-ms", type=float, default=10.0,
                        help="how long a batch may wait to fill (default: %(default)s)")
-    serve.add_argument("--max-queue", type=int, default=64,
+    serve.add_argument("--max-queue", type=_positive, default=64,
                        help="images waiting per model before answering 503 (default: %(default)s)")
     serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body (default: %(default)s)")
-    serve.add_argument("--max-pixels", type=int, default=100_000_000, metavar="N",
+    serve.add_argument("--max-pixels", type=_positive, default=100_000_000, metavar="N",
                        help="largest image in pixels (default: %(default)s)")
     serve.add_argument("--min-region-area", type=int, default=16, dest="min_area", metavar="PIXELS",
                        help="smallest region reported (default: %(default)s)")
@@ -522,8 +533,6 @@ def _cmd_fit(args: argparse.Namespace) -> None:
 def _cmd_calibrate(args: argparse.Namespace) -> None:
     from clipfusion.tasks.fit import calibrate_model
 
-    if args.batch_size < 1 or args.max_pixels < 1:
-        raise ClipfusionError("--batch-size and --max-pixels must be >= 1")
     path, before, detector = calibrate_model(args.model, args.normal, args.out, _runtime(args), args.batch_size,
                                              args.max_pixels, progress=not args.quiet)
     after = detector.thresholds_

@@ -2,6 +2,7 @@
 normal images only (never the references), and the overlays' colour scale."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Iterator, Sequence
@@ -90,8 +91,10 @@ def resolve_decisions(spec: str | None, scale_text: str | None, model: Threshold
     scale = parse_scale(scale_text)
     threshold = parse_threshold(spec)
     if isinstance(threshold, float):
+        # the normalised score is 0.5 at the threshold that decides, this one (the model's normal range kept)
         return Decisions(threshold, model.pixel if model else None, "given with --threshold",
-                         scale or (model.colour_scale if model else DEFAULT_SCALE), model)
+                         scale or (model.colour_scale if model else DEFAULT_SCALE),
+                         dataclasses.replace(model, image=threshold) if model else None)
     if threshold == "auto":
         if held_out is None or detector is None:
             raise ClipfusionError("--threshold auto needs --normal DIR: normal images to set it from")
