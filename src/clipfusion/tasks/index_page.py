@@ -3,6 +3,7 @@ a content-security policy that forbids loading anything), sorted by score, filte
 from __future__ import annotations
 
 import base64
+import os
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -72,8 +73,9 @@ def write_index(out: Path, rows: list[dict[str, Any]], title: str, how: str, det
         thumbnail = out / row["thumbnail"]
         data = base64.b64encode(thumbnail.read_bytes()).decode("ascii") if thumbnail.is_file() else ""
         cards.append({"decision": row["decision"] if row["decision"] in (NG, OK) else "none",
-                      # a relative URL: 'part#1.png' would name a fragment, 'lot%20A.png' another file
-                      "overlay": quote(row["overlay"]), "thumbnail": f"data:image/jpeg;base64,{data}",
+                      # a relative URL of the name's own bytes (non-UTF-8 names too): 'part#1.png' would
+                      # otherwise name a fragment, 'lot%20A.png' another file
+                      "overlay": quote(os.fsencode(row["overlay"])), "thumbnail": f"data:image/jpeg;base64,{data}",
                       "path": row["path"],
                       "score": f"{row['score']:.4f}", "regions": len(row["regions"] or []),
                       "normalised": None if row["normalised_score"] is None else f"{row['normalised_score']:.3f}"})
