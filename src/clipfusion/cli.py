@@ -250,8 +250,9 @@ def _add_runtime_options(group: Any) -> None:
     group.add_argument("--device", default="auto",
                        help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps (default: %(default)s)")
     group.add_argument("--dtype", default="auto", choices=("auto", *DTYPES),
-                       help="auto: float16 on CUDA, bfloat16 on CPUs with native bf16 (AVX-512 BF16, AMX), float32 "
-                            "elsewhere (default: %(default)s)")
+                       help="auto: a model file's own precision where this machine computes it natively; otherwise "
+                            "float16 on CUDA, bfloat16 on CPUs with native bf16 (AVX-512 BF16, AMX), float32 "
+                            "elsewhere (default: %(default)s; docs/speed.md#one-precision-policy)")
     group.add_argument("--offline", action="store_true", help="never touch the network (weights from the cache)")
     group.add_argument("--cache-dir", default=None, help="Hugging Face cache folder (default: the hub's own)")
     group.add_argument("--hub-timeout", type=float, default=10.0, metavar="SECONDS",
