@@ -5,6 +5,7 @@ Every case runs the installed command as a user would; files are made here, not 
 from __future__ import annotations
 
 import csv
+import errno
 import glob
 import io
 import json
@@ -380,6 +381,27 @@ def test_a_batch_size_or_pixel_limit_below_one_is_refused_at_once(model, synthet
     result = clipfusion_here(*given, "--out", str(out), option, value, "--quiet")
     _one_line_error(result, f"argument {option}: must be >= 1, not {value}")
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("code", "advice"), [
+    (errno.ENOSPC, "free space on that disk"),
+    (errno.EACCES, "you may not write there"),
+    (errno.EPERM, "the system does not permit it there"),
+    (errno.EROFS, "that file system is read-only"),
+])
+def test_an_os_error_gets_advice_that_matches_it(monkeypatch, tmp_path, code, advice):
+    """A full disk, a refused permission and a read-only mount each get their own advice (the audit got
+    "free space" for "Operation not permitted").  As root no real permission error can be provoked, so the
+    command itself raises what the operating system would."""
+    from clipfusion import cli
+
+    def refused(args):
+        raise OSError(code, os.strerror(code), str(tmp_path / "out" / "results.jsonl"))
+
+    monkeypatch.setattr(cli, "_cmd_synth", refused)
+    result = clipfusion_here("synth", "--out", str(tmp_path / "out"))
+    _one_line_error(result, os.strerror(code), str(tmp_path / "out" / "results.jsonl"), advice)
+    assert "free space" not in result.stderr or code == errno.ENOSPC
 
 
 def test_bad_output_paths_are_one_line_errors(synthetic_root, tmp_path):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import json
 import logging
@@ -767,6 +768,18 @@ def _device_dtype(args: argparse.Namespace) -> tuple[str, str]:
     return auto_device_dtype(args.device, args.dtype)
 
 
+# What to do about an operating-system error, by its errno: "free space" is no help for a permission.
+OS_ADVICE = {errno.ENOSPC: "free space on that disk, or choose another --out",
+             errno.EDQUOT: "free space within your quota, or choose another --out",
+             errno.EACCES: "you may not write there: choose another --out, or change its permissions",
+             errno.EPERM: "the system does not permit it there: choose another --out",
+             errno.EROFS: "that file system is read-only: choose another --out"}
+
+
+def _advice(exc: OSError) -> str:
+    return OS_ADVICE.get(exc.errno or 0, "check that path, or choose another --out")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_output(args.quiet)
@@ -793,7 +806,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         where = f" ({exc.filename})" if exc.filename else ""
-        print(f"clipfusion: error: {exc.strerror or exc}{where}; free space or choose another --out", file=sys.stderr)
+        print(f"clipfusion: error: {exc.strerror or exc}{where}; {_advice(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"clipfusion: interrupted; {INTERRUPTED[args.command]}", file=sys.stderr)
