@@ -13,7 +13,7 @@ from clipfusion.data.base import MAX_PIXELS, read_images
 from clipfusion.decisions import Thresholds
 from clipfusion.errors import ClipfusionError
 from clipfusion.outputs import file_sha256
-from clipfusion.tasks.inputs import draw_references
+from clipfusion.tasks.inputs import collect_images, draw_references
 
 if TYPE_CHECKING:  # the detector's packages load only once the options, --normal and --out are checked
     from clipfusion.methods.clipfusion.detector import CLIPFusion
@@ -89,7 +89,7 @@ def calibrate_model(model: str, normal: str, out: str, runtime: RuntimeConfig, b
         raise ClipfusionError(f"--out {out} must be a model file ({MODEL_SUFFIX}), e.g. {Path(out).stem}{MODEL_SUFFIX}")
     check_writable_file(Path(out))  # before any model runs
     references = {reference["sha256"] for reference in card.references}
-    pool = draw_references(normal, 0, 0).held_out
+    pool = collect_images([normal])
     held_out = [path for path in pool if file_sha256(path) not in references]
     if not held_out:
         raise ClipfusionError(f"{normal} holds only the model's references ({len(pool)} images); give normal images "
