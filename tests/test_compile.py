@@ -54,8 +54,8 @@ def test_serve_compiles_before_the_first_request(model, tmp_path):
     engine = make_engine(settings.url)
     migrate(engine)
     served = ServedModel("disc", model, settings, session_factory(engine))
-    assert served.detector.runtime is not None and served.detector.runtime.compile
-    assert served.detector.timings_.seconds["unet"] > 0  # an image went through the models at start-up
+    assert served.inspector.detector.runtime is not None and served.inspector.detector.runtime.compile
+    assert served.inspector.detector.timings_.seconds["unet"] > 0  # an image went through the models at start-up
     with session_factory(engine)() as session:  # the warm-up image is not an inspection
         assert session.query(Inspection).count() == 0
 

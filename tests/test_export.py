@@ -16,7 +16,7 @@ import pytest
 
 from clipfusion.config import MAP_NAMES, RuntimeConfig
 from clipfusion.errors import ClipfusionError
-from clipfusion.export.bundle import manifest_digest
+from clipfusion.runtime.manifest import manifest_digest
 from clipfusion.export.writer import export_detector
 from clipfusion.methods.clipfusion.detector import CLIPFusion
 from clipfusion.runtime.exported import ExportedDetector

@@ -24,7 +24,7 @@ from clipfusion.hardware import BF16_SCORE_TOLERANCE
 from clipfusion.methods.clipfusion.detector import CLIPFusion
 from clipfusion.row_log import ParquetParts
 from clipfusion.tasks.inputs import collect_sources
-from clipfusion.tasks.predict import decode_batch
+from clipfusion.inspection.sources import read_sources
 
 from .commands import clipfusion, clipfusion_here, results
 
@@ -235,13 +235,13 @@ def test_ray_runs_that_cannot_work_are_one_line_errors(ray_address, model, photo
 def test_file_uris_list_and_read_as_the_local_files(photos):
     uris = collect_sources([f"file://{photos}"])
     assert uris == [f"file://{p}" for p in sorted(str(p) for p in photos.rglob("*.png"))]
-    decoded = decode_batch(uris, max_pixels=10**8)
+    decoded = read_sources(uris, max_pixels=10**8)
     for item, path in zip(decoded, sorted(photos.rglob("*.png")), strict=True):
         if path.name == "broken.png":
             assert item.image is None and item.reason
         else:
-            assert np.array_equal(item.image, read_rgb(path)) and item.path == f"file://{path}"
-    assert decode_batch([f"file://{photos}/missing.png"], 10**8)[0].image is None
+            assert np.array_equal(item.image, read_rgb(path)) and item.source == f"file://{path}"
+    assert read_sources([f"file://{photos}/missing.png"], 10**8)[0].image is None
 
 
 def test_parquet_parts_follow_the_rows_across_a_resume(tmp_path):

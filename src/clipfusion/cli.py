@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import errno
 import functools
-import json
 import logging
 import sys
 import warnings
@@ -16,11 +15,14 @@ from clipfusion import __version__
 from clipfusion.config import (
     BENCHMARK_METHODS,
     DATASET_NAMES,
+    DEFAULT_CATEGORY,
+    DENSE_MODES,
     DTYPES,
     EXPORT_DTYPES,
     METHOD_NAMES,
     PRESET_NAMES,
     RuntimeConfig,
+    parse_overrides,
 )
 from clipfusion.errors import ClipfusionError
 
@@ -159,7 +161,7 @@ def _command(commands: Any, name: str, summary: str, description: str, examples:
 
 def _add_reference_options(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument("--normal", required=required, default=None, metavar="DIR", help="folder of normal images")
-    parser.add_argument("--category", required=required, default="object",
+    parser.add_argument("--category", required=required, default=DEFAULT_CATEGORY,
                         help="what the images show, used in prompts (e.g. bottle, metal_nut)")
     parser.add_argument("--shots", type=int, required=required, default=0,
                         help="normal references drawn from --normal")
@@ -224,10 +226,13 @@ def _ray_options(args: argparse.Namespace) -> Any:
     return RayOptions(args.ray_address, args.workers, args.gpus_per_worker, args.cpus_per_worker)
 
 
-def _recipe(method: str, params: dict[str, Any], model: str | None = None) -> Any:
+def _recipe(method: str, params: dict[str, Any], model: Any = None) -> Any:
+    """How each Ray worker builds its detector; ``model``: an opened ``ModelFile``."""
     from clipfusion.distributed.recipe import DetectorRecipe
 
-    return DetectorRecipe(method, params, model)
+    if model is None:
+        return DetectorRecipe(method, params)
+    return DetectorRecipe(method, params, str(model.path), model.recorded_dtype)
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -239,7 +244,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--alpha", type=float, default=None, help="fusion weight α of CLIP (both tasks)")
     group.add_argument("--sigma", type=float, default=None, help="Gaussian smoothing in pixels at 256 (0 = off)")
     group.add_argument("--timestep", type=int, default=None, help="diffusion noise timestep t (0-999)")
-    group.add_argument("--dense-mode", default=None, choices=["vv", "window", "tile", "raw"],
+    group.add_argument("--dense-mode", default=None, choices=DENSE_MODES,
                        help="how PatchCLIP gets text-aligned patch embeddings")
     group.add_argument("--set", action="append", default=[], metavar="GROUP__FIELD=VALUE",
                        help="any CLIPFusion setting, e.g. --set fusion__maps='[\"clip_visual\"]' "
@@ -266,15 +271,8 @@ def _add_runtime_options(group: Any) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    overrides: dict[str, Any] = {}
-    for item in args.set:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise ClipfusionError(f"--set needs GROUP__FIELD=VALUE, not {item!r}")
-        try:
-            overrides[key.strip()] = json.loads(text)
-        except json.JSONDecodeError:
-            overrides[key.strip()] = text
+    """``--set`` and the shortcut options (``--alpha``...) as overrides."""
+    overrides = parse_overrides(args.set)
     shortcuts = {"fusion__alpha_seg": args.alpha, "fusion__alpha_cls": args.alpha, "fusion__sigma": args.sigma,
                  "diffusion__timestep": args.timestep, "patchclip__dense_mode": args.dense_mode}
     overrides.update({key: value for key, value in shortcuts.items() if value is not None})
@@ -559,13 +557,6 @@ def _cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {out.resolve()} ({args.format}); run it with: clipfusion predict IMAGES --model {out}")
 
 
-def _is_export(args: argparse.Namespace) -> bool:
-    """Whether ``--model`` names an export folder (run by the torch-free runtime), or every ``serve
-    --model`` does."""
-    models = _model_paths(args)
-    return bool(models) and all(Path(model).is_dir() for model in models)
-
-
 def _model_paths(args: argparse.Namespace) -> list[str]:
     """The ``--model`` values of predict (one) or serve (several)."""
     return getattr(args, "models", None) or ([args.model] if getattr(args, "model", None) else [])
@@ -589,19 +580,29 @@ def _refuse_torch_options_for_exports(args: argparse.Namespace) -> None:
                               "PyTorch there")
 
 
+def _open_model(args: argparse.Namespace) -> Any:
+    """``predict --model``, opened once (card checked, file hashed) and held against the other options; the
+    category and preset then come from it."""
+    from clipfusion.inspection import ModelFile
+
+    model = ModelFile.open(args.model)
+    model.check_options({"--memory": args.memory, "--normal": args.normal, "--shots": args.shots,
+                         "--set/--alpha/--sigma/--timestep/--dense-mode": _overrides(args)},
+                        args.method, args.category, args.preset)
+    if args.engine == "ray" and model.is_export:
+        raise ClipfusionError(f"--model {args.model} is an export, which runs with the local engine; drop --engine "
+                              "ray, or pass the .cfm model file it came from")
+    args.category, args.preset = model.category, model.preset
+    return model
+
+
 def _cmd_predict(args: argparse.Namespace) -> None:
-    from clipfusion.protocol import Detector
     from clipfusion.tasks.predict import Engine, PredictJob, plan_predict, run_predict
 
     _refuse_torch_options_for_exports(args)
-    export = _is_export(args)
-    if args.engine == "ray" and export:
-        raise ClipfusionError(f"--model {args.model} is an export, which runs with the local engine; drop --engine "
-                              "ray, or pass the .cfm model file it came from")
-    if args.model:
-        args.category, args.preset = _model_category_preset(args)
-    else:
-        args.category, args.preset = args.category or "object", args.preset or "paper-recon"
+    model = _open_model(args) if args.model else None
+    if model is None:
+        args.category, args.preset = args.category or DEFAULT_CATEGORY, args.preset or "paper-recon"
     job = PredictJob(inputs=args.paths, category=args.category, out=args.out, method=args.method, preset=args.preset,
                      model=args.model, normal=args.normal, shots=args.shots, seed=args.seed, memory=args.memory,
                      threshold=args.threshold, scale=args.scale, min_area=args.min_area, batch_size=args.batch_size,
@@ -610,55 +611,23 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     # every mistake in the options, inputs and --out is reported before a model loads or Ray starts
     plan = plan_predict(job, local=args.engine == "local")
     engine: Engine | None = None
-    detector: Detector | None = None
+    detector: Any = None
     if args.engine == "ray":
         from clipfusion.distributed.predict import ray_scorer
 
-        recipe = _recipe("clipfusion", {"batch_size": args.batch_size, "runtime": _runtime(args)}, args.model) \
-            if args.model else _recipe(args.method, _params(args, args.method))
+        recipe = _recipe("clipfusion", {"batch_size": args.batch_size, "runtime": _runtime(args)}, model) \
+            if model is not None else _recipe(args.method, _params(args, args.method))
         engine = Engine(ray_scorer(recipe, _ray_options(args)), parquet=True, precision=recipe.precision())
-    elif export:
-        from clipfusion.runtime.exported import ExportedDetector
-
-        detector = ExportedDetector(args.model, dtype=args.dtype)
-    elif args.model:
-        from clipfusion.methods.clipfusion.detector import CLIPFusion
-
-        detector = CLIPFusion.load(args.model, _runtime(args), args.batch_size)
+    elif model is not None:
+        detector = model.detector(_runtime(args), args.batch_size)
     else:
         detector = _make_detector(args, args.method)
-    summary, decisions = run_predict(job, plan, detector, engine)
+    summary, decisions = run_predict(job, plan, detector, engine, model)
     out = Path(args.out).resolve()
     print(f"scored {summary['images']} images ({len(summary['skipped'])} skipped) → {out / 'results.csv'}")
     if decisions.image is not None:
         print(f"{summary['NG']} NG at image threshold {decisions.image:.4f} ({decisions.how})")
     print(f"open {out / 'index.html'}")
-
-
-def _model_category_preset(args: argparse.Namespace) -> tuple[str, str]:
-    """The category and preset of ``--model`` (a model file's card, an export's manifest); an option that
-    contradicts the file is a one-line error naming it."""
-    from clipfusion.export.bundle import read_manifest
-    from clipfusion.methods.clipfusion.model_file import read_card
-
-    if _is_export(args):
-        manifest = read_manifest(Path(args.model), verify=False)
-        card_category, card_preset = manifest.category, manifest.preset
-    else:
-        card = read_card(Path(args.model))
-        card_category, card_preset = card.category, card.preset
-    given = {"--memory": args.memory, "--normal": args.normal, "--shots": args.shots or None,
-             "--set/--alpha/--sigma/--timestep/--dense-mode": _overrides(args) or None}
-    clashes = [f"{flag} (the model file fixes it)" for flag, value in given.items() if value]
-    if args.method != "clipfusion":
-        clashes.append(f"--method {args.method} (the model file is a clipfusion model)")
-    if args.category not in (None, card_category):
-        clashes.append(f"--category {args.category} (the model file's category is {card_category})")
-    if args.preset not in (None, card_preset):
-        clashes.append(f"--preset {args.preset} (the model file's preset is {card_preset})")
-    if clashes:
-        raise ClipfusionError(f"--model {args.model} contradicts: {'; '.join(clashes)}; drop those options")
-    return card_category, card_preset
 
 
 def _cmd_sweep(args: argparse.Namespace) -> None:
@@ -698,7 +667,7 @@ def _cmd_benchmark(args: argparse.Namespace) -> None:
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:
-    from clipfusion.export.bundle import is_export
+    from clipfusion.runtime.manifest import is_export
 
     for model in args.models:  # before the service's imports: a mistyped path is reported at once
         if not (Path(model).is_file() or is_export(Path(model))):

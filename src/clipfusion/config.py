@@ -7,6 +7,7 @@ classes built from tiny configs with random weights for tests and offline demos.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ MAP_NAMES = ("clip_language", "clip_visual", "diff_language", "diff_visual")
 METHOD_NAMES = ("clipfusion", "winclip", "mean-image")
 DATASET_NAMES = ("mvtec", "visa", "folder", "meta")
 DTYPES = ("float32", "float16", "bfloat16")
+DEFAULT_CATEGORY = "object"  # the object name in prompts when nothing says what the images show
 EXPORT_DTYPES = ("auto", "float32", "bfloat16")  # what OpenVINO Runtime runs an export in on a CPU
 
 
@@ -280,6 +282,21 @@ def get_preset(name: str, **overrides: Any) -> Preset:
     if name not in PRESETS:
         raise ClipfusionError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
     return override(PRESETS[name], **overrides)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``GROUP__FIELD=VALUE`` texts (``--set``) → overrides; a VALUE that is JSON is read as JSON (lists,
+    numbers, booleans), anything else is kept as text.  Checked against a preset by :func:`override`."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ClipfusionError(f"--set needs GROUP__FIELD=VALUE, not {item!r}")
+        try:
+            overrides[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = text
+    return overrides
 
 
 def override(preset: Preset, **overrides: Any) -> Preset:

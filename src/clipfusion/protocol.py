@@ -60,10 +60,19 @@ class Detector(Protocol):
     """Anything the evaluation runner can score: fitted on normal images (few-shot) or not (zero-shot).
 
     Images are paths, Pillow images or arrays of any size (``clipfusion.images``), one or a list.
+    ``predict``'s category may be None: the one fitted (or loaded), else the detector's default.
+    ``get_params()`` returns the constructor's arguments (scikit-learn's convention).
     """
 
     def fit(self, images: Images, category: str) -> Detector: ...
 
-    def predict(self, images: Images, category: str) -> Prediction: ...
+    def predict(self, images: Images, category: str | None = None) -> Prediction: ...
 
     def get_params(self) -> dict[str, Any]: ...
+
+
+def describe(detector: Detector) -> dict[str, Any]:
+    """A detector's settings in full, as result files record them: its ``describe()``, or its
+    ``get_params()`` for a detector of the user's own without one."""
+    method = getattr(detector, "describe", None)
+    return method() if callable(method) else detector.get_params()

@@ -1,8 +1,10 @@
 """``predict --engine ray``: a Ray Data pipeline of three stages.  Batches of sources are decoded in
-CPU tasks, scored by an actor pool whose actors each load the model once and keep it on their device,
-and rendered (regions, overlays, masks: tens of milliseconds of CPU per image) in CPU tasks again, so
-a GPU neither waits on JPEG decoding nor on PNG encoding.  The driver writes every file and row,
-exactly as the local engine does, from the same batches, so the outputs are the same."""
+CPU tasks, inspected by an actor pool whose actors each load the model once and run the one inspection
+core (``clipfusion.inspection.Inspector``: score, maps at the image's size, thresholds, regions), and
+rendered (overlays, masks: tens of milliseconds of CPU per image) in CPU tasks again, so a GPU neither
+waits on JPEG decoding nor on PNG encoding.  The driver writes every file and row, exactly as the local
+engine does, from the same batches, so the outputs are the same.  Ray Data hands the batches back in
+their order (``preserve_order``), holding the early finishers in its object store, not the driver."""
 from __future__ import annotations
 
 import logging
@@ -12,7 +14,9 @@ from typing import Any
 
 from clipfusion.distributed.cluster import RayOptions, connect
 from clipfusion.distributed.recipe import DetectorRecipe
-from clipfusion.tasks.predict import Outcome, RowSettings, Scorer, decode_batch, predict_batch, render_batch
+from clipfusion.inspection.core import InspectionSettings
+from clipfusion.inspection.sources import read_sources
+from clipfusion.inspection.writer import Rendered, render
 
 # Memory each decoding task asks Ray for: enough for one batch of large frames.  It is also what keeps
 # decoding in its own tasks: Ray Data fuses a task into the next actor only when their requests match.
@@ -26,38 +30,45 @@ STAGE_CPUS = 0.5
 STAGE_TASKS_PER_WORKER = 2
 
 
+Outcome = Rendered | tuple[str, str]  # a rendered inspection, or (source, why it has no verdict)
+
+
 def _decode(row: dict[str, Any], max_pixels: int) -> dict[str, Any]:
     """One batch's sources → its decoded images.  Images of different sizes travel pickled in one
-    binary cell: a batch must reach the scorer whole, as the local engine forms it."""
-    return {"batch": row["batch"], "payload": pickle.dumps(decode_batch(row["sources"], max_pixels), protocol=5)}
+    binary cell: a batch must reach the inspector whole, as the local engine forms it."""
+    return {"batch": row["batch"], "payload": pickle.dumps(read_sources(row["sources"], max_pixels), protocol=5)}
 
 
-class ScoringActor:
-    """What one Ray actor runs: builds the detector once, then one model pass per decoded batch."""
+class InspectingActor:
+    """What one Ray actor runs: builds the detector and its inspector once, then one model pass per
+    decoded batch."""
 
-    def __init__(self, recipe: DetectorRecipe, category: str) -> None:
-        self.detector, self.category = recipe.build(), category
+    def __init__(self, recipe: DetectorRecipe, settings: InspectionSettings) -> None:
+        self.inspector = settings.inspector(recipe.build())
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        scored = predict_batch(self.detector, pickle.loads(row["payload"]), self.category)
-        return {"batch": row["batch"], "payload": pickle.dumps(scored, protocol=5)}
+        inspections = self.inspector.inspect_decoded(pickle.loads(row["payload"]))
+        return {"batch": row["batch"], "payload": pickle.dumps(inspections, protocol=5)}
 
 
-def _render(row: dict[str, Any], settings: RowSettings) -> dict[str, Any]:
-    outcomes = render_batch(pickle.loads(row["payload"]), settings)
+def _render(row: dict[str, Any], settings: InspectionSettings) -> dict[str, Any]:
+    outcomes: list[Outcome] = [(item.source, str(item.error)) if not item.ok else
+                               render(item, settings.decisions, settings.model_id)
+                               for item in pickle.loads(row["payload"])]
     return {"batch": row["batch"], "payload": pickle.dumps(outcomes, protocol=5)}
 
 
 def ray_scorer(recipe: DetectorRecipe, options: RayOptions) -> Any:
-    """``make_scorer(settings)`` for :class:`clipfusion.tasks.predict.Engine`: batches scored on Ray."""
+    """``make_scorer(settings)`` for ``clipfusion.tasks.predict.Engine``: batches inspected on Ray."""
     ray = connect(options, spare_cpus=2 * STAGE_CPUS)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # predict shows its own bar, per image
+    context.execution_options.preserve_order = True  # in order, early finishers held in Ray's object store
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # its execution plans and progress-bar notes
 
     stage_tasks = STAGE_TASKS_PER_WORKER * options.workers
 
-    def make_scorer(settings: RowSettings) -> Scorer:
+    def make_scorer(settings: InspectionSettings) -> Any:
         def score(batches: Sequence[Sequence[str]]) -> Iterator[list[Outcome]]:
             if not batches:
                 return
@@ -65,19 +76,15 @@ def ray_scorer(recipe: DetectorRecipe, options: RayOptions) -> Any:
             dataset = (ray.data.from_items(items, override_num_blocks=len(items))
                        .map(_decode, fn_kwargs={"max_pixels": settings.max_pixels}, num_cpus=STAGE_CPUS,
                             memory=DECODE_MEMORY, concurrency=stage_tasks)
-                       .map(ScoringActor, fn_constructor_args=(recipe, settings.category),
+                       .map(InspectingActor, fn_constructor_args=(recipe, settings),
                             compute=ray.data.ActorPoolStrategy(size=options.workers),
                             num_cpus=options.cpus_per_worker, num_gpus=options.gpus_per_worker)
                        .map(_render, fn_kwargs={"settings": settings}, num_cpus=STAGE_CPUS,
                             concurrency=stage_tasks))
-            # Batches arrive as they finish (a retried one late); they are handed on in their order.
-            waiting: dict[int, list[Outcome]] = {}
-            following = 0
-            for row in dataset.iter_rows():
-                waiting[row["batch"]] = pickle.loads(row["payload"])
-                while following in waiting:
-                    yield waiting.pop(following)
-                    following += 1
+            for following, row in enumerate(dataset.iter_rows()):
+                if row["batch"] != following:  # preserve_order failed us: the rows would be misattributed
+                    raise RuntimeError(f"Ray Data returned batch {row['batch']} where batch {following} was due")
+                yield pickle.loads(row["payload"])
         return score
 
     return make_scorer

@@ -4,7 +4,6 @@ per actor) and runs in the precision it records where that worker computes it na
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from clipfusion.protocol import Detector
@@ -18,16 +17,15 @@ class DetectorRecipe:
     method: str
     params: dict[str, Any]
     model: str | None = None
+    recorded_dtype: str | None = None  # the precision the model file's thresholds were derived in
 
     def precision(self) -> str | None:
         """The dtype a worker with this machine's hardware runs in (None: a method without models), for
         what the driver records before any worker answers; each row names the dtype its worker ran."""
-        from clipfusion.methods.clipfusion.model_file import read_card
-
         runtime = self.params.get("runtime")
         if runtime is None:
             return None
-        return str(runtime.resolved(read_card(Path(self.model)).dtype if self.model else None)[0].dtype)
+        return str(runtime.resolved(self.recorded_dtype)[0].dtype)
 
     def build(self) -> Detector:
         from clipfusion.methods.clipfusion.detector import CLIPFusion

@@ -25,7 +25,11 @@ from clipfusion import __version__
 from clipfusion.config import RuntimeConfig
 from clipfusion.encoders.diffusion import VAE_MEAN, VAE_STD
 from clipfusion.errors import ClipfusionError
-from clipfusion.export.bundle import (
+from clipfusion.export.graphs import ClipGraph, DiffusionGraph, VaeGraph
+from clipfusion.methods.clipfusion.detector import CLIPFusion
+from clipfusion.methods.clipfusion.model_file import ModelCard, read_card
+from clipfusion.outputs import file_sha256, json_safe, json_text, write_atomic
+from clipfusion.runtime.manifest import (
     EXPORT_FORMAT,
     GRAPH_FORMATS,
     MANIFEST,
@@ -33,10 +37,6 @@ from clipfusion.export.bundle import (
     is_export,
     manifest_digest,
 )
-from clipfusion.export.graphs import ClipGraph, DiffusionGraph, VaeGraph
-from clipfusion.methods.clipfusion.detector import CLIPFusion
-from clipfusion.methods.clipfusion.model_file import ModelCard, read_card
-from clipfusion.outputs import file_sha256, json_safe, json_text, write_atomic
 
 logger = logging.getLogger(__name__)
 EXPORTABLE_DENSE_MODES = ("vv", "raw", "window")

@@ -2,17 +2,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
 from clipfusion.images import Images, as_rgb_list
+from clipfusion.methods.estimator import Estimator
 from clipfusion.protocol import Prediction
 from clipfusion.resampling import resize_image
 
 
-class MeanImageDetector:
+class MeanImageDetector(Estimator):
     """Per-pixel RGB distance to the mean of the k normal references.
 
     Zero-shot (not fitted) it scores each pixel by its distance to the image's own median colour.
@@ -25,21 +25,18 @@ class MeanImageDetector:
         self.image_size = image_size
         self.sigma = sigma
 
-    def get_params(self) -> dict[str, Any]:
-        return {"image_size": self.image_size, "sigma": self.sigma}
-
     def _prepare(self, images: Sequence[np.ndarray]) -> np.ndarray:
         size = (self.image_size, self.image_size)
         return np.stack([resize_image(im, size) for im in images]).astype(np.float32) / 255.0
 
-    def fit(self, images: Images, category: str) -> MeanImageDetector:
+    def fit(self, images: Images, category: str | None = None) -> MeanImageDetector:
         images = as_rgb_list(images)
         if len(images) == 0:
             raise ValueError("fit needs at least one normal image")
         self.mean_image_ = self._prepare(images).mean(axis=0)
         return self
 
-    def predict(self, images: Images, category: str) -> Prediction:
+    def predict(self, images: Images, category: str | None = None) -> Prediction:
         images = as_rgb_list(images)
         batch = self._prepare(images)
         if hasattr(self, "mean_image_"):

@@ -22,6 +22,7 @@ from clipfusion.encoders.clip import ClipEncoder, state_probability
 from clipfusion.errors import ClipfusionError
 from clipfusion.geometry import resize_grid, tokens_to_grid, window_indices
 from clipfusion.images import Images, as_rgb_list
+from clipfusion.methods.estimator import Estimator
 from clipfusion.methods.memory import MemoryBank
 from clipfusion.methods.windows import harmonic_aggregate, window_zero_shot_map
 from clipfusion.prompts import state_ensembles
@@ -29,7 +30,10 @@ from clipfusion.protocol import Prediction
 from clipfusion.timing import StageTimer
 
 
-class WinCLIP:
+class WinCLIP(Estimator):
+    """WinCLIP (zero-shot) and, once fitted on normal images, WinCLIP+; see the module docstring.
+    ``get_params()`` gives the constructor's arguments; ``describe()`` the settings in full."""
+
     def __init__(self, preset: str | Preset = "paper-recon", runtime: RuntimeConfig | None = None,
                  scales: Sequence[int] = (2, 3), temperature: float = 0.07, output_size: int = 256,
                  batch_size: int = 8) -> None:
@@ -49,7 +53,8 @@ class WinCLIP:
     def clip_config(self) -> ClipConfig:
         return self.config.clip
 
-    def get_params(self) -> dict[str, Any]:
+    def describe(self) -> dict[str, Any]:
+        """The settings in full: the preset's CLIP and prompts expanded."""
         name = self.preset if isinstance(self.preset, str) else self.preset.name
         return {"preset": name, "clip": dataclasses.asdict(self.clip_config),
                 "prompts": dataclasses.asdict(self.config.prompts), "scales": list(self.scales),
@@ -84,7 +89,8 @@ class WinCLIP:
         return out.global_embedding, tokens, windows
 
     @torch.inference_mode()
-    def fit(self, images: Images, category: str) -> WinCLIP:
+    def fit(self, images: Images, category: str | None = None) -> WinCLIP:
+        category = self._category(category)
         images = as_rgb_list(images)
         if len(images) == 0:
             raise ClipfusionError("fit needs at least one normal image")
@@ -95,10 +101,12 @@ class WinCLIP:
             for scale, embedded in windows.items():
                 bank.add(f"window{scale}", embedded)
         self.memory_bank_ = bank
+        self.category_ = category
         return self
 
     @torch.inference_mode()
-    def predict(self, images: Images, category: str) -> Prediction:
+    def predict(self, images: Images, category: str | None = None) -> Prediction:
+        category = self._category(category)
         images = as_rgb_list(images)
         encoder = self.encoder
         prototypes = encoder.encode_prompt_ensembles(state_ensembles(self.config.prompts.name_of(category)))

@@ -15,13 +15,13 @@ import numpy as np
 from clipfusion.config import EXPORT_DTYPES
 from clipfusion.decisions import Thresholds
 from clipfusion.errors import ClipfusionError
-from clipfusion.export.bundle import ExportManifest, import_openvino, read_manifest
 from clipfusion.hardware import model_precision, precision_note
 from clipfusion.images import Images, as_rgb_list
 from clipfusion.methods.clipfusion.fusion import BranchMaps, fuse
 from clipfusion.notices import say_once
 from clipfusion.protocol import Prediction
 from clipfusion.resampling import normalised_pixels
+from clipfusion.runtime.manifest import ExportManifest, import_openvino, read_manifest
 from clipfusion.timing import StageTimer
 
 logger = logging.getLogger(__name__)
@@ -40,11 +40,14 @@ class ExportedDetector:
     """
 
     def __init__(self, folder: str | Path, device: str = "CPU", threads: int | None = None,
-                 dtype: str = "auto") -> None:
+                 dtype: str = "auto", manifest: ExportManifest | None = None) -> None:
+        """``manifest``: the folder's manifest, already read and checked (``inspection.ModelFile``); read
+        and checked here when None."""
         if dtype not in EXPORT_DTYPES:
             raise ClipfusionError(f"an export runs in {', '.join(EXPORT_DTYPES)}, not {dtype!r}")
         self.folder = Path(folder)
-        self.manifest: ExportManifest = read_manifest(self.folder)
+        self.device, self.threads, self.dtype = device, threads, dtype
+        self.manifest: ExportManifest = manifest or read_manifest(self.folder)
         self.preset = self.manifest.preset
         self.category_ = self.manifest.category
         card = self.manifest.card
@@ -67,7 +70,12 @@ class ExportedDetector:
         self.precision = "bfloat16" if "bfloat16" in hint else "float32"
         self.timings_ = StageTimer()
 
-    def get_params(self) -> dict[str, Any]:
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The constructor's arguments (the manifest is read again by a copy)."""
+        return {"folder": self.folder, "device": self.device, "threads": self.threads, "dtype": self.dtype}
+
+    def describe(self) -> dict[str, Any]:
+        """The settings in full, with the precision that runs."""
         return {"export": str(self.folder.resolve()), "preset": self.preset, "overrides": self.manifest.overrides,
                 "category": self.category_, "graph_format": self.manifest.graph_format, "dtype": self.precision}
 
@@ -84,9 +92,10 @@ class ExportedDetector:
             result = self._graphs[graph](pixels)
         return [np.asarray(result[index], dtype=np.float32) for index in range(len(self.manifest.outputs[graph]))]
 
-    def encode(self, images: Images, category: str) -> BranchMaps:
-        """Every branch map of ``images`` on its own grid, as :meth:`CLIPFusion.encode` gives them."""
-        if category != self.category_:
+    def encode(self, images: Images, category: str | None = None) -> BranchMaps:
+        """Every branch map of ``images`` on its own grid, as :meth:`CLIPFusion.encode` gives them
+        (``category``: the export's own, which is the default)."""
+        if category not in (None, self.category_):
             raise ClipfusionError(f"{self.folder} was exported for {self.category_!r}, not {category!r}")
         parts = []
         for image in as_rgb_list(images):
@@ -98,7 +107,7 @@ class ExportedDetector:
                                     clip.get("clip_visual"), diffusion.get("diff_visual")))
         return BranchMaps.concat(parts)
 
-    def predict(self, images: Images, category: str) -> Prediction:
+    def predict(self, images: Images, category: str | None = None) -> Prediction:
         """Scores (N,) and maps (N, S, S), with the model's thresholds; see :meth:`CLIPFusion.predict`."""
         images = as_rgb_list(images)
         if len(images) == 0:

@@ -11,6 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from clipfusion.data.base import read_rgb
+from clipfusion.inspection.thresholds import derive_thresholds
 from clipfusion.outputs import file_sha256
 from clipfusion.service.errors import ServiceError
 from clipfusion.service.inspector import ServedModel
@@ -42,16 +43,20 @@ def learn(session: Session, model: ServedModel, inspection: Inspection) -> Chang
     if inspection.image is None or folder is None or not (folder / inspection.image).is_file():
         raise ServiceError(409, "image_not_stored", f"inspection {inspection.id} kept no image (deleted by "
                                                     "--keep-days, or made before --learn): nothing to learn from")
-    from clipfusion.methods.clipfusion.detector import CLIPFusion  # torch: not for exported models, which never learn
+    if model.model.is_export:
+        raise ServiceError(409, "cannot_learn", f"model {model.name} is an export, which cannot learn; serve its "
+                                                "model file to learn from false alarms")
+    from clipfusion.methods.clipfusion.detector import CLIPFusion  # torch: not for exports, which never learn
 
-    before = model.detector.thresholds_
-    detector = CLIPFusion.load(model.path, model.settings.runtime, model.settings.batch_size)
+    before = model.card.thresholds
+    detector = CLIPFusion.load(model.path, model.settings.runtime, model.settings.batch_size, card=model.card)
     reference = f"{REFERENCE_PREFIX}{inspection.id}"
     detector.add_references([read_rgb(folder / inspection.image)], model.category, [reference])
     in_bank = {name.removeprefix(REFERENCE_PREFIX) for name in detector.memory_bank_.manifest["references"]}
     normals = _held_out_normals(session, model, in_bank)
     if normals:
-        detector.calibrate([read_rgb(path) for path in normals], model.category)
+        detector.set_thresholds(derive_thresholds(detector, normals, model.category, model.settings.batch_size,
+                                                  model.settings.max_pixels), model.category)
         note = f"thresholds re-derived from {len(normals)} operator-confirmed normal images not in the bank"
     else:
         note = "thresholds kept: no operator-confirmed normal image outside the bank to derive them from yet"
@@ -61,17 +66,17 @@ def learn(session: Session, model: ServedModel, inspection: Inspection) -> Chang
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{model.name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}.cfm"
     detector.save(path, references)
+    model.use(path)
     parent = active_version(session, model.name)
     if parent is not None:
         parent.active = False
-    version = ModelVersion(name=model.name, path=str(path.resolve()), sha256=file_sha256(path),
+    version = ModelVersion(name=model.name, path=str(path.resolve()), sha256=model.sha256,
                            created=datetime.now(timezone.utc), active=True,
                            parent_id=None if parent is None else parent.id)
     session.add(version)
     session.flush()
-    model.use(path)
     change = ChangeOut(action="learn", version_id=version.id, sha256=version.sha256,
-                       image_threshold_before=before.image, image_threshold_after=model.detector.thresholds_.image,
+                       image_threshold_before=before.image, image_threshold_after=model.card.thresholds.image,
                        bank_size=model.bank_size, note=note)
     _audit(session, model.name, change, {"inspection": inspection.id, "from_version": None if parent is None
                                          else parent.id})
@@ -87,11 +92,11 @@ def rollback(session: Session, model: ServedModel) -> ChangeOut:
     assert parent is not None
     if not Path(parent.path).is_file():
         raise ServiceError(409, "version_missing", f"the earlier version's file {parent.path} is gone")
-    before = model.detector.thresholds_.image
+    before = model.card.thresholds.image
     model.use(Path(parent.path))
     current.active, parent.active = False, True
     change = ChangeOut(action="rollback", version_id=parent.id, sha256=parent.sha256, image_threshold_before=before,
-                       image_threshold_after=model.detector.thresholds_.image, bank_size=model.bank_size,
+                       image_threshold_after=model.card.thresholds.image, bank_size=model.bank_size,
                        note=f"back from version {current.id}")
     _audit(session, model.name, change, {"from_version": current.id})
     return change

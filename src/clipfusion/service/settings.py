@@ -7,7 +7,7 @@ from pathlib import Path
 from clipfusion.config import RuntimeConfig
 from clipfusion.data.base import MAX_PIXELS
 from clipfusion.errors import ClipfusionError
-from clipfusion.export.bundle import is_export
+from clipfusion.runtime.manifest import is_export
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from clipfusion.export.bundle import model_sha256
+from clipfusion.inspection import ModelFile
 from clipfusion.service import learning
 from clipfusion.service.batching import Batcher
 from clipfusion.service.database import make_engine, migrate, session_factory
@@ -43,10 +43,10 @@ class ServiceState:
         self.sessions = session_factory(self.engine)
         for path in self.settings.models:
             name = model_name(path)
-            model = ServedModel(name, self._version_to_serve(name, Path(path)), self.settings, self.sessions,
+            model = ServedModel(name, self._version_to_serve(name, ModelFile.open(path)), self.settings, self.sessions,
                                 self.metrics.model_seconds.labels(name).observe)
             self.models[name] = model
-            logger.info("serving %s (%s, %s) from %s", name, model.category, model.detector.preset, model.path)
+            logger.info("serving %s (%s, %s) from %s", name, model.category, model.model.preset, model.path)
 
     def start_batchers(self) -> None:
         for name, model in self.models.items():
@@ -90,11 +90,11 @@ class ServiceState:
             raise ServiceError(404, "unknown_model", f"no model {name!r}; served: {', '.join(self.models)}")
         return self.models[name]
 
-    def _version_to_serve(self, name: str, given: Path) -> Path:
-        """The file to serve for ``--model given``: with --learn, the newest version learned from it
+    def _version_to_serve(self, name: str, given: ModelFile) -> ModelFile | Path:
+        """The model to serve for ``--model given``: with --learn, the newest version learned from it
         (when it still exists); otherwise ``given``, recorded as the active version."""
         assert self.sessions is not None
-        sha = model_sha256(given)
+        sha = given.sha256
         with self.sessions.begin() as session:
             active = active_version(session, name)
             if active is not None and active.sha256 == sha:
@@ -105,7 +105,7 @@ class ServiceState:
                 return Path(active.path)
             if active is not None:
                 active.active = False
-            session.add(ModelVersion(name=name, path=str(given.resolve()), sha256=sha,
+            session.add(ModelVersion(name=name, path=str(given.path.resolve()), sha256=sha,
                                      created=datetime.now(timezone.utc), active=True))
         return given
 

@@ -12,6 +12,7 @@ from clipfusion.errors import ClipfusionError
 from clipfusion.evaluation.report import write_report
 from clipfusion.evaluation.runner import EVALUATE_OUTPUTS, EvaluationConfig, EvaluationRunner, UnitEngine
 from clipfusion.methods.registry import make_detector_factory
+from clipfusion.protocol import describe
 from clipfusion.run_folders import output_folder
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def run_evaluation(method: str, params: dict[str, Any], dataset_kind: str, root:
         seeds=distinct(seeds, "--seeds"), eval_size=eval_size, batch_size=batch_size, max_pixels=max_pixels,
     )
     factory = make_detector_factory(method, **params)
-    config.method_params = factory().get_params()
+    config.method_params = describe(factory())
     if worker_runtime is not None and "runtime" in config.method_params:
         config.method_params["runtime"].update(device=worker_runtime[0], dtype=worker_runtime[1])
     with output_folder(out, "evaluation", EVALUATE_OUTPUTS, overwrite, protected=[root]):

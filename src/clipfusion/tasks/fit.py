@@ -12,6 +12,7 @@ from clipfusion.config import RuntimeConfig
 from clipfusion.data.base import MAX_PIXELS, read_images
 from clipfusion.decisions import Thresholds
 from clipfusion.errors import ClipfusionError
+from clipfusion.inspection.thresholds import derive_thresholds
 from clipfusion.outputs import file_sha256
 from clipfusion.tasks.inputs import collect_images, draw_references
 
@@ -68,9 +69,9 @@ def fit_model(make_detector: Callable[[], CLIPFusion], normal: str, category: st
     detector = make_detector()
     if images:
         detector.fit(images, category, reference_names=[p.name for p in used], progress=progress)
-    _, normals, _ = read_images(drawn.held_out, max_pixels)
-    logger.info("calibrating on %d held-out normal images", len(normals))
-    detector.calibrate(normals, category, progress=progress)
+    logger.info("calibrating on %d held-out normal images", len(drawn.held_out))
+    detector.set_thresholds(derive_thresholds(detector, drawn.held_out, category, detector.batch_size, max_pixels,
+                                              progress), category)
     references = [{"name": p.name, "sha256": file_sha256(p)} for p in used]
     return detector.save(out, references), detector
 
@@ -84,7 +85,7 @@ def calibrate_model(model: str, normal: str, out: str, runtime: RuntimeConfig, b
     from clipfusion.methods.clipfusion.detector import CLIPFusion
     from clipfusion.methods.clipfusion.model_file import MODEL_SUFFIX, read_card
 
-    card = read_card(Path(model))
+    card = read_card(Path(model))  # before anything else: a mistyped or damaged file costs nothing
     if Path(out).suffix != MODEL_SUFFIX:
         raise ClipfusionError(f"--out {out} must be a model file ({MODEL_SUFFIX}), e.g. {Path(out).stem}{MODEL_SUFFIX}")
     check_writable_file(Path(out))  # before any model runs
@@ -95,12 +96,9 @@ def calibrate_model(model: str, normal: str, out: str, runtime: RuntimeConfig, b
         raise ClipfusionError(f"{normal} holds only the model's references ({len(pool)} images); give normal images "
                               "it was not fitted on")
     here, _ = runtime.resolved()  # this machine's precision: what `auto` means without a model file
-    detector = CLIPFusion.load(model, here, batch_size)
-    _, normals, _ = read_images(held_out, max_pixels)
-    if not normals:
-        raise ClipfusionError(f"none of the normal images in {normal} could be read")
-    logger.info("calibrating on %d normal images in %s (%d references left out)", len(normals), here.dtype,
+    detector = CLIPFusion.load(model, here, batch_size, card=card)
+    logger.info("calibrating on %d normal images in %s (%d references left out)", len(held_out), here.dtype,
                 len(pool) - len(held_out))
-    before = detector.thresholds_
-    detector.calibrate(normals, card.category, progress=progress)
-    return detector.save(out, card.references), before, detector
+    detector.set_thresholds(derive_thresholds(detector, held_out, card.category, batch_size, max_pixels, progress),
+                            card.category)
+    return detector.save(out, card.references), card.thresholds, detector

@@ -25,6 +25,7 @@ from clipfusion.methods.clipfusion.fusion import BranchMaps, fuse
 from clipfusion.methods.clipfusion.mapdiff import MapDiff
 from clipfusion.methods.clipfusion.model_file import FORMAT, FORMAT_VERSION, ModelCard, read_card, with_digest
 from clipfusion.methods.clipfusion.patchclip import PatchClip
+from clipfusion.methods.estimator import Estimator
 from clipfusion.methods.memory import MemoryBank
 from clipfusion.notices import say_once
 from clipfusion.outputs import write_atomic
@@ -45,7 +46,7 @@ def _quiet() -> bool | None:
     return True if not logging.getLogger("clipfusion").isEnabledFor(logging.INFO) else None
 
 
-class CLIPFusion:
+class CLIPFusion(Estimator):
     """Zero-/few-shot anomaly detector fusing PatchCLIP (CLIP) and MapDiff (Stable Diffusion).
 
     scikit-learn style: settings are stored by the constructor and nothing runs there; ``fit``
@@ -53,6 +54,9 @@ class CLIPFusion:
     in ``_``); an unfitted detector predicts zero-shot.  Images are (H, W, 3) uint8 RGB arrays.
     ``runtime`` defaults to ``auto`` device and dtype, as on the command line (``RuntimeConfig``); a
     loaded model file runs in the precision it records where this machine computes it natively.
+    ``get_params()`` gives the constructor's arguments (``overrides`` flattened, as passed), so
+    ``CLIPFusion(**d.get_params())`` is an equal unfitted detector; ``describe()`` the settings in full.
+    A fitted, calibrated or loaded detector predicts for its own category without being told it again.
 
     Example::
 
@@ -65,6 +69,7 @@ class CLIPFusion:
     references_: list[dict[str, str]]  # of a loaded model file: name and sha256 of each reference
     precision_: tuple[str, str]  # (dtype, device kind) the thresholds were derived in: calibrate's, or the file's
     path_: Path  # of a loaded model file: where it was read from
+    _BUILT = ("_built", "_resolved")
 
     def __init__(self, preset: str | Preset = "paper-recon", runtime: RuntimeConfig | None = None,
                  batch_size: int = 8, **overrides: Any) -> None:
@@ -87,7 +92,20 @@ class CLIPFusion:
         base = get_preset(self.preset) if isinstance(self.preset, str) else self.preset
         return override(base, **self.overrides)
 
-    def get_params(self) -> dict[str, Any]:
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The constructor's arguments as given: ``preset``, ``runtime``, ``batch_size`` and each override."""
+        return {"preset": self.preset, "runtime": self.runtime, "batch_size": self.batch_size, **self.overrides}
+
+    def set_params(self, **params: Any) -> CLIPFusion:
+        """Change settings: ``preset``, ``runtime``, ``batch_size``, or any ``group__field`` override
+        (checked against the preset at once); the models are built again when next needed."""
+        named = {key: params.pop(key) for key in ("preset", "runtime", "batch_size") if key in params}
+        preset = named.get("preset", self.preset)
+        override(get_preset(preset) if isinstance(preset, str) else preset, **{**self.overrides, **params})
+        self.overrides = {**self.overrides, **params}
+        return super().set_params(**named)
+
+    def describe(self) -> dict[str, Any]:
         """The settings in full, with the device and dtype that run (``auto`` resolved)."""
         config = self.config
         return {"preset": config.name, **{g: dataclasses.asdict(getattr(config, g)) for g in
@@ -155,10 +173,11 @@ class CLIPFusion:
     # --- learning ---------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def fit(self, images: Images, category: str, reference_names: Sequence[str] | None = None,
+    def fit(self, images: Images, category: str | None = None, reference_names: Sequence[str] | None = None,
             progress: bool = False) -> CLIPFusion:
         """Build the CLIP and diffusion memory banks from ``images``, normal images of ``category``
         (paths, PIL images or arrays, one or a list: ``clipfusion.images``)."""
+        category = self._category(category)
         images = as_rgb_list(images)
         if len(images) == 0:
             raise ClipfusionError("fit needs at least one normal image")
@@ -168,10 +187,11 @@ class CLIPFusion:
         return self.add_references(images, category, reference_names, progress)
 
     @torch.inference_mode()
-    def add_references(self, images: Images, category: str, reference_names: Sequence[str] | None = None,
-                       progress: bool = False) -> CLIPFusion:
+    def add_references(self, images: Images, category: str | None = None,
+                       reference_names: Sequence[str] | None = None, progress: bool = False) -> CLIPFusion:
         """Add normal ``images`` to the memory bank (a fitted detector's, or a new one): what learning
         from a confirmed false alarm does.  Thresholds are not changed: ``calibrate`` again."""
+        category = self._category(category)
         images = as_rgb_list(images)
         if not hasattr(self, "memory_bank_"):
             return self.fit(images, category, reference_names, progress)
@@ -207,15 +227,21 @@ class CLIPFusion:
         return self
 
     @torch.inference_mode()
-    def calibrate(self, normal_images: Images, category: str, progress: bool = False) -> CLIPFusion:
+    def calibrate(self, normal_images: Images, category: str | None = None, progress: bool = False) -> CLIPFusion:
         """Set ``thresholds_`` from normal images that are **not** the references: the image and
-        pixel thresholds and the normal-score statistics (see :class:`Thresholds`)."""
+        pixel thresholds and the normal-score statistics (see :class:`Thresholds`).  Images held in
+        memory; from files, ``clipfusion.inspection.derive_thresholds`` reads them batch by batch."""
+        category = self._category(category)
         images = as_rgb_list(normal_images)
         predictions = (self.predict(images[start:start + self.batch_size], category)
                        for start in tqdm(range(0, len(images), self.batch_size), desc="thresholds (held-out normals)",
                                          disable=not progress))
-        self.thresholds_ = Thresholds.from_batches((p.scores, p.maps) for p in predictions)
-        self.category_ = category
+        return self.set_thresholds(Thresholds.from_batches((p.scores, p.maps) for p in predictions), category)
+
+    def set_thresholds(self, thresholds: Thresholds, category: str | None = None) -> CLIPFusion:
+        """Use ``thresholds`` (derived with this detector, in its runtime's precision, which they record)."""
+        self.thresholds_ = thresholds
+        self.category_ = self._category(category)
         self.precision_ = (self.runtime_.dtype, self.runtime_.device.split(":")[0])
         return self
 
@@ -241,15 +267,17 @@ class CLIPFusion:
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | Path, runtime: RuntimeConfig | None = None, batch_size: int = 8) -> CLIPFusion:
+    def load(cls, path: str | Path, runtime: RuntimeConfig | None = None, batch_size: int = 8,
+             card: ModelCard | None = None) -> CLIPFusion:
         """A ready detector from a model file written by :meth:`save`: settings, bank and thresholds.
         With ``runtime``'s dtype ``auto`` (the default) it runs in the precision the file records where
         this machine computes it natively, otherwise in float32, said once (``runtime_``).
 
         The card is checked field by field before anything else; the bank is then checked against
-        the settings (it must be the bank these settings make)."""
+        the settings (it must be the bank these settings make).  ``card``: the file's card, already
+        read and checked (``clipfusion.inspection.ModelFile``); read here when None."""
         path = Path(path)
-        card = read_card(path)
+        card = card or read_card(path)
         detector = cls(card.preset, runtime, batch_size, **card.overrides)
         detector.precision_ = (card.dtype, card.device)  # before any model is built: it decides the dtype
         detector.path_ = path
@@ -268,8 +296,9 @@ class CLIPFusion:
     # --- inference --------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def encode(self, images: Images, category: str) -> BranchMaps:
+    def encode(self, images: Images, category: str | None = None) -> BranchMaps:
         """The expensive part of ``predict``: every branch map of ``images`` on its own grid."""
+        category = self._category(category)
         images = as_rgb_list(images)
         fitted = hasattr(self, "memory_bank_")
         if fitted and self.category_ != category:
@@ -299,14 +328,16 @@ class CLIPFusion:
         with self.timings_("fusion"):
             return fuse(maps, fusion or self.config.fusion)
 
-    def predict(self, images: Images, category: str) -> Prediction:
+    def predict(self, images: Images, category: str | None = None) -> Prediction:
         """Image scores (N,) and pixel maps (N, S, S) at the fusion output size; higher = more anomalous.
+        ``category``: the object name in the prompts; by default the one fitted, calibrated or loaded
+        (a fitted detector refuses another), else ``object``.
         ``prediction.maps_at_input_size()`` gives each map at its image's own size; a calibrated
         detector's prediction also gives ``labels()`` (OK/NG) and ``regions()``."""
         images = as_rgb_list(images)
         if len(images) == 0:
             raise ClipfusionError("predict needs at least one image")
-        prediction = self.fuse(self.encode(images, category))
+        prediction = self.fuse(self.encode(images, self._category(category)))
         prediction.input_sizes = [(int(image.shape[0]), int(image.shape[1])) for image in images]
         thresholds = getattr(self, "thresholds_", None)
         if thresholds is not None:

@@ -93,7 +93,20 @@ class ModelCard:
         return card
 
 
-def contents_digest(data: BinaryIO) -> str:
+class _Hashing:
+    """A binary reader that also feeds every byte read into ``sha256``: one pass gives a file's contents
+    digest and its whole-file SHA-256 (the model's identity)."""
+
+    def __init__(self, data: BinaryIO) -> None:
+        self.data, self.sha256 = data, hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        block = self.data.read(size)
+        self.sha256.update(block)
+        return block
+
+
+def contents_digest(data: BinaryIO | _Hashing) -> str:
     """SHA-256 of a safetensors file read from ``data``: its header as canonical JSON, without the
     ``digest`` metadata entry (so the digest can be stored in the file it covers), then every byte after
     the header (the tensors).  The header names each tensor's dtype, shape and byte range."""
@@ -114,37 +127,43 @@ def with_digest(tensors: dict[str, Any], metadata: dict[str, str]) -> bytes:
     return bytes(save(tensors, metadata={**metadata, "digest": digest}))
 
 
-_verified: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) → digest: a file read again is not re-hashed
+# (path, size, mtime) → (digest, file SHA-256): a file read again in one process is not hashed again
+_verified: dict[tuple[str, int, int], tuple[str, str]] = {}
 
 
-def _check_digest(path: Path, metadata: dict[str, str]) -> None:
-    """A one-line error unless the file's contents match the digest it carries."""
+def _check_digest(path: Path, metadata: dict[str, str]) -> str:
+    """The file's SHA-256; a one-line error unless its contents match the digest it carries (format 3),
+    or (format 2) after a warning that nothing is checked.  One read of the file for both."""
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     stored = metadata.get("digest")
-    if stored is not None and _verified.get(key) == stored:
-        return
+    if key in _verified and _verified[key][0] == stored:
+        return _verified[key][1]
     with path.open("rb") as handle:
-        found = contents_digest(handle)
-    if stored is None:
+        reader = _Hashing(handle)
+        found = contents_digest(reader)
+    version = int(metadata["format"].rpartition("/")[2])
+    if version >= 3 and stored is None:
         raise ClipfusionError(f"model file {path} carries no digest of its contents (format {FORMAT}/3 must): it "
                               "was edited or damaged; use the file `clipfusion fit` wrote, or fit again")
-    if found != stored:
+    if version >= 3 and found != stored:
         raise ClipfusionError(f"model file {path} does not match its digest: its settings, thresholds or memory bank "
                               "were edited or damaged after it was written; copy it again, or fit again with "
                               "`clipfusion fit`")
-    _verified[key] = stored
+    _verified[key] = (stored or "", reader.sha256.hexdigest())
+    return reader.sha256.hexdigest()
 
 
-def read_card(path: Path) -> ModelCard:
-    """The card of the model file at ``path`` (no tensor is read, no model is built)."""
+def read_model_file(path: Path) -> tuple[ModelCard, str]:
+    """The card of the model file at ``path`` and the file's SHA-256 (its identity), from one read: the
+    digest is checked (format 3) before the card is trusted.  No model is built, no torch imported."""
     if not path.is_file():
         raise ClipfusionError(f"model file {path} not found")
     try:
         # numpy, not pt: the card is read before torch is imported (a one-line error must not wait for it)
         with safe_open(str(path), framework="np") as handle:
             metadata = handle.metadata() or {}
-    except Exception as exc:  # a truncated or foreign file
+    except Exception as exc:  # safetensors raises its own error types for a truncated or foreign file
         raise ClipfusionError(f"{path} is not a clipfusion model file: {exc}") from None
     readable = {f"{FORMAT}/{version}": version for version in READABLE_VERSIONS}
     if metadata.get("format") not in readable:
@@ -155,6 +174,10 @@ def read_card(path: Path) -> ModelCard:
                                           "precision of its thresholds (taken as float32) nor a digest of its "
                                           "contents (not checked); `clipfusion calibrate` writes it again in format "
                                           f"{FORMAT_VERSION}, with thresholds derived here")
-    else:
-        _check_digest(path, metadata)
-    return ModelCard.from_json(metadata.get("model", ""), path)
+    sha256 = _check_digest(path, metadata)
+    return ModelCard.from_json(metadata.get("model", ""), path), sha256
+
+
+def read_card(path: Path) -> ModelCard:
+    """The card of the model file at ``path`` (see :func:`read_model_file`)."""
+    return read_model_file(path)[0]

@@ -25,11 +25,11 @@ ERRORS: dict[int | str, dict[str, object]] = {status: {"model": ErrorOut} for st
 def list_models(state: StateDep) -> list[ModelOut]:
     out = []
     for name, model in state.models.items():
-        thresholds, card = model.detector.thresholds_, model.card
+        thresholds, card = model.card.thresholds, model.card
         batcher = state.batchers.get(name)
-        out.append(ModelOut(name=name, category=model.category, preset=str(model.detector.preset),
+        out.append(ModelOut(name=name, category=model.category, preset=model.model.preset,
                             image_threshold=thresholds.image, pixel_threshold=thresholds.pixel,
-                            bank_size=model.bank_size, version=card.version, precision=model.detector.precision,
+                            bank_size=model.bank_size, version=card.version, precision=str(model.inspector.precision),
                             thresholds_precision=card.dtype, sha256=model.sha256,
                             created=card.created, queue_depth=0 if batcher is None else batcher.depth))
     return out

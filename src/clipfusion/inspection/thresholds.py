@@ -1,5 +1,7 @@
-"""How ``predict`` decides: thresholds from a model file, given by the user, or derived from held-out
-normal images only (never the references), and the overlays' colour scale."""
+"""How an inspection decides: thresholds from a model file, given by the user, or derived from held-out
+normal images only (never the references), and the overlays' colour scale.  The one place thresholds
+are derived from image files (``derive_thresholds``: fit, calibrate, ``predict --threshold auto`` and the
+service's learning all call it)."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,9 +14,11 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from clipfusion.data.base import read_images
+from clipfusion.data.base import MAX_PIXELS
 from clipfusion.decisions import Thresholds
 from clipfusion.errors import ClipfusionError
+from clipfusion.images import ImageLike
+from clipfusion.inspection.sources import read_sources
 from clipfusion.protocol import Detector
 
 logger = logging.getLogger(__name__)
@@ -35,13 +39,18 @@ class Decisions:
     normal: Thresholds | None = None
 
 
-def normal_thresholds(detector: Detector, held_out: Sequence[Path], category: str, batch_size: int = 8,
-                      progress: bool = False) -> Thresholds:
-    """:class:`Thresholds` from the scores and maps of the ``held_out`` normal images, read per batch."""
+def derive_thresholds(detector: Detector, normals: Sequence[ImageLike], category: str | None = None,
+                      batch_size: int = 8, max_pixels: int = MAX_PIXELS, progress: bool = False) -> Thresholds:
+    """:class:`Thresholds` from the scores and maps of the held-out ``normals`` (paths, URIs or images),
+    read and scored one batch at a time; an unreadable or too large image is left out, said in the log."""
     def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for start in tqdm(range(0, len(held_out), batch_size), desc="thresholds (held-out normals)",
+        for start in tqdm(range(0, len(normals), batch_size), desc="thresholds (held-out normals)",
                           disable=not progress):
-            _, images, _ = read_images(held_out[start:start + batch_size])
+            decoded = read_sources(normals[start:start + batch_size], max_pixels)
+            for item in decoded:
+                if item.image is None:
+                    logger.warning("left out of the thresholds: %s (%s)", item.source, item.reason)
+            images = [item.image for item in decoded if item.image is not None]
             if images:
                 prediction = detector.predict(images, category)
                 yield prediction.scores, prediction.maps
@@ -83,10 +92,10 @@ def check_decision_options(spec: str | None, scale_text: str | None, normal: str
 
 
 def resolve_decisions(spec: str | None, scale_text: str | None, model: Thresholds | None, detector: Detector | None,
-                      category: str, held_out: Sequence[Path] | None, batch_size: int = 8,
-                      progress: bool = False) -> Decisions:
+                      category: str | None, held_out: Sequence[Path] | None, batch_size: int = 8,
+                      progress: bool = False, max_pixels: int = MAX_PIXELS) -> Decisions:
     """``spec`` is None (the model file's thresholds, or no decisions), a number (the image threshold;
-    a model file still gives the pixel threshold) or ``auto``: :func:`normal_thresholds` over the
+    a model file still gives the pixel threshold) or ``auto``: :func:`derive_thresholds` over the
     ``held_out`` normal images (None: no folder of normals was given)."""
     scale = parse_scale(scale_text)
     threshold = parse_threshold(spec)
@@ -98,7 +107,7 @@ def resolve_decisions(spec: str | None, scale_text: str | None, model: Threshold
     if threshold == "auto":
         if held_out is None or detector is None:
             raise ClipfusionError("--threshold auto needs --normal DIR: normal images to set it from")
-        model = normal_thresholds(detector, held_out, category, batch_size, progress)
+        model = derive_thresholds(detector, held_out, category, batch_size, max_pixels, progress)
         how = f"derived in this run: {model.rule}, over {model.n_normals} held-out normal images"
         logger.info("image threshold %.4f, pixel threshold %.4f: %s", model.image, model.pixel, how)
     elif model is not None:

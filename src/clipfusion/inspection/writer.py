@@ -1,0 +1,118 @@
+"""What an inspection leaves on disk, the same for ``predict`` and the service: each image's overlay
+(the image with its map on the model's fixed colour scale, region boxes, the verdict), its mask (NG
+images), its raw map and a thumbnail, and the row that names them.
+
+Rendering (:func:`render`, bytes only) is apart from writing (:meth:`ImageWriter.write`), so
+that it can run in another process (a Ray task) and the files are written only where and when the
+caller commits a row; :meth:`ImageWriter.remove` takes back the files of a row that was not committed.
+"""
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clipfusion.decisions import NG, Region
+from clipfusion.inspection.core import Inspection
+from clipfusion.inspection.thresholds import Decisions
+from clipfusion.outputs import write_atomic
+from clipfusion.overlays import inspection_overlay, mask_png, png_bytes, thumbnail_jpeg
+from clipfusion.resampling import resize_image, resize_maps
+
+FILE_SUFFIXES = {"maps": ".npy", "overlays": ".png", "masks": ".png", "thumbnails": ".jpg"}
+# Overlays are drawn at most this many pixels on their longest side: a 100-megapixel frame would
+# otherwise need gigabytes for its heatmap.  Masks and regions are always at the image's full size.
+OVERLAY_MAX_SIDE = 2048
+# A row of predict's results (and, less the file names, of the service's inspections).
+ROW_FIELDS = ("path", "score", "normalised_score", "decision", "threshold", "regions", "overlay", "mask", "map",
+              "thumbnail", "seconds", "model_id", "precision", "timestamp")
+
+
+@dataclass
+class Rendered:
+    """One inspected image ready to be written: its row without file names, its files' bytes by folder
+    (``maps``, ``overlays``, ``thumbnails``, and ``masks`` for NG images) and its seconds so far."""
+
+    source: str
+    row: dict[str, Any]
+    files: dict[str, bytes]
+    seconds: float
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def _overlay_size(height: int, width: int) -> tuple[int, int]:
+    """(height, width) shrunk (aspect kept) so that the longest side is at most OVERLAY_MAX_SIDE."""
+    scale = min(1.0, OVERLAY_MAX_SIDE / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def _scaled(regions: Sequence[Region], factor: float) -> list[Region]:
+    return [Region(round(r.x * factor), round(r.y * factor), max(1, round(r.width * factor)),
+                   max(1, round(r.height * factor)), r.area, r.peak) for r in regions]
+
+
+def verdict_fields(inspection: Inspection, model_id: str | None) -> dict[str, Any]:
+    """The row fields of a verdict (no file names, no time): what every front end reports alike."""
+    normalised = inspection.normalised_score
+    return {"score": inspection.score, "normalised_score": None if normalised is None else round(normalised, 6),
+            "decision": inspection.decision, "threshold": inspection.threshold,
+            "regions": None if inspection.regions is None else [asdict(r) for r in inspection.regions],
+            "model_id": model_id, "precision": inspection.precision}
+
+
+def render(inspection: Inspection, decisions: Decisions, model_id: str | None = None) -> Rendered:
+    """The row fields and file bytes of a scored inspection (no file is written); ``decisions`` gives
+    the overlay's colour scale and the pixel threshold drawn."""
+    assert inspection.ok and inspection.image is not None and inspection.anomaly_map is not None
+    assert inspection.raw_map is not None and inspection.score is not None
+    start, image = time.perf_counter(), inspection.image
+    files = {"maps": _npy_bytes(inspection.raw_map)}
+    if inspection.decision == NG and inspection.mask is not None:
+        files["masks"] = mask_png(inspection.mask)
+    normalised = inspection.normalised_score
+    title = f"{inspection.decision}  score {inspection.score:.4f}" \
+        + ("" if normalised is None else f"  normalised {normalised:.2f}") \
+        + ("" if inspection.threshold is None else f"  threshold {inspection.threshold:.4f}")
+    height, width = _overlay_size(*image.shape[:2])
+    picture = inspection_overlay(resize_image(image, (height, width)),
+                                 resize_maps(inspection.anomaly_map[None], (height, width))[0], decisions.scale,
+                                 title, str(inspection.decision),
+                                 _scaled(inspection.regions or [], width / image.shape[1]), decisions.pixel)
+    files["overlays"] = png_bytes(picture)
+    files["thumbnails"] = thumbnail_jpeg(picture, side=256)
+    return Rendered(inspection.source, verdict_fields(inspection, model_id), files,
+                    inspection.seconds + time.perf_counter() - start)
+
+
+class ImageWriter:
+    """Writes rendered inspections' files under ``out`` (``maps/``, ``overlays/``, ``masks/``,
+    ``thumbnails/``) and gives their rows."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+
+    def write(self, name: str, rendered: Rendered) -> dict[str, Any]:
+        """Write ``rendered``'s files as ``<folder>/<name><suffix>``; its row (``path`` and the verdict),
+        naming them relative to ``out``."""
+        names = {folder: f"{folder}/{name}{FILE_SUFFIXES[folder]}" for folder in rendered.files}
+        for folder, data in rendered.files.items():
+            (self.out / folder).mkdir(parents=True, exist_ok=True)
+            write_atomic(self.out / names[folder], data)
+        return {"path": rendered.source, **rendered.row, "overlay": names["overlays"], "mask": names.get("masks"),
+                "map": names["maps"], "thumbnail": names["thumbnails"]}
+
+    def remove(self, row: dict[str, Any]) -> None:
+        """Delete the files a row names (its row was not committed)."""
+        for key in ("overlay", "mask", "map", "thumbnail"):
+            if row.get(key):
+                (self.out / row[key]).unlink(missing_ok=True)
