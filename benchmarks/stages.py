@@ -88,7 +88,8 @@ def main() -> None:
             rows.append(row)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     note = ("one thread; median of 5 after a warm-up; a textured RGB image, JPEG quality 90; decide = the map "
-            "resized to the image, thresholds and regions; render = annotated overlay PNG, mask PNG, thumbnail JPEG and raw-map .npy of one NG image; write = the driver "
+            "resized to the image, thresholds and regions; render = annotated overlay PNG, mask PNG, thumbnail JPEG "
+            "and raw-map .npy of one NG image; write = the driver "
             "writing them atomically to local disk")
     Path(args.out).write_text(json.dumps({"runs": rows, "machine": machine_info(RuntimeConfig()), "note": note},
                                          indent=2) + "\n")

@@ -15,8 +15,9 @@ from pathlib import Path
 from clipfusion.config import RuntimeConfig
 from clipfusion.data import MVTecDataset
 from clipfusion.data.synthetic import SyntheticSpec, generate
+from clipfusion.evaluation.sweep_units import SweepConfig
 from clipfusion.tasks.benchmark import machine_info, random_weight_preset
-from clipfusion.tasks.sweep import SweepConfig, run_sweep
+from clipfusion.tasks.sweep import run_sweep
 
 
 def main() -> None:

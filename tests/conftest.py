@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -123,3 +124,35 @@ def warnings_said(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixt
     caplog.set_level(logging.WARNING, logger="clipfusion")
     return lambda: [r.getMessage() for r in caplog.records
                     if r.name.startswith("clipfusion") and r.levelno >= logging.WARNING]
+
+
+@pytest.fixture(scope="session")
+def ray_address() -> Iterator[str]:
+    """One local Ray cluster for the session (2 CPUs, no dashboard, on 127.0.0.1 only); commands join it
+    with --ray-address."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray's loopback-only mode, read at its import
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    address = ray.get_runtime_context().gcs_address
+    assert address.startswith("127.0.0.1:")
+    yield address
+    ray.shutdown()
+
+
+# marker → what puts a test in it: the fixtures it uses, or its module
+LAYERS = {"ray": ({"ray_address"}, {"test_ray"}),
+          "service": ({"service"}, {"test_service", "test_service_faults", "test_operator_page"}),
+          "browser": ({"browser"}, {"test_operator_page"}),
+          "export": (set(), {"test_export"}),
+          "slow": (set(), {"test_compile", "test_frontends"})}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Each test gets the markers of the layers it exercises (pyproject.toml lists them)."""
+    for item in items:
+        fixtures, module = set(getattr(item, "fixturenames", ())), item.module.__name__.rpartition(".")[2] \
+            if getattr(item, "module", None) else ""
+        for marker, (by_fixture, by_module) in LAYERS.items():
+            if fixtures & by_fixture or module in by_module:
+                item.add_marker(getattr(pytest.mark, marker))

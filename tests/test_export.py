@@ -16,10 +16,10 @@ import pytest
 
 from clipfusion.config import MAP_NAMES, RuntimeConfig
 from clipfusion.errors import ClipfusionError
-from clipfusion.runtime.manifest import manifest_digest
 from clipfusion.export.writer import export_detector
 from clipfusion.methods.clipfusion.detector import CLIPFusion
 from clipfusion.runtime.exported import ExportedDetector
+from clipfusion.runtime.manifest import manifest_digest
 from clipfusion.service.settings import ServiceSettings
 
 from .commands import clipfusion_here, results

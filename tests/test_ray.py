@@ -21,10 +21,10 @@ import torch
 
 from clipfusion.data.base import read_rgb
 from clipfusion.hardware import BF16_SCORE_TOLERANCE
+from clipfusion.inspection.sources import read_sources
 from clipfusion.methods.clipfusion.detector import CLIPFusion
 from clipfusion.row_log import ParquetParts
 from clipfusion.tasks.inputs import collect_sources
-from clipfusion.inspection.sources import read_sources
 
 from .commands import clipfusion, clipfusion_here, results
 
@@ -41,20 +41,6 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 VOLATILE = ("seconds", "timestamp")  # what may differ between two runs of the same images
-
-
-@pytest.fixture(scope="session")
-def ray_address():
-    """One local Ray cluster for the session (2 CPUs, no dashboard, on 127.0.0.1 only); commands join it
-    with --ray-address."""
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # Ray's loopback-only mode, read at its import
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    address = ray.get_runtime_context().gcs_address
-    assert address.startswith("127.0.0.1:")
-    yield address
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -124,12 +110,12 @@ def test_predict_on_ray_writes_what_the_local_engine_writes(ray_address, cpu_kin
 
 
 def _actor_pids() -> list[int]:
-    """Processes of the scoring actors (Ray titles them after the callable class)."""
+    """Processes of the inspecting actors (Ray titles them after the callable class)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if b"ScoringActor" in (entry / "cmdline").read_bytes():
+                if b"InspectingActor" in (entry / "cmdline").read_bytes():
                     pids.append(int(entry.name))
             except OSError:  # the process ended meanwhile
                 continue

@@ -1,8 +1,10 @@
 """clipfusion: zero- and few-shot anomaly detection with CLIP and Stable Diffusion.
 
 The public API, imported on first use so that ``clipfusion --help`` does not load torch:
-``CLIPFusion``, ``WinCLIP``, ``Prediction``, ``get_preset``, ``load_dataset``,
-``EvaluationConfig``, ``EvaluationRunner``, and ``ExportedDetector`` (an export, without torch).
+``CLIPFusion``, ``WinCLIP``, ``Prediction``, ``get_preset``, ``RuntimeConfig``, ``load_dataset``,
+``EvaluationConfig``, ``EvaluationRunner``, ``ExportedDetector`` (an export, without torch), and the
+inspection core every front end uses: ``Inspector``, ``Inspection``, ``ModelFile``, ``Thresholds``,
+``Region``.
 """
 from __future__ import annotations
 
@@ -16,6 +18,12 @@ _PUBLIC = {
     "WinCLIP": "clipfusion.methods.winclip",
     "Prediction": "clipfusion.protocol",
     "get_preset": "clipfusion.config",
+    "RuntimeConfig": "clipfusion.config",
+    "Thresholds": "clipfusion.decisions",
+    "Region": "clipfusion.decisions",
+    "Inspector": "clipfusion.inspection",
+    "Inspection": "clipfusion.inspection",
+    "ModelFile": "clipfusion.inspection",
     "load_dataset": "clipfusion.data",
     "EvaluationConfig": "clipfusion.evaluation.runner",
     "EvaluationRunner": "clipfusion.evaluation.runner",

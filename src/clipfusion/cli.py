@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from clipfusion import __version__
+from clipfusion.command_examples import epilog
 from clipfusion.config import (
     BENCHMARK_METHODS,
     DATASET_NAMES,
@@ -28,107 +29,15 @@ from clipfusion.errors import ClipfusionError
 
 logger = logging.getLogger("clipfusion")
 
-EVALUATE_EXAMPLES = """\
-examples:
-  clipfusion evaluate --dataset mvtec --root ~/data/mvtec_anomaly_detection \
-      --shots 0 1 2 4 --seeds 0 1 2 --out runs/mvtec
-  clipfusion evaluate --dataset visa --root ~/data/VisA_20220922 --categories candle pcb1 --out runs/visa
-  clipfusion evaluate --dataset folder --root ~/data/my_part --shots 1 --eval-size native --out runs/mine
 
-Running the same command again skips the (category, shots, seed) units already in --out.
-"""
 
-PREDICT_EXAMPLES = """\
-examples:
-  clipfusion predict new_parts/ --model bottle.cfm                      # a model from `clipfusion fit`
-  clipfusion predict photos/ --category bottle                          # zero-shot, real weights
-  clipfusion predict photos/*.jpg --category bottle --normal good/ --shots 4 --threshold auto
-  clipfusion predict part.png --memory bottle-4shot.safetensors --category bottle --threshold 0.62
-  clipfusion predict photos/ --preset tiny --out /tmp/try                # offline smoke test (meaningless scores)
-  clipfusion predict new_parts/ --model bottle.cfm --resume               # after an interruption: the rest only
 
-Streams one row per image to results.jsonl and results.csv as it is scored (path, score, normalised
-score, OK/NG, threshold, regions with bounding boxes in the image's pixels, overlay/mask/map files,
-seconds, model id, time), and writes overlays/*.png (the image at its own size with the map on the
-model's fixed colour scale, region boxes, the verdict and a colour bar), masks/*.png (NG images),
-maps/*.npy (raw maps) and, at the end, index.html (sorted by score, filter OK/NG).
-"""
 
-EXPORT_EXAMPLES = """\
-examples:
-  clipfusion export --model bottle.cfm --out bottle-ov                    # OpenVINO IR (default)
-  clipfusion export --model bottle.cfm --format onnx --out bottle-onnx    # ONNX
-  clipfusion export --preset fast --category bottle --out bottle-zero-ov  # zero-shot, no thresholds
-  clipfusion predict new_parts/ --model bottle-ov --out inspection        # runs without torch
 
-The folder holds three graphs (CLIP image tower, VAE encoder, the UNet up to the last block the maps need)
-with the prompts, noise and memory bank as constants, and clipfusion-export.json (settings, thresholds,
-versions, a SHA-256 of every file).  Copy the whole folder to the inspection PC and install
-'clipfusion[runtime]' there (no torch): docs/deploy.md.
-"""
 
-FIT_EXAMPLES = """\
-examples:
-  clipfusion fit --normal good/ --category bottle --shots 4 --out bottle.cfm     # inspection model file
-  clipfusion predict new_parts/ --model bottle.cfm                                  # needs no other option
-  clipfusion fit --normal good/ --category bottle --shots 0 --out bottle-0shot.cfm  # zero-shot, thresholds only
-  clipfusion fit --normal good/ --category bottle --shots 4 --out bottle-4shot.safetensors  # bare memory bank
 
-A .cfm model file holds the settings, the references (names and SHA-256), the memory bank, and an image
-and a pixel threshold derived from the normal images of --normal that are not references (99% and
-99.9% quantiles of their scores and map values; the rule and count are recorded).
-"""
 
-CALIBRATE_EXAMPLES = """\
-examples:
-  clipfusion calibrate --model bottle.cfm --normal good/ --out bottle-here.cfm   # this machine's precision
-  clipfusion calibrate --model bottle.cfm --normal good/ --out bottle-fp32.cfm --dtype float32
 
-Derives the image and pixel thresholds again from the normal images of --normal that are not the model's
-references (recognised by content), in the precision this machine runs (--dtype auto: bfloat16 on CPUs
-with native bf16, float16 on CUDA, float32 elsewhere), and writes a new model file that records it.  Use it
-when a model fitted on another machine runs here in another precision (predict and serve say so).
-"""
-
-SWEEP_EXAMPLES = """\
-examples:
-  clipfusion sweep --dataset mvtec --root ~/data/mvtec_anomaly_detection --categories bottle screw carpet \\
-      --select-on bottle screw --grid fusion__alpha_seg=0.1,0.3,0.5,0.7,0.9 --grid diffusion__timestep=50,100,200 \\
-      --device cuda
-  clipfusion sweep --dataset mvtec --root data/synthetic --preset tiny --shots 1 \\
-      --grid patchclip__dense_mode=vv,window --grid 'fusion__maps=[["clip_visual"],["clip_visual","diff_visual"]]'
-
-Writes sweep.json (every row, the per-setting means, the best setting) and sweep.md.
-"""
-
-BENCHMARK_EXAMPLES = """\
-examples:
-  clipfusion benchmark --methods clipfusion winclip --presets paper-recon fast --images 4 --out bench
-  clipfusion benchmark --device cuda --dtype float16 --batch-size 1 8 32 --images 32 --out bench-gpu
-"""
-
-SERVE_EXAMPLES = """\
-examples:
-  clipfusion serve --model bottle.cfm                                  # http://127.0.0.1:8000 (operator page)
-  clipfusion serve --model bottle.cfm --model screw.cfm --port 8080 --data /var/lib/clipfusion
-  clipfusion serve --model bottle.cfm --db postgresql+psycopg://user:pw@db/inspections --api-key-file keys.txt
-  curl -F files=@part.png http://127.0.0.1:8000/v1/models/bottle/inspect
-
-Each model is served under its file name (bottle.cfm → /v1/models/bottle). The API is described at /docs.
-"""
-
-SYNTH_EXAMPLES = """\
-examples:
-  clipfusion synth --out data/synthetic
-  clipfusion synth --out data/synthetic-512 --size 512 --seed 1
-  clipfusion evaluate --dataset mvtec --root data/synthetic --preset tiny --shots 0 1
-"""
-
-DEMO_EXAMPLES = """\
-examples:
-  clipfusion demo                      # synthetic data in the user cache, report in ./clipfusion-demo
-  clipfusion demo --out /tmp/demo --quiet
-"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -293,34 +202,31 @@ def _params(args: argparse.Namespace, method: str, preset: str | None = None) ->
                            functools.partial(_runtime, args), args.batch_size)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
-        prog="clipfusion",
-        description="Zero- and few-shot visual anomaly detection with CLIP and Stable Diffusion (CLIPFusion).",
-    )
-    parser.add_argument("--version", action="version", version=f"clipfusion {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_demo(commands: Any) -> None:
     demo = _command(commands, "demo", "run the main job on the bundled synthetic data and write a report",
                     "Generate (or reuse) the synthetic demo dataset and evaluate on it, zero- and few-shot.",
-                    DEMO_EXAMPLES)
+                    epilog("demo"))
     demo.add_argument("--out", default="clipfusion-demo", help="output folder (default: %(default)s)")
     demo.add_argument("--data", default=None, help="where the synthetic data lives (default: user cache)")
     _add_run_options(demo, method=False)
     demo.set_defaults(preset="auto")
 
+
+def _add_evaluate(commands: Any) -> None:
     evaluate = _command(commands, "evaluate", "score a method on a dataset: categories × shots × seeds, resumable",
                         "Evaluate a detector on MVTec-AD, VisA, your own folder or a meta.json index and write "
                         "results.json, results.md, per_image.csv and report.html to --out.",
-                        EVALUATE_EXAMPLES)
+                        epilog("evaluate"))
     _add_dataset_options(evaluate, "runs/evaluate")
     _add_run_options(evaluate)
     _add_engine_options(evaluate, "each (category, shots, seed) unit is a Ray task")
 
+
+def _add_predict(commands: Any) -> None:
     predict = _command(commands, "predict", "score your own images: OK/NG, regions, overlays, results.csv, index.html",
                        "Score image files, folders (recursive) or glob patterns. Zero-shot by default; few-shot "
                        "with --normal DIR --shots k, or with a memory bank from `clipfusion fit` (--memory).",
-                       PREDICT_EXAMPLES)
+                       epilog("predict"))
     predict.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
     _add_reference_options(predict, required=False)
     predict.add_argument("--model", default=None, metavar="FILE.cfm|FOLDER",
@@ -347,18 +253,22 @@ def build_parser() -> argparse.ArgumentParser:
                                  "rows also as Parquet parts in parts/")
     predict.set_defaults(category=None, preset=None)  # None: not given (a model file then decides)
 
+
+def _add_fit(commands: Any) -> None:
     fit = _command(commands, "fit", "build a few-shot memory bank from normal images, for predict --memory",
                    "Draw k normal references from a folder and save CLIPFusion's memory bank (safetensors).",
-                   FIT_EXAMPLES)
+                   epilog("fit"))
     _add_reference_options(fit, required=True)
     fit.add_argument("--out", required=True,
                      help="model file to write (.cfm: settings, references, thresholds; for predict --model), or a "
                           "bare memory bank (.safetensors, for predict --memory)")
     _add_processing_options(fit)
 
+
+def _add_calibrate(commands: Any) -> None:
     calibrate = _command(commands, "calibrate", "derive a model file's thresholds again, in this machine's precision",
                          "Write a new model file with the thresholds of --model derived again from held-out normal "
-                         "images, in the precision this machine runs.", CALIBRATE_EXAMPLES)
+                         "images, in the precision this machine runs.", epilog("calibrate"))
     calibrate.add_argument("--model", required=True, metavar="FILE.cfm", help="model file from `clipfusion fit`")
     calibrate.add_argument("--normal", required=True, metavar="DIR",
                            help="normal images (the model's own references among them are left out)")
@@ -367,9 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_options(calibrate.add_argument_group("where the models run"))
     _add_common(calibrate)
 
+
+def _add_export(commands: Any) -> None:
     export = _command(commands, "export", "write a model as OpenVINO or ONNX graphs for the torch-free runtime",
                       "Export a model file (or a preset and category, zero-shot) to a folder that `clipfusion "
-                      "predict --model FOLDER` runs with OpenVINO Runtime, without torch.", EXPORT_EXAMPLES)
+                      "predict --model FOLDER` runs with OpenVINO Runtime, without torch.", epilog("export"))
     export.add_argument("--model", default=None, metavar="FILE.cfm", help="model file from `clipfusion fit`")
     export.add_argument("--preset", default=None, choices=PRESET_NAMES, metavar="PRESET",
                         help="without --model: a zero-shot export of this preset (no thresholds)")
@@ -388,10 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="how long the model hub may take to answer (default: %(default)s)")
     _add_common(export)
 
+
+def _add_sweep(commands: Any) -> None:
     sweep = _command(commands, "sweep", "grid-search CLIPFusion settings on a dataset (calibrates settings)",
                      "Score every combination of --grid values. Fusion-level settings (fusion__*) reuse the "
                      "encoder outputs and cost no extra model pass; others re-encode once per combination.",
-                     SWEEP_EXAMPLES)
+                     epilog("sweep"))
     _add_dataset_options(sweep, "runs/sweep")
     sweep.add_argument("--grid", action="append", required=True, metavar="GROUP__FIELD=V1,V2",
                        help="values to try for one setting (repeatable); JSON list for list values")
@@ -403,10 +317,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_processing_options(sweep)
     _add_engine_options(sweep, "each (encoder setting, category, shots, seed) model pass is a Ray task")
 
+
+def _add_benchmark(commands: Any) -> None:
     bench = _command(commands, "benchmark", "time CLIPFusion and WinCLIP side by side (full size, random weights)",
                      "Per-image time and per-stage split of each method, preset, shots and batch size, measured "
                      "in one run with random-weight models (speed does not depend on weights): benchmark.json "
-                     "and benchmark.md in --out.", BENCHMARK_EXAMPLES)
+                     "and benchmark.md in --out.", epilog("benchmark"))
     bench.add_argument("--methods", nargs="+", default=["clipfusion", "winclip"], choices=BENCHMARK_METHODS)
     bench.add_argument("--presets", nargs="+", default=["paper-recon", "fast"], choices=PRESET_NAMES)
     bench.add_argument("--shots", nargs="+", type=int, default=[0, 4])
@@ -422,10 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="runs/benchmark", help="output folder (default: %(default)s)")
     _add_common(bench)
 
+
+def _add_serve(commands: Any) -> None:
     serve = _command(commands, "serve", "the inspection service: REST API, operator page, inspection database",
                      "Serve model files (from `clipfusion fit`) over HTTP: POST images, get OK/NG, regions and "
                      "overlays; every inspection is kept in a database (SQLite in --data by default).",
-                     SERVE_EXAMPLES)
+                     epilog("serve"))
     serve.add_argument("--model", action="append", required=True, metavar="FILE.cfm|FOLDER", dest="models",
                        help="model file to serve, or a folder from `clipfusion export` (run without torch; "
                             "repeatable)")
@@ -459,13 +377,34 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_options(serve.add_argument_group("where the models run"))
     _add_common(serve)
 
+
+def _add_synth(commands: Any) -> None:
     synth = _command(commands, "synth", "write the synthetic dataset (MVTec layout, exact masks) to a folder",
                      "Generate the deterministic synthetic anomaly dataset used by the demo and the tests.",
-                     SYNTH_EXAMPLES)
+                     epilog("synth"))
     synth.add_argument("--out", required=True, help="folder to write")
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--size", type=int, default=256, help="image side in pixels (default: %(default)s)")
     _add_common(synth)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="clipfusion",
+        description="Zero- and few-shot visual anomaly detection with CLIP and Stable Diffusion (CLIPFusion).",
+    )
+    parser.add_argument("--version", action="version", version=f"clipfusion {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_demo(commands)
+    _add_evaluate(commands)
+    _add_predict(commands)
+    _add_fit(commands)
+    _add_calibrate(commands)
+    _add_export(commands)
+    _add_sweep(commands)
+    _add_benchmark(commands)
+    _add_serve(commands)
+    _add_synth(commands)
     return parser
 
 
@@ -632,8 +571,9 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
 def _cmd_sweep(args: argparse.Namespace) -> None:
     from clipfusion.data import load_dataset
+    from clipfusion.evaluation.sweep_units import SweepConfig
     from clipfusion.tasks.evaluate import parse_eval_size
-    from clipfusion.tasks.sweep import SweepConfig, parse_grid, run_sweep
+    from clipfusion.tasks.sweep import parse_grid, run_sweep
 
     dataset = load_dataset(args.dataset, Path(args.root).expanduser())
     config = SweepConfig(

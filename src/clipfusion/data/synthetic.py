@@ -10,6 +10,7 @@ does not depend on generation order and regenerating gives byte-identical files.
 """
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import zlib
@@ -23,6 +24,8 @@ from scipy import ndimage
 from skimage import draw
 from skimage.morphology import dilation, disk
 from tqdm.auto import tqdm
+
+from clipfusion.outputs import write_atomic
 
 GENERATOR_VERSION = 1
 MANIFEST = "synthetic.json"
@@ -336,8 +339,11 @@ def render(category: str, defect: str | None, size: int, rng: np.random.Generato
 
 
 def _save(array: np.ndarray, path: Path) -> None:
+    """A PNG written atomically: an interrupted generation never leaves a truncated image behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    write_atomic(path, buffer.getvalue())
 
 
 def generate(out: str | Path, spec: SyntheticSpec | None = None, progress: bool = True) -> Path:
@@ -360,7 +366,7 @@ def generate(out: str | Path, spec: SyntheticSpec | None = None, progress: bool 
         _save(image, out / category / split / (defect or "good") / f"{name}.png")
         if defect is not None:
             _save(mask.astype(np.uint8) * 255, out / category / "ground_truth" / defect / f"{name}_mask.png")
-    (out / MANIFEST).write_text(json.dumps(asdict(spec), indent=2))
+    write_atomic(out / MANIFEST, json.dumps(asdict(spec), indent=2))  # last: only a complete dataset has it
     return out
 
 

@@ -14,8 +14,8 @@ from clipfusion.distributed.cluster import RayOptions, connect
 from clipfusion.distributed.recipe import DetectorRecipe
 from clipfusion.distributed.tasks import run_tasks
 from clipfusion.evaluation.runner import EvaluationRunner
+from clipfusion.evaluation.sweep_units import SweepConfig, SweepTask, sweep_task
 from clipfusion.evaluation.units import SkippedFile
-from clipfusion.tasks.sweep import SweepConfig, SweepTask, sweep_task
 
 
 def _run_unit(runner: EvaluationRunner, category: str, shots: int, seed: int) -> dict[str, Any]:

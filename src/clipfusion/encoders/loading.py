@@ -28,6 +28,7 @@ from clipfusion.encoders.prepacking import prepack_convolutions
 from clipfusion.errors import ClipfusionError, WeightsNotFoundError
 from clipfusion.hardware import cpu_info, slow_on_cpu
 from clipfusion.notices import say_once
+from clipfusion.outputs import write_atomic
 
 if TYPE_CHECKING:  # diffusers and transformers load only when a model is built
     from diffusers import AutoencoderKL, AutoencoderTiny, UNet2DConditionModel
@@ -130,7 +131,9 @@ def _hub_file(repo_id: str, filenames: list[str], runtime: RuntimeConfig, local_
             raise missing_weights(display, runtime, local_hint, exc) from exc
         except EntryNotFoundError as exc:  # the hub answered that the repo has no such file: next name
             error = exc
-        except Exception as exc:  # no access, bad repo id...
+        # broad on purpose: the hub raises many types (no access, bad id, network, cache), and each one
+        # means the same to the user, missing weights, reported with the hub's own text
+        except Exception as exc:
             raise missing_weights(display, runtime, local_hint, exc) from exc
     raise missing_weights(display, runtime, local_hint, error or FileNotFoundError(repo_id))
 
@@ -172,7 +175,7 @@ def load_open_clip(
         try:
             name = "local-dir:" + snapshot_download(repo, cache_dir=runtime.cache_dir,
                                                     local_files_only=is_offline(runtime))
-        except Exception as exc:
+        except Exception as exc:  # broad on purpose, as above: any failure to fetch is reported with its text
             raise missing_weights(repo, runtime, hint, exc) from exc
         pretrained = None
     elif pretrained is not None and not Path(pretrained).expanduser().is_file():
@@ -237,11 +240,12 @@ def tiny_tokenizer_dir() -> str:
     vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
                "pad_token": "<|endoftext|>", "model_max_length": 77}
-    (folder / "tokenizer_config.json").write_text(json.dumps(special))
+    # atomically, the config last: two processes making it at once never leave (or read) a half-written file
+    write_atomic(folder / "vocab.json", json.dumps({token: i for i, token in enumerate(vocab)}))
+    write_atomic(folder / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
+    write_atomic(folder / "tokenizer_config.json", json.dumps(special))
     return str(folder)
 
 

@@ -16,7 +16,7 @@ import torch
 
 from clipfusion.config import MapDiffConfig, PromptConfig
 from clipfusion.encoders.diffusion import DiffusionEncoder, DiffusionOutput
-from clipfusion.geometry import grid_to_tokens, resize_grid
+from clipfusion.geometry import grid_to_tokens, resize_grid, tokens_to_grid
 from clipfusion.methods.memory import MemoryBank
 from clipfusion.timing import StageTimer
 
@@ -135,5 +135,6 @@ class MapDiff:
         maps = []
         for block, grid in features.items():
             distance = bank.distance(f"diffusion/up{block}", grid_to_tokens(grid), neighbours)
-            maps.append(resize_grid(distance.view(grid.shape[0], *grid.shape[-2:]), (height, width)))
+            on_grid = tokens_to_grid(distance[..., None], (grid.shape[-2], grid.shape[-1]))[:, 0]  # (B, h, w)
+            maps.append(resize_grid(on_grid, (height, width)))
         return torch.stack(maps).mean(dim=0)

@@ -97,7 +97,8 @@ class PatchClip:
             cols = np.array_split(np.arange(image.shape[1]), n)
             crops += [image[r[0]:r[-1] + 1, c[0]:c[-1] + 1] for r in rows for c in cols]
         embedded = self.encoder.encode_image(self.encoder.preprocess(crops), dense=False).global_embedding
-        return state_probability(embedded, prototypes, self.config.temperature).view(len(images), n, n)
+        probability = state_probability(embedded, prototypes, self.config.temperature)  # (B*n*n,), crops row-major
+        return tokens_to_grid(probability.reshape(len(images), n * n, 1), (n, n))[:, 0]
 
     def visual_map(self, visual_tokens: dict[int, torch.Tensor], bank: MemoryBank, neighbours: int = 1
                    ) -> torch.Tensor:

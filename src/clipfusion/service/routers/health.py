@@ -5,6 +5,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
 
 from clipfusion.service.dependencies import StateDep
 from clipfusion.service.errors import ServiceError
@@ -26,7 +27,7 @@ def readyz(state: StateDep) -> dict[str, str]:
     try:
         with state.engine.connect() as connection:
             connection.execute(text("SELECT 1"))
-    except Exception as exc:
+    except SQLAlchemyError as exc:  # every driver's connection error arrives wrapped as one
         raise ServiceError(503, "database_unreachable", f"the database does not answer: {type(exc).__name__}") from None
     return {"status": "ready"}
 

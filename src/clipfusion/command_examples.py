@@ -1,0 +1,156 @@
+"""The examples and notes under each command's ``--help``, in one table: the CLI formats them
+(:func:`epilog`), the docs quote them."""
+from __future__ import annotations
+
+import textwrap
+
+# command → ([(command line, what it does or "")], a note printed after them)
+EXAMPLES: dict[str, tuple[list[tuple[str, str]], str]] = {
+    "evaluate": (
+        [
+            ("clipfusion evaluate --dataset mvtec --root ~/data/mvtec_anomaly_detection \\\n    --shots 0 1 2 4 "
+             "--seeds 0 1 2 --out runs/mvtec",
+             ""),
+            ("clipfusion evaluate --dataset visa --root ~/data/VisA_20220922 --categories candle pcb1 --out "
+             "runs/visa",
+             ""),
+            ("clipfusion evaluate --dataset folder --root ~/data/my_part --shots 1 --eval-size native --out "
+             "runs/mine",
+             ""),
+        ],
+        'Running the same command again skips the (category, shots, seed) units already in --out.',
+    ),
+    "predict": (
+        [
+            ("clipfusion predict new_parts/ --model bottle.cfm",
+             "a model from `clipfusion fit`"),
+            ("clipfusion predict photos/ --category bottle",
+             "zero-shot, real weights"),
+            ("clipfusion predict photos/*.jpg --category bottle --normal good/ --shots 4 --threshold auto",
+             ""),
+            ("clipfusion predict part.png --memory bottle-4shot.safetensors --category bottle --threshold 0.62",
+             ""),
+            ("clipfusion predict photos/ --preset tiny --out /tmp/try",
+             "offline smoke test (meaningless scores)"),
+            ("clipfusion predict new_parts/ --model bottle.cfm --resume",
+             "after an interruption: the rest only"),
+        ],
+        'Streams one row per image to results.jsonl and results.csv as it is scored (path, score, normalised '
+        "score, OK/NG, threshold, regions with bounding boxes in the image's pixels, overlay/mask/map files, "
+        'seconds, model id, time), and writes overlays/*.png (the image at its own size with the map on the '
+        "model's fixed colour scale, region boxes, the verdict and a colour bar), masks/*.png (NG images), "
+        'maps/*.npy (raw maps) and, at the end, index.html (sorted by score, filter OK/NG).',
+    ),
+    "export": (
+        [
+            ("clipfusion export --model bottle.cfm --out bottle-ov",
+             "OpenVINO IR (default)"),
+            ("clipfusion export --model bottle.cfm --format onnx --out bottle-onnx",
+             "ONNX"),
+            ("clipfusion export --preset fast --category bottle --out bottle-zero-ov",
+             "zero-shot, no thresholds"),
+            ("clipfusion predict new_parts/ --model bottle-ov --out inspection",
+             "runs without torch"),
+        ],
+        'The folder holds three graphs (CLIP image tower, VAE encoder, the UNet up to the last block the maps '
+        'need) with the prompts, noise and memory bank as constants, and clipfusion-export.json (settings, '
+        'thresholds, versions, a SHA-256 of every file). Copy the whole folder to the inspection PC and install '
+        "'clipfusion[runtime]' there (no torch): docs/deploy.md.",
+    ),
+    "fit": (
+        [
+            ("clipfusion fit --normal good/ --category bottle --shots 4 --out bottle.cfm",
+             "inspection model file"),
+            ("clipfusion predict new_parts/ --model bottle.cfm",
+             "needs no other option"),
+            ("clipfusion fit --normal good/ --category bottle --shots 0 --out bottle-0shot.cfm",
+             "zero-shot, thresholds only"),
+            ("clipfusion fit --normal good/ --category bottle --shots 4 --out bottle-4shot.safetensors",
+             "bare memory bank"),
+        ],
+        'A .cfm model file holds the settings, the references (names and SHA-256), the memory bank, and an image '
+        'and a pixel threshold derived from the normal images of --normal that are not references (99% and 99.9% '
+        'quantiles of their scores and map values; the rule and count are recorded).',
+    ),
+    "calibrate": (
+        [
+            ('clipfusion calibrate --model bottle.cfm --normal good/ --out bottle-here.cfm',
+             "this machine's precision"),
+            ("clipfusion calibrate --model bottle.cfm --normal good/ --out bottle-fp32.cfm --dtype float32",
+             ""),
+        ],
+        "Derives the image and pixel thresholds again from the normal images of --normal that are not the model's "
+        'references (recognised by content), in the precision this machine runs (--dtype auto: bfloat16 on CPUs '
+        'with native bf16, float16 on CUDA, float32 elsewhere), and writes a new model file that records it. Use '
+        'it when a model fitted on another machine runs here in another precision (predict and serve say so).',
+    ),
+    "sweep": (
+        [
+            ("clipfusion sweep --dataset mvtec --root ~/data/mvtec_anomaly_detection --categories bottle screw "
+             "carpet \\\\\n    --select-on bottle screw --grid fusion__alpha_seg=0.1,0.3,0.5,0.7,0.9 --grid "
+             "diffusion__timestep=50,100,200 \\\\\n    --device cuda",
+             ""),
+            ('clipfusion sweep --dataset mvtec --root data/synthetic --preset tiny --shots 1 \\\\\n    --grid '
+             'patchclip__dense_mode=vv,window --grid '
+             '\'fusion__maps=[["clip_visual"],["clip_visual","diff_visual"]]\'',
+             ''),
+        ],
+        'Writes sweep.json (every row, the per-setting means, the best setting) and sweep.md.',
+    ),
+    "benchmark": (
+        [
+            ("clipfusion benchmark --methods clipfusion winclip --presets paper-recon fast --images 4 --out bench",
+             ""),
+            ("clipfusion benchmark --device cuda --dtype float16 --batch-size 1 8 32 --images 32 --out bench-gpu",
+             ""),
+        ],
+        '',
+    ),
+    "serve": (
+        [
+            ("clipfusion serve --model bottle.cfm",
+             "http://127.0.0.1:8000 (operator page)"),
+            ("clipfusion serve --model bottle.cfm --model screw.cfm --port 8080 --data /var/lib/clipfusion",
+             ""),
+            ("clipfusion serve --model bottle.cfm --db postgresql+psycopg://user:pw@db/inspections --api-key-file "
+             "keys.txt",
+             ""),
+            ("curl -F files=@part.png http://127.0.0.1:8000/v1/models/bottle/inspect",
+             ""),
+        ],
+        'Each model is served under its file name (bottle.cfm → /v1/models/bottle). The API is described at /docs.',
+    ),
+    "synth": (
+        [
+            ("clipfusion synth --out data/synthetic",
+             ""),
+            ("clipfusion synth --out data/synthetic-512 --size 512 --seed 1",
+             ""),
+            ("clipfusion evaluate --dataset mvtec --root data/synthetic --preset tiny --shots 0 1",
+             ""),
+        ],
+        '',
+    ),
+    "demo": (
+        [
+            ("clipfusion demo",
+             "synthetic data in the user cache, report in ./clipfusion-demo"),
+            ("clipfusion demo --out /tmp/demo --quiet",
+             ""),
+        ],
+        '',
+    ),
+}
+
+
+def epilog(command: str) -> str:
+    """The ``--help`` epilog of ``command``: its examples (their comments aligned), then its note, wrapped."""
+    rows, note = EXAMPLES[command]
+    width = max((len(line.splitlines()[-1]) for line, comment in rows if comment), default=0)
+    lines = ["examples:"]
+    for line, comment in rows:
+        text = "\n".join("  " + part for part in line.splitlines())
+        if comment:
+            text += " " * (width - len(line.splitlines()[-1]) + 2) + "# " + comment
+        lines.append(text)
+    return "\n".join(lines) + ("\n\n" + textwrap.fill(note, 100) + "\n" if note else "\n")
