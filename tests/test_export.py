@@ -295,3 +295,36 @@ def test_clipfusion_serve_serves_an_export_folder_over_http(exported_model, sour
     expected = CLIPFusion.load(source_model, FLOAT32).predict([str(image)], "disc")
     assert abs(inspection["score"] - float(expected.scores[0])) < 1e-4
     assert inspection["decision"] == expected.labels()[0]
+
+
+def test_the_torch_free_runtime_runs_only_a_signed_export_with_trusted_keys(exported_model, synthetic_root,
+                                                                            tmp_path):
+    """``sign`` an export folder, then ``predict --trusted-keys`` in .venv-runtime (no torch): its rows name
+    the key; the same export unsigned, or signed and then edited, is refused in one line."""
+    export = tmp_path / "disc-ov"
+    shutil.copytree(exported_model, export)
+    assert clipfusion_here("keygen", "--out", str(tmp_path / "quality.key")).returncode == 0
+    (tmp_path / "trusted").mkdir()
+    shutil.copy(tmp_path / "quality.pub", tmp_path / "trusted")
+    done = clipfusion_here("sign", str(export), "--key", str(tmp_path / "quality.key"))
+    assert done.returncode == 0 and (export / "clipfusion-export.sig").is_file(), done.stderr
+    key = json.loads((export / "clipfusion-export.sig").read_text())["key_id"]
+
+    def runtime_predict(model: Path, out: str) -> subprocess.CompletedProcess:
+        return subprocess.run([RUNTIME_VENV / "bin" / "clipfusion", "predict", str(synthetic_root / "disc" / "test"),
+                               "--model", str(model), "--trusted-keys", str(tmp_path / "trusted"), "--out",
+                               str(tmp_path / out), "--quiet"], capture_output=True, text=True, timeout=300)
+
+    run = runtime_predict(export, "signed")
+    assert run.returncode == 0, run.stderr
+    assert {row["signer"] for row in results(tmp_path / "signed")} == {key}
+    unsigned = tmp_path / "unsigned-ov"
+    shutil.copytree(exported_model, unsigned)
+    refused = runtime_predict(unsigned, "unsigned")
+    assert refused.returncode == 2 and "is not signed" in refused.stderr and "Traceback" not in refused.stderr
+    manifest = json.loads((export / "clipfusion-export.json").read_text())
+    manifest["preset"] = "fast"  # an edit after signing: the manifest's identity changes
+    (export / "clipfusion-export.json").write_text(json.dumps(manifest))
+    edited = runtime_predict(export, "edited")
+    assert edited.returncode == 2 and "signs another version" in edited.stderr
+    assert not (tmp_path / "edited").exists() and not (tmp_path / "unsigned").exists()

@@ -58,6 +58,21 @@ def _positive(text: str) -> int:
     return value
 
 
+def _add_trust_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trusted-keys", default=None, metavar="DIR",
+                        help="use only models signed by a key in DIR (*.pub from `clipfusion keygen`; revoked.txt "
+                             "lists key ids no longer accepted); docs/deploy.md#signed-models")
+
+
+def _trusted(args: argparse.Namespace) -> Any:
+    """The keys of ``--trusted-keys`` (None when not given)."""
+    if getattr(args, "trusted_keys", None) is None:
+        return None
+    from clipfusion.signing import TrustedKeys
+
+    return TrustedKeys.read(args.trusted_keys)
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars, only warnings and errors")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of errors")
@@ -141,7 +156,7 @@ def _recipe(method: str, params: dict[str, Any], model: Any = None) -> Any:
 
     if model is None:
         return DetectorRecipe(method, params)
-    return DetectorRecipe(method, params, str(model.path), model.recorded_dtype)
+    return DetectorRecipe(method, params, str(model.path), model.recorded_dtype, model.sha256)
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -234,6 +249,7 @@ def _add_predict(commands: Any) -> None:
                               "thresholds come from it, so it needs no other option; or a folder written by "
                               "`clipfusion export`, run by OpenVINO Runtime without torch")
     predict.add_argument("--memory", default=None, metavar="FILE", help="memory bank written by `clipfusion fit`")
+    _add_trust_option(predict)
     predict.add_argument("--threshold", default=None, metavar="VALUE|auto",
                          help="image score above which an image is flagged; 'auto' derives it from the normal "
                               "images of --normal not used as references")
@@ -263,6 +279,27 @@ def _add_fit(commands: Any) -> None:
                      help="model file to write (.cfm: settings, references, thresholds; for predict --model), or a "
                           "bare memory bank (.safetensors, for predict --memory)")
     _add_processing_options(fit)
+
+
+def _add_signing(commands: Any) -> None:
+    keygen = _command(commands, "keygen", "make an Ed25519 key pair to sign model files and exports",
+                      "Write a private key (PEM, readable by you only) and its public key (.pub) beside it.",
+                      epilog("keygen"))
+    keygen.add_argument("--out", required=True, metavar="FILE.key", help="the private key to write (never "
+                                                                          "overwritten); the .pub goes beside it")
+    _add_common(keygen)
+    sign = _command(commands, "sign", "sign a model file or an export with your private key",
+                    "Write the model's signature beside it (X.cfm.sig; clipfusion-export.sig in an export).",
+                    epilog("sign"))
+    sign.add_argument("model", metavar="MODEL", help="a model file (.cfm) or an export folder")
+    sign.add_argument("--key", required=True, metavar="FILE.key", help="the private key from `clipfusion keygen`")
+    _add_common(sign)
+    verify = _command(commands, "verify", "check that a model is intact and signed by a trusted key",
+                      "Check the model's contents and its signature against the trusted keys; exit 0 when both "
+                      "hold, 2 (one line saying why) otherwise.", epilog("verify"))
+    verify.add_argument("model", metavar="MODEL", help="a model file (.cfm) or an export folder")
+    verify.add_argument("--trusted-keys", required=True, metavar="DIR", help="folder of approved public keys (*.pub)")
+    _add_common(verify)
 
 
 def _add_calibrate(commands: Any) -> None:
@@ -347,6 +384,7 @@ def _add_serve(commands: Any) -> None:
     serve.add_argument("--model", action="append", required=True, metavar="FILE.cfm|FOLDER", dest="models",
                        help="model file to serve, or a folder from `clipfusion export` (run without torch; "
                             "repeatable)")
+    _add_trust_option(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this "
                                                            "machine only; 0.0.0.0 for the network)")
     serve.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
@@ -400,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(commands)
     _add_fit(commands)
     _add_calibrate(commands)
+    _add_signing(commands)
     _add_export(commands)
     _add_sweep(commands)
     _add_benchmark(commands)
@@ -524,7 +563,7 @@ def _open_model(args: argparse.Namespace) -> Any:
     category and preset then come from it."""
     from clipfusion.inspection import ModelFile
 
-    model = ModelFile.open(args.model)
+    model = ModelFile.open(args.model, _trusted(args))
     model.check_options({"--memory": args.memory, "--normal": args.normal, "--shots": args.shots,
                          "--set/--alpha/--sigma/--timestep/--dense-mode": _overrides(args)},
                         args.method, args.category, args.preset)
@@ -539,6 +578,8 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     from clipfusion.tasks.predict import Engine, PredictJob, plan_predict, run_predict
 
     _refuse_torch_options_for_exports(args)
+    if args.trusted_keys and not args.model:
+        raise ClipfusionError("--trusted-keys checks the signature of --model: give the signed model file or export")
     model = _open_model(args) if args.model else None
     if model is None:
         args.category, args.preset = args.category or DEFAULT_CATEGORY, args.preset or "paper-recon"
@@ -614,6 +655,12 @@ def _cmd_serve(args: argparse.Namespace) -> None:
             raise ClipfusionError(f"--model {model} is neither a model file nor an export folder; write one with "
                                   f"`clipfusion fit --out {model}` or `clipfusion export --out {model}`")
     _refuse_torch_options_for_exports(args)
+    trusted = _trusted(args)
+    if trusted is not None:  # before the service starts: a model nobody approved is one line, exit 2
+        from clipfusion.inspection import ModelFile
+
+        for model in args.models:
+            ModelFile.open(model, trusted)
     try:
         import uvicorn
 
@@ -629,10 +676,34 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         max_queue=args.max_queue, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
         min_area=args.min_area, api_keys=read_api_keys(args.api_key_file),
         store_images=Path(args.store_images) if args.store_images else None,
-        learn=args.learn, keep_days=args.keep_days)
+        learn=args.learn, keep_days=args.keep_days, trusted_keys=trusted)
     print(f"clipfusion serve: http://{args.host}:{args.port}/ (API at /docs), data in {Path(args.data).resolve()}",
           flush=True)
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+
+
+def _cmd_keygen(args: argparse.Namespace) -> None:
+    from clipfusion.signing import generate_key
+
+    private, public, key = generate_key(Path(args.out))
+    print(f"wrote {private} (private: keep it to yourself) and {public} (key id {key}: copy it into the "
+          "--trusted-keys folder of every inspection PC)")
+
+
+def _cmd_sign(args: argparse.Namespace) -> None:
+    from clipfusion.inspection import ModelFile
+    from clipfusion.signing import sign
+
+    model = ModelFile.open(args.model)  # only an intact model is signed
+    path, key = sign(model.path, model.sha256, Path(args.key))
+    print(f"signed {model.short_id} with key {key}: {path}")
+
+
+def _cmd_verify(args: argparse.Namespace) -> None:
+    from clipfusion.inspection import ModelFile
+
+    model = ModelFile.open(args.model, _trusted(args))
+    print(f"{model.short_id}: intact, signed by trusted key {model.signer}")
 
 
 def _cmd_synth(args: argparse.Namespace) -> None:
@@ -662,6 +733,7 @@ INTERRUPTED = {
     "and results.csv; add --resume to the same command to score the rest",
     "fit": "no memory bank was written", "benchmark": "nothing was written",
     "calibrate": "no model file was written",
+    "keygen": "no key was written", "sign": "no signature was written", "verify": "nothing was checked",
     "export": "the folder holds no complete export; run it again",
     "synth": "the dataset is incomplete; run it again",
     "serve": "stopped",
@@ -693,7 +765,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_output(args.quiet)
     commands = {"demo": _cmd_demo, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "fit": _cmd_fit,
-                "calibrate": _cmd_calibrate, "export": _cmd_export,
+                "calibrate": _cmd_calibrate, "export": _cmd_export, "keygen": _cmd_keygen, "sign": _cmd_sign,
+                "verify": _cmd_verify,
                 "sweep": _cmd_sweep, "benchmark": _cmd_benchmark, "synth": _cmd_synth, "serve": _cmd_serve}
     try:
         from tqdm.contrib.logging import logging_redirect_tqdm

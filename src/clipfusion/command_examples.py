@@ -140,6 +140,24 @@ EXAMPLES: dict[str, tuple[list[tuple[str, str]], str]] = {
         ],
         '',
     ),
+    "keygen": (
+        [("clipfusion keygen --out ~/keys/quality.key", "writes quality.key and quality.pub"),
+         ("cp ~/keys/quality.pub /etc/clipfusion/trusted/", "on every inspection PC")],
+        "Keep the private key off the inspection PCs; they need only the .pub.",
+    ),
+    "sign": (
+        [("clipfusion sign bottle.cfm --key ~/keys/quality.key", "writes bottle.cfm.sig"),
+         ("clipfusion sign bottle-ov --key ~/keys/quality.key", "an export: bottle-ov/clipfusion-export.sig")],
+        "The signature covers every byte the model is read from (the model file, or the export's manifest with "
+        "its checksum of every file); copy it with the model.",
+    ),
+    "verify": (
+        [("clipfusion verify bottle.cfm --trusted-keys /etc/clipfusion/trusted", ""),
+         ("clipfusion predict parts/ --model bottle.cfm --trusted-keys /etc/clipfusion/trusted",
+          "refuses an unsigned model")],
+        "A missing, foreign, revoked (revoked.txt in the folder) or forged signature, or a model changed after "
+        "signing, exits 2 with one line saying which.",
+    ),
 }
 
 

@@ -53,7 +53,7 @@ class InspectingActor:
 
 def _render(row: dict[str, Any], settings: InspectionSettings) -> dict[str, Any]:
     outcomes: list[Outcome] = [(item.source, str(item.error)) if not item.ok else
-                               render(item, settings.decisions, settings.model_id)
+                               render(item, settings.decisions, settings.model_id, settings.signer)
                                for item in pickle.loads(row["payload"])]
     return {"batch": row["batch"], "payload": pickle.dumps(outcomes, protocol=5)}
 

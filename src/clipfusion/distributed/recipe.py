@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from clipfusion.errors import ClipfusionError
 from clipfusion.protocol import Detector
 
 
@@ -18,6 +19,7 @@ class DetectorRecipe:
     params: dict[str, Any]
     model: str | None = None
     recorded_dtype: str | None = None  # the precision the model file's thresholds were derived in
+    sha256: str | None = None  # the model file the driver opened (and verified): a worker refuses another
 
     def precision(self) -> str | None:
         """The dtype a worker with this machine's hardware runs in (None: a method without models), for
@@ -28,9 +30,16 @@ class DetectorRecipe:
         return str(runtime.resolved(self.recorded_dtype)[0].dtype)
 
     def build(self) -> Detector:
+        from clipfusion.inspection import ModelFile
         from clipfusion.methods.clipfusion.detector import CLIPFusion
         from clipfusion.methods.registry import make_detector_factory
 
         if self.model is not None:
-            return CLIPFusion.load(self.model, self.params.get("runtime"), self.params.get("batch_size", 8))
+            model = ModelFile.open(self.model)
+            if self.sha256 is not None and model.sha256 != self.sha256:
+                raise ClipfusionError(f"model file {self.model} on this worker is not the one the driver opened "
+                                      f"({model.sha256[:12]} here, {self.sha256[:12]} there); give every worker "
+                                      "the same file")
+            return CLIPFusion.load(model.path, self.params.get("runtime"), self.params.get("batch_size", 8),
+                                   card=model.card)
         return make_detector_factory(self.method, **self.params)()

@@ -72,6 +72,7 @@ class InspectionSettings:
     model_id: str | None = None
     min_area: int = 16
     max_pixels: int = MAX_PIXELS
+    signer: str | None = None  # the trusted key that signed the model, named in every row
 
     def inspector(self, detector: Detector) -> Inspector:
         return Inspector(detector, self.decisions, self.category, self.model_id, self.min_area, self.max_pixels)

@@ -17,6 +17,7 @@ from clipfusion.errors import ClipfusionError
 from clipfusion.methods.clipfusion.model_file import ModelCard, read_model_file
 from clipfusion.outputs import file_sha256
 from clipfusion.runtime.manifest import MANIFEST, ExportManifest, is_export, read_manifest
+from clipfusion.signing import TrustedKeys, verify
 
 if TYPE_CHECKING:
     from clipfusion.methods.clipfusion.detector import CLIPFusion
@@ -27,26 +28,38 @@ if TYPE_CHECKING:
 class ModelFile:
     """One opened model.  ``card``: the model file's card, or an export's (None for a zero-shot export,
     which has no thresholds); ``manifest``: an export's manifest (None for a model file); ``sha256``:
-    the model's identity (the file's SHA-256, or the manifest's, which holds every file's)."""
+    the model's identity (the file's SHA-256, or the manifest's, which holds every file's); ``signer``:
+    the id of the trusted key whose signature was verified (None: no trusted keys were asked for)."""
 
     path: Path
     card: ModelCard | None
     manifest: ExportManifest | None
     sha256: str
+    signer: str | None = None
 
     @classmethod
-    def open(cls, path: str | Path) -> ModelFile:
+    def open(cls, path: str | Path, trusted: TrustedKeys | None = None) -> ModelFile:
         """Read and check the model at ``path`` (a one-line error for anything but an intact model file
-        or export folder)."""
+        or export folder); with ``trusted`` keys, also its signature, before anything else is read."""
         path = Path(path)
         if is_export(path):
+            sha256 = file_sha256(path / MANIFEST)
+            signer = None if trusted is None else verify(path, sha256, trusted)
             manifest = read_manifest(path)
-            return cls(path, manifest.card, manifest, file_sha256(path / MANIFEST))
+            if file_sha256(path / MANIFEST) != sha256:  # replaced between the two reads
+                raise ClipfusionError(f"export {path} changed while it was read; try again")
+            return cls(path, manifest.card, manifest, sha256, signer)
         if path.is_dir():
             raise ClipfusionError(f"{path} is a folder but not a clipfusion export; give a model file (.cfm) from "
                                   "`clipfusion fit`, or a folder from `clipfusion export`")
+        signer, signed = None, None
+        if trusted is not None and path.is_file():  # a model nobody approved is not even parsed
+            signed = file_sha256(path)
+            signer = verify(path, signed, trusted)
         card, sha256 = read_model_file(path)
-        return cls(path, card, None, sha256)
+        if signed not in (None, sha256):
+            raise ClipfusionError(f"model file {path} changed while it was read; try again")
+        return cls(path, card, None, sha256, signer)
 
     @property
     def is_export(self) -> bool:

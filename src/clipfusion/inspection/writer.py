@@ -30,7 +30,7 @@ FILE_SUFFIXES = {"maps": ".npy", "overlays": ".png", "masks": ".png", "thumbnail
 OVERLAY_MAX_SIDE = 2048
 # A row of predict's results (and, less the file names, of the service's inspections).
 ROW_FIELDS = ("path", "score", "normalised_score", "decision", "threshold", "regions", "overlay", "mask", "map",
-              "thumbnail", "seconds", "model_id", "precision", "timestamp")
+              "thumbnail", "seconds", "model_id", "signer", "precision", "timestamp")
 
 
 @dataclass
@@ -61,16 +61,18 @@ def _scaled(regions: Sequence[Region], factor: float) -> list[Region]:
                    max(1, round(r.height * factor)), r.area, r.peak) for r in regions]
 
 
-def verdict_fields(inspection: Inspection, model_id: str | None) -> dict[str, Any]:
-    """The row fields of a verdict (no file names, no time): what every front end reports alike."""
+def verdict_fields(inspection: Inspection, model_id: str | None, signer: str | None = None) -> dict[str, Any]:
+    """The row fields of a verdict (no file names, no time): what every front end reports alike.
+    ``signer``: the id of the trusted key that signed the model (None: not checked)."""
     normalised = inspection.normalised_score
     return {"score": inspection.score, "normalised_score": None if normalised is None else round(normalised, 6),
             "decision": inspection.decision, "threshold": inspection.threshold,
             "regions": None if inspection.regions is None else [asdict(r) for r in inspection.regions],
-            "model_id": model_id, "precision": inspection.precision}
+            "model_id": model_id, "signer": signer, "precision": inspection.precision}
 
 
-def render(inspection: Inspection, decisions: Decisions, model_id: str | None = None) -> Rendered:
+def render(inspection: Inspection, decisions: Decisions, model_id: str | None = None, signer: str | None = None
+           ) -> Rendered:
     """The row fields and file bytes of a scored inspection (no file is written); ``decisions`` gives
     the overlay's colour scale and the pixel threshold drawn."""
     assert inspection.ok and inspection.image is not None and inspection.anomaly_map is not None
@@ -90,7 +92,7 @@ def render(inspection: Inspection, decisions: Decisions, model_id: str | None = 
                                  _scaled(inspection.regions or [], width / image.shape[1]), decisions.pixel)
     files["overlays"] = png_bytes(picture)
     files["thumbnails"] = thumbnail_jpeg(picture, side=256)
-    return Rendered(inspection.source, verdict_fields(inspection, model_id), files,
+    return Rendered(inspection.source, verdict_fields(inspection, model_id, signer), files,
                     inspection.seconds + time.perf_counter() - start)
 
 

@@ -53,7 +53,7 @@ class ServedModel:
     def use(self, model: ModelFile | Path) -> None:
         """Serve ``model`` (opened, or a path) from now on (start-up, learning, rollback).  Call it from
         the model's own thread only, so that no batch sees half of a swap."""
-        model = model if isinstance(model, ModelFile) else ModelFile.open(model)
+        model = model if isinstance(model, ModelFile) else ModelFile.open(model, self.settings.trusted_keys)
         if model.card is None:
             raise ClipfusionError(f"--model {model.path} is an export without thresholds; export a model file "
                                   "(`clipfusion export --model X.cfm`) to serve it")
@@ -99,7 +99,8 @@ class ServedModel:
                                                        "finite number"))
                         continue
                     identifier = uuid.uuid4().hex
-                    row = self.files.write(identifier, render(inspection, self.inspector.decisions, self.sha256))
+                    row = self.files.write(identifier, render(inspection, self.inspector.decisions, self.sha256,
+                                                              self.model.signer))
                     written.append(row)
                     session.add(self._row(identifier, upload, inspection, row))
                     outcomes.append(identifier)

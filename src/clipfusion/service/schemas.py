@@ -105,6 +105,8 @@ class ModelOut(BaseModel):
     version: str = Field(description="clipfusion version that wrote the model file")
     precision: str = Field(description="the dtype the model runs in here (float32, bfloat16, float16)")
     thresholds_precision: str = Field(description="the dtype its thresholds were derived in (the model file's)")
+    signer: str | None = Field(None, description="the id of the trusted key whose signature of this model was "
+                                                 "verified (--trusted-keys); null when signatures are not checked")
     sha256: str
     created: str
     queue_depth: int

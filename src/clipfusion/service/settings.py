@@ -8,6 +8,7 @@ from clipfusion.config import RuntimeConfig
 from clipfusion.data.base import MAX_PIXELS
 from clipfusion.errors import ClipfusionError
 from clipfusion.runtime.manifest import is_export
+from clipfusion.signing import TrustedKeys
 
 
 @dataclass(frozen=True)
@@ -18,7 +19,8 @@ class ServiceSettings:
     max_batch / max_wait_ms: dynamic batching; max_queue: images waiting per model before 503.
     api_keys: accepted keys (empty: no authentication).  learn: confirmed false alarms join the
     model's memory bank.  store_images: a folder to keep each uploaded file in (with --learn, uploads are
-    kept in ``data_dir/files/images`` when it is not given); keep_days: for so many days."""
+    kept in ``data_dir/files/images`` when it is not given); keep_days: for so many days.
+    trusted_keys: only models signed by one of these keys are served (None: signatures not checked)."""
 
     models: tuple[Path, ...]
     data_dir: Path = Path("clipfusion-serve")
@@ -35,6 +37,7 @@ class ServiceSettings:
     learn: bool = False
     store_images: Path | None = None
     keep_days: float | None = None  # stored uploads older than this are deleted (None: kept)
+    trusted_keys: TrustedKeys | None = None
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -46,6 +49,9 @@ class ServiceSettings:
         if self.learn and exports:
             raise ClipfusionError(f"--learn adds references to a model file; {', '.join(exports)} is an export, "
                                   "which is fixed: serve its .cfm model file with --learn, or drop --learn")
+        if self.learn and self.trusted_keys is not None:
+            raise ClipfusionError("--learn writes new model versions that no trusted key has signed, and "
+                                  "--trusted-keys serves only signed models: drop one of them")
         if self.max_batch < 1 or self.max_queue < 1 or self.max_wait_ms < 0 or self.max_upload_bytes < 1:
             raise ClipfusionError("--max-batch, --max-queue and --max-upload-mb must be >= 1, --max-wait-ms >= 0")
 

@@ -43,7 +43,8 @@ class ServiceState:
         self.sessions = session_factory(self.engine)
         for path in self.settings.models:
             name = model_name(path)
-            model = ServedModel(name, self._version_to_serve(name, ModelFile.open(path)), self.settings, self.sessions,
+            opened = ModelFile.open(path, self.settings.trusted_keys)
+            model = ServedModel(name, self._version_to_serve(name, opened), self.settings, self.sessions,
                                 self.metrics.model_seconds.labels(name).observe)
             self.models[name] = model
             logger.info("serving %s (%s, %s) from %s", name, model.category, model.model.preset, model.path)

@@ -49,8 +49,8 @@ Scorer = Callable[[Sequence[Sequence[str]]], Iterator[list[Outcome]]]
 
 def render_all(inspections: Sequence[Inspection], settings: InspectionSettings) -> list[Outcome]:
     """Each inspection's row and files (:func:`clipfusion.inspection.writer.render`), or (source, error)."""
-    return [(item.source, str(item.error)) if not item.ok else render(item, settings.decisions, settings.model_id)
-            for item in inspections]
+    return [(item.source, str(item.error)) if not item.ok else
+            render(item, settings.decisions, settings.model_id, settings.signer) for item in inspections]
 
 
 def local_scorer(detector: Detector, settings: InspectionSettings) -> Scorer:
@@ -259,7 +259,8 @@ def run_predict(job: PredictJob, plan: PredictPlan, detector: Detector | None, e
     identity = {"model_id": model_id, "method": job.method, "preset": job.preset, "category": job.category,
                 "image_threshold": decisions.image, "pixel_threshold": decisions.pixel,
                 "scale": list(decisions.scale), "min_area": job.min_area, "precision": engine.precision}
-    settings = InspectionSettings(decisions, job.category, model_id, job.min_area, job.max_pixels)
+    settings = InspectionSettings(decisions, job.category, model_id, job.min_area, job.max_pixels,
+                                  None if model is None else model.signer)
     with output_folder(plan.out, "predict", PREDICT_OUTPUTS, job.overwrite, protected=plan.protected):
         if job.resume and plan.earlier:
             _check_resumable(plan.out, identity)

@@ -30,7 +30,7 @@ def list_models(state: StateDep) -> list[ModelOut]:
         out.append(ModelOut(name=name, category=model.category, preset=model.model.preset,
                             image_threshold=thresholds.image, pixel_threshold=thresholds.pixel,
                             bank_size=model.bank_size, version=card.version, precision=str(model.inspector.precision),
-                            thresholds_precision=card.dtype, sha256=model.sha256,
+                            thresholds_precision=card.dtype, signer=model.model.signer, sha256=model.sha256,
                             created=card.created, queue_depth=0 if batcher is None else batcher.depth))
     return out
 
