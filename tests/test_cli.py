@@ -224,3 +224,30 @@ def test_the_mean_image_baseline_does_not_load_the_models_packages(synthetic_roo
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().splitlines()[-1] == "[]"
     assert json.loads((tmp_path / "o" / "results.json").read_text())["runs"][0]["category"] == "disc"
+
+
+@pytest.mark.parametrize("quiet", [True, False])
+def test_quiet_keeps_other_packages_warnings_off_the_terminal(quiet, monkeypatch, capsys):
+    """Under --quiet a warning raised in another package (diffusers' casting notes, say) goes to the log at
+    debug level; clipfusion's own warnings still show.  Without --quiet both show."""
+    import logging
+    import warnings
+
+    from clipfusion import cli
+
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
+    monkeypatch.setattr(logging.getLogger("clipfusion"), "handlers", [])
+    monkeypatch.setenv("DIFFUSERS_VERBOSITY", "warning")
+    cli._configure_output(quiet)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn_explicit("weights kept in float32", UserWarning, "/site-packages/diffusers/modeling_utils.py", 7)
+        warnings.warn_explicit("AUROC is undefined", UserWarning, str(Path(cli.__file__).parent / "evaluation" /
+                                                                      "metrics.py"), 38)
+    said = capsys.readouterr().err
+    assert "AUROC is undefined" in said
+    assert ("weights kept in float32" in said) is not quiet
+    diffusers = logging.getLogger("diffusers")
+    assert diffusers.getEffectiveLevel() == (logging.ERROR if quiet else logging.WARNING)
+    for name in cli.THIRD_PARTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET)

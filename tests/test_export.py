@@ -22,7 +22,7 @@ from clipfusion.runtime.exported import ExportedDetector
 from clipfusion.runtime.manifest import manifest_digest
 from clipfusion.service.settings import ServiceSettings
 
-from .commands import clipfusion_here, results
+from .commands import clipfusion, clipfusion_here, results
 from .scenes import pixel_auroc
 from .servers import start_server
 
@@ -328,3 +328,38 @@ def test_the_torch_free_runtime_runs_only_a_signed_export_with_trusted_keys(expo
     edited = runtime_predict(export, "edited")
     assert edited.returncode == 2 and "signs another version" in edited.stderr
     assert not (tmp_path / "edited").exists() and not (tmp_path / "unsigned").exists()
+
+
+def test_every_audit_case_is_one_line_in_a_real_process(model, exported_model, synthetic_root, tmp_path):
+    """Each case of the integrity audit (issue 31) as a user meets it, in its own ``clipfusion`` process:
+    exit 2, one line, no traceback, and no output folder left behind."""
+    from .test_model_file import _edit_the_threshold, _flip_a_bank_byte, _join, _split, _transpose_a_shape, \
+        _zero_the_bank
+
+    images = str(synthetic_root / "disc" / "test")
+    cases: dict[str, list[str]] = {}
+    for tamper in (_flip_a_bank_byte, _zero_the_bank, _edit_the_threshold, _transpose_a_shape):
+        edited = tmp_path / f"{tamper.__name__}.cfm"
+        edited.write_bytes(_join(*tamper(*_split(model))))
+        cases[tamper.__name__] = ["predict", images, "--model", str(edited)]
+    for edit in (_edit_threshold, _edit_fusion, _unlist_a_file, _point_outside, _edit_input_size):
+        edited = tmp_path / edit.__name__
+        shutil.copytree(exported_model, edited)
+        manifest = json.loads((edited / "clipfusion-export.json").read_text())
+        edit(manifest)
+        (edited / "clipfusion-export.json").write_text(json.dumps(manifest))
+        cases[f"export{edit.__name__}"] = ["predict", images, "--model", str(edited)]
+    broken = tmp_path / "invalid-json"
+    shutil.copytree(exported_model, broken)
+    (broken / "clipfusion-export.json").write_text('{"format": "clipfusion-export/2", ')
+    cases["export_invalid_json"] = ["predict", images, "--model", str(broken)]
+    for option, value in (("--batch-size", "0"), ("--batch-size", "-1"), ("--max-pixels", "0")):
+        cases[f"{option}{value}"] = ["predict", images, "--model", str(model), option, value]
+    cases["unwritable_out"] = ["predict", images, "--model", str(model), "--out", "/sys/clipfusion-audit"]
+    for name, args in cases.items():
+        out = tmp_path / "outputs" / name
+        done = clipfusion(*args, *([] if "--out" in args else ["--out", str(out)]), "--quiet")
+        assert done.returncode == 2, (name, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr, (name, done.stderr)
+        assert not out.exists(), name
+    assert "export the model again" in clipfusion(*cases["export_invalid_json"], "--out", str(tmp_path / "x")).stderr

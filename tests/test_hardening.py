@@ -516,3 +516,25 @@ def test_a_silent_model_hub_fails_fast_and_quietly(tmp_path):
     _one_line_error(result, "weights for")
     assert elapsed < 60, elapsed
     assert "Retrying" not in result.stderr and "did not answer within 2 s" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["predict", "fit", "calibrate", "evaluate"])
+def test_an_out_that_cannot_be_written_is_found_before_any_model_loads(command, model, synthetic_root, monkeypatch):
+    """/sys refuses new files even to root: a real EACCES.  The probe (a file created and removed) finds it
+    before a model is built (building one fails this test), with the advice for a permission."""
+    from clipfusion.methods.clipfusion.detector import CLIPFusion
+
+    def no_models(self):
+        raise AssertionError("a model was built before --out was checked")
+
+    monkeypatch.setattr(CLIPFusion, "_branches", no_models)
+    normal = str(synthetic_root / "disc" / "train" / "good")
+    given = {"predict": ["predict", str(synthetic_root / "disc" / "test"), "--model", str(model), "--out",
+                         "/sys/clipfusion-out"],
+             "fit": ["fit", "--normal", normal, "--category", "disc", "--shots", "1", "--preset", "tiny", "--out",
+                     "/sys/clipfusion-out/disc.cfm"],
+             "calibrate": ["calibrate", "--model", str(model), "--normal", normal, "--out", "/sys/clipfusion.cfm"],
+             "evaluate": ["evaluate", "--dataset", "mvtec", "--root", str(synthetic_root), "--preset", "tiny",
+                          "--out", "/sys/clipfusion-out"]}[command]
+    result = clipfusion_here(*given, "--quiet")
+    _one_line_error(result, "cannot write in /sys", "you may not write there")

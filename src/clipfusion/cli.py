@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import functools
 import logging
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -26,6 +26,7 @@ from clipfusion.config import (
     parse_overrides,
 )
 from clipfusion.errors import ClipfusionError
+from clipfusion.outputs import os_advice
 
 logger = logging.getLogger("clipfusion")
 
@@ -713,14 +714,33 @@ def _cmd_synth(args: argparse.Namespace) -> None:
     print(f"wrote the synthetic dataset to {out}")
 
 
-def _configure_output(quiet: bool) -> None:
+# The libraries whose own log lines are notes for their developers, not for a user of clipfusion.
+THIRD_PARTY_LOGGERS = ("huggingface_hub", "diffusers", "transformers", "open_clip", "timm")
+
+
+def _configure_output(quiet: bool, debug: bool = False) -> None:
+    """clipfusion's log on stderr; with ``quiet``, only warnings and errors, and other packages' warnings
+    (Python warnings and their loggers' lines) go to the log at debug level (shown with ``--debug``)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("clipfusion: %(levelname)s: %(message)s"))
     logger.handlers[:] = [handler]
-    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.setLevel(logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO)
     logger.propagate = False
-    logging.getLogger("huggingface_hub").setLevel(logging.ERROR if quiet else logging.WARNING)  # its retry notes
-    warnings.formatwarning = lambda message, category, *rest: f"clipfusion: warning: {message}\n"
+    if quiet:  # read by diffusers and transformers when they are imported (later, by the models)
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in THIRD_PARTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR if quiet and not debug else logging.WARNING)
+    package = Path(__file__).parent
+
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None,
+             line: str | None = None) -> None:
+        if quiet and package not in Path(filename).parents:
+            logger.debug("%s from %s:%d: %s", category.__name__, filename, lineno, message)
+            return
+        sys.stderr.write(f"clipfusion: warning: {message}\n")
+
+    warnings.showwarning = show
 
 
 # what the 'models' extra installs (an exported model runs without them)
@@ -749,21 +769,9 @@ def _device_dtype(args: argparse.Namespace) -> tuple[str, str]:
     return auto_device_dtype(args.device, args.dtype)
 
 
-# What to do about an operating-system error, by its errno: "free space" is no help for a permission.
-OS_ADVICE = {errno.ENOSPC: "free space on that disk, or choose another --out",
-             errno.EDQUOT: "free space within your quota, or choose another --out",
-             errno.EACCES: "you may not write there: choose another --out, or change its permissions",
-             errno.EPERM: "the system does not permit it there: choose another --out",
-             errno.EROFS: "that file system is read-only: choose another --out"}
-
-
-def _advice(exc: OSError) -> str:
-    return OS_ADVICE.get(exc.errno or 0, "check that path, or choose another --out")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _configure_output(args.quiet)
+    _configure_output(args.quiet, args.debug)
     commands = {"demo": _cmd_demo, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "fit": _cmd_fit,
                 "calibrate": _cmd_calibrate, "export": _cmd_export, "keygen": _cmd_keygen, "sign": _cmd_sign,
                 "verify": _cmd_verify,
@@ -788,7 +796,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         where = f" ({exc.filename})" if exc.filename else ""
-        print(f"clipfusion: error: {exc.strerror or exc}{where}; {_advice(exc)}", file=sys.stderr)
+        print(f"clipfusion: error: {exc.strerror or exc}{where}; {os_advice(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"clipfusion: interrupted; {INTERRUPTED[args.command]}", file=sys.stderr)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import json
@@ -71,6 +72,33 @@ def write_atomic(path: Path, data: str | bytes) -> None:
         raise
 
 
+# What to do about an operating-system error, by its errno: "free space" is no help for a permission.
+OS_ADVICE = {errno.ENOSPC: "free space on that disk, or choose another --out",
+             errno.EDQUOT: "free space within your quota, or choose another --out",
+             errno.EACCES: "you may not write there: choose another --out, or change its permissions",
+             errno.EPERM: "the system does not permit it there: choose another --out",
+             errno.EROFS: "that file system is read-only: choose another --out"}
+
+
+def os_advice(exc: OSError) -> str:
+    """What the user can do about ``exc``, by its errno."""
+    return OS_ADVICE.get(exc.errno or 0, "check that path, or choose another --out")
+
+
+def probe_writable(target: Path, option: str = "--out") -> None:
+    """A one-line error unless a file can be created (and removed) where ``target`` goes: in ``target`` if it
+    is a folder that exists, else in its nearest existing ancestor.  Found before any model loads, with
+    the advice its errno calls for; nothing is left behind."""
+    folder = target if target.is_dir() else next((p for p in target.parents if p.is_dir()), Path("."))
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".clipfusion-probe-", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ClipfusionError(f"{option} {target}: cannot write in {folder} ({exc.strerror}); {os_advice(exc)}") \
+            from None
+
+
 def csv_text(fieldnames: Sequence[str], rows: Iterable[dict[str, Any]]) -> str:
     """CSV (header, then one line per row, ``\\r\\n`` endings as the csv module writes) as a string,
     ready for :func:`write_atomic`."""
@@ -81,13 +109,13 @@ def csv_text(fieldnames: Sequence[str], rows: Iterable[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def read_json(path: Path, what: str) -> Any:
-    """Parse a JSON file clipfusion wrote earlier; a damaged one is a one-line error naming it."""
+def read_json(path: Path, what: str, advice: str = "delete it, or pass --overwrite to start afresh") -> Any:
+    """Parse a JSON file clipfusion wrote earlier; a damaged one is a one-line error naming it, with
+    ``advice`` (the default fits a run's own files in ``--out``; an input's differs)."""
     try:
         return json.loads(path.read_bytes().decode("utf-8", errors="surrogateescape"))
     except (OSError, ValueError) as exc:
-        raise ClipfusionError(f"cannot read {what} {path} ({exc}); delete it, or pass --overwrite to start "
-                              "afresh") from None
+        raise ClipfusionError(f"cannot read {what} {path} ({exc}); {advice}") from None
 
 
 def json_text(value: Any) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from clipfusion.errors import ClipfusionError
-from clipfusion.outputs import read_json, write_atomic
+from clipfusion.outputs import probe_writable, read_json, write_atomic
 
 MARKER = ".clipfusion-output.json"  # in every folder clipfusion writes a run into: what kind of run
 _LOCK, _HOLDER = ".clipfusion.lock", ".clipfusion.pid"
@@ -43,6 +43,7 @@ def check_output_folder(out: Path, kind: str, own: Sequence[str], protected: Seq
                 f"the output of a clipfusion {previous}"
             raise ClipfusionError(f"--out {out} holds {held}, which this {kind} run did not write; choose an empty "
                                   "or new folder (--overwrite only ever deletes clipfusion's own files)")
+    probe_writable(out)  # a folder that cannot be written is found now, not after the models load
 
 
 def claim_output_folder(out: Path, kind: str, own: Sequence[str], overwrite: bool = False,

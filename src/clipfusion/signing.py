@@ -156,7 +156,7 @@ def verify(model: Path, identity: str, trusted: TrustedKeys) -> str:
         raise ClipfusionError(f"--model {model} is not signed ({path.name} not found) and --trusted-keys "
                               f"{trusted.folder} accepts only signed models; sign it with `clipfusion sign {model} "
                               "--key KEY`")
-    record = read_json(path, "model signature")
+    record = read_json(path, "model signature", "copy it again with the model, or sign the model again")
     if not isinstance(record, dict) or record.get("format") != SIGNATURE_FORMAT:
         raise ClipfusionError(f"{path} is not a {SIGNATURE_FORMAT} signature; sign the model again")
     signer = str(record.get("key_id"))

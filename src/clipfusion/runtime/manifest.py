@@ -109,7 +109,7 @@ def read_manifest(folder: Path, verify: bool = True) -> ExportManifest:
     if not path.is_file():
         raise ClipfusionError(f"{folder} is not a clipfusion export (no {MANIFEST}); write one with "
                               "`clipfusion export --model X.cfm --out FOLDER`")
-    data = read_json(path, "export manifest")
+    data = read_json(path, "export manifest", "copy the export folder again, or export the model again")
     if not isinstance(data, dict) or data.get("format") not in READABLE_FORMATS:
         found = data.get("format") if isinstance(data, dict) else None
         raise ClipfusionError(f"{path} is not a {EXPORT_FORMAT} manifest (it says {found!r}); export the model "

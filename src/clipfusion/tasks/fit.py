@@ -3,7 +3,6 @@ file's thresholds derived again in this machine's precision (``calibrate``)."""
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,7 +12,7 @@ from clipfusion.data.base import MAX_PIXELS, read_images
 from clipfusion.decisions import Thresholds
 from clipfusion.errors import ClipfusionError
 from clipfusion.inspection.thresholds import derive_thresholds
-from clipfusion.outputs import file_sha256
+from clipfusion.outputs import file_sha256, probe_writable
 from clipfusion.tasks.inputs import collect_images, draw_references
 
 if TYPE_CHECKING:  # the detector's packages load only once the options, --normal and --out are checked
@@ -23,16 +22,11 @@ logger = logging.getLogger(__name__)
 
 
 def check_writable_file(path: Path) -> None:
-    """A one-line error unless ``path`` can be written as a file (its folder exists or can be made)."""
+    """A one-line error unless ``path`` can be written as a file (its folder exists or can be made, and a
+    file can be created in it: probed, not guessed from permissions, which root bypasses)."""
     if path.is_dir():
         raise ClipfusionError(f"--out {path} is a folder; give a file name such as {path / 'bank.safetensors'}")
-    folder = path.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ClipfusionError(f"cannot create the folder {folder} for --out: {exc.strerror}") from None
-    if not os.access(folder, os.W_OK):
-        raise ClipfusionError(f"cannot write in {folder} (permission denied); choose another --out")
+    probe_writable(path)
 
 
 def fit_memory(make_detector: Callable[[], CLIPFusion], normal: str, category: str, shots: int, seed: int, out: str,

@@ -180,13 +180,22 @@ class PredictPlan:
     loads or engine starts, so a mistyped path costs seconds, not a model load.
 
     paths: the images (absolute paths or URIs); protected: the input folders (never written);
-    earlier: whether ``out`` holds an earlier run; drawn: the references drawn from ``--normal``."""
+    earlier: whether ``out`` holds an earlier run; drawn: the references drawn from ``--normal``;
+    clear: ``out`` holds a run that stopped before scoring any image, whose own files are replaced."""
 
     paths: list[str]
     out: Path
     protected: list[Path]
     earlier: bool
     drawn: References | None
+    clear: bool = False
+
+
+def _read_or_empty(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return b""
 
 
 def plan_predict(job: PredictJob, local: bool = True) -> PredictPlan:
@@ -206,12 +215,16 @@ def plan_predict(job: PredictJob, local: bool = True) -> PredictPlan:
                  if not is_uri(item) and Path(item).expanduser().is_dir()]
     check_output_folder(out, "predict", PREDICT_OUTPUTS, protected=protected)
     earlier = out.is_dir() and (out / "run.json").is_file()
+    clear = earlier and b"\n" not in _read_or_empty(out / JSONL)
+    if clear:  # a crash or an error before the first row: nothing to resume, nothing of value to keep
+        logger.info("--out %s holds a run that scored no image; starting afresh", out)
+        earlier = False
     if earlier and not (job.overwrite or job.resume):
         raise ClipfusionError(f"--out {out} holds an earlier predict run; add --resume to score only the images "
                               "it lacks, --overwrite to replace it (only clipfusion's own files are deleted), or "
                               "choose another folder")
     drawn = draw_references(job.normal, job.shots, job.seed) if job.normal else None
-    return PredictPlan(paths, out, protected, earlier, drawn)
+    return PredictPlan(paths, out, protected, earlier, drawn, clear)
 
 
 def _learn(job: PredictJob, plan: PredictPlan, detector: Detector | None) -> tuple[list[str], list[Path] | None]:
@@ -261,7 +274,7 @@ def run_predict(job: PredictJob, plan: PredictPlan, detector: Detector | None, e
                 "scale": list(decisions.scale), "min_area": job.min_area, "precision": engine.precision}
     settings = InspectionSettings(decisions, job.category, model_id, job.min_area, job.max_pixels,
                                   None if model is None else model.signer)
-    with output_folder(plan.out, "predict", PREDICT_OUTPUTS, job.overwrite, protected=plan.protected):
+    with output_folder(plan.out, "predict", PREDICT_OUTPUTS, job.overwrite or plan.clear, protected=plan.protected):
         if job.resume and plan.earlier:
             _check_resumable(plan.out, identity)
         else:
