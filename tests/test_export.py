@@ -333,8 +333,14 @@ def test_the_torch_free_runtime_runs_only_a_signed_export_with_trusted_keys(expo
 def test_every_audit_case_is_one_line_in_a_real_process(model, exported_model, synthetic_root, tmp_path):
     """Each case of the integrity audit (issue 31) as a user meets it, in its own ``clipfusion`` process:
     exit 2, one line, no traceback, and no output folder left behind."""
-    from .test_model_file import _edit_the_threshold, _flip_a_bank_byte, _join, _split, _transpose_a_shape, \
-        _zero_the_bank
+    from .test_model_file import (
+        _edit_the_threshold,
+        _flip_a_bank_byte,
+        _join,
+        _split,
+        _transpose_a_shape,
+        _zero_the_bank,
+    )
 
     images = str(synthetic_root / "disc" / "test")
     cases: dict[str, list[str]] = {}
