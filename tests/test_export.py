@@ -156,6 +156,11 @@ def _point_outside(manifest):
     manifest["files"]["../elsewhere/clip.xml"] = manifest["files"]["clip.xml"]
 
 
+def _point_absolute(manifest):
+    manifest["graphs"]["clip"] = "/tmp/clipfusion-elsewhere/clip.xml"
+    manifest["files"]["/tmp/clipfusion-elsewhere/clip.xml"] = manifest["files"]["clip.xml"]
+
+
 @pytest.mark.parametrize(("edit", "redigest", "needle"), [
     (_edit_threshold, False, "does not match its digest"),
     (_edit_fusion, False, "does not match its digest"),
@@ -165,6 +170,7 @@ def _point_outside(manifest):
     # written again with a matching digest (by someone who knows the format): the checks behind it
     (_unlist_a_file, True, "lists no checksum for clip.bin"),
     (_point_outside, True, "names '../elsewhere/clip.xml', which is not a file of the export folder"),
+    (_point_absolute, True, "names '/tmp/clipfusion-elsewhere/clip.xml', which is not a file of the export folder"),
 ])
 def test_an_edited_manifest_is_a_one_line_error_and_nothing_is_read_from_outside(
         exported_model, synthetic_root, tmp_path, edit, redigest, needle):
@@ -369,3 +375,17 @@ def test_every_audit_case_is_one_line_in_a_real_process(model, exported_model, s
         assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr, (name, done.stderr)
         assert not out.exists(), name
     assert "export the model again" in clipfusion(*cases["export_invalid_json"], "--out", str(tmp_path / "x")).stderr
+
+
+def test_a_graph_that_is_a_link_out_of_the_folder_is_refused(exported_model, synthetic_root, tmp_path):
+    """clip.xml replaced by a link to an identical file outside: its checksum matches, the manifest is
+    untouched, and still nothing outside the folder is read."""
+    linked = tmp_path / "export"
+    shutil.copytree(exported_model, linked)
+    (tmp_path / "elsewhere").mkdir()
+    shutil.move(linked / "clip.xml", tmp_path / "elsewhere" / "clip.xml")
+    (linked / "clip.xml").symlink_to(tmp_path / "elsewhere" / "clip.xml")
+    result = clipfusion_here("predict", str(synthetic_root / "disc" / "test"), "--model", str(linked), "--out",
+                             str(tmp_path / "out"), "--quiet")
+    assert result.returncode == 2 and "names 'clip.xml', which is not a file of the export folder" in result.stderr
+    assert not (tmp_path / "out").exists()
