@@ -520,18 +520,18 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from clipfusion.methods.clipfusion.model_file import read_card
+    from clipfusion.inspection import ModelFile
 
     if bool(args.model) == bool(args.preset or args.category):
         raise ClipfusionError("give either --model FILE.cfm or --preset and --category (zero-shot)")
     if not args.model and not (args.preset and args.category):
         raise ClipfusionError("a zero-shot export needs both --preset and --category")
-    if args.model:
-        read_card(Path(args.model))  # a mistyped or foreign file is reported before torch and OpenVINO load
+    # a mistyped, foreign or damaged file is reported before torch and OpenVINO load
+    model = ModelFile.open(args.model) if args.model else None
     from clipfusion.export.writer import export_model
 
     runtime = RuntimeConfig("cpu", "float32", args.offline, args.cache_dir, args.hub_timeout)
-    out = export_model(Path(args.out), args.format, runtime, model=args.model, preset=args.preset,
+    out = export_model(Path(args.out), args.format, runtime, model=model, preset=args.preset,
                        category=args.category, overwrite=args.overwrite, weights=args.weights)
     print(f"wrote {out.resolve()} ({args.format}); run it with: clipfusion predict IMAGES --model {out}")
 

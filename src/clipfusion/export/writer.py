@@ -26,8 +26,9 @@ from clipfusion.config import RuntimeConfig
 from clipfusion.encoders.diffusion import VAE_MEAN, VAE_STD
 from clipfusion.errors import ClipfusionError
 from clipfusion.export.graphs import ClipGraph, DiffusionGraph, VaeGraph
+from clipfusion.inspection.models import ModelFile
 from clipfusion.methods.clipfusion.detector import CLIPFusion
-from clipfusion.methods.clipfusion.model_file import ModelCard, read_card
+from clipfusion.methods.clipfusion.model_file import ModelCard
 from clipfusion.outputs import file_sha256, json_safe, json_text, write_atomic
 from clipfusion.runtime.manifest import (
     EXPORT_FORMAT,
@@ -117,16 +118,18 @@ def _write_onnx(module: torch.nn.Module, example: torch.Tensor, folder: Path, na
     return [f"{name}.onnx", f"{name}.onnx.data"]
 
 
-def export_model(out: Path, graph_format: str, runtime: RuntimeConfig, model: str | None = None,
+def export_model(out: Path, graph_format: str, runtime: RuntimeConfig, model: ModelFile | None = None,
                  preset: str | None = None, category: str | None = None, overwrite: bool = False,
                  weights: str = "float32") -> Path:
-    """``clipfusion export``: the model file ``model`` (or a zero-shot ``preset`` for ``category``) into ``out``."""
+    """``clipfusion export``: the opened model file ``model`` (or a zero-shot ``preset`` for ``category``)
+    into ``out``."""
     if model is not None:
-        path = Path(model)
-        card = read_card(path)
-        detector = CLIPFusion.load(path, runtime)
-        source = {"model": path.name, "sha256": file_sha256(path)}
-        return export_detector(detector, card.category, out, graph_format, card, source, overwrite, weights)
+        if model.card is None or model.is_export:
+            raise ClipfusionError(f"--model {model.path} is already an export; export its .cfm model file")
+        detector = CLIPFusion.load(model.path, runtime, card=model.card)
+        source = {"model": model.path.name, "sha256": model.sha256}
+        return export_detector(detector, model.card.category, out, graph_format, model.card, source, overwrite,
+                               weights)
     if preset is None or category is None:
         raise ClipfusionError("a zero-shot export needs both --preset and --category")
     detector = CLIPFusion(preset, runtime)

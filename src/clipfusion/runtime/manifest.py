@@ -70,12 +70,6 @@ def is_export(path: Path) -> bool:
     return path.is_dir() and (path / MANIFEST).is_file()
 
 
-def model_sha256(path: Path) -> str:
-    """A model's identity: the SHA-256 of a model file, or of an export's manifest (which holds the
-    checksum of every file of the export)."""
-    return file_sha256(path / MANIFEST if path.is_dir() else path)
-
-
 def manifest_digest(data: dict[str, Any]) -> str:
     """The digest a manifest carries: the SHA-256 of its canonical JSON without the ``digest`` entry."""
     return json_sha256({key: value for key, value in data.items() if key != "digest"})

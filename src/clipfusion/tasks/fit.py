@@ -11,6 +11,7 @@ from clipfusion.config import RuntimeConfig
 from clipfusion.data.base import MAX_PIXELS, read_images
 from clipfusion.decisions import Thresholds
 from clipfusion.errors import ClipfusionError
+from clipfusion.inspection.models import ModelFile
 from clipfusion.inspection.thresholds import derive_thresholds
 from clipfusion.outputs import file_sha256, probe_writable
 from clipfusion.tasks.inputs import collect_images, draw_references
@@ -77,9 +78,12 @@ def calibrate_model(model: str, normal: str, out: str, runtime: RuntimeConfig, b
     ``runtime``'s precision (``auto``: this machine's default, not the one the file records).  The
     settings and the bank are kept; (path, the thresholds before, the recalibrated detector)."""
     from clipfusion.methods.clipfusion.detector import CLIPFusion
-    from clipfusion.methods.clipfusion.model_file import MODEL_SUFFIX, read_card
+    from clipfusion.methods.clipfusion.model_file import MODEL_SUFFIX
 
-    card = read_card(Path(model))  # before anything else: a mistyped or damaged file costs nothing
+    opened = ModelFile.open(model)  # before anything else: a mistyped or damaged file costs nothing
+    if opened.card is None or opened.is_export:
+        raise ClipfusionError(f"--model {model} is an export; calibrate its .cfm model file and export that again")
+    card = opened.card
     if Path(out).suffix != MODEL_SUFFIX:
         raise ClipfusionError(f"--out {out} must be a model file ({MODEL_SUFFIX}), e.g. {Path(out).stem}{MODEL_SUFFIX}")
     check_writable_file(Path(out))  # before any model runs
