@@ -115,11 +115,16 @@ def test_missing_foreign_revoked_and_forged_signatures_and_changed_models_are_re
                                                         "--out", str(tmp_path / "never"))
 
 
-def test_serve_shows_the_signer_and_refuses_an_unsigned_model_before_it_listens(signed, keys, tmp_path):
+def test_serve_shows_the_signer_and_refuses_an_unsigned_model_before_it_listens(signed, keys, synthetic_root,
+                                                                                 tmp_path):
     server = start_server([signed], tmp_path / "data", "--trusted-keys", str(keys["trusted"]))
     try:
         (served,) = httpx.get(f"{server.url}/v1/models", timeout=30).json()
         assert served["signer"] == keys["quality"][1]
+        image = next((synthetic_root / "disc" / "test").rglob("*.png"))
+        answer = httpx.post(f"{server.url}/v1/models/disc/inspect", files={"files": (image.name, image.read_bytes())},
+                            timeout=120)
+        assert answer.status_code == 200 and answer.json()["inspections"][0]["signer"] == keys["quality"][1]
     finally:
         server.stop()
     unsigned = tmp_path / "other" / "disc.cfm"

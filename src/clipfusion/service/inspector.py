@@ -122,4 +122,4 @@ class ServedModel:
             filename=upload.filename, width=width, height=height, score=inspection.score,
             normalised_score=row["normalised_score"], decision=row["decision"], threshold=row["threshold"],
             seconds=round(time.perf_counter() - upload.received, 4), overlay=row["overlay"], mask=row["mask"],
-            image=stored, regions=[Region(**region) for region in row["regions"] or []])
+            image=stored, signer=self.model.signer, regions=[Region(**region) for region in row["regions"] or []])

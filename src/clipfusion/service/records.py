@@ -27,6 +27,7 @@ def to_out(inspection: Inspection) -> InspectionOut:
         regions=[RegionOut(x=r.x, y=r.y, width=r.width, height=r.height, area=r.area, peak=r.peak)
                  for r in inspection.regions],
         overlay_url=f"{base}/overlay.png", mask_url=f"{base}/mask.png" if inspection.mask else None,
+        signer=inspection.signer,
         feedback=[FeedbackOut(id=f.id, label=f.label, note=f.note, created=_utc(f.created))  # type: ignore[arg-type]
                   for f in inspection.feedback])
 

@@ -81,6 +81,8 @@ class InspectionOut(BaseModel):
     regions: list[RegionOut]
     overlay_url: str
     mask_url: str | None
+    signer: str | None = Field(None, description="the trusted key that signed the model which decided it "
+                                                 "(--trusted-keys); null when signatures were not checked")
     feedback: list[FeedbackOut] = []
 
 

@@ -33,6 +33,8 @@ class Inspection(Base):
     overlay: Mapped[str] = mapped_column(String(500))
     mask: Mapped[str | None] = mapped_column(String(500), nullable=True)
     image: Mapped[str | None] = mapped_column(String(500), nullable=True)  # its file in the kept-uploads folder
+    # the trusted key that signed the model which decided it (--trusted-keys); None: signatures not checked
+    signer: Mapped[str | None] = mapped_column(String(16), nullable=True)
     regions: Mapped[list[Region]] = relationship(back_populates="inspection", cascade="all, delete-orphan",
                                                  order_by="Region.id")
     feedback: Mapped[list[Feedback]] = relationship(back_populates="inspection", cascade="all, delete-orphan",
