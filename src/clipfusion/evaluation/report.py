@@ -97,6 +97,14 @@ def _method_section(label: str, folder: Path) -> tuple[str, dict[str, dict[str, 
     groups: dict[tuple[str, int, int], list[dict[str, Any]]] = defaultdict(list)
     for row in per_image:
         groups[(row["category"], row["shots"], row["seed"])].append(row)
+    parts += _thresholds_section(groups)
+    parts += _plots_section(per_image, units, groups, results["mean"])
+    parts += _gallery_section(folder, units)
+    return "\n".join(parts), results["mean"], params.get("preset") == "tiny"
+
+
+def _thresholds_section(groups: dict[tuple[str, int, int], list[dict[str, Any]]]) -> list[str]:
+    """The image-level F1-max threshold of each unit (an upper bound, chosen on the test labels)."""
     threshold_rows = []
     for (category, shots, seed), rows in groups.items():
         labels = np.array([r["label"] for r in rows])
@@ -104,12 +112,16 @@ def _method_section(label: str, folder: Path) -> tuple[str, dict[str, dict[str, 
             if 0 < labels.sum() < len(labels) else (float("nan"), float("nan"))
         threshold_rows.append([category, str(shots), str(seed), _percent(f1),
                                "–" if not math.isfinite(threshold) else f"{threshold:.4f}"])
-    parts.append("<h3>Image-level F1-max thresholds</h3><p class=\"meta\">Chosen on the test labels: an upper "
-                 "bound for comparison, not a deployable threshold (use <code>predict --threshold auto</code>)."
-                 "</p>")
-    parts.append(_table(["category", "shots", "seed", "F1-max", "threshold"], threshold_rows))
+    return ["<h3>Image-level F1-max thresholds</h3><p class=\"meta\">Chosen on the test labels: an upper "
+            "bound for comparison, not a deployable threshold (use <code>predict --threshold auto</code>).</p>",
+            _table(["category", "shots", "seed", "F1-max", "threshold"], threshold_rows)]
 
-    parts.append("<h3>Scores and ROC curves</h3>")
+
+def _plots_section(per_image: list[dict[str, Any]], units: list[dict[str, Any]],
+                   groups: dict[tuple[str, int, int], list[dict[str, Any]]],
+                   means: dict[str, dict[str, float]]) -> list[str]:
+    """Per category: score histograms and ROC curves of each shot count's first seed; metrics vs shots."""
+    parts = ["<h3>Scores and ROC curves</h3>"]
     for category in dict.fromkeys(r["category"] for r in per_image):
         parts.append(f'<h4>{html.escape(category)}</h4><div class="row plots">')  # one row per category
         curves = {}
@@ -129,14 +141,18 @@ def _method_section(label: str, folder: Path) -> tuple[str, dict[str, dict[str, 
             png = roc_curves(curves, f"{category}: image ROC")
             parts.append(f'<img src="{_data_uri(png)}" alt="ROC {html.escape(category)}">')
         parts.append("</div>")
-    if len(results["mean"]) > 1:
-        series = {METRIC_TITLES[m]: {int(k): v[m] for k, v in results["mean"].items() if v[m] is not None}
+    if len(means) > 1:
+        series = {METRIC_TITLES[m]: {int(k): v[m] for k, v in means.items() if v[m] is not None}
                   for m in ("image_auroc", "pixel_auroc", "pixel_aupro")}
         parts.append('<h4>mean over categories</h4><div class="row plots">'
                      f'<img src="{_data_uri(metric_vs_shots(series, "mean over categories"))}" alt="metric vs shots">'
                      "</div>")
+    return parts
 
-    parts.append("<h3>Gallery: best and worst detections (first seed; white outline = ground truth)</h3>")
+
+def _gallery_section(folder: Path, units: list[dict[str, Any]]) -> list[str]:
+    """The best and worst detections of each shot count's first seed."""
+    parts = ["<h3>Gallery: best and worst detections (first seed; white outline = ground truth)</h3>"]
     for unit in units:
         if unit["seed"] != min(u["seed"] for u in units if u["shots"] == unit["shots"]) or not unit.get("gallery"):
             continue
@@ -147,7 +163,7 @@ def _method_section(label: str, folder: Path) -> tuple[str, dict[str, dict[str, 
             parts.append(f'<figure><img src="{_data_uri(jpeg, "image/jpeg")}" alt="{html.escape(caption)}">'
                          f"<figcaption>{html.escape(caption)}</figcaption></figure>")
         parts.append("</div>")
-    return "\n".join(parts), results["mean"], params.get("preset") == "tiny"
+    return parts
 
 
 def write_report(folders: dict[str, Path], target: Path, title: str = "clipfusion evaluation") -> Path:

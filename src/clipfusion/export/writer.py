@@ -153,22 +153,9 @@ def export_detector(detector: CLIPFusion, category: str, out: Path, graph_format
 
     weights: ``float32`` (the same maps as PyTorch), or ``int8`` (OpenVINO IR only: weights compressed
     to 8 bits, smaller and possibly faster, maps no longer equal; measure the difference)."""
-    if graph_format not in GRAPH_FORMATS:
-        raise ClipfusionError(f"--format must be one of {', '.join(GRAPH_FORMATS)}, not {graph_format!r}")
-    if weights not in WEIGHT_FORMATS:
-        raise ClipfusionError(f"--weights must be one of {', '.join(WEIGHT_FORMATS)}, not {weights!r}")
-    if weights == "int8" and graph_format != "openvino":
-        raise ClipfusionError("--weights int8 is OpenVINO's weight compression: use it with --format openvino")
+    _check_request(graph_format, weights, out, overwrite)
     check_exportable(detector)
     import_openvino("export", "export")
-    if out.exists() and not out.is_dir():
-        raise ClipfusionError(f"--out {out} is a file; give a new folder")
-    # an interrupted export leaves only its .partial folder: a rerun continues into the same --out
-    if out.is_dir() and any(path.name != ".partial" for path in out.iterdir()):
-        if not is_export(out):
-            raise ClipfusionError(f"--out {out} holds other files; give a new or empty folder")
-        if not overwrite:
-            raise ClipfusionError(f"--out {out} holds an earlier export; add --overwrite to replace it")
     patchclip, mapdiff = detector._branches()
     if patchclip.encoder.device.type != "cpu" or mapdiff.encoder.device.type != "cpu" \
             or mapdiff.encoder.dtype != torch.float32 or patchclip.encoder.dtype != torch.float32:
@@ -197,6 +184,34 @@ def export_detector(detector: CLIPFusion, category: str, out: Path, graph_format
     for name in files:
         (partial / name).replace(out / name)
     partial.rmdir()
+    manifest = _manifest(detector, category, out, graph_format, weights, graphs, outputs, files, card, source)
+    write_atomic(out / MANIFEST, json_text({**manifest, "digest": manifest_digest(manifest)}))
+    return out
+
+
+def _check_request(graph_format: str, weights: str, out: Path, overwrite: bool) -> None:
+    """The one-line errors of the export's options and ``--out``, before any model is traced."""
+    if graph_format not in GRAPH_FORMATS:
+        raise ClipfusionError(f"--format must be one of {', '.join(GRAPH_FORMATS)}, not {graph_format!r}")
+    if weights not in WEIGHT_FORMATS:
+        raise ClipfusionError(f"--weights must be one of {', '.join(WEIGHT_FORMATS)}, not {weights!r}")
+    if weights == "int8" and graph_format != "openvino":
+        raise ClipfusionError("--weights int8 is OpenVINO's weight compression: use it with --format openvino")
+    if out.exists() and not out.is_dir():
+        raise ClipfusionError(f"--out {out} is a file; give a new folder")
+    # an interrupted export leaves only its .partial folder: a rerun continues into the same --out
+    if out.is_dir() and any(path.name != ".partial" for path in out.iterdir()):
+        if not is_export(out):
+            raise ClipfusionError(f"--out {out} holds other files; give a new or empty folder")
+        if not overwrite:
+            raise ClipfusionError(f"--out {out} holds an earlier export; add --overwrite to replace it")
+
+
+def _manifest(detector: CLIPFusion, category: str, out: Path, graph_format: str, weights: str, graphs: dict[str, str],
+              outputs: dict[str, list[str]], files: list[str], card: ModelCard | None,
+              source: dict[str, Any] | None) -> dict[str, Any]:
+    """The manifest of the graphs written to ``out`` (without its digest), as it will read back."""
+    patchclip, mapdiff = detector._branches()
     config = detector.config
     bank = getattr(detector, "memory_bank_", None)
     manifest = {
@@ -216,6 +231,4 @@ def export_detector(detector: CLIPFusion, category: str, out: Path, graph_format
         "versions": _versions(),
         "files": {name: file_sha256(out / name) for name in files},
     }
-    manifest = json_safe(json.loads(json.dumps(manifest, default=str)))  # as it will read back
-    write_atomic(out / MANIFEST, json_text({**manifest, "digest": manifest_digest(manifest)}))
-    return out
+    return dict(json_safe(json.loads(json.dumps(manifest, default=str))))
