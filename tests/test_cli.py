@@ -168,6 +168,7 @@ def test_commands_report_mistakes_before_a_model_loads_or_ray_starts(synthetic_r
     earlier = tmp_path / "earlier"
     earlier.mkdir()
     (earlier / "run.json").write_text("{}")
+    (earlier / "results.jsonl").write_text('{"path": "/x.png"}\n')  # a run with a row (one with none starts afresh)
     good, normal = synthetic_root / "disc" / "test" / "good", synthetic_root / "disc" / "train" / "good"
     tiny = ["--category", "disc", "--preset", "tiny", "--quiet"]
     cases = [
@@ -209,7 +210,7 @@ def test_commands_report_mistakes_before_a_model_loads_or_ray_starts(synthetic_r
         assert code_ == 2 and message in stderr and len(stderr.strip().splitlines()) == 1, (args, stderr)
     assert imported == []
     assert [path.name for path in tmp_path.iterdir()] == ["earlier"]  # no --out was made
-    assert [path.name for path in earlier.iterdir()] == ["run.json"]
+    assert sorted(path.name for path in earlier.iterdir()) == ["results.jsonl", "run.json"]
 
 
 def test_the_mean_image_baseline_does_not_load_the_models_packages(synthetic_root, tmp_path):

@@ -290,3 +290,21 @@ def test_the_report_opens_clean_with_the_tiny_banner_first_and_true_aspect_ratio
         categories.append({alt.split()[-1] for alt in alts})
     assert categories[:2] == [{"fabric"}, {"disc"}] or categories[:2] == [{"disc"}, {"fabric"}]
     page.close()
+
+
+def test_a_run_that_stopped_before_its_first_row_is_started_afresh(model, synthetic_root, tmp_path):
+    """A crash (or an error) before any image was scored leaves run.json and no row: a plain run into the
+    folder starts again, where one with rows asks for --resume or --overwrite."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.json").write_text('{"identity": {"model_id": "another"}}')
+    (out / ".clipfusion-output.json").write_text('{"kind": "predict"}')
+    (out / "overlays").mkdir()
+    (out / "overlays" / "000000_orphan.png").write_bytes(b"written before its row")
+    images = str(synthetic_root / "disc" / "test" / "good")
+    done = clipfusion_here("predict", images, "--model", str(model), "--out", str(out), "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert len(results(out)) == len(list((synthetic_root / "disc" / "test" / "good").glob("*.png")))
+    assert not (out / "overlays" / "000000_orphan.png").exists()  # the stopped run's own files were replaced
+    again = clipfusion_here("predict", images, "--model", str(model), "--out", str(out), "--quiet")
+    assert again.returncode == 2 and "holds an earlier predict run" in again.stderr
