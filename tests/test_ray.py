@@ -59,8 +59,11 @@ def _image_paths(folder: Path) -> list[str]:
     return sorted(str(p) for p in folder.rglob("*.png") if p.name != "broken.png")
 
 
-def _stable(row: dict) -> dict:
-    return {key: value for key, value in row.items() if key not in VOLATILE}
+FILES = ("map", "overlay", "mask", "thumbnail")  # named by the row's position locally, by a random id by workers
+
+
+def _stable(row: dict, also: tuple[str, ...] = ()) -> dict:
+    return {key: value for key, value in row.items() if key not in VOLATILE + also}
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +88,13 @@ def test_predict_on_ray_writes_what_the_local_engine_writes(ray_address, cpu_kin
                       "--engine", "ray", "--ray-address", ray_address, "--quiet")
     assert done.returncode == 0, done.stderr
     local, remote = results(local_predict), results(out)
-    assert [_stable(r) for r in remote] == [_stable(r) for r in local]
-    for row in remote:  # the files too, byte for byte
-        for column in ("map", "overlay", "mask", "thumbnail"):
-            if row[column]:
-                assert (out / row[column]).read_bytes() == (local_predict / row[column]).read_bytes()
+    assert [_stable(r, FILES) for r in remote] == [_stable(r, FILES) for r in local]
+    for row, expected in zip(remote, local, strict=True):  # the files too, byte for byte
+        for column in FILES:
+            assert (row[column] is None) == (expected[column] is None)
+            if row[column]:  # written by the workers (a local cluster reaches --out), named by a random id
+                assert Path(row[column]).name.startswith("w")
+                assert (out / row[column]).read_bytes() == (local_predict / expected[column]).read_bytes()
     summary = json.loads((out / "summary.json").read_text())
     assert [s["path"] for s in summary["skipped"]] == [str(photos / "broken.png")]
     assert summary == json.loads((local_predict / "summary.json").read_text())
@@ -262,3 +267,42 @@ def test_sweep_on_ray_equals_the_local_engine(ray_address, synthetic_root, tmp_p
     assert len(remote_json["rows"]) == 2 * 2 * 2  # categories × timesteps × α: one model pass per timestep and unit
     for key in ("rows", "summary", "best", "held_out"):
         assert remote_json[key] == local_json[key]
+
+
+def test_rendering_tasks_write_files_only_where_they_reach_out(model, photos, tmp_path):
+    """Without a reachable --out a rendering task hands the driver bytes; with one it writes the files and
+    hands names; the rows the driver then writes are the same but for the names, the files the same bytes."""
+    import pickle
+    from types import SimpleNamespace
+
+    from clipfusion.distributed.predict import _render, workers_reach
+    from clipfusion.inspection import Inspector, ModelFile
+    from clipfusion.inspection.core import InspectionSettings
+    from clipfusion.inspection.writer import ImageWriter
+
+    opened = ModelFile.open(model)
+    inspector = Inspector.from_model(opened)
+    settings = InspectionSettings(inspector.decisions, opened.category, opened.sha256)
+    inspections = inspector.inspect([*_image_paths(photos / "a")[:3], str(photos / "broken.png")])
+    payload = {"batch": 0, "payload": pickle.dumps(inspections)}
+    by_driver = pickle.loads(_render(payload, settings, None)["payload"])
+    by_worker = pickle.loads(_render(payload, settings, str(tmp_path / "worker"))["payload"])
+    assert by_driver[-1] == by_worker[-1] == (str(photos / "broken.png"), by_driver[-1][1])  # the failure, as is
+    driver_writer, worker_writer = ImageWriter(tmp_path / "driver"), ImageWriter(tmp_path / "worker")
+    for index, (sent, stored) in enumerate(zip(by_driver[:-1], by_worker[:-1], strict=True)):
+        assert sent.files and sent.names is None and not stored.files and stored.names
+        row, stored_row = driver_writer.write(f"{index:06d}_x", sent), worker_writer.write("unused", stored)
+        assert {k: v for k, v in row.items() if k not in FILES} == {k: v for k, v in stored_row.items()
+                                                                    if k not in FILES}
+        for column in FILES:
+            if row[column]:
+                assert (tmp_path / "driver" / row[column]).read_bytes() == \
+                    (tmp_path / "worker" / stored_row[column]).read_bytes()
+
+    def cluster(*addresses: str) -> SimpleNamespace:
+        return SimpleNamespace(util=SimpleNamespace(get_node_ip_address=lambda: "10.0.0.1"),
+                               nodes=lambda: [{"NodeManagerAddress": a, "Alive": True} for a in addresses])
+
+    assert workers_reach(cluster("10.0.0.1"), shared_out=False)
+    assert not workers_reach(cluster("10.0.0.1", "10.0.0.2"), shared_out=False)
+    assert workers_reach(cluster("10.0.0.1", "10.0.0.2"), shared_out=True)

@@ -268,6 +268,10 @@ def _add_predict(commands: Any) -> None:
     _add_processing_options(predict)
     _add_engine_options(predict, "decoding in CPU tasks, scoring in --workers actors, each loading the model once; "
                                  "rows also as Parquet parts in parts/")
+    predict.add_argument("--shared-out", action="store_true",
+                         help="with --engine ray: --out is shared storage every node writes at the same path (NFS, "
+                              "a shared volume), so the workers write the overlays, masks and maps themselves (they "
+                              "do on a cluster that is this machine alone); docs/scale.md")
     predict.set_defaults(category=None, preset=None)  # None: not given (a model file then decides)
 
 
@@ -579,6 +583,8 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     from clipfusion.tasks.predict import Engine, PredictJob, plan_predict, run_predict
 
     _refuse_torch_options_for_exports(args)
+    if args.shared_out and args.engine != "ray":
+        raise ClipfusionError("--shared-out tells Ray's workers that they can write --out: use it with --engine ray")
     if args.trusted_keys and not args.model:
         raise ClipfusionError("--trusted-keys checks the signature of --model: give the signed model file or export")
     model = _open_model(args) if args.model else None
@@ -598,7 +604,8 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
         recipe = _recipe("clipfusion", {"batch_size": args.batch_size, "runtime": _runtime(args)}, model) \
             if model is not None else _recipe(args.method, _params(args, args.method))
-        engine = Engine(ray_scorer(recipe, _ray_options(args)), parquet=True, precision=recipe.precision())
+        engine = Engine(ray_scorer(recipe, _ray_options(args), args.shared_out), parquet=True,
+                        precision=recipe.precision())
     elif model is not None:
         detector = model.detector(_runtime(args), args.batch_size)
     else:

@@ -2,22 +2,28 @@
 CPU tasks, inspected by an actor pool whose actors each load the model once and run the one inspection
 core (``clipfusion.inspection.Inspector``: score, maps at the image's size, thresholds, regions), and
 rendered (overlays, masks: tens of milliseconds of CPU per image) in CPU tasks again, so a GPU neither
-waits on JPEG decoding nor on PNG encoding.  The driver writes every file and row, exactly as the local
-engine does, from the same batches, so the outputs are the same.  Ray Data hands the batches back in
-their order (``preserve_order``), holding the early finishers in its object store, not the driver."""
+waits on JPEG decoding nor on PNG encoding.  Where the rendering tasks can reach ``--out`` (every node of
+the cluster is this machine, or ``--shared-out`` says it is shared storage) they write the files
+themselves, named by a random id, and the driver writes only the rows; otherwise the driver writes every
+file and row, named by the row's position, as the local engine does.  The rows are the same either way.
+Ray Data hands the batches back in their order (``preserve_order``), holding the early finishers in its
+object store, not the driver."""
 from __future__ import annotations
 
 import logging
 import pickle
+import uuid
 from collections.abc import Iterator, Sequence
+from pathlib import Path, PurePath
 from typing import Any
 
 from clipfusion.distributed.cluster import RayOptions, connect
 from clipfusion.distributed.recipe import DetectorRecipe
 from clipfusion.inspection.core import InspectionSettings
 from clipfusion.inspection.sources import read_sources
-from clipfusion.inspection.writer import Rendered, render
+from clipfusion.inspection.writer import ImageWriter, Rendered, render
 
+logger = logging.getLogger(__name__)
 # Memory each decoding task asks Ray for: enough for one batch of large frames.  It is also what keeps
 # decoding in its own tasks: Ray Data fuses a task into the next actor only when their requests match.
 DECODE_MEMORY = 512 * 2**20
@@ -51,15 +57,31 @@ class InspectingActor:
         return {"batch": row["batch"], "payload": pickle.dumps(inspections, protocol=5)}
 
 
-def _render(row: dict[str, Any], settings: InspectionSettings) -> dict[str, Any]:
-    outcomes: list[Outcome] = [(item.source, str(item.error)) if not item.ok else
-                               render(item, settings.decisions, settings.model_id, settings.signer)
-                               for item in pickle.loads(row["payload"])]
+def _render(row: dict[str, Any], settings: InspectionSettings, out: str | None) -> dict[str, Any]:
+    """A batch's inspections → rendered files (written into ``out`` here when given: the driver then
+    receives names, not bytes)."""
+    writer = None if out is None else ImageWriter(Path(out))
+    outcomes: list[Outcome] = []
+    for item in pickle.loads(row["payload"]):
+        if not item.ok:
+            outcomes.append((item.source, str(item.error)))
+            continue
+        rendered = render(item, settings.decisions, settings.model_id, settings.signer)
+        # the row's position is the driver's to know: a worker names files by a random id, never reused
+        outcomes.append(rendered if writer is None else
+                        writer.store(f"w{uuid.uuid4().hex[:12]}_{PurePath(item.source).stem}", rendered))
     return {"batch": row["batch"], "payload": pickle.dumps(outcomes, protocol=5)}
 
 
-def ray_scorer(recipe: DetectorRecipe, options: RayOptions) -> Any:
-    """``make_scorer(settings)`` for ``clipfusion.tasks.predict.Engine``: batches inspected on Ray."""
+def workers_reach(ray: Any, shared_out: bool) -> bool:
+    """Whether the rendering tasks can write ``--out`` at the driver's path: every live node of the cluster
+    is this machine, or the user said ``--shared-out``."""
+    here = ray.util.get_node_ip_address()
+    return shared_out or all(node["NodeManagerAddress"] == here for node in ray.nodes() if node["Alive"])
+
+
+def ray_scorer(recipe: DetectorRecipe, options: RayOptions, shared_out: bool = False) -> Any:
+    """``make_scorer(settings, out)`` for ``clipfusion.tasks.predict.Engine``: batches inspected on Ray."""
     ray = connect(options, spare_cpus=2 * STAGE_CPUS)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # predict shows its own bar, per image
@@ -67,8 +89,12 @@ def ray_scorer(recipe: DetectorRecipe, options: RayOptions) -> Any:
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # its execution plans and progress-bar notes
 
     stage_tasks = STAGE_TASKS_PER_WORKER * options.workers
+    workers_write = workers_reach(ray, shared_out)
+    logger.info("predict on Ray: %s", "the workers write the overlays, masks and maps; the driver the rows"
+                if workers_write else "the driver writes every file (the cluster has nodes that may not reach "
+                                      "--out: --shared-out if they do)")
 
-    def make_scorer(settings: InspectionSettings) -> Any:
+    def make_scorer(settings: InspectionSettings, out: Path) -> Any:
         def score(batches: Sequence[Sequence[str]]) -> Iterator[list[Outcome]]:
             if not batches:
                 return
@@ -79,7 +105,9 @@ def ray_scorer(recipe: DetectorRecipe, options: RayOptions) -> Any:
                        .map(InspectingActor, fn_constructor_args=(recipe, settings),
                             compute=ray.data.ActorPoolStrategy(size=options.workers),
                             num_cpus=options.cpus_per_worker, num_gpus=options.gpus_per_worker)
-                       .map(_render, fn_kwargs={"settings": settings}, num_cpus=STAGE_CPUS,
+                       .map(_render, fn_kwargs={"settings": settings,
+                                                "out": str(out.resolve()) if workers_write else None},
+                            num_cpus=STAGE_CPUS,
                             concurrency=stage_tasks))
             for following, row in enumerate(dataset.iter_rows()):
                 if row["batch"] != following:  # preserve_order failed us: the rows would be misattributed

@@ -8,6 +8,7 @@ caller commits a row; :meth:`ImageWriter.remove` takes back the files of a row t
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import time
 from collections.abc import Sequence
@@ -36,12 +37,15 @@ ROW_FIELDS = ("path", "score", "normalised_score", "decision", "threshold", "reg
 @dataclass
 class Rendered:
     """One inspected image ready to be written: its row without file names, its files' bytes by folder
-    (``maps``, ``overlays``, ``thumbnails``, and ``masks`` for NG images) and its seconds so far."""
+    (``maps``, ``overlays``, ``thumbnails``, and ``masks`` for NG images) and its seconds so far.
+    ``names``: the files' names by folder when they are written already (by a worker: ``files`` is then
+    empty); None while only their bytes exist."""
 
     source: str
     row: dict[str, Any]
     files: dict[str, bytes]
     seconds: float
+    names: dict[str, str] | None = None
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -103,13 +107,20 @@ class ImageWriter:
     def __init__(self, out: Path) -> None:
         self.out = out
 
-    def write(self, name: str, rendered: Rendered) -> dict[str, Any]:
-        """Write ``rendered``'s files as ``<folder>/<name><suffix>``; its row (``path`` and the verdict),
-        naming them relative to ``out``."""
+    def store(self, name: str, rendered: Rendered) -> Rendered:
+        """Write ``rendered``'s files as ``<folder>/<name><suffix>`` now; the same, holding their names
+        instead of their bytes (what a worker hands the driver, which then writes only the row)."""
         names = {folder: f"{folder}/{name}{FILE_SUFFIXES[folder]}" for folder in rendered.files}
         for folder, data in rendered.files.items():
             (self.out / folder).mkdir(parents=True, exist_ok=True)
             write_atomic(self.out / names[folder], data)
+        return dataclasses.replace(rendered, files={}, names=names)
+
+    def write(self, name: str, rendered: Rendered) -> dict[str, Any]:
+        """Write ``rendered``'s files as ``<folder>/<name><suffix>`` (unless a worker wrote them already);
+        its row (``path`` and the verdict), naming them relative to ``out``."""
+        names = rendered.names if rendered.names is not None else self.store(name, rendered).names
+        assert names is not None
         return {"path": rendered.source, **rendered.row, "overlay": names["overlays"], "mask": names.get("masks"),
                 "map": names["maps"], "thumbnail": names["thumbnails"]}
 

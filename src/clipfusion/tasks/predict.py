@@ -53,7 +53,7 @@ def render_all(inspections: Sequence[Inspection], settings: InspectionSettings) 
             render(item, settings.decisions, settings.model_id, settings.signer) for item in inspections]
 
 
-def local_scorer(detector: Detector, settings: InspectionSettings) -> Scorer:
+def local_scorer(detector: Detector, settings: InspectionSettings, out: Path) -> Scorer:
     """Batches inspected one after the other in this process.
 
     A row's ``seconds`` is that image's own latency: its decoding, the model pass of its batch (the
@@ -165,11 +165,12 @@ def _check_options(job: PredictJob) -> None:
 
 @dataclass(frozen=True)
 class Engine:
-    """Where the images are scored: ``make_scorer(settings)`` gives the scorer of one run; ``parquet``
+    """Where the images are scored: ``make_scorer(settings, out)`` gives the scorer of one run writing into
+    ``out`` (an engine whose workers reach ``out`` may write the files there itself); ``parquet``
     also keeps the rows as Parquet parts (``parts/``) for data tools; ``precision``: the dtype its
     detectors run in, as far as the driver can tell (each row says what ran)."""
 
-    make_scorer: Callable[[InspectionSettings], Scorer]
+    make_scorer: Callable[[InspectionSettings, Path], Scorer]
     parquet: bool = False
     precision: str | None = None
 
@@ -281,7 +282,7 @@ def run_predict(job: PredictJob, plan: PredictPlan, detector: Detector | None, e
             write_atomic(plan.out / "run.json", json_text({"identity": identity, "how": decisions.how,
                                                            "references": references, "model": job.model}))
         parts = ParquetParts(plan.out / PARTS, ROW_FIELDS, NUMBER_FIELDS) if engine.parquet else None
-        rows, skipped = predict_paths(engine.make_scorer(settings), plan.paths, plan.out, job.batch_size,
+        rows, skipped = predict_paths(engine.make_scorer(settings, plan.out), plan.paths, plan.out, job.batch_size,
                                       job.progress, parts)
         if not rows:
             raise ClipfusionError("none of the images could be scored (see the messages above)")
