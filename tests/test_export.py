@@ -250,7 +250,8 @@ from clipfusion.data.base import read_rgb
 from clipfusion.service.app import create_app
 from clipfusion.service.database import make_engine, migrate, session_factory
 from clipfusion.config import RuntimeConfig
-from clipfusion.service.inspector import ServedModel, Upload
+from clipfusion.service.inspector import ServedModel
+from clipfusion.service.uploads import Upload
 from clipfusion.service.settings import ServiceSettings
 export, image, data = map(Path, sys.argv[1:4])
 settings = ServiceSettings(models=(export,), data_dir=data, runtime=RuntimeConfig(dtype="float32"))

@@ -410,10 +410,16 @@ def _add_serve(commands: Any) -> None:
     serve.add_argument("--max-queue", type=_positive, default=64,
                        help="images waiting per model before answering 503 (default: %(default)s)")
     serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body (default: %(default)s)")
-    serve.add_argument("--max-pixels", type=_positive, default=100_000_000, metavar="N",
-                       help="largest image in pixels (default: %(default)s)")
+    serve.add_argument("--max-pixels", type=_positive, default=50_000_000, metavar="N",
+                       help="largest image in pixels (default: %(default)s; at most --pixel-budget)")
     serve.add_argument("--min-region-area", type=int, default=16, dest="min_area", metavar="PIXELS",
                        help="smallest region reported (default: %(default)s)")
+    serve.add_argument("--pixel-budget", type=_positive, default=50, metavar="MEGAPIXELS",
+                       help="megapixels all requests in flight may decode together (about 45 MB of memory each); "
+                            "beyond it requests get 503 + Retry-After before anything is decoded (default: "
+                            "%(default)s; docs/service.md#memory)")
+    serve.add_argument("--min-free-mb", type=_positive, default=500, metavar="MB",
+                       help="/readyz reports not ready below this much free disk in --data (default: %(default)s)")
     serve.add_argument("--api-key-file", default=None, metavar="FILE",
                        help="accepted API keys, one per line; without it the API needs no key")
     serve.add_argument("--batch-size", type=int, default=8, help=argparse.SUPPRESS)
@@ -684,7 +690,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         max_queue=args.max_queue, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
         min_area=args.min_area, api_keys=read_api_keys(args.api_key_file),
         store_images=Path(args.store_images) if args.store_images else None,
-        learn=args.learn, keep_days=args.keep_days, trusted_keys=trusted)
+        learn=args.learn, keep_days=args.keep_days, trusted_keys=trusted, min_free_mb=args.min_free_mb,
+        pixel_budget=args.pixel_budget * 1_000_000)
     print(f"clipfusion serve: http://{args.host}:{args.port}/ (API at /docs), data in {Path(args.data).resolve()}",
           flush=True)
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning" if args.quiet else "info")

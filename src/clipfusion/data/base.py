@@ -179,6 +179,20 @@ def read_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     return pil_to_rgb(_open(Path(path), max_pixels))
 
 
+def encoded_size(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """The (width, height) that the bytes of the image file ``name`` would decode to, read from its header
+    alone (no pixel is decoded); ImageReadError when it is no image or above ``max_pixels``."""
+    try:
+        with _own_size_limit(), Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageReadError(name, str(exc) or type(exc).__name__) from None
+    if width * height > max_pixels:
+        raise ImageTooLargeError(name, f"{width}x{height} is {width * height / 1e6:.0f} megapixels, above the "
+                                       f"limit of {max_pixels / 1e6:.0f} (raise it with --max-pixels)")
+    return width, height
+
+
 def decode_rgb(data: bytes, name: str, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """:func:`read_rgb` for the bytes of an uploaded file called ``name``."""
     return pil_to_rgb(_open(Path(name), max_pixels, data))

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -14,6 +16,8 @@ from clipfusion.service import errors
 from clipfusion.service.routers import health, inspections, models, page
 from clipfusion.service.settings import ServiceSettings
 from clipfusion.service.state import ServiceState
+
+REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # an X-Request-ID taken as given: safe in logs and headers
 
 
 async def _prune_hourly(state: ServiceState) -> None:
@@ -38,7 +42,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 
     app = FastAPI(title="clipfusion inspection service", version=__version__, lifespan=lifespan,
                   description="Zero-/few-shot visual anomaly inspection (CLIPFusion). Errors are JSON "
-                              "{code, detail}.")
+                              "{code, detail, request_id}.")
     app.state.service = state
     errors.install(app)
     for router in (health.router, models.router, inspections.router, page.router):
@@ -47,8 +51,16 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 
     @app.middleware("http")
     async def measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        """Give the request its id (``X-Request-ID``, accepted when sane, else new), answer an unexpected
+        failure as JSON, and count every answer by status."""
+        given = request.headers.get("x-request-id", "")
+        request.state.request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         start = time.perf_counter()
-        response = await call_next(request)
+        try:
+            response = await call_next(request)
+        except Exception as error:  # anything the handlers did not turn into an answer: a 500, counted
+            response = errors.internal_error(request, error)
+        response.headers.setdefault("X-Request-ID", request.state.request_id)
         route = getattr(request.scope.get("route"), "path", "unmatched")
         state.metrics.requests.labels(request.method, route, str(response.status_code)).inc()
         state.metrics.latency.labels(route).observe(time.perf_counter() - start)

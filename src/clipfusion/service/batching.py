@@ -100,10 +100,13 @@ class Batcher(Generic[Item, Result]):
         try:
             results = await asyncio.get_running_loop().run_in_executor(self._executor, self.process,
                                                                        [job.item for job in jobs])
-        except Exception as exc:  # the whole batch failed: every waiting request hears why
-            for job in jobs:
-                if not job.future.done():
-                    job.future.set_exception(exc)
+        except Exception as exc:
+            if len(jobs) > 1:  # one item may have failed them all: each runs again alone, and fails alone
+                for job in jobs:
+                    await self._deliver([job])
+                return
+            if not jobs[0].future.done():
+                jobs[0].future.set_exception(exc)
             return
         if self.on_batch:
             self.on_batch(len(jobs), time.perf_counter() - start)

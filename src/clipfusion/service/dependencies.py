@@ -35,7 +35,8 @@ def require_api_key(request: Request, state: StateDep) -> None:
     keys = state.settings.api_keys
     if not keys:
         return
-    given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ")
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    given = request.headers.get("x-api-key") or (credentials.strip() if scheme.lower() == "bearer" else "")
     # compare with every key in constant time: the answer's timing says nothing about a key
     if not any(hmac.compare_digest(given.encode(), key.encode()) for key in keys):
         raise ServiceError(401, "unauthorized", "a valid API key is needed (header X-API-Key or Authorization: "

@@ -6,7 +6,6 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -22,22 +21,9 @@ from clipfusion.outputs import write_atomic
 from clipfusion.service.settings import ServiceSettings
 from clipfusion.service.tables import Inspection as InspectionRow
 from clipfusion.service.tables import Region
+from clipfusion.service.uploads import ItemError, Upload
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class Upload:
-    """A decoded uploaded image: (H, W, 3) uint8, its file name and bytes, and when it arrived."""
-
-    filename: str
-    image: np.ndarray
-    data: bytes
-    received: float  # time.perf_counter() when its request was read
-
-
-class NotFiniteError(ValueError):
-    """The model gave this image a score or map that is not a finite number."""
 
 
 class ServedModel:
@@ -82,44 +68,54 @@ class ServedModel:
         bank = getattr(self.inspector.detector, "memory_bank_", None)
         return 0 if bank is None else int(bank.manifest.get("k", 0))
 
-    def inspect(self, uploads: list[Upload]) -> list[str | NotFiniteError]:
-        """Inspect ``uploads`` as one batch, write each one's files and rows in one transaction (the files
-        are removed again if it is rolled back); the new inspection ids (or, per image, why it could not
-        be scored)."""
+    def inspect(self, uploads: list[Upload]) -> list[str | ItemError]:
+        """Inspect ``uploads`` as one batch; each image's files and row are then stored on their own (one
+        transaction each, its files removed if it fails), so one image that cannot be stored fails alone.
+        The new inspection ids, or per image why it has none."""
         inspections = self.inspector.inspect_decoded([Decoded(u.filename, u.image) for u in uploads])
         if self.observe_model is not None and inspections:
             self.observe_model(inspections[0].model_seconds)
-        outcomes: list[str | NotFiniteError] = []
-        written: list[dict[str, Any]] = []
-        try:
-            with self.sessions.begin() as session:
-                for upload, inspection in zip(uploads, inspections, strict=True):
-                    if not inspection.ok:
-                        outcomes.append(NotFiniteError(f"{upload.filename}: the model's score or map is not a "
-                                                       "finite number"))
-                        continue
-                    identifier = uuid.uuid4().hex
-                    row = self.files.write(identifier, render(inspection, self.inspector.decisions, self.sha256,
-                                                              self.model.signer))
-                    written.append(row)
-                    session.add(self._row(identifier, upload, inspection, row))
-                    outcomes.append(identifier)
-        except BaseException:
-            for row in written:  # files exist only for committed rows
-                self.files.remove(row)
-            raise
-        return outcomes
+        return [self._store(upload, inspection) for upload, inspection in zip(uploads, inspections, strict=True)]
 
-    def _row(self, identifier: str, upload: Upload, inspection: Inspection, row: dict[str, Any]) -> InspectionRow:
-        """The database row of one inspection (its upload kept under ``--store-images``)."""
-        stored = None
-        if self.settings.images_dir is not None:  # the name only: the folder is the settings'
-            stored = f"{identifier}{Path(upload.filename).suffix[:10]}"
-            write_atomic(self.settings.images_dir / stored, upload.data)
+    def _store(self, upload: Upload, inspection: Inspection) -> str | ItemError:
+        if not inspection.ok:
+            return ItemError(upload.filename, 422, "not_finite", f"{upload.filename}: the model's score or map is "
+                                                                 "not a finite number")
+        identifier = uuid.uuid4().hex
+        row: dict[str, Any] | None = None
+        stored: Path | None = None
+        try:
+            row = self.files.write(identifier, render(inspection, self.inspector.decisions, self.sha256,
+                                                      self.model.signer))
+            if self.settings.images_dir is not None:
+                stored = self.settings.images_dir / f"{identifier}{_suffix(upload.filename)}"
+                write_atomic(stored, upload.data)
+            with self.sessions.begin() as session:
+                session.add(self._row(identifier, upload, inspection, row, stored))
+        except Exception:  # this image's files or row (a full disk, a database refusal): it alone fails
+            logger.exception("inspection of %s by %s could not be stored", upload.filename, self.name)
+            if row is not None:  # files exist only for committed rows
+                self.files.remove(row)
+            if stored is not None:
+                stored.unlink(missing_ok=True)
+            return ItemError(upload.filename, 500, "storage_failed", f"{upload.filename}: its inspection could not "
+                                                                     "be stored (the service log says why)")
+        return identifier
+
+    def _row(self, identifier: str, upload: Upload, inspection: Inspection, row: dict[str, Any],
+             stored: Path | None) -> InspectionRow:
+        """The database row of one inspection (``stored``: its upload, kept under ``--store-images``)."""
         height, width = upload.image.shape[:2]
         return InspectionRow(
             id=identifier, model=self.name, model_sha256=self.sha256, created=datetime.now(timezone.utc),
             filename=upload.filename, width=width, height=height, score=inspection.score,
             normalised_score=row["normalised_score"], decision=row["decision"], threshold=row["threshold"],
             seconds=round(time.perf_counter() - upload.received, 4), overlay=row["overlay"], mask=row["mask"],
-            image=stored, signer=self.model.signer, regions=[Region(**region) for region in row["regions"] or []])
+            image=None if stored is None else stored.name, signer=self.model.signer,
+            regions=[Region(**region) for region in row["regions"] or []])
+
+
+def _suffix(filename: str) -> str:
+    """The file name's suffix as the kept upload's: letters and digits only (a name is not a path)."""
+    kept = "".join(c for c in Path(filename).suffix[1:11] if c.isascii() and c.isalnum())
+    return f".{kept}" if kept else ""

@@ -42,6 +42,12 @@ def load_inspections(session: Session, ids: Sequence[str]) -> list[InspectionOut
     return [to_out(found[i]) for i in ids]
 
 
+def as_utc(moment: datetime) -> datetime:
+    """``moment`` in UTC, as the rows are stored (a time without an offset is taken as UTC): SQLite compares
+    the stored text, so a ``+02:00`` bound must become UTC first."""
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+
+
 def history(session: Session, model: str | None, decision: str | None, since: datetime | None,
             until: datetime | None, feedback: str | None, limit: int, offset: int) -> tuple[list[InspectionOut], int]:
     """Inspections matching every given filter, newest first: (one page, total count)."""
@@ -51,9 +57,9 @@ def history(session: Session, model: str | None, decision: str | None, since: da
     if decision:
         query = query.where(Inspection.decision == decision)
     if since:
-        query = query.where(Inspection.created >= since)
+        query = query.where(Inspection.created >= as_utc(since))
     if until:
-        query = query.where(Inspection.created < until)
+        query = query.where(Inspection.created < as_utc(until))
     with_feedback = select(Feedback.inspection_id)
     if feedback == "none":
         query = query.where(Inspection.id.not_in(with_feedback))

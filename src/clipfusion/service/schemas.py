@@ -12,6 +12,8 @@ class ErrorOut(BaseModel):
 
     code: str
     detail: str
+    request_id: str = Field("", description="the request's id (X-Request-ID): the service log names the cause of "
+                                            "a 500 under it")
 
 
 class RegionOut(BaseModel):
@@ -86,8 +88,18 @@ class InspectionOut(BaseModel):
     feedback: list[FeedbackOut] = []
 
 
+class FailedOut(BaseModel):
+    """An image of the request that has no inspection, and why (the others are inspected all the same)."""
+
+    index: int = Field(description="its position among the request's files, from 0")
+    filename: str
+    code: str = Field(description="unreadable_image, image_too_large, not_finite or storage_failed")
+    detail: str
+
+
 class InspectOut(BaseModel):
     inspections: list[InspectionOut]
+    failed: list[FailedOut] = Field([], description="the images that could not be inspected, each with its reason")
 
 
 class InspectionPage(BaseModel):

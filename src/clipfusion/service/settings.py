@@ -5,10 +5,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clipfusion.config import RuntimeConfig
-from clipfusion.data.base import MAX_PIXELS
 from clipfusion.errors import ClipfusionError
 from clipfusion.runtime.manifest import is_export
 from clipfusion.signing import TrustedKeys
+
+# The largest image the service takes by default: 50 MP (an 8K frame is 33 MP), about 1.3 GB while it is
+# inspected; predict's own default is MAX_PIXELS.
+SERVE_MAX_PIXELS = 50_000_000
 
 
 @dataclass(frozen=True)
@@ -20,7 +23,10 @@ class ServiceSettings:
     api_keys: accepted keys (empty: no authentication).  learn: confirmed false alarms join the
     model's memory bank.  store_images: a folder to keep each uploaded file in (with --learn, uploads are
     kept in ``data_dir/files/images`` when it is not given); keep_days: for so many days.
-    trusted_keys: only models signed by one of these keys are served (None: signatures not checked)."""
+    trusted_keys: only models signed by one of these keys are served (None: signatures not checked).
+    min_free_mb: /readyz answers 503 ``disk_low`` when data_dir's disk has less free space.
+    pixel_budget: the pixels all requests in flight may decode together (about 10 bytes of memory each);
+    at least max_pixels, or the largest image allowed could never be inspected."""
 
     models: tuple[Path, ...]
     data_dir: Path = Path("clipfusion-serve")
@@ -31,13 +37,15 @@ class ServiceSettings:
     max_wait_ms: float = 10.0
     max_queue: int = 64
     max_upload_bytes: int = 20 * 1024 * 1024
-    max_pixels: int = MAX_PIXELS
+    max_pixels: int = SERVE_MAX_PIXELS
     min_area: int = 16
     api_keys: frozenset[str] = frozenset()
     learn: bool = False
     store_images: Path | None = None
     keep_days: float | None = None  # stored uploads older than this are deleted (None: kept)
     trusted_keys: TrustedKeys | None = None
+    min_free_mb: int = 500  # /readyz fails below this much free space in data_dir
+    pixel_budget: int = 50_000_000  # decoded pixels in flight over all requests (admission.PixelBudget)
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -52,6 +60,9 @@ class ServiceSettings:
         if self.learn and self.trusted_keys is not None:
             raise ClipfusionError("--learn writes new model versions that no trusted key has signed, and "
                                   "--trusted-keys serves only signed models: drop one of them")
+        if self.pixel_budget < self.max_pixels:
+            raise ClipfusionError(f"--pixel-budget ({self.pixel_budget / 1e6:g} MP) must be at least --max-pixels "
+                                  f"({self.max_pixels / 1e6:g} MP), or the largest image allowed could never run")
         if self.max_batch < 1 or self.max_queue < 1 or self.max_wait_ms < 0 or self.max_upload_bytes < 1:
             raise ClipfusionError("--max-batch, --max-queue and --max-upload-mb must be >= 1, --max-wait-ms >= 0")
 

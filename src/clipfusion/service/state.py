@@ -12,15 +12,17 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from clipfusion.inspection import ModelFile
 from clipfusion.service import learning
+from clipfusion.service.admission import PixelBudget
 from clipfusion.service.batching import Batcher
 from clipfusion.service.database import make_engine, migrate, session_factory
 from clipfusion.service.errors import ServiceError
-from clipfusion.service.inspector import ServedModel, Upload
+from clipfusion.service.inspector import ServedModel
 from clipfusion.service.learning import active_version
 from clipfusion.service.metrics import ServiceMetrics
 from clipfusion.service.schemas import ChangeOut
 from clipfusion.service.settings import ServiceSettings, model_name
 from clipfusion.service.tables import Inspection, ModelVersion
+from clipfusion.service.uploads import Upload
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +36,10 @@ class ServiceState:
     ready: bool = False
     engine: Engine | None = None
     sessions: sessionmaker[Session] | None = None
+    pixels: PixelBudget = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.pixels = PixelBudget(self.settings.pixel_budget)
 
     def open(self) -> None:
         """Database first (migrated), then every model: a bad model file stops the start-up, not a request."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 from fastapi import APIRouter, Depends, Request
 from sqlalchemy import select
@@ -11,11 +12,11 @@ from starlette.concurrency import run_in_threadpool
 from clipfusion.service.batching import QueueFullError, ShuttingDownError
 from clipfusion.service.dependencies import SessionDep, StateDep, require_api_key
 from clipfusion.service.errors import ServiceError
-from clipfusion.service.inspector import NotFiniteError
 from clipfusion.service.records import load_inspections
-from clipfusion.service.schemas import AuditOut, ChangeOut, ErrorOut, InspectOut, ModelOut, VersionOut
+from clipfusion.service.schemas import AuditOut, ChangeOut, ErrorOut, FailedOut, InspectOut, ModelOut, VersionOut
+from clipfusion.service.state import ServiceState
 from clipfusion.service.tables import Audit, ModelVersion
-from clipfusion.service.uploads import read_uploads
+from clipfusion.service.uploads import ItemError, Upload, decode, measure, read_files
 
 router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Depends(require_api_key)])
 ERRORS: dict[int | str, dict[str, object]] = {status: {"model": ErrorOut} for status in (401, 404, 413, 415, 422, 503)}
@@ -38,31 +39,48 @@ def list_models(state: StateDep) -> list[ModelOut]:
 @router.post("/{name}/inspect", response_model=InspectOut, responses=ERRORS)
 async def inspect(name: str, request: Request, state: StateDep) -> InspectOut:
     """Score one or more images: multipart files (any field name), or one raw image body
-    (``Content-Type: image/...``, file name in ``?filename=``)."""
+    (``Content-Type: image/...``, file name in ``?filename=``).  Each image is inspected or refused on its
+    own: 200 with ``failed`` listing those refused, an error status only when none is inspected."""
     state.model(name)  # 404 before reading the upload
-    uploads = await read_uploads(request, state.settings)
-    try:
-        outcomes = await state.batchers[name].submit_many(uploads)
-    except QueueFullError:
-        raise ServiceError(503, "queue_full", f"model {name} has {state.settings.max_queue} images waiting; retry "
-                                              "shortly", headers={"Retry-After": "1"}) from None
-    except ShuttingDownError:
-        raise ServiceError(503, "shutting_down", "the service is stopping", headers={"Retry-After": "5"}) from None
-    failed = [str(outcome) for outcome in outcomes if isinstance(outcome, NotFiniteError)]
-    ids = [str(outcome) for outcome in outcomes if not isinstance(outcome, NotFiniteError)]
+    batcher = state.batchers[name]
+    if batcher.depth >= state.settings.max_queue:  # before the body is read or anything decoded
+        raise _queue_full(name, state)
+    received = time.perf_counter()
+    files = await read_files(request, state.settings)
+    await run_in_threadpool(measure, files, state.settings)
+    with state.pixels.hold(sum(item.pixels for item in files)):
+        decoded = await run_in_threadpool(decode, files, state.settings, received)
+        uploads = [item for item in decoded if isinstance(item, Upload)]
+        try:
+            results = await batcher.submit_many(uploads) if uploads else []
+        except QueueFullError:
+            raise _queue_full(name, state) from None
+        except ShuttingDownError:
+            raise ServiceError(503, "shutting_down", "the service is stopping", headers={"Retry-After": "5"}) from None
+    by_upload = iter(results)
+    outcomes = [item if isinstance(item, ItemError) else next(by_upload) for item in decoded]
+    failed = [FailedOut(index=index, filename=outcome.filename, code=outcome.code, detail=outcome.detail)
+              for index, outcome in enumerate(outcomes) if isinstance(outcome, ItemError)]
+    ids = [outcome for outcome in outcomes if isinstance(outcome, str)]
+    if not ids:  # nothing inspected: the request fails with its first image's reason
+        first = next(outcome for outcome in outcomes if isinstance(outcome, ItemError))
+        raise ServiceError(first.status, first.code, "; ".join(f.detail for f in failed))
 
     def fetch() -> InspectOut:
         assert state.sessions is not None
         session: Session
         with state.sessions() as session:
-            return InspectOut(inspections=load_inspections(session, ids))
+            return InspectOut(inspections=load_inspections(session, ids), failed=failed)
 
     answer = await run_in_threadpool(fetch)
     for inspection in answer.inspections:
         state.metrics.decisions.labels(name, inspection.decision).inc()
-    if failed:
-        raise ServiceError(422, "not_finite", "; ".join(failed))
     return answer
+
+
+def _queue_full(name: str, state: ServiceState) -> ServiceError:
+    return ServiceError(503, "queue_full", f"model {name} has {state.settings.max_queue} images waiting; retry "
+                                           "shortly", headers={"Retry-After": "1"})
 
 
 @router.post("/{name}/rollback", response_model=ChangeOut, responses=ERRORS)
