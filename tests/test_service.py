@@ -262,7 +262,7 @@ def test_the_service_on_postgresql(model, synthetic_root, tmp_path):
 
 def test_learning_from_a_false_alarm_and_rolling_it_back(model, synthetic_root, tmp_path):
     data = tmp_path / "data"
-    server = start_server([model], data, "--learn")
+    server = start_server([model], data, "--learn", "--min-normals", "1")
     try:
         paths = _images(synthetic_root)
         inspections = _inspect(server.url, paths).json()["inspections"]
@@ -275,7 +275,13 @@ def test_learning_from_a_false_alarm_and_rolling_it_back(model, synthetic_root, 
                             timeout=120).json()
         learned = answer["learned"]
         assert learned["action"] == "learn" and learned["bank_size"] == 3
-        assert "thresholds kept" in learned["note"]  # no operator-confirmed normal outside the bank yet
+        assert "thresholds kept: 0 operator-confirmed" in learned["note"]  # none outside the bank yet
+        # a double click: the same verdict again is the first one (200), and learns nothing more
+        twice = httpx.post(f"{server.url}/v1/inspections/{first['id']}/feedback", json={"label": "normal"},
+                           timeout=120)
+        assert twice.status_code == 200 and twice.json()["id"] == answer["id"] and twice.json()["learned"] is None
+        assert len(httpx.get(f"{server.url}/v1/models/disc/versions").json()) == 2
+        assert len(httpx.get(f"{server.url}/v1/inspections/{first['id']}").json()["feedback"]) == 1
         # the service now scores with the bank plus that image: recomputed here from the original file
         expected = CLIPFusion.load(model).add_references([path], "disc").predict([path], "disc").scores[0]
         again = _inspect(server.url, [path]).json()["inspections"][0]
@@ -305,7 +311,19 @@ def test_learning_from_a_false_alarm_and_rolling_it_back(model, synthetic_root, 
         assert [v["active"] for v in versions].count(True) == 1 and versions[-1]["active"]
         actions = [entry["action"] for entry in httpx.get(f"{server.url}/v1/models/disc/audit").json()]
         assert actions == ["rollback", "rollback", "learn", "learn"]
-        httpx.post(f"{server.url}/v1/inspections/{first['id']}/feedback", json={"label": "normal"}, timeout=120)
+        # a false alarm whose upload is gone: 409, and its verdict is not kept (it can be given again)
+        gone = alarms[2] if len(alarms) > 2 else _inspect(server.url, [second_path]).json()["inspections"][0]
+        stored = httpx.get(f"{server.url}/v1/inspections/{gone['id']}").json()
+        for upload in (data / "files" / "images").glob(f"{gone['id']}*"):
+            upload.unlink()
+        refused = httpx.post(f"{server.url}/v1/inspections/{gone['id']}/feedback", json={"label": "normal"})
+        assert refused.status_code == 409 and refused.json()["code"] == "image_not_stored", stored
+        assert httpx.get(f"{server.url}/v1/inspections/{gone['id']}").json()["feedback"] == []
+        # learning again after the rollbacks: a new inspection of the first image, confirmed normal
+        anew = _inspect(server.url, [path]).json()["inspections"][0]
+        assert anew["decision"] == "NG"
+        assert httpx.post(f"{server.url}/v1/inspections/{anew['id']}/feedback", json={"label": "normal"},
+                          timeout=120).json()["learned"]["bank_size"] == 3
     finally:
         server.stop()
     restarted = start_server([model], data, "--learn")  # the learned version survives a restart

@@ -404,6 +404,10 @@ def _add_serve(commands: Any) -> None:
     serve.add_argument("--learn", action="store_true",
                        help="a false alarm confirmed by an operator joins the model's memory bank as a new model "
                             "version (uploads are kept; undo with POST /v1/models/NAME/rollback)")
+    serve.add_argument("--min-normals", type=_positive, default=10, metavar="N",
+                       help="with --learn: re-derive the thresholds only from at least N operator-confirmed normal "
+                            "images outside the bank; fewer keep them, and the answer says why (default: "
+                            "%(default)s)")
     serve.add_argument("--max-batch", type=_positive, default=8, help="images per model batch (default: %(default)s)")
     serve.add_argument("--max-wait-ms", type=float, default=10.0,
                        help="how long a batch may wait to fill (default: %(default)s)")
@@ -691,7 +695,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         min_area=args.min_area, api_keys=read_api_keys(args.api_key_file),
         store_images=Path(args.store_images) if args.store_images else None,
         learn=args.learn, keep_days=args.keep_days, trusted_keys=trusted, min_free_mb=args.min_free_mb,
-        pixel_budget=args.pixel_budget * 1_000_000)
+        pixel_budget=args.pixel_budget * 1_000_000, min_normals=args.min_normals)
     print(f"clipfusion serve: http://{args.host}:{args.port}/ (API at /docs), data in {Path(args.data).resolve()}",
           flush=True)
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning" if args.quiet else "info")

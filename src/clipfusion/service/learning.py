@@ -48,18 +48,23 @@ def learn(session: Session, model: ServedModel, inspection: Inspection) -> Chang
                                                 "model file to learn from false alarms")
     from clipfusion.methods.clipfusion.detector import CLIPFusion  # torch: not for exports, which never learn
 
+    reference = f"{REFERENCE_PREFIX}{inspection.id}"
+    if any(entry["name"] == reference for entry in model.card.references):  # learned already (a race, a retry)
+        raise ServiceError(409, "already_learned", f"inspection {inspection.id} is in model {model.name}'s bank "
+                                                   "already")
+
     before = model.card.thresholds
     detector = CLIPFusion.load(model.path, model.settings.runtime, model.settings.batch_size, card=model.card)
-    reference = f"{REFERENCE_PREFIX}{inspection.id}"
     detector.add_references([read_rgb(folder / inspection.image)], model.category, [reference])
     in_bank = {name.removeprefix(REFERENCE_PREFIX) for name in detector.memory_bank_.manifest["references"]}
     normals = _held_out_normals(session, model, in_bank)
-    if normals:
+    if len(normals) >= model.settings.min_normals:
         detector.set_thresholds(derive_thresholds(detector, normals, model.category, model.settings.batch_size,
                                                   model.settings.max_pixels), model.category)
         note = f"thresholds re-derived from {len(normals)} operator-confirmed normal images not in the bank"
     else:
-        note = "thresholds kept: no operator-confirmed normal image outside the bank to derive them from yet"
+        note = (f"thresholds kept: {len(normals)} operator-confirmed normal images outside the bank, fewer than the "
+                f"{model.settings.min_normals} (--min-normals) to derive them from")
     references = [*model.card.references, {"name": reference,
                                            "sha256": file_sha256(folder / inspection.image)}]
     folder = model.settings.data_dir / "models"

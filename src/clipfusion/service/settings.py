@@ -25,6 +25,7 @@ class ServiceSettings:
     kept in ``data_dir/files/images`` when it is not given); keep_days: for so many days.
     trusted_keys: only models signed by one of these keys are served (None: signatures not checked).
     min_free_mb: /readyz answers 503 ``disk_low`` when data_dir's disk has less free space.
+    min_normals: learning re-derives the thresholds only from at least so many confirmed normal images.
     pixel_budget: the pixels all requests in flight may decode together (about 10 bytes of memory each);
     at least max_pixels, or the largest image allowed could never be inspected."""
 
@@ -46,6 +47,7 @@ class ServiceSettings:
     trusted_keys: TrustedKeys | None = None
     min_free_mb: int = 500  # /readyz fails below this much free space in data_dir
     pixel_budget: int = 50_000_000  # decoded pixels in flight over all requests (admission.PixelBudget)
+    min_normals: int = 10  # operator-confirmed normals needed before learning re-derives the thresholds
 
     def __post_init__(self) -> None:
         if not self.models:

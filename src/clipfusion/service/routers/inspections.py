@@ -4,8 +4,9 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Response
 from fastapi.responses import FileResponse
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -62,21 +63,37 @@ def mask(identifier: str, session: SessionDep,
 
 
 @router.post("/{identifier}/feedback", response_model=FeedbackOut, status_code=201, responses=ERRORS)
-async def post_feedback(identifier: str, body: FeedbackIn, state: StateDep) -> FeedbackOut:
+async def post_feedback(identifier: str, body: FeedbackIn, state: StateDep, response: Response) -> FeedbackOut:
     """Record an operator's verdict on an inspection.  With ``--learn``, ``normal`` on an NG inspection
-    (a false alarm) adds its image to the model's memory bank as a new model version."""
-    def record() -> tuple[FeedbackOut, str, str]:
+    (a false alarm) adds its image to the model's memory bank as a new model version.  Idempotent: the
+    same verdict on the same inspection again (a double click, a retried request) is answered 200 with
+    the first record and learns nothing more; a verdict whose learning fails is not kept."""
+    def record() -> tuple[FeedbackOut, str, str, bool]:
         assert state.sessions is not None
         with state.sessions.begin() as session:
             inspection = _inspection(session, identifier)
-            entry = Feedback(inspection_id=inspection.id, label=body.label, note=body.note,
-                             created=datetime.now(timezone.utc))
+            earlier = session.scalars(select(Feedback).where(Feedback.inspection_id == inspection.id,
+                                                             Feedback.label == body.label)).first()
+            entry = earlier or Feedback(inspection_id=inspection.id, label=body.label, note=body.note,
+                                        created=datetime.now(timezone.utc))
             session.add(entry)
             session.flush()
             return (FeedbackOut(id=entry.id, label=body.label, note=entry.note, created=entry.created),
-                    inspection.model, inspection.decision)
+                    inspection.model, inspection.decision, earlier is None)
 
-    answer, model, decision = await run_in_threadpool(record)
+    def forget(feedback_id: int) -> None:
+        assert state.sessions is not None
+        with state.sessions.begin() as session:
+            session.execute(delete(Feedback).where(Feedback.id == feedback_id))
+
+    answer, model, decision, new = await run_in_threadpool(record)
+    if not new:
+        response.status_code = 200
+        return answer
     if state.settings.learn and body.label == "normal" and decision == "NG" and model in state.models:
-        answer.learned = await state.learn(model, identifier)
+        try:
+            answer.learned = await state.learn(model, identifier)
+        except ServiceError:  # nothing was learned: the verdict is not kept either, and can be given again
+            await run_in_threadpool(forget, answer.id)
+            raise
     return answer
