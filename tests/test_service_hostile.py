@@ -40,7 +40,7 @@ def server(model, tmp_path_factory):
     served = folder / "disc.cfm"
     shutil.copy(model, served)
     started = start_server([served], folder / "data", "--max-pixels", "3000000", "--pixel-budget", "4",
-                           "--store-images", str(folder / "uploads"), "--min-region-area", "1")
+                           "--store-images", str(folder / "uploads"), "--min-region-area", "1", "--read-timeout", "1")
     yield started
     started.stop()
 
@@ -195,3 +195,35 @@ def test_the_bearer_scheme_is_case_insensitive(service):
         answer = httpx.get(f"{service.url}/v1/models", headers={"Authorization": f"{scheme} {API_KEY}"})
         assert answer.status_code == 200, scheme
     assert httpx.get(f"{service.url}/v1/models", headers={"Authorization": f"Basic {API_KEY}"}).status_code == 401
+
+
+def test_a_stalled_upload_is_refused_and_a_slow_inspection_meets_its_deadline(server, model, tmp_path):
+    """A client that declares 1000 bytes, sends 10 and stalls is answered 408 ``body_timeout`` after
+    --read-timeout (1 s), not held; a request that waits past --deadline is answered 504."""
+    import socket
+
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as connection:
+        connection.sendall(b"POST /v1/models/disc/inspect HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                           b"Content-Length: 1000\r\n\r\n" + png(8)[:10])
+        start = time.perf_counter()
+        reply = connection.recv(4096).decode("latin-1")
+        waited = time.perf_counter() - start
+        while "}" not in reply:  # the body may come in a second packet; the server then closes
+            more = connection.recv(4096).decode("latin-1")
+            if not more:
+                break
+            reply += more
+    assert reply.startswith("HTTP/1.1 408") and '"code":"body_timeout"' in reply and 0.8 < waited < 5, (reply, waited)
+
+    from starlette.testclient import TestClient
+
+    from clipfusion.config import RuntimeConfig
+    from clipfusion.service.app import create_app
+    from clipfusion.service.settings import ServiceSettings
+
+    settings = ServiceSettings(models=(model,), data_dir=tmp_path / "data", runtime=RuntimeConfig("cpu", "float32"),
+                               deadline=0.001)
+    with TestClient(create_app(settings)) as client:
+        late = client.post("/v1/models/disc/inspect", files={"files": ("late.png", png(256), "image/png")})
+    assert late.status_code == 504 and late.json()["code"] == "deadline_exceeded"

@@ -404,6 +404,11 @@ def _add_serve(commands: Any) -> None:
     serve.add_argument("--learn", action="store_true",
                        help="a false alarm confirmed by an operator joins the model's memory bank as a new model "
                             "version (uploads are kept; undo with POST /v1/models/NAME/rollback)")
+    serve.add_argument("--read-timeout", type=float, default=10.0, metavar="SECONDS",
+                       help="refuse an upload that sends nothing for this long (408; default: %(default)s)")
+    serve.add_argument("--deadline", type=float, default=300.0, metavar="SECONDS",
+                       help="answer 504 to a request still waiting for its inspections after this long (default: "
+                            "%(default)s)")
     serve.add_argument("--min-normals", type=_positive, default=10, metavar="N",
                        help="with --learn: re-derive the thresholds only from at least N operator-confirmed normal "
                             "images outside the bank; fewer keep them, and the answer says why (default: "
@@ -695,7 +700,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         min_area=args.min_area, api_keys=read_api_keys(args.api_key_file),
         store_images=Path(args.store_images) if args.store_images else None,
         learn=args.learn, keep_days=args.keep_days, trusted_keys=trusted, min_free_mb=args.min_free_mb,
-        pixel_budget=args.pixel_budget * 1_000_000, min_normals=args.min_normals)
+        pixel_budget=args.pixel_budget * 1_000_000, min_normals=args.min_normals, read_timeout=args.read_timeout,
+        deadline=args.deadline)
     print(f"clipfusion serve: http://{args.host}:{args.port}/ (API at /docs), data in {Path(args.data).resolve()}",
           flush=True)
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning" if args.quiet else "info")

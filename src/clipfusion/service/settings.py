@@ -26,6 +26,8 @@ class ServiceSettings:
     trusted_keys: only models signed by one of these keys are served (None: signatures not checked).
     min_free_mb: /readyz answers 503 ``disk_low`` when data_dir's disk has less free space.
     min_normals: learning re-derives the thresholds only from at least so many confirmed normal images.
+    read_timeout: an upload stalled for so many seconds is refused (408); deadline: a request waiting longer
+    for its inspections is answered 504 (its images still queued are dropped, finished ones recorded).
     pixel_budget: the pixels all requests in flight may decode together (about 10 bytes of memory each);
     at least max_pixels, or the largest image allowed could never be inspected."""
 
@@ -48,6 +50,8 @@ class ServiceSettings:
     min_free_mb: int = 500  # /readyz fails below this much free space in data_dir
     pixel_budget: int = 50_000_000  # decoded pixels in flight over all requests (admission.PixelBudget)
     min_normals: int = 10  # operator-confirmed normals needed before learning re-derives the thresholds
+    read_timeout: float = 10.0  # seconds without a byte of an upload before it is refused (408)
+    deadline: float = 300.0  # seconds a request may wait for its inspections (504)
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -65,6 +69,8 @@ class ServiceSettings:
         if self.pixel_budget < self.max_pixels:
             raise ClipfusionError(f"--pixel-budget ({self.pixel_budget / 1e6:g} MP) must be at least --max-pixels "
                                   f"({self.max_pixels / 1e6:g} MP), or the largest image allowed could never run")
+        if self.read_timeout <= 0 or self.deadline <= 0:
+            raise ClipfusionError("--read-timeout and --deadline must be positive numbers of seconds")
         if self.max_batch < 1 or self.max_queue < 1 or self.max_wait_ms < 0 or self.max_upload_bytes < 1:
             raise ClipfusionError("--max-batch, --max-queue and --max-upload-mb must be >= 1, --max-wait-ms >= 0")
 

@@ -7,6 +7,7 @@ the request's, unless no item is left.
 """
 from __future__ import annotations
 
+import asyncio
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,15 +69,24 @@ def safe_filename(name: str) -> str:
     return escaped
 
 
-async def _body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it exceeds ``limit`` bytes (declared or streamed)."""
+async def _body(request: Request, limit: int, timeout: float) -> bytes:
+    """The request body, refused with 413 as soon as it exceeds ``limit`` bytes (declared or streamed),
+    and with 408 when ``timeout`` seconds pass without a byte of it (a stalled client holds nothing)."""
     declared = request.headers.get("content-length")
     too_large = ServiceError(413, "upload_too_large", f"the upload is larger than the limit of {limit} bytes "
                                                       "(--max-upload-mb)")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_large
     chunks, size = [], 0
-    async for chunk in request.stream():
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), timeout)
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise ServiceError(408, "body_timeout", f"no byte of the upload arrived for {timeout:g} s "
+                                                    "(--read-timeout)", headers={"Connection": "close"}) from None
         size += len(chunk)
         if size > limit:
             raise too_large
@@ -87,7 +97,7 @@ async def _body(request: Request, limit: int) -> bytes:
 async def read_files(request: Request, settings: ServiceSettings) -> list[Received]:
     """The files of the request, not decoded: multipart files (any field name) or one raw image body."""
     kind = request.headers.get("content-type", "")
-    body = await _body(request, settings.max_upload_bytes)
+    body = await _body(request, settings.max_upload_bytes, settings.read_timeout)
     files: list[Received] = []
     if kind.startswith("multipart/form-data"):
         request._body = body  # starlette's form parser reads this body, which we already bounded

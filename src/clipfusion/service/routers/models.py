@@ -1,6 +1,7 @@
 """/v1/models: what is served, and inspecting images with one of them."""
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -52,7 +53,12 @@ async def inspect(name: str, request: Request, state: StateDep) -> InspectOut:
         decoded = await run_in_threadpool(decode, files, state.settings, received)
         uploads = [item for item in decoded if isinstance(item, Upload)]
         try:
-            results = await batcher.submit_many(uploads) if uploads else []
+            results = await asyncio.wait_for(batcher.submit_many(uploads), state.settings.deadline) \
+                if uploads else []
+        except asyncio.TimeoutError:  # its images still queued are dropped; a batch already running is recorded
+            raise ServiceError(504, "deadline_exceeded", f"the inspection took longer than {state.settings.deadline:g} "
+                                                         "s (--deadline); images it finished are in the history",
+                               headers={"Retry-After": "5"}) from None
         except QueueFullError:
             raise _queue_full(name, state) from None
         except ShuttingDownError:
