@@ -151,13 +151,11 @@ def _ray_options(args: argparse.Namespace) -> Any:
     return RayOptions(args.ray_address, args.workers, args.gpus_per_worker, args.cpus_per_worker)
 
 
-def _recipe(method: str, params: dict[str, Any], model: Any = None) -> Any:
-    """How each Ray worker builds its detector; ``model``: an opened ``ModelFile``."""
+def _recipe(method: str, params: dict[str, Any]) -> Any:
+    """How each Ray worker builds its detector."""
     from clipfusion.distributed.recipe import DetectorRecipe
 
-    if model is None:
-        return DetectorRecipe(method, params)
-    return DetectorRecipe(method, params, str(model.path), model.recorded_dtype, model.sha256)
+    return DetectorRecipe(method, params)
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -595,7 +593,7 @@ def _open_model(args: argparse.Namespace) -> Any:
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
-    from clipfusion.tasks.predict import Engine, PredictJob, plan_predict, run_predict
+    from clipfusion.tasks.predict import PredictJob, choose_engine, plan_predict, run_predict
 
     _refuse_torch_options_for_exports(args)
     if args.shared_out and args.engine != "ray":
@@ -612,19 +610,9 @@ def _cmd_predict(args: argparse.Namespace) -> None:
                      max_pixels=args.max_pixels)
     # every mistake in the options, inputs and --out is reported before a model loads or Ray starts
     plan = plan_predict(job, local=args.engine == "local")
-    engine: Engine | None = None
-    detector: Any = None
-    if args.engine == "ray":
-        from clipfusion.distributed.predict import ray_scorer
-
-        recipe = _recipe("clipfusion", {"batch_size": args.batch_size, "runtime": _runtime(args)}, model) \
-            if model is not None else _recipe(args.method, _params(args, args.method))
-        engine = Engine(ray_scorer(recipe, _ray_options(args), args.shared_out), parquet=True,
-                        precision=recipe.precision())
-    elif model is not None:
-        detector = model.detector(_runtime(args), args.batch_size)
-    else:
-        detector = _make_detector(args, args.method)
+    detector, engine = choose_engine(args.engine, args.method, functools.partial(_params, args, args.method), model,
+                                     _runtime(args), args.batch_size,
+                                     _ray_options(args) if args.engine == "ray" else None, args.shared_out)
     summary, decisions = run_predict(job, plan, detector, engine, model)
     out = Path(args.out).resolve()
     print(f"scored {summary['images']} images ({len(summary['skipped'])} skipped) → {out / 'results.csv'}")

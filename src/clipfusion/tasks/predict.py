@@ -15,6 +15,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from clipfusion.config import RuntimeConfig
 from clipfusion.data.base import MAX_PIXELS, read_images
 from clipfusion.decisions import NG
 from clipfusion.errors import ClipfusionError
@@ -173,6 +174,27 @@ class Engine:
     make_scorer: Callable[[InspectionSettings, Path], Scorer]
     parquet: bool = False
     precision: str | None = None
+
+
+def choose_engine(engine: str, method: str, params: Callable[[], dict[str, Any]], model: ModelFile | None,
+                  runtime: RuntimeConfig, batch_size: int, ray_options: Any = None, shared_out: bool = False
+                  ) -> tuple[Detector | None, Engine | None]:
+    """``--engine``: (the detector of this process, None) for ``local``, built from the opened ``model`` or
+    from ``method`` and its constructor arguments ``params()``; (None, the Ray engine) for ``ray``, whose
+    workers build the same detector (``ray_options``: the cluster, workers and their resources)."""
+    if engine == "ray":
+        from clipfusion.distributed.predict import ray_scorer
+        from clipfusion.distributed.recipe import DetectorRecipe
+
+        recipe = DetectorRecipe(method, params()) if model is None else \
+            DetectorRecipe("clipfusion", {"batch_size": batch_size, "runtime": runtime}, str(model.path),
+                           model.recorded_dtype, model.sha256)
+        return None, Engine(ray_scorer(recipe, ray_options, shared_out), parquet=True, precision=recipe.precision())
+    if model is not None:
+        return model.detector(runtime, batch_size), None
+    from clipfusion.methods.registry import make_detector_factory
+
+    return make_detector_factory(method, **params())(), None
 
 
 @dataclass(frozen=True)
