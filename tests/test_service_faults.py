@@ -106,6 +106,14 @@ def test_kill_9_under_load_then_restart_keeps_everything_answered(model, synthet
         by_name = {item["filename"]: item["id"] for item in listed}
         assert {name: by_name.get(name) for name in load.answered} == load.answered  # rows stay...
         assert not any(path.exists() for path in stored)  # ...their stored uploads are gone
+        files = data / "files"
+        for identifier in load.answered.values():  # and their overlays, masks, maps and thumbnails
+            assert not list(files.glob(f"*/{identifier}.*")), identifier
+        pruned = httpx.get(f"{restarted.url}/v1/inspections/{next(iter(load.answered.values()))}/overlay.png")
+        assert pruned.status_code == 404 and pruned.json()["code"] == "pruned"
+        free = [line for line in httpx.get(f"{restarted.url}/metrics").text.splitlines()
+                if line.startswith("clipfusion_disk_free_bytes ")]
+        assert free and float(free[0].split()[1]) > 0
         assert httpx.post(f"{restarted.url}/v1/models/disc/inspect",
                           files={"files": ("after.png", image, "image/png")}, timeout=60).status_code == 200
     finally:

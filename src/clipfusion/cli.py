@@ -398,7 +398,8 @@ def _add_serve(commands: Any) -> None:
     serve.add_argument("--store-images", default=None, metavar="DIR",
                        help="keep every uploaded file in DIR (with --learn they are kept in --data by default)")
     serve.add_argument("--keep-days", type=float, default=None, metavar="N",
-                       help="delete stored uploads older than N days (checked hourly; the inspections stay)")
+                       help="delete the files of inspections older than N days: overlays, masks, maps, thumbnails "
+                            "and stored uploads (checked hourly; the inspections' rows stay)")
     serve.add_argument("--learn", action="store_true",
                        help="a false alarm confirmed by an operator joins the model's memory bank as a new model "
                             "version (uploads are kept; undo with POST /v1/models/NAME/rollback)")

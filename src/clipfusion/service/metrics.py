@@ -20,5 +20,7 @@ class ServiceMetrics:
                                        ["model"], registry=self.registry)
         self.model_seconds = Histogram("clipfusion_model_seconds", "time in the detector per batch (scoring only)",
                                        ["model"], registry=self.registry)
+        self.disk_free = Gauge("clipfusion_disk_free_bytes", "free space on the disk of the data folder",
+                               registry=self.registry)
         self.decisions = Counter("clipfusion_decisions_total", "inspections by decision", ["model", "decision"],
                                  registry=self.registry)

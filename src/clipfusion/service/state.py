@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -11,6 +12,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from clipfusion.inspection import ModelFile
+from clipfusion.inspection.writer import FILE_SUFFIXES
 from clipfusion.service import learning
 from clipfusion.service.admission import PixelBudget
 from clipfusion.service.batching import Batcher
@@ -44,6 +46,7 @@ class ServiceState:
     def open(self) -> None:
         """Database first (migrated), then every model: a bad model file stops the start-up, not a request."""
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.watch_disk()
         self.engine = make_engine(self.settings.url)
         migrate(self.engine)
         self.sessions = session_factory(self.engine)
@@ -54,6 +57,11 @@ class ServiceState:
                                 self.metrics.model_seconds.labels(name).observe)
             self.models[name] = model
             logger.info("serving %s (%s, %s) from %s", name, model.category, model.model.preset, model.path)
+
+    def watch_disk(self) -> None:
+        """/metrics reports the data folder's free space, read at each scrape."""
+        folder = self.settings.data_dir
+        self.metrics.disk_free.set_function(lambda: float(shutil.disk_usage(folder).free))
 
     def start_batchers(self) -> None:
         for name, model in self.models.items():
@@ -69,19 +77,24 @@ class ServiceState:
         self.ready = True
 
     def prune_images(self) -> int:
-        """Delete stored uploads older than ``keep_days`` (the inspection rows stay); how many."""
-        folder = self.settings.images_dir
-        if self.settings.keep_days is None or self.sessions is None or folder is None:
+        """With ``keep_days``: delete the files of inspections older than that (their overlay, mask, raw map
+        and thumbnail, and their stored upload); the inspection rows stay, their file fields emptied.  How
+        many inspections were pruned."""
+        if self.settings.keep_days is None or self.sessions is None:
             return 0
         cutoff = datetime.now(timezone.utc) - timedelta(days=self.settings.keep_days)
+        files, uploads = self.settings.data_dir / "files", self.settings.images_dir
         with self.sessions.begin() as session:
-            old = session.scalars(select(Inspection).where(Inspection.image.is_not(None),
-                                                           Inspection.created < cutoff)).all()
+            old = session.scalars(select(Inspection).where(Inspection.created < cutoff, (Inspection.overlay != "")
+                                                           | Inspection.image.is_not(None))).all()
             for inspection in old:
-                (folder / str(inspection.image)).unlink(missing_ok=True)
-                inspection.image = None
+                for folder, suffix in FILE_SUFFIXES.items():
+                    (files / folder / f"{inspection.id}{suffix}").unlink(missing_ok=True)
+                if uploads is not None and inspection.image:
+                    (uploads / inspection.image).unlink(missing_ok=True)
+                inspection.overlay, inspection.mask, inspection.image = "", None, None
         if old:
-            logger.info("deleted %d stored uploads older than %g days", len(old), self.settings.keep_days)
+            logger.info("deleted the files of %d inspections older than %g days", len(old), self.settings.keep_days)
         return len(old)
 
     async def close(self) -> None:

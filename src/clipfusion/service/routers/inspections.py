@@ -48,8 +48,10 @@ def get_inspection(identifier: str, session: SessionDep) -> InspectionOut:
 @router.get("/{identifier}/overlay.png", response_class=FileResponse, responses=ERRORS)
 def overlay(identifier: str, session: SessionDep,
             state: StateDep) -> FileResponse:
-    return FileResponse(state.settings.data_dir / "files" / _inspection(session, identifier).overlay,
-                        media_type="image/png")
+    inspection = _inspection(session, identifier)
+    if not inspection.overlay:
+        raise ServiceError(404, "pruned", f"inspection {identifier}'s files were deleted after --keep-days")
+    return FileResponse(state.settings.data_dir / "files" / inspection.overlay, media_type="image/png")
 
 
 @router.get("/{identifier}/mask.png", response_class=FileResponse, responses=ERRORS)
