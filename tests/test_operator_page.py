@@ -26,6 +26,9 @@ def test_an_operator_uploads_an_image_sees_its_verdict_and_marks_a_false_alarm(s
     page.dispatch_event("#key", "change")
     page.wait_for_function("document.querySelectorAll('#model option').length === 1")
     assert "disc" in page.inner_text("#model-panel") and "image threshold" in page.inner_text("#model-panel")
+    # the key lives as long as the tab: never in localStorage, which outlives it on a shared line PC
+    assert page.evaluate("localStorage.getItem('clipfusion-key')") is None
+    assert page.evaluate("sessionStorage.getItem('clipfusion-key')") == API_KEY
 
     image = sorted((synthetic_root / "disc" / "test" / "hole").iterdir())[0]
     page.set_input_files("#files", str(image))

@@ -4,7 +4,7 @@ const state = { offset: 0, limit: 20, total: 0 };
 const $ = (id) => document.getElementById(id);
 
 function headers(extra = {}) {
-  const key = $("key").value || localStorage.getItem("clipfusion-key") || "";
+  const key = $("key").value || sessionStorage.getItem("clipfusion-key") || "";
   return key ? { ...extra, "X-API-Key": key } : extra;
 }
 
@@ -149,7 +149,7 @@ function wire() {
   $("only-ng").addEventListener("change", () => { state.offset = 0; loadHistory(); });
   $("older").onclick = () => { if (state.offset + state.limit < state.total) { state.offset += state.limit; loadHistory(); } };
   $("newer").onclick = () => { state.offset = Math.max(0, state.offset - state.limit); loadHistory(); };
-  $("key").addEventListener("change", () => { localStorage.setItem("clipfusion-key", $("key").value); start(); });
+  $("key").addEventListener("change", () => { sessionStorage.setItem("clipfusion-key", $("key").value); start(); });
 }
 
 async function start() {
