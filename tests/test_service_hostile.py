@@ -227,3 +227,21 @@ def test_a_stalled_upload_is_refused_and_a_slow_inspection_meets_its_deadline(se
     with TestClient(create_app(settings)) as client:
         late = client.post("/v1/models/disc/inspect", files={"files": ("late.png", png(256), "image/png")})
     assert late.status_code == 504 and late.json()["code"] == "deadline_exceeded"
+
+
+def test_the_docs_list_every_error_code_the_service_can_answer():
+    """Every code in the service's source (its ServiceErrors, per-image errors, the framework's and the
+    fallbacks) is in docs/service.md's table, under its status."""
+    import re
+
+    import clipfusion.service as service
+    from clipfusion.service.errors import HTTP_CODES
+
+    source = "\n".join(path.read_text() for path in Path(service.__file__).parent.rglob("*.py"))
+    raised = set(re.findall(r'(?:ServiceError|ItemError)\([^,]*?,?\s*(\d{3}), "([a-z_]+)"', source))
+    assert ("404", "unknown_model") in raised and ("422", "not_finite") in raised  # the search finds them
+    raised |= {(str(status), code) for status, code in HTTP_CODES.items()} | {("500", "internal_error")}
+    docs = Path(service.__file__).parents[3] / "docs" / "service.md"
+    rows = dict(re.findall(r"^\| (\d{3}|other) \| (.+) \|$", docs.read_text(), re.M))
+    missing = sorted((status, code) for status, code in raised if f"`{code}`" not in rows.get(status, ""))
+    assert not missing and "`error`" in rows["other"]
