@@ -23,6 +23,7 @@ from clipfusion.service.database import make_engine, migrate
 from clipfusion.service.tables import Base
 
 from .conftest import API_KEY
+from .commands import clipfusion_here
 from .servers import start_postgres, start_server
 
 KEY = {"X-API-Key": API_KEY}
@@ -222,15 +223,36 @@ def test_concurrent_clients_are_all_answered_and_recorded_once(service, syntheti
 
 
 def test_the_migrations_build_the_orm_schema_on_sqlite_and_postgresql(tmp_path):
+    """`clipfusion db upgrade` and serve's own migration build the ORM's schema; on PostgreSQL two
+    migrations started together (two services against one database) take turns instead of racing."""
     postgres = start_postgres()
     try:
+        racing = [make_engine(postgres.url) for _ in range(2)]
+        errors: list[BaseException] = []
+
+        def run(engine) -> None:
+            try:
+                migrate(engine)
+            except BaseException as exc:  # collected: the test fails naming it
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(engine,)) for engine in racing]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert not errors, errors
+        for engine in racing:
+            engine.dispose()
         for url in (f"sqlite:///{tmp_path / 'schema.db'}", postgres.url):
+            done = clipfusion_here("db", "upgrade", "--db", url)
+            assert done.returncode == 0 and done.stdout.strip().endswith("-> 0003"), done.stderr
             engine = make_engine(url)
-            migrate(engine)
             migrate(engine)  # idempotent
             with engine.connect() as connection:
                 assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
             engine.dispose()
+        assert "empty -> 0003" in clipfusion_here("db", "upgrade", "--data", str(tmp_path / "fresh")).stdout
     finally:
         postgres.stop()
 

@@ -284,6 +284,17 @@ def _add_fit(commands: Any) -> None:
     _add_processing_options(fit)
 
 
+def _add_db(commands: Any) -> None:
+    db = _command(commands, "db", "bring the inspection database's schema up to date (before serve)",
+                  "Apply the service's database migrations: what `serve` does at start, as a step of its own "
+                  "(run it once when several services share one PostgreSQL).", epilog("db"))
+    db.add_argument("action", choices=("upgrade",), help="upgrade: to the newest schema (idempotent)")
+    db.add_argument("--db", default=None, metavar="URL", help="a SQLAlchemy database URL (default: the SQLite "
+                                                             "database in --data)")
+    db.add_argument("--data", default="clipfusion-serve", metavar="DIR", help="as for serve (default: %(default)s)")
+    _add_common(db)
+
+
 def _add_signing(commands: Any) -> None:
     keygen = _command(commands, "keygen", "make an Ed25519 key pair to sign model files and exports",
                       "Write a private key (PEM, readable by you only) and its public key (.pub) beside it.",
@@ -458,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fit(commands)
     _add_calibrate(commands)
     _add_signing(commands)
+    _add_db(commands)
     _add_export(commands)
     _add_sweep(commands)
     _add_benchmark(commands)
@@ -696,6 +708,24 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
 
 
+def _cmd_db(args: argparse.Namespace) -> None:
+    try:
+        from clipfusion.service.database import current_revision, make_engine, migrate
+    except ImportError as exc:
+        raise ClipfusionError(f"the database needs the service's packages ({exc.name} is missing): "
+                              "pip install 'clipfusion[serve]'") from None
+    url = args.db or f"sqlite:///{(Path(args.data) / 'inspections.db').resolve()}"
+    if args.db is None:
+        Path(args.data).mkdir(parents=True, exist_ok=True)
+    engine = make_engine(url)
+    try:
+        before = current_revision(engine)
+        migrate(engine)
+        print(f"database schema: {before or 'empty'} -> {current_revision(engine)}")
+    finally:
+        engine.dispose()
+
+
 def _cmd_keygen(args: argparse.Namespace) -> None:
     from clipfusion.signing import generate_key
 
@@ -766,6 +796,7 @@ INTERRUPTED = {
     "and results.csv; add --resume to the same command to score the rest",
     "fit": "no memory bank was written", "benchmark": "nothing was written",
     "calibrate": "no model file was written",
+    "db": "the migration's transaction was rolled back",
     "keygen": "no key was written", "sign": "no signature was written", "verify": "nothing was checked",
     "export": "the folder holds no complete export; run it again",
     "synth": "the dataset is incomplete; run it again",
@@ -787,7 +818,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_output(args.quiet, args.debug)
     commands = {"demo": _cmd_demo, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "fit": _cmd_fit,
                 "calibrate": _cmd_calibrate, "export": _cmd_export, "keygen": _cmd_keygen, "sign": _cmd_sign,
-                "verify": _cmd_verify,
+                "verify": _cmd_verify, "db": _cmd_db,
                 "sweep": _cmd_sweep, "benchmark": _cmd_benchmark, "synth": _cmd_synth, "serve": _cmd_serve}
     try:
         from tqdm.contrib.logging import logging_redirect_tqdm

@@ -158,6 +158,12 @@ EXAMPLES: dict[str, tuple[list[tuple[str, str]], str]] = {
         "A missing, foreign, revoked (revoked.txt in the folder) or forged signature, or a model changed after "
         "signing, exits 2 with one line saying which.",
     ),
+    "db": (
+        [("clipfusion db upgrade --db postgresql+psycopg://inspect@db/line", "once, before the services start"),
+         ("clipfusion db upgrade --data /var/lib/clipfusion", "the embedded SQLite database")],
+        "serve migrates at start too; on PostgreSQL under an advisory lock, so services starting together take "
+        "turns.",
+    ),
 }
 
 

@@ -7,7 +7,8 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from alembic.migration import MigrationContext
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from clipfusion.errors import ClipfusionError
@@ -37,13 +38,27 @@ def make_engine(url: str) -> Engine:
         raise ClipfusionError(f"cannot use the database {url!r}: {exc}") from None
 
 
+# PostgreSQL advisory lock held while migrating: several services (or `clipfusion db upgrade`) starting against
+# one database take turns instead of racing to create the same tables.  Any fixed 64-bit number will do.
+MIGRATION_LOCK = 0x636C6970_66757331
+
+
 def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest Alembic revision (creating it on an empty database)."""
+    """Bring the schema to the newest Alembic revision (creating it on an empty database); on PostgreSQL
+    under an advisory lock, released when the transaction ends."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The schema's Alembic revision (None: an empty database)."""
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
