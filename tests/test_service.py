@@ -22,8 +22,8 @@ from clipfusion.methods.clipfusion.model_file import read_card
 from clipfusion.service.database import make_engine, migrate
 from clipfusion.service.tables import Base
 
-from .conftest import API_KEY
 from .commands import clipfusion_here
+from .conftest import API_KEY
 from .servers import start_postgres, start_server
 
 KEY = {"X-API-Key": API_KEY}
