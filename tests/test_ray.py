@@ -272,9 +272,9 @@ def test_sweep_on_ray_equals_the_local_engine(ray_address, synthetic_root, tmp_p
 def test_rendering_tasks_write_files_only_where_they_reach_out(model, photos, tmp_path):
     """Without a reachable --out a rendering task hands the driver bytes; with one it writes the files and
     hands names; the rows the driver then writes are the same but for the names, the files the same bytes."""
-    import pickle
     from types import SimpleNamespace
 
+    from clipfusion.distributed.payloads import pack_inspections, unpack_outcomes
     from clipfusion.distributed.predict import _render, workers_reach
     from clipfusion.inspection import Inspector, ModelFile
     from clipfusion.inspection.core import InspectionSettings
@@ -284,9 +284,9 @@ def test_rendering_tasks_write_files_only_where_they_reach_out(model, photos, tm
     inspector = Inspector.from_model(opened)
     settings = InspectionSettings(inspector.decisions, opened.category, opened.sha256)
     inspections = inspector.inspect([*_image_paths(photos / "a")[:3], str(photos / "broken.png")])
-    payload = {"batch": 0, "payload": pickle.dumps(inspections)}
-    by_driver = pickle.loads(_render(payload, settings, None)["payload"])
-    by_worker = pickle.loads(_render(payload, settings, str(tmp_path / "worker"))["payload"])
+    payload = {"batch": 0, "payload": pack_inspections(inspections)}
+    by_driver = unpack_outcomes(_render(payload, settings, None)["payload"])
+    by_worker = unpack_outcomes(_render(payload, settings, str(tmp_path / "worker"))["payload"])
     assert by_driver[-1] == by_worker[-1] == (str(photos / "broken.png"), by_driver[-1][1])  # the failure, as is
     driver_writer, worker_writer = ImageWriter(tmp_path / "driver"), ImageWriter(tmp_path / "worker")
     for index, (sent, stored) in enumerate(zip(by_driver[:-1], by_worker[:-1], strict=True)):
@@ -306,3 +306,35 @@ def test_rendering_tasks_write_files_only_where_they_reach_out(model, photos, tm
     assert workers_reach(cluster("10.0.0.1"), shared_out=False)
     assert not workers_reach(cluster("10.0.0.1", "10.0.0.2"), shared_out=False)
     assert workers_reach(cluster("10.0.0.1", "10.0.0.2"), shared_out=True)
+
+
+def test_what_travels_between_the_stages_is_arrays_and_records(model, photos):
+    """Each stage's payload reads back equal (pixels, maps, masks, regions, numbers, file bytes) from a
+    plain .npz that numpy loads with allow_pickle=False: data, never code."""
+    import io
+
+    from clipfusion.distributed import payloads
+    from clipfusion.inspection import Inspector
+    from clipfusion.inspection.writer import render
+
+    sources = [*_image_paths(photos / "a")[:3], str(photos / "broken.png")]
+    decoded = read_sources(sources, 10**8)
+    back = payloads.unpack_decoded(payloads.pack_decoded(decoded))
+    assert [(d.source, d.reason, d.seconds) for d in back] == [(d.source, d.reason, d.seconds) for d in decoded]
+    assert all((a.image is None and b.image is None) or np.array_equal(a.image, b.image)
+               for a, b in zip(back, decoded, strict=True))
+    inspector = Inspector.from_model(model)
+    inspections = inspector.inspect_decoded(decoded)
+    again = payloads.unpack_inspections(payloads.pack_inspections(inspections))
+    for got, sent in zip(again, inspections, strict=True):
+        assert (got.source, got.score, got.decision, got.regions, got.error, got.precision) == \
+            (sent.source, sent.score, sent.decision, sent.regions, sent.error, sent.precision)
+        for name in payloads.INSPECTION_ARRAYS:
+            assert (getattr(got, name) is None) == (getattr(sent, name) is None)
+            if getattr(sent, name) is not None:
+                assert np.array_equal(getattr(got, name), getattr(sent, name))
+    outcomes = [render(i, inspector.decisions) if i.ok else (i.source, str(i.error)) for i in inspections]
+    packed = payloads.pack_outcomes(outcomes)
+    assert payloads.unpack_outcomes(packed) == outcomes
+    with np.load(io.BytesIO(packed), allow_pickle=False) as stored:
+        assert all(stored[name].dtype != object for name in stored.files)

@@ -11,17 +11,25 @@ object store, not the driver."""
 from __future__ import annotations
 
 import logging
-import pickle
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePath
 from typing import Any
 
 from clipfusion.distributed.cluster import RayOptions, connect
+from clipfusion.distributed.payloads import (
+    Outcome,
+    pack_decoded,
+    pack_inspections,
+    pack_outcomes,
+    unpack_decoded,
+    unpack_inspections,
+    unpack_outcomes,
+)
 from clipfusion.distributed.recipe import DetectorRecipe
 from clipfusion.inspection.core import InspectionSettings
 from clipfusion.inspection.sources import read_sources
-from clipfusion.inspection.writer import ImageWriter, Rendered, render
+from clipfusion.inspection.writer import ImageWriter, render
 
 logger = logging.getLogger(__name__)
 # Memory each decoding task asks Ray for: enough for one batch of large frames.  It is also what keeps
@@ -36,13 +44,12 @@ STAGE_CPUS = 0.5
 STAGE_TASKS_PER_WORKER = 2
 
 
-Outcome = Rendered | tuple[str, str]  # a rendered inspection, or (source, why it has no verdict)
 
 
 def _decode(row: dict[str, Any], max_pixels: int) -> dict[str, Any]:
-    """One batch's sources → its decoded images.  Images of different sizes travel pickled in one
-    binary cell: a batch must reach the inspector whole, as the local engine forms it."""
-    return {"batch": row["batch"], "payload": pickle.dumps(read_sources(row["sources"], max_pixels), protocol=5)}
+    """One batch's sources → its decoded images, in one cell (``payloads``: arrays and records): a batch
+    must reach the inspector whole, as the local engine forms it."""
+    return {"batch": row["batch"], "payload": pack_decoded(read_sources(row["sources"], max_pixels))}
 
 
 class InspectingActor:
@@ -53,8 +60,8 @@ class InspectingActor:
         self.inspector = settings.inspector(recipe.build())
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        inspections = self.inspector.inspect_decoded(pickle.loads(row["payload"]))
-        return {"batch": row["batch"], "payload": pickle.dumps(inspections, protocol=5)}
+        inspections = self.inspector.inspect_decoded(unpack_decoded(row["payload"]))
+        return {"batch": row["batch"], "payload": pack_inspections(inspections)}
 
 
 def _render(row: dict[str, Any], settings: InspectionSettings, out: str | None) -> dict[str, Any]:
@@ -62,7 +69,7 @@ def _render(row: dict[str, Any], settings: InspectionSettings, out: str | None) 
     receives names, not bytes)."""
     writer = None if out is None else ImageWriter(Path(out))
     outcomes: list[Outcome] = []
-    for item in pickle.loads(row["payload"]):
+    for item in unpack_inspections(row["payload"]):
         if not item.ok:
             outcomes.append((item.source, str(item.error)))
             continue
@@ -70,7 +77,7 @@ def _render(row: dict[str, Any], settings: InspectionSettings, out: str | None) 
         # the row's position is the driver's to know: a worker names files by a random id, never reused
         outcomes.append(rendered if writer is None else
                         writer.store(f"w{uuid.uuid4().hex[:12]}_{PurePath(item.source).stem}", rendered))
-    return {"batch": row["batch"], "payload": pickle.dumps(outcomes, protocol=5)}
+    return {"batch": row["batch"], "payload": pack_outcomes(outcomes)}
 
 
 def workers_reach(ray: Any, shared_out: bool) -> bool:
@@ -112,7 +119,7 @@ def ray_scorer(recipe: DetectorRecipe, options: RayOptions, shared_out: bool = F
             for following, row in enumerate(dataset.iter_rows()):
                 if row["batch"] != following:  # preserve_order failed us: the rows would be misattributed
                     raise RuntimeError(f"Ray Data returned batch {row['batch']} where batch {following} was due")
-                yield pickle.loads(row["payload"])
+                yield unpack_outcomes(row["payload"])
         return score
 
     return make_scorer
