@@ -144,7 +144,6 @@ def test_evaluate_writes_a_self_contained_report(synthetic_root, tmp_path):
     assert "src=\"http" not in report and "src=\"/" not in report  # nothing outside the file
 
 
-
 def test_the_readme_presets_table_is_generated_from_the_registry():
     from clipfusion.config import PRESET_NAMES, presets_markdown
 

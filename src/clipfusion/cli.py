@@ -31,16 +31,6 @@ from clipfusion.outputs import os_advice
 logger = logging.getLogger("clipfusion")
 
 
-
-
-
-
-
-
-
-
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line usage errors (exit 2), like every other user error of clipfusion."""
 
@@ -711,10 +701,11 @@ def _cmd_serve(args: argparse.Namespace) -> None:
 def _cmd_db(args: argparse.Namespace) -> None:
     try:
         from clipfusion.service.database import current_revision, make_engine, migrate
+        from clipfusion.service.settings import embedded_url
     except ImportError as exc:
         raise ClipfusionError(f"the database needs the service's packages ({exc.name} is missing): "
                               "pip install 'clipfusion[serve]'") from None
-    url = args.db or f"sqlite:///{(Path(args.data) / 'inspections.db').resolve()}"
+    url = args.db or embedded_url(Path(args.data))
     if args.db is None:
         Path(args.data).mkdir(parents=True, exist_ok=True)
     engine = make_engine(url)

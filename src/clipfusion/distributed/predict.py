@@ -18,7 +18,6 @@ from typing import Any
 
 from clipfusion.distributed.cluster import RayOptions, connect
 from clipfusion.distributed.payloads import (
-    Outcome,
     pack_decoded,
     pack_inspections,
     pack_outcomes,
@@ -29,7 +28,7 @@ from clipfusion.distributed.payloads import (
 from clipfusion.distributed.recipe import DetectorRecipe
 from clipfusion.inspection.core import InspectionSettings
 from clipfusion.inspection.sources import read_sources
-from clipfusion.inspection.writer import ImageWriter, render
+from clipfusion.inspection.writer import ImageWriter, Outcome, render_all
 
 logger = logging.getLogger(__name__)
 # Memory each decoding task asks Ray for: enough for one batch of large frames.  It is also what keeps
@@ -42,8 +41,6 @@ STAGE_CPUS = 0.5
 # process per free half CPU, and each new process pays clipfusion's imports (seconds of CPU, torch
 # included) before its first batch: measured as 2.3 s per batch on 2 cores (benchmarks/ray.py).
 STAGE_TASKS_PER_WORKER = 2
-
-
 
 
 def _decode(row: dict[str, Any], max_pixels: int) -> dict[str, Any]:
@@ -67,16 +64,12 @@ class InspectingActor:
 def _render(row: dict[str, Any], settings: InspectionSettings, out: str | None) -> dict[str, Any]:
     """A batch's inspections → rendered files (written into ``out`` here when given: the driver then
     receives names, not bytes)."""
-    writer = None if out is None else ImageWriter(Path(out))
-    outcomes: list[Outcome] = []
-    for item in unpack_inspections(row["payload"]):
-        if not item.ok:
-            outcomes.append((item.source, str(item.error)))
-            continue
-        rendered = render(item, settings.decisions, settings.model_id, settings.signer)
-        # the row's position is the driver's to know: a worker names files by a random id, never reused
-        outcomes.append(rendered if writer is None else
-                        writer.store(f"w{uuid.uuid4().hex[:12]}_{PurePath(item.source).stem}", rendered))
+    outcomes = render_all(unpack_inspections(row["payload"]), settings)
+    if out is not None:  # the row's position is the driver's to know: a worker names files by a random id
+        writer = ImageWriter(Path(out))
+        outcomes = [outcome if isinstance(outcome, tuple) else
+                    writer.store(f"w{uuid.uuid4().hex[:12]}_{PurePath(outcome.source).stem}", outcome)
+                    for outcome in outcomes]
     return {"batch": row["batch"], "payload": pack_outcomes(outcomes)}
 
 

@@ -107,14 +107,6 @@ class ModelFile:
         if clashes:
             raise ClipfusionError(f"--model {self.path} contradicts: {'; '.join(clashes)}; drop those options")
 
-    def precision(self, runtime: RuntimeConfig | None = None) -> str:
-        """The dtype the model runs in on this machine with ``runtime`` (``auto``: the recorded one where
-        this machine computes it natively); an export's is what OpenVINO is asked for."""
-        asked = runtime or RuntimeConfig()
-        if self.is_export:
-            asked = RuntimeConfig("cpu", asked.dtype)
-        return asked.resolved(self.recorded_dtype)[0].dtype
-
     def detector(self, runtime: RuntimeConfig | None = None, batch_size: int = 8) -> CLIPFusion | ExportedDetector:
         """The ready detector: an export on OpenVINO Runtime (no torch; ``runtime``'s dtype only), or the
         model file's :class:`CLIPFusion` (its card already read here)."""

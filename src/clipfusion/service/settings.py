@@ -85,7 +85,12 @@ class ServiceSettings:
     @property
     def url(self) -> str:
         """The database URL: the given one, or SQLite in ``data_dir``."""
-        return self.database_url or f"sqlite:///{(self.data_dir / 'inspections.db').resolve()}"
+        return self.database_url or embedded_url(self.data_dir)
+
+
+def embedded_url(data_dir: Path) -> str:
+    """The URL of the embedded SQLite database kept in ``data_dir``."""
+    return f"sqlite:///{(data_dir / 'inspections.db').resolve()}"
 
 
 def model_name(path: Path) -> str:
