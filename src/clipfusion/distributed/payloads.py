@@ -18,11 +18,10 @@ import numpy as np
 from clipfusion.decisions import Region
 from clipfusion.inspection.core import Inspection
 from clipfusion.inspection.sources import Decoded
-from clipfusion.inspection.writer import Rendered
+from clipfusion.inspection.writer import Outcome, Rendered
 
 RECORDS = "records"
 INSPECTION_ARRAYS = ("image", "anomaly_map", "raw_map", "mask")
-Outcome = Rendered | tuple[str, str]  # a rendered inspection, or (source, why it has no verdict)
 
 
 def pack(records: list[dict[str, Any]], arrays: dict[str, np.ndarray]) -> bytes:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from clipfusion.decisions import NG, Region
-from clipfusion.inspection.core import Inspection
+from clipfusion.inspection.core import Inspection, InspectionSettings
 from clipfusion.inspection.thresholds import Decisions
 from clipfusion.outputs import write_atomic
 from clipfusion.overlays import inspection_overlay, mask_png, png_bytes, thumbnail_jpeg
@@ -46,6 +46,10 @@ class Rendered:
     files: dict[str, bytes]
     seconds: float
     names: dict[str, str] | None = None
+
+
+# What becomes of one inspection on its way to the results: rendered, or (source, why it has no verdict).
+Outcome = Rendered | tuple[str, str]
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -98,6 +102,12 @@ def render(inspection: Inspection, decisions: Decisions, model_id: str | None = 
     files["thumbnails"] = thumbnail_jpeg(picture, side=256)
     return Rendered(inspection.source, verdict_fields(inspection, model_id, signer), files,
                     inspection.seconds + time.perf_counter() - start)
+
+
+def render_all(inspections: Sequence[Inspection], settings: InspectionSettings) -> list[Outcome]:
+    """Each inspection rendered (:func:`render`), or (source, error) for one without a verdict."""
+    return [(item.source, str(item.error)) if not item.ok else
+            render(item, settings.decisions, settings.model_id, settings.signer) for item in inspections]
 
 
 class ImageWriter:

@@ -19,11 +19,11 @@ from clipfusion.config import RuntimeConfig
 from clipfusion.data.base import MAX_PIXELS, read_images
 from clipfusion.decisions import NG
 from clipfusion.errors import ClipfusionError
-from clipfusion.inspection.core import Inspection, InspectionSettings
+from clipfusion.inspection.core import InspectionSettings
 from clipfusion.inspection.models import ModelFile
 from clipfusion.inspection.sources import source_name
 from clipfusion.inspection.thresholds import Decisions, check_decision_options, resolve_decisions
-from clipfusion.inspection.writer import ROW_FIELDS, ImageWriter, Rendered, render
+from clipfusion.inspection.writer import ROW_FIELDS, ImageWriter, Outcome, render_all
 from clipfusion.object_store import is_uri
 from clipfusion.outputs import json_text, read_json, write_atomic
 from clipfusion.protocol import Detector
@@ -42,16 +42,8 @@ RUN_IDENTITY = ("model_id", "method", "preset", "category", "image_threshold", "
                 "precision")
 
 
-Skipped = tuple[str, str]  # (source, reason)
-Outcome = Rendered | Skipped
 # Scores batches of sources, yielding each batch's outcomes in the batches' order.
 Scorer = Callable[[Sequence[Sequence[str]]], Iterator[list[Outcome]]]
-
-
-def render_all(inspections: Sequence[Inspection], settings: InspectionSettings) -> list[Outcome]:
-    """Each inspection's row and files (:func:`clipfusion.inspection.writer.render`), or (source, error)."""
-    return [(item.source, str(item.error)) if not item.ok else
-            render(item, settings.decisions, settings.model_id, settings.signer) for item in inspections]
 
 
 def local_scorer(detector: Detector, settings: InspectionSettings, out: Path) -> Scorer:
