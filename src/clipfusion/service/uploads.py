@@ -74,7 +74,7 @@ async def _body(request: Request, limit: int, timeout: float) -> bytes:
     and with 408 when ``timeout`` seconds pass without a byte of it (a stalled client holds nothing)."""
     declared = request.headers.get("content-length")
     too_large = ServiceError(413, "upload_too_large", f"the upload is larger than the limit of {limit} bytes "
-                                                      "(--max-upload-mb)")
+                                                      "(--max-upload-mb)", headers={"Connection": "close"})
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_large
     chunks, size = [], 0
