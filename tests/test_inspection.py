@@ -205,7 +205,7 @@ def test_the_public_names_are_importable_from_the_top_with_docstrings():
         assert name in clipfusion.__all__ and value.__doc__ and len(value.__doc__) > 40, name
 
 
-def test_a_model_file_is_read_once_for_its_card_and_identity(model):
+def test_an_opened_model_file_knows_its_identity_and_the_options_it_fixes(model):
     import hashlib
 
     opened = ModelFile.open(model)
