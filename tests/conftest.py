@@ -95,20 +95,22 @@ def browser() -> Iterator[object]:
         chromium.close()
 
 
-API_KEY = "test-key-5f2b"  # the shared service's only key: every request must carry it
+API_KEY = "test-key-5f2b"  # the shared service's operator key: every request must carry a key
 
 
 @pytest.fixture(scope="session")
 def service(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    """One ``clipfusion serve`` (SQLite) for the session: the tiny 'disc' model as /v1/models/disc, an API
-    key, and small limits the tests can reach (8 queued images, 0.5 MB uploads, 20 000 pixels)."""
+    """One ``clipfusion serve`` (SQLite) for the session: the tiny 'disc' model as /v1/models/disc, an
+    operator key (API_KEY), its API page (--docs), and small limits the tests can reach (8 queued images,
+    0.5 MB uploads, 20 000 pixels)."""
     from .servers import start_server
 
     folder = tmp_path_factory.mktemp("service")
     served = folder / "disc.cfm"
     served.write_bytes(model.read_bytes())
-    (folder / "keys.txt").write_text(f"# operators\n{API_KEY}\n")
-    server = start_server([served], folder / "data", "--api-key-file", str(folder / "keys.txt"), "--max-queue", "8",
+    (folder / "keys.txt").write_text(f"# NAME ROLE KEY\nstation-1 operator {API_KEY}\n")
+    server = start_server([served], folder / "data", "--api-key-file", str(folder / "keys.txt"), "--docs",
+                          "--max-queue", "8",
                           "--max-upload-mb", "0.5", "--max-pixels", "20000", "--min-region-area", "1")
     yield server
     server.stop()

@@ -52,3 +52,18 @@ def test_an_operator_uploads_an_image_sees_its_verdict_and_marks_a_false_alarm(s
     assert errors == []
     assert all(url.startswith(service.url) or url.startswith("blob:") for url in requests), requests
     page.close()
+
+
+def test_the_api_page_lists_the_operations_with_the_tabs_key_and_nothing_from_outside(service, browser):
+    page = browser.new_page()
+    requests: list[str] = []
+    page.on("request", lambda request: requests.append(request.url))
+    page.goto(service.url + "/docs")
+    page.fill("#key", API_KEY)
+    page.dispatch_event("#key", "change")
+    # the schema came, with the key: Swagger UI lists its operations
+    page.wait_for_selector("[data-path='/v1/models/{name}/inspect']", timeout=30_000)
+    assert page.evaluate("sessionStorage.getItem('clipfusion-key')") == API_KEY
+    assert any(url.endswith("/openapi.json") for url in requests)
+    assert all(url.startswith(service.url) or url.startswith("data:") for url in requests), requests
+    page.close()

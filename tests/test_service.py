@@ -146,7 +146,6 @@ def test_models_health_and_metrics(service, model):
     for name in ("clipfusion_requests_total", "clipfusion_request_seconds_bucket", "clipfusion_queue_depth",
                  "clipfusion_batch_size_bucket", "clipfusion_model_seconds_bucket", "clipfusion_decisions_total"):
         assert name in metrics
-    assert httpx.get(f"{service.url}/docs").status_code == 200  # the OpenAPI page stays on
 
 
 def test_the_service_runs_a_model_in_the_precision_the_library_runs_it(cpu_kind, model_here, synthetic_root,
@@ -246,13 +245,13 @@ def test_the_migrations_build_the_orm_schema_on_sqlite_and_postgresql(tmp_path):
             engine.dispose()
         for url in (f"sqlite:///{tmp_path / 'schema.db'}", postgres.url):
             done = clipfusion_here("db", "upgrade", "--db", url)
-            assert done.returncode == 0 and done.stdout.strip().endswith("-> 0003"), done.stderr
+            assert done.returncode == 0 and done.stdout.strip().endswith("-> 0004"), done.stderr
             engine = make_engine(url)
             migrate(engine)  # idempotent
             with engine.connect() as connection:
                 assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
             engine.dispose()
-        assert "empty -> 0003" in clipfusion_here("db", "upgrade", "--data", str(tmp_path / "fresh")).stdout
+        assert "empty -> 0004" in clipfusion_here("db", "upgrade", "--data", str(tmp_path / "fresh")).stdout
     finally:
         postgres.stop()
 

@@ -430,7 +430,13 @@ def _add_serve(commands: Any) -> None:
     serve.add_argument("--min-free-mb", type=_positive, default=500, metavar="MB",
                        help="/readyz reports not ready below this much free disk in --data (default: %(default)s)")
     serve.add_argument("--api-key-file", default=None, metavar="FILE",
-                       help="accepted API keys, one per line; without it the API needs no key")
+                       help="accepted API keys, one per line as NAME ROLE KEY (ROLE: operator inspects and gives "
+                            "feedback, admin also learns and rolls back); without it the API needs no key")
+    serve.add_argument("--docs", action="store_true",
+                       help="serve the API's documentation at /docs and /openapi.json (from the package, no CDN; "
+                            "behind the key when keys are on)")
+    serve.add_argument("--log-format", choices=("text", "json"), default="text",
+                       help="text lines, or one JSON object per line with the request id (default: %(default)s)")
     serve.add_argument("--batch-size", type=int, default=8, help=argparse.SUPPRESS)
     _add_runtime_options(serve.add_argument_group("where the models run"))
     _add_common(serve)
@@ -682,6 +688,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     except ImportError as exc:
         raise ClipfusionError(f"the service needs its extra packages ({exc.name} is missing): "
                               "pip install 'clipfusion[serve]'") from None
+    from clipfusion.service.logs import log_config
     from clipfusion.service.settings import ServiceSettings, read_api_keys
 
     settings = ServiceSettings(
@@ -692,10 +699,12 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         store_images=Path(args.store_images) if args.store_images else None,
         learn=args.learn, keep_days=args.keep_days, trusted_keys=trusted, min_free_mb=args.min_free_mb,
         pixel_budget=args.pixel_budget * 1_000_000, min_normals=args.min_normals, read_timeout=args.read_timeout,
-        deadline=args.deadline)
-    print(f"clipfusion serve: http://{args.host}:{args.port}/ (API at /docs), data in {Path(args.data).resolve()}",
-          flush=True)
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+        deadline=args.deadline, docs=args.docs)
+    app = create_app(settings)
+    api = " (API at /docs)" if args.docs else ""
+    print(f"clipfusion serve: http://{args.host}:{args.port}/{api}, data in {Path(args.data).resolve()}", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_config=log_config(args.log_format, args.quiet),
+                access_log=False)
 
 
 def _cmd_db(args: argparse.Namespace) -> None:

@@ -108,17 +108,17 @@ EXAMPLES: dict[str, tuple[list[tuple[str, str]], str]] = {
     ),
     "serve": (
         [
-            ("clipfusion serve --model bottle.cfm",
-             "http://127.0.0.1:8000 (operator page)"),
+            ("clipfusion serve --model bottle.cfm --docs",
+             "http://127.0.0.1:8000 (operator page), the API at /docs"),
             ("clipfusion serve --model bottle.cfm --model screw.cfm --port 8080 --data /var/lib/clipfusion",
              ""),
             ("clipfusion serve --model bottle.cfm --db postgresql+psycopg://user:pw@db/inspections --api-key-file "
-             "keys.txt",
-             ""),
+             "keys.txt --log-format json",
+             "keys.txt: NAME operator|admin KEY per line"),
             ("curl -F files=@part.png http://127.0.0.1:8000/v1/models/bottle/inspect",
              ""),
         ],
-        'Each model is served under its file name (bottle.cfm → /v1/models/bottle). The API is described at /docs.',
+        'Each model is served under its file name (bottle.cfm → /v1/models/bottle). docs/service.md describes the API.',
     ),
     "synth": (
         [

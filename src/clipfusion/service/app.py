@@ -13,11 +13,12 @@ from starlette.concurrency import run_in_threadpool
 
 from clipfusion import __version__
 from clipfusion.service import errors
-from clipfusion.service.routers import health, inspections, models, page
+from clipfusion.service.logs import REQUEST_ID, log_access
+from clipfusion.service.routers import docs, health, inspections, models, page
 from clipfusion.service.settings import ServiceSettings
 from clipfusion.service.state import ServiceState
 
-REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # an X-Request-ID taken as given: safe in logs and headers
+SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # an X-Request-ID taken as given: safe in logs and headers
 
 
 async def _prune_hourly(state: ServiceState) -> None:
@@ -40,7 +41,10 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         pruning.cancel()
         await state.close()
 
+    # FastAPI's own /docs loads its scripts from a CDN and /openapi.json is open to all: both off, and
+    # with --docs served from the package, behind the key (routers/docs.py)
     app = FastAPI(title="clipfusion inspection service", version=__version__, lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None,
                   description="Zero-/few-shot visual anomaly inspection (CLIPFusion). Errors are JSON "
                               "{code, detail, request_id}.")
     app.state.service = state
@@ -48,13 +52,16 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     for router in (health.router, models.router, inspections.router, page.router):
         app.include_router(router)
     page.mount_static(app)
+    if settings.docs:
+        docs.install(app)
 
     @app.middleware("http")
     async def measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         """Give the request its id (``X-Request-ID``, accepted when sane, else new), answer an unexpected
         failure as JSON, and count every answer by status."""
         given = request.headers.get("x-request-id", "")
-        request.state.request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        request.state.request_id = given if SAFE_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        REQUEST_ID.set(request.state.request_id)
         start = time.perf_counter()
         try:
             response = await call_next(request)
@@ -63,7 +70,10 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         response.headers.setdefault("X-Request-ID", request.state.request_id)
         route = getattr(request.scope.get("route"), "path", "unmatched")
         state.metrics.requests.labels(request.method, route, str(response.status_code)).inc()
-        state.metrics.latency.labels(route).observe(time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        state.metrics.latency.labels(route).observe(seconds)
+        log_access(request.method, request.url.path, response.status_code, seconds * 1000,
+                   getattr(request.state, "actor", ""))
         return response
 
     return app

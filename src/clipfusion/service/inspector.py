@@ -93,7 +93,8 @@ class ServedModel:
             with self.sessions.begin() as session:
                 session.add(self._row(identifier, upload, inspection, row, stored))
         except Exception:  # this image's files or row (a full disk, a database refusal): it alone fails
-            logger.exception("inspection of %s by %s could not be stored", upload.filename, self.name)
+            logger.exception("inspection of %s by %s could not be stored", upload.filename, self.name,
+                             extra={"request_id": upload.request_id})
             if row is not None:  # files exist only for committed rows
                 self.files.remove(row)
             if stored is not None:

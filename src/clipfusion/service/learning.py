@@ -36,9 +36,10 @@ def _held_out_normals(session: Session, model: ServedModel, in_bank: set[str]) -
     return sorted({folder / image for identifier, image in rows if image and identifier not in in_bank})
 
 
-def learn(session: Session, model: ServedModel, inspection: Inspection) -> ChangeOut:
+def learn(session: Session, model: ServedModel, inspection: Inspection, actor: str) -> ChangeOut:
     """Add ``inspection``'s stored image to ``model``'s bank, re-derive its thresholds, write and serve
-    the new version.  Runs in the model's thread; the caller commits ``session``."""
+    the new version (``actor``: the acting key's name, "" with no keys).  Runs in the model's thread; the
+    caller commits ``session``."""
     folder = model.settings.images_dir
     if inspection.image is None or folder is None or not (folder / inspection.image).is_file():
         raise ServiceError(409, "image_not_stored", f"inspection {inspection.id} kept no image (deleted by "
@@ -83,12 +84,12 @@ def learn(session: Session, model: ServedModel, inspection: Inspection) -> Chang
     change = ChangeOut(action="learn", version_id=version.id, sha256=version.sha256,
                        image_threshold_before=before.image, image_threshold_after=model.card.thresholds.image,
                        bank_size=model.bank_size, note=note)
-    _audit(session, model.name, change, {"inspection": inspection.id, "from_version": None if parent is None
-                                         else parent.id})
+    _audit(session, model.name, change, actor, {"inspection": inspection.id,
+                                                "from_version": None if parent is None else parent.id})
     return change
 
 
-def rollback(session: Session, model: ServedModel) -> ChangeOut:
+def rollback(session: Session, model: ServedModel, actor: str) -> ChangeOut:
     """Serve the version the active one was learned from.  Runs in the model's thread."""
     current = active_version(session, model.name)
     if current is None or current.parent_id is None:
@@ -103,13 +104,13 @@ def rollback(session: Session, model: ServedModel) -> ChangeOut:
     change = ChangeOut(action="rollback", version_id=parent.id, sha256=parent.sha256, image_threshold_before=before,
                        image_threshold_after=model.card.thresholds.image, bank_size=model.bank_size,
                        note=f"back from version {current.id}")
-    _audit(session, model.name, change, {"from_version": current.id})
+    _audit(session, model.name, change, actor, {"from_version": current.id})
     return change
 
 
-def _audit(session: Session, name: str, change: ChangeOut, extra: dict[str, object]) -> None:
+def _audit(session: Session, name: str, change: ChangeOut, actor: str, extra: dict[str, object]) -> None:
     detail = {**extra, "version": change.version_id, "sha256": change.sha256,
               "image_threshold": [change.image_threshold_before, change.image_threshold_after],
               "bank_size": change.bank_size, "note": change.note}
     session.add(Audit(created=datetime.now(timezone.utc), action=change.action, model=name,
-                      detail=json.dumps(detail)))
+                      detail=json.dumps(detail), actor=actor or None))

@@ -28,7 +28,7 @@ def to_out(inspection: Inspection) -> InspectionOut:
                  for r in inspection.regions],
         overlay_url=f"{base}/overlay.png", mask_url=f"{base}/mask.png" if inspection.mask else None,
         signer=inspection.signer,
-        feedback=[FeedbackOut(id=f.id, label=f.label, note=f.note, created=_utc(f.created))  # type: ignore[arg-type]
+        feedback=[FeedbackOut(id=f.id, label=f.label, note=f.note, created=_utc(f.created), actor=f.actor)  # type: ignore[arg-type]
                   for f in inspection.feedback])
 
 

@@ -48,6 +48,10 @@ class FeedbackOut(FeedbackIn):
     created: datetime
     learned: Annotated[ChangeOut | None, Field(description="with --learn: the model version this false alarm "
                                                            "made")] = None
+    learning: Annotated[str | None, Field(description="with --learn, why this false alarm was not learned from "
+                                                      "(an operator key: an admin confirms it with POST "
+                                                      "/v1/inspections/ID/learn)")] = None
+    actor: Annotated[str | None, Field(description="the name of the API key that gave it")] = None
 
 
 class VersionOut(BaseModel):
@@ -65,6 +69,7 @@ class AuditOut(BaseModel):
     action: str
     model: str
     detail: dict[str, object]
+    actor: str | None = Field(None, description="the name of the API key that made the change (None: no keys)")
 
 
 class InspectionOut(BaseModel):

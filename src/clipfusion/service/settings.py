@@ -1,13 +1,31 @@
 """What ``clipfusion serve`` was asked: models, storage, batching, limits and access."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from clipfusion.config import RuntimeConfig
 from clipfusion.errors import ClipfusionError
 from clipfusion.runtime.manifest import is_export
 from clipfusion.signing import TrustedKeys
+
+logger = logging.getLogger(__name__)
+
+Role = Literal["operator", "admin"]
+ROLES: tuple[Role, ...] = ("operator", "admin")
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """One accepted key: its name (recorded in the audit table and the log, never the secret) and its role.
+    operator: inspect, read the history, give feedback; admin: besides, learn and roll back models."""
+
+    name: str
+    role: Role
+    secret: str = field(repr=False)
+
 
 # The largest image the service takes by default: 50 MP (an 8K frame is 33 MP), about 1.3 GB while it is
 # inspected; predict's own default is MAX_PIXELS.
@@ -20,7 +38,8 @@ class ServiceSettings:
     data_dir: where the SQLite database (the embedded default) and each inspection's files live.
     database_url: a SQLAlchemy URL (``postgresql+psycopg://...``) instead of the embedded SQLite.
     max_batch / max_wait_ms: dynamic batching; max_queue: images waiting per model before 503.
-    api_keys: accepted keys (empty: no authentication).  learn: confirmed false alarms join the
+    api_keys: accepted keys with their names and roles (empty: no authentication, everyone acts as admin).
+    learn: confirmed false alarms join the
     model's memory bank.  store_images: a folder to keep each uploaded file in (with --learn, uploads are
     kept in ``data_dir/files/images`` when it is not given); keep_days: for so many days.
     trusted_keys: only models signed by one of these keys are served (None: signatures not checked).
@@ -28,6 +47,7 @@ class ServiceSettings:
     min_normals: learning re-derives the thresholds only from at least so many confirmed normal images.
     read_timeout: an upload stalled for so many seconds is refused (408); deadline: a request waiting longer
     for its inspections is answered 504 (its images still queued are dropped, finished ones recorded).
+    docs: serve the API's documentation (/docs, /openapi.json; behind the key when keys are on).
     pixel_budget: the pixels all requests in flight may decode together (about 10 bytes of memory each);
     at least max_pixels, or the largest image allowed could never be inspected."""
 
@@ -42,7 +62,7 @@ class ServiceSettings:
     max_upload_bytes: int = 20 * 1024 * 1024
     max_pixels: int = SERVE_MAX_PIXELS
     min_area: int = 16
-    api_keys: frozenset[str] = frozenset()
+    api_keys: tuple[ApiKey, ...] = ()
     learn: bool = False
     store_images: Path | None = None
     keep_days: float | None = None  # stored uploads older than this are deleted (None: kept)
@@ -52,6 +72,7 @@ class ServiceSettings:
     min_normals: int = 10  # operator-confirmed normals needed before learning re-derives the thresholds
     read_timeout: float = 10.0  # seconds without a byte of an upload before it is refused (408)
     deadline: float = 300.0  # seconds a request may wait for its inspections (504)
+    docs: bool = False
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -98,15 +119,39 @@ def model_name(path: Path) -> str:
     return Path(path).stem
 
 
-def read_api_keys(path: str | None) -> frozenset[str]:
-    """One key per line (blank lines and ``#`` comments ignored); a missing or empty file is an error."""
+def read_api_keys(path: str | None) -> tuple[ApiKey, ...]:
+    """``--api-key-file``: one key per line as ``NAME ROLE KEY`` (ROLE ``operator`` or ``admin``; blank lines
+    and ``#`` comments ignored).  A line holding only a key (the format before roles) is an operator key
+    named ``line-N``, with a warning.  A missing or empty file, a bad line, or a name or key given twice is
+    an error naming the line."""
     if path is None:
-        return frozenset()
+        return ()
     try:
         lines = Path(path).read_text().splitlines()
     except OSError as exc:
         raise ClipfusionError(f"cannot read --api-key-file {path}: {exc.strerror}") from None
-    keys = frozenset(line.strip() for line in lines if line.strip() and not line.strip().startswith("#"))
+    keys: list[ApiKey] = []
+    unnamed: list[int] = []
+    for number, line in enumerate(lines, 1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        if len(fields) == 1:
+            unnamed.append(number)
+            keys.append(ApiKey(f"line-{number}", "operator", fields[0]))
+        elif len(fields) == 3 and fields[1] in ROLES:
+            keys.append(ApiKey(fields[0], fields[1], fields[2]))
+        else:
+            raise ClipfusionError(f"--api-key-file {path} line {number}: write NAME ROLE KEY, ROLE one of "
+                                  f"{' or '.join(ROLES)} (e.g. `line-3 operator 6f1c...`)")
     if not keys:
-        raise ClipfusionError(f"--api-key-file {path} holds no key (one per line)")
-    return keys
+        raise ClipfusionError(f"--api-key-file {path} holds no key (one per line: NAME ROLE KEY)")
+    for what, values in (("name", [k.name for k in keys]), ("key", [k.secret for k in keys])):
+        if len(set(values)) != len(values):
+            raise ClipfusionError(f"--api-key-file {path} gives one {what} twice; each key needs its own name and "
+                                  "secret")
+    if unnamed:
+        logger.warning("--api-key-file %s: lines %s hold a key without a name or role; they are operator keys "
+                       "(inspect and give feedback, not learn or roll back); write `NAME operator|admin KEY` per line",
+                       path, ", ".join(map(str, unnamed)))
+    return tuple(keys)

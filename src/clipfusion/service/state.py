@@ -129,24 +129,25 @@ class ServiceState:
                                      created=datetime.now(timezone.utc), active=True))
         return given
 
-    async def learn(self, name: str, inspection_id: str) -> ChangeOut:
-        """Learn from a confirmed false alarm, in the model's thread (between batches)."""
+    async def learn(self, name: str, inspection_id: str, actor: str) -> ChangeOut:
+        """Learn from a confirmed false alarm, in the model's thread (between batches); ``actor``: the acting
+        key's name for the audit table ("" with no keys)."""
         def task() -> ChangeOut:
             assert self.sessions is not None
             with self.sessions.begin() as session:
                 inspection = session.get(Inspection, inspection_id)
                 assert inspection is not None
-                return learning.learn(session, self.models[name], inspection)
+                return learning.learn(session, self.models[name], inspection, actor)
 
         return await self.batchers[name].run_exclusive(task)
 
-    async def rollback(self, name: str) -> ChangeOut:
+    async def rollback(self, name: str, actor: str) -> ChangeOut:
         model = self.model(name)
 
         def task() -> ChangeOut:
             assert self.sessions is not None
             with self.sessions.begin() as session:
-                return learning.rollback(session, model)
+                return learning.rollback(session, model, actor)
 
         return await self.batchers[name].run_exclusive(task)
 

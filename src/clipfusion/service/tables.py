@@ -67,6 +67,7 @@ class Feedback(Base):
     label: Mapped[str] = mapped_column(String(16))
     note: Mapped[str] = mapped_column(Text, default="")
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    actor: Mapped[str | None] = mapped_column(String(100), nullable=True)  # the API key's name; None: keys off
     inspection: Mapped[Inspection] = relationship(back_populates="feedback")
 
 
@@ -95,3 +96,4 @@ class Audit(Base):
     action: Mapped[str] = mapped_column(String(50))
     model: Mapped[str] = mapped_column(String(200))
     detail: Mapped[str] = mapped_column(Text)
+    actor: Mapped[str | None] = mapped_column(String(100), nullable=True)  # the API key's name; None: keys off

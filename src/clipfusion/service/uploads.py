@@ -27,13 +27,14 @@ MAX_NAME = 255  # characters of a file name kept (the database column holds 500)
 
 @dataclass
 class Upload:
-    """A decoded uploaded image: (H, W, 3) uint8, its file name (made safe) and bytes, and when its
-    request arrived."""
+    """A decoded uploaded image: (H, W, 3) uint8, its file name (made safe) and bytes, when its request
+    arrived and the request's id (for the log lines of the batch thread that inspects it)."""
 
     filename: str
     image: np.ndarray
     data: bytes
     received: float  # time.perf_counter() when its request was read
+    request_id: str = ""
 
 
 @dataclass
@@ -129,7 +130,8 @@ def measure(files: list[Received], settings: ServiceSettings) -> None:
             item.error = ItemError(item.filename, 422, "unreadable_image", f"{item.filename}: {exc.reason}")
 
 
-def decode(files: list[Received], settings: ServiceSettings, received: float) -> list[Upload | ItemError]:
+def decode(files: list[Received], settings: ServiceSettings, received: float, request_id: str
+           ) -> list[Upload | ItemError]:
     """Every admitted file decoded, in order (the refused ones as their errors)."""
     out: list[Upload | ItemError] = []
     for item in files:
@@ -138,7 +140,7 @@ def decode(files: list[Received], settings: ServiceSettings, received: float) ->
             continue
         try:
             out.append(Upload(item.filename, decode_rgb(item.data, item.filename, settings.max_pixels), item.data,
-                              received))
+                              received, request_id))
         except ImageReadError as exc:  # a header that promised more than the file holds
             out.append(ItemError(item.filename, 422, "unreadable_image", f"{item.filename}: {exc.reason}"))
     return out

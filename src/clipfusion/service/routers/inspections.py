@@ -10,14 +10,14 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from clipfusion.service.dependencies import SessionDep, StateDep, require_api_key
+from clipfusion.service.dependencies import ActorDep, AdminDep, SessionDep, StateDep, require_api_key
 from clipfusion.service.errors import ServiceError
 from clipfusion.service.records import history, load_inspections
-from clipfusion.service.schemas import ErrorOut, FeedbackIn, FeedbackOut, InspectionOut, InspectionPage
+from clipfusion.service.schemas import ChangeOut, ErrorOut, FeedbackIn, FeedbackOut, InspectionOut, InspectionPage
 from clipfusion.service.tables import Feedback, Inspection
 
 router = APIRouter(prefix="/v1/inspections", tags=["inspections"], dependencies=[Depends(require_api_key)])
-ERRORS: dict[int | str, dict[str, object]] = {status: {"model": ErrorOut} for status in (401, 404, 422)}
+ERRORS: dict[int | str, dict[str, object]] = {status: {"model": ErrorOut} for status in (401, 403, 404, 409, 422)}
 
 
 def _inspection(session: Session, identifier: str) -> Inspection:
@@ -65,11 +65,14 @@ def mask(identifier: str, session: SessionDep,
 
 
 @router.post("/{identifier}/feedback", response_model=FeedbackOut, status_code=201, responses=ERRORS)
-async def post_feedback(identifier: str, body: FeedbackIn, state: StateDep, response: Response) -> FeedbackOut:
+async def post_feedback(identifier: str, body: FeedbackIn, state: StateDep, actor: ActorDep,
+                        response: Response) -> FeedbackOut:
     """Record an operator's verdict on an inspection.  With ``--learn``, ``normal`` on an NG inspection
-    (a false alarm) adds its image to the model's memory bank as a new model version.  Idempotent: the
-    same verdict on the same inspection again (a double click, a retried request) is answered 200 with
-    the first record and learns nothing more; a verdict whose learning fails is not kept."""
+    (a false alarm) given with an admin key (or with no keys configured) adds its image to the model's
+    memory bank as a new model version; given with an operator key it is recorded, and an admin learns
+    from it with ``POST /v1/inspections/ID/learn``.  Idempotent: the same verdict on the same inspection
+    again (a double click, a retried request) is answered 200 with the first record and learns nothing
+    more; a verdict whose learning fails is not kept."""
     def record() -> tuple[FeedbackOut, str, str, bool]:
         assert state.sessions is not None
         with state.sessions.begin() as session:
@@ -77,11 +80,11 @@ async def post_feedback(identifier: str, body: FeedbackIn, state: StateDep, resp
             earlier = session.scalars(select(Feedback).where(Feedback.inspection_id == inspection.id,
                                                              Feedback.label == body.label)).first()
             entry = earlier or Feedback(inspection_id=inspection.id, label=body.label, note=body.note,
-                                        created=datetime.now(timezone.utc))
+                                        created=datetime.now(timezone.utc), actor=actor.name or None)
             session.add(entry)
             session.flush()
-            return (FeedbackOut(id=entry.id, label=body.label, note=entry.note, created=entry.created),
-                    inspection.model, inspection.decision, earlier is None)
+            return (FeedbackOut(id=entry.id, label=body.label, note=entry.note, created=entry.created,
+                                actor=entry.actor), inspection.model, inspection.decision, earlier is None)
 
     def forget(feedback_id: int) -> None:
         assert state.sessions is not None
@@ -93,9 +96,38 @@ async def post_feedback(identifier: str, body: FeedbackIn, state: StateDep, resp
         response.status_code = 200
         return answer
     if state.settings.learn and body.label == "normal" and decision == "NG" and model in state.models:
+        if actor.role != "admin":
+            answer.learning = (f"recorded; key {actor.name!r} is an operator key, so an admin learns from it: "
+                               f"POST /v1/inspections/{identifier}/learn")
+            return answer
         try:
-            answer.learned = await state.learn(model, identifier)
+            answer.learned = await state.learn(model, identifier, actor.name)
         except ServiceError:  # nothing was learned: the verdict is not kept either, and can be given again
             await run_in_threadpool(forget, answer.id)
             raise
     return answer
+
+
+@router.post("/{identifier}/learn", response_model=ChangeOut, responses=ERRORS)
+async def learn(identifier: str, state: StateDep, admin: AdminDep) -> ChangeOut:
+    """An admin confirms a false alarm recorded by an operator: the inspection (NG, with ``normal``
+    feedback) joins its model's memory bank as a new model version.  409 ``already_learned`` when it is
+    in the bank already."""
+    if not state.settings.learn:
+        raise ServiceError(409, "learning_off", "the service was started without --learn: models do not change")
+
+    def check() -> str:
+        assert state.sessions is not None
+        with state.sessions() as session:
+            inspection = _inspection(session, identifier)
+            confirmed = session.scalars(select(Feedback).where(Feedback.inspection_id == inspection.id,
+                                                               Feedback.label == "normal")).first()
+            if inspection.decision != "NG" or confirmed is None:
+                raise ServiceError(409, "not_a_false_alarm",
+                                   f"inspection {identifier} is {inspection.decision} with no 'normal' feedback: only "
+                                   "a false alarm an operator marked normal is learned from")
+            return inspection.model
+
+    model = await run_in_threadpool(check)
+    state.model(model)
+    return await state.learn(model, identifier, admin.name)

@@ -11,8 +11,8 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from clipfusion.service.batching import QueueFullError, ShuttingDownError
-from clipfusion.service.dependencies import SessionDep, StateDep, require_api_key
-from clipfusion.service.errors import ServiceError
+from clipfusion.service.dependencies import AdminDep, SessionDep, StateDep, require_api_key
+from clipfusion.service.errors import ServiceError, request_id
 from clipfusion.service.records import load_inspections
 from clipfusion.service.schemas import AuditOut, ChangeOut, ErrorOut, FailedOut, InspectOut, ModelOut, VersionOut
 from clipfusion.service.state import ServiceState
@@ -20,7 +20,8 @@ from clipfusion.service.tables import Audit, ModelVersion
 from clipfusion.service.uploads import ItemError, Upload, decode, measure, read_files
 
 router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Depends(require_api_key)])
-ERRORS: dict[int | str, dict[str, object]] = {status: {"model": ErrorOut} for status in (401, 404, 413, 415, 422, 503)}
+ERRORS: dict[int | str, dict[str, object]] = {status: {"model": ErrorOut}
+                                              for status in (401, 403, 404, 409, 413, 415, 422, 503)}
 
 
 @router.get("", response_model=list[ModelOut])
@@ -50,7 +51,7 @@ async def inspect(name: str, request: Request, state: StateDep) -> InspectOut:
     files = await read_files(request, state.settings)
     await run_in_threadpool(measure, files, state.settings)
     with state.pixels.hold(sum(item.pixels for item in files)):
-        decoded = await run_in_threadpool(decode, files, state.settings, received)
+        decoded = await run_in_threadpool(decode, files, state.settings, received, request_id(request))
         uploads = [item for item in decoded if isinstance(item, Upload)]
         try:
             results = await asyncio.wait_for(batcher.submit_many(uploads), state.settings.deadline) \
@@ -93,9 +94,9 @@ def _queue_full(name: str, state: ServiceState, unread: bool = False) -> Service
 
 
 @router.post("/{name}/rollback", response_model=ChangeOut, responses=ERRORS)
-async def rollback(name: str, state: StateDep) -> ChangeOut:
-    """Serve the version the active one was learned from (undo the last learning step)."""
-    return await state.rollback(name)
+async def rollback(name: str, state: StateDep, admin: AdminDep) -> ChangeOut:
+    """Serve the version the active one was learned from (undo the last learning step); an admin key."""
+    return await state.rollback(name, admin.name)
 
 
 @router.get("/{name}/versions", response_model=list[VersionOut], responses=ERRORS)
@@ -112,5 +113,5 @@ def audit(name: str, state: StateDep, session: SessionDep) -> list[AuditOut]:
     """Every change the service made to the model, newest first."""
     state.model(name)
     rows = session.scalars(select(Audit).where(Audit.model == name).order_by(Audit.id.desc()))
-    return [AuditOut(id=a.id, created=a.created, action=a.action, model=a.model, detail=json.loads(a.detail))
-            for a in rows]
+    return [AuditOut(id=a.id, created=a.created, action=a.action, model=a.model, detail=json.loads(a.detail),
+                     actor=a.actor) for a in rows]
