@@ -245,3 +245,48 @@ def test_the_docs_list_every_error_code_the_service_can_answer():
     rows = dict(re.findall(r"^\| (\d{3}|other) \| (.+) \|$", docs.read_text(), re.M))
     missing = sorted((status, code) for status, code in raised if f"`{code}`" not in rows.get(status, ""))
     assert not missing and "`error`" in rows["other"]
+
+
+def _exchange(connection, request: bytes) -> tuple[str, dict[str, str]]:
+    """Send ``request`` on the open ``connection`` and read one answer: its status line and headers."""
+    connection.sendall(request)
+    received = b""
+    while b"\r\n\r\n" not in received:
+        chunk = connection.recv(65536)
+        assert chunk, f"the connection was closed without an answer: {received!r}"
+        received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+    while len(body) < int(headers.get("content-length", 0)):
+        body += connection.recv(65536)
+    return status, headers
+
+
+def test_after_an_error_the_same_connection_answers_the_next_request(service):
+    """Errors answered before or while a body is read (a wrong key, an upload over the limit: here 9 MB
+    against 0.5, sent whole) leave the kept-alive connection usable: the answer arrives, not a reset,
+    and the next request on the same socket is answered."""
+    import socket
+
+    host, port = service.url.removeprefix("http://").split(":")
+    image = png((300, 300))
+    boundary = "b0undary"
+    part = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + image + f"\r\n--{boundary}--\r\n".encode()
+    huge = part + b"\0" * 9_000_000
+
+    def post(body: bytes, key: str) -> bytes:
+        return (f"POST /v1/models/disc/inspect HTTP/1.1\r\nHost: {host}\r\nX-API-Key: {key}\r\nContent-Type: "
+                f"multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+
+    from .conftest import API_KEY
+
+    unreadable = part.replace(image, b"not an image")
+    for request, expected in ((post(part, "wrong"), "401"), (post(huge, API_KEY), "413"),
+                              (post(b"--x--", API_KEY), "400"), (post(unreadable, API_KEY), "422")):
+        with socket.create_connection((host, int(port)), timeout=60) as connection:
+            status, headers = _exchange(connection, request)
+            assert status.split()[1] == expected and headers.get("connection") != "close", (status, headers)
+            again, _ = _exchange(connection, f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+            assert again.split()[1] == "200", expected

@@ -682,9 +682,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         for model in args.models:
             ModelFile.open(model, trusted)
     try:
-        import uvicorn
-
         from clipfusion.service.app import create_app
+        from clipfusion.service.server import run
     except ImportError as exc:
         raise ClipfusionError(f"the service needs its extra packages ({exc.name} is missing): "
                               "pip install 'clipfusion[serve]'") from None
@@ -703,8 +702,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     app = create_app(settings)
     api = " (API at /docs)" if args.docs else ""
     print(f"clipfusion serve: http://{args.host}:{args.port}/{api}, data in {Path(args.data).resolve()}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_config=log_config(args.log_format, args.quiet),
-                access_log=False)
+    # the drain waits for the requests accepted before the signal: at most as long as one may wait
+    run(app, args.host, args.port, log_config(args.log_format, args.quiet), drain_limit=settings.deadline)
 
 
 def _cmd_db(args: argparse.Namespace) -> None:

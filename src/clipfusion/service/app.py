@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from clipfusion import __version__
 from clipfusion.service import errors
@@ -19,6 +20,7 @@ from clipfusion.service.settings import ServiceSettings
 from clipfusion.service.state import ServiceState
 
 SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")  # an X-Request-ID taken as given: safe in logs and headers
+PROBES = frozenset({"/healthz", "/readyz", "/metrics"})  # answered as usual while the service drains
 
 
 async def _prune_hourly(state: ServiceState) -> None:
@@ -26,6 +28,23 @@ async def _prune_hourly(state: ServiceState) -> None:
     while True:
         await run_in_threadpool(state.prune_images)
         await asyncio.sleep(3600)
+
+
+async def _refuse_while_draining(request: Request, state: ServiceState) -> Response:
+    """503 ``shutting_down`` for a request that arrives while the service drains.  Its body is read away
+    first (within the upload limit and read timeout), so that closing the connection after the answer
+    resets nothing the client is still sending; a body that is not read keeps the connection open (uvicorn
+    reads it away) until the service stops."""
+    declared = request.headers.get("content-length", "0")
+    read = declared.isdigit() and int(declared) <= state.settings.max_upload_bytes
+    if read:
+        try:
+            await asyncio.wait_for(request.body(), state.settings.read_timeout)
+        except (asyncio.TimeoutError, ClientDisconnect):
+            read = False
+    return errors.answer(request, 503, "shutting_down", "the service is stopping; retry shortly (or on another "
+                                                        "instance)",
+                         headers={"Retry-After": "5", **({"Connection": "close"} if read else {})})
 
 
 def create_app(settings: ServiceSettings) -> FastAPI:
@@ -63,10 +82,20 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         request.state.request_id = given if SAFE_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         REQUEST_ID.set(request.state.request_id)
         start = time.perf_counter()
-        try:
-            response = await call_next(request)
-        except Exception as error:  # anything the handlers did not turn into an answer: a 500, counted
-            response = errors.internal_error(request, error)
+        if request.url.path not in PROBES:
+            state.last_arrival = time.monotonic()
+        if state.draining and request.url.path not in PROBES:
+            response = await _refuse_while_draining(request, state)
+        else:
+            state.in_flight += 1
+            try:
+                response = await call_next(request)
+            except Exception as error:  # anything the handlers did not turn into an answer: a 500, counted
+                response = errors.internal_error(request, error)
+            finally:
+                state.in_flight -= 1
+            if state.draining:  # answered during the drain: the client reconnects (elsewhere) next time
+                response.headers["Connection"] = "close"
         response.headers.setdefault("X-Request-ID", request.state.request_id)
         route = getattr(request.scope.get("route"), "path", "unmatched")
         state.metrics.requests.labels(request.method, route, str(response.status_code)).inc()

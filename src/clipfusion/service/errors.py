@@ -20,7 +20,7 @@ class ServiceError(Exception):
         self.status, self.code, self.detail, self.headers = status, code, detail, headers
 
 
-HTTP_CODES = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "too_large",
+HTTP_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "too_large",
               415: "unsupported_media_type", 422: "invalid_request", 503: "unavailable"}
 
 

@@ -36,6 +36,9 @@ class ServiceState:
     models: dict[str, ServedModel] = field(default_factory=dict)
     batchers: dict[str, Batcher[Upload, object]] = field(default_factory=dict)
     ready: bool = False
+    draining: bool = False  # stopping: new requests are answered 503 shutting_down (server.DrainingServer)
+    in_flight: int = 0  # requests being handled (not counting the probes and the drain's refusals)
+    last_arrival: float = 0.0  # time.monotonic() of the latest request (not counting the probes)
     engine: Engine | None = None
     sessions: sessionmaker[Session] | None = None
     pixels: PixelBudget = field(init=False)

@@ -23,6 +23,7 @@ from clipfusion.service.settings import ServiceSettings
 
 MAX_FILES = 64  # images in one request
 MAX_NAME = 255  # characters of a file name kept (the database column holds 500)
+DISCARD_FACTOR = 64  # a body declared larger than this many upload limits is not read away, its connection closed
 
 
 @dataclass
@@ -75,8 +76,13 @@ async def _body(request: Request, limit: int, timeout: float) -> bytes:
     and with 408 when ``timeout`` seconds pass without a byte of it (a stalled client holds nothing)."""
     declared = request.headers.get("content-length")
     too_large = ServiceError(413, "upload_too_large", f"the upload is larger than the limit of {limit} bytes "
-                                                      "(--max-upload-mb)", headers={"Connection": "close"})
+                                                      "(--max-upload-mb)")
     if declared is not None and declared.isdigit() and int(declared) > limit:
+        # the connection stays open and uvicorn reads the rest of the body away: closing it with the body
+        # still arriving would reset it, and the client would never read this answer; only a body far too
+        # large to be worth reading closes it
+        if int(declared) > DISCARD_FACTOR * limit:
+            too_large.headers = {"Connection": "close"}
         raise too_large
     chunks, size = [], 0
     stream = request.stream().__aiter__()

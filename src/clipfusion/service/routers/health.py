@@ -26,7 +26,7 @@ def healthz() -> dict[str, str]:
 @router.get("/readyz")
 def readyz(state: StateDep) -> dict[str, str]:
     """Every model is loaded, the database answers, and the data folder can be written with room to spare."""
-    if not state.ready or state.engine is None:
+    if not state.ready or state.draining or state.engine is None:
         raise ServiceError(503, "not_ready", "the models are loading or the service is stopping")
     try:
         with state.engine.connect() as connection:

@@ -45,8 +45,8 @@ async def inspect(name: str, request: Request, state: StateDep) -> InspectOut:
     own: 200 with ``failed`` listing those refused, an error status only when none is inspected."""
     state.model(name)  # 404 before reading the upload
     batcher = state.batchers[name]
-    if batcher.depth >= state.settings.max_queue:  # before the body is read or anything decoded
-        raise _queue_full(name, state, unread=True)
+    if batcher.depth >= state.settings.max_queue:  # before the body is read (uvicorn reads it away) or decoded
+        raise _queue_full(name, state)
     received = time.perf_counter()
     files = await read_files(request, state.settings)
     await run_in_threadpool(measure, files, state.settings)
@@ -85,12 +85,9 @@ async def inspect(name: str, request: Request, state: StateDep) -> InspectOut:
     return answer
 
 
-def _queue_full(name: str, state: ServiceState, unread: bool = False) -> ServiceError:
-    """503 ``queue_full``; ``unread``: the request's body was not read, so the connection is closed after the
-    answer (announced, not reset mid-request)."""
+def _queue_full(name: str, state: ServiceState) -> ServiceError:
     return ServiceError(503, "queue_full", f"model {name} has {state.settings.max_queue} images waiting; retry "
-                                           "shortly", headers={"Retry-After": "1", **({"Connection": "close"}
-                                                                                      if unread else {})})
+                                           "shortly", headers={"Retry-After": "1"})
 
 
 @router.post("/{name}/rollback", response_model=ChangeOut, responses=ERRORS)
