@@ -259,7 +259,9 @@ data.mkdir()
 engine = make_engine(settings.url)
 migrate(engine)
 served = ServedModel("disc-ov", export, settings, session_factory(engine))
-(identifier,) = served.inspect([Upload(image.name, read_rgb(image), image.read_bytes(), 0.0)])
+upload = Upload(image.name, read_rgb(image), image.read_bytes(), 0.0)
+((version, scored),) = served.score([upload], 0)
+identifier = served.finish(upload, version, scored)
 with session_factory(engine).begin() as session:
     from clipfusion.service.tables import Inspection
     row = session.get(Inspection, identifier)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -354,3 +355,33 @@ def test_learning_from_a_false_alarm_and_rolling_it_back(model, synthetic_root, 
         assert served["sha256"] == active[0]["sha256"] != first["model_sha256"] and served["bank_size"] == 3
     finally:
         restarted.stop()
+
+
+def test_two_replicas_share_the_load_and_a_learned_version_reaches_both(model, synthetic_root, tmp_path):
+    server = start_server([model], tmp_path / "data", "--replicas", "2", "--max-batch", "1", "--learn",
+                          "--min-normals", "1")
+    try:
+        paths = _images(synthetic_root)
+        inspections = _inspect(server.url, paths).json()["inspections"]
+        alarm, path = next((i, p) for i, p in zip(inspections, paths, strict=True) if i["decision"] == "NG")
+        learned = httpx.post(f"{server.url}/v1/inspections/{alarm['id']}/feedback", json={"label": "normal"},
+                             timeout=120).json()["learned"]
+
+        def concurrently(count: int) -> list[dict[str, object]]:
+            with ThreadPoolExecutor(max_workers=count) as pool:
+                answers = list(pool.map(lambda _: _inspect(server.url, [path]), range(count)))
+            assert all(answer.status_code == 200 for answer in answers), [a.text for a in answers]
+            return [answer.json()["inspections"][0] for answer in answers]
+
+        expected = CLIPFusion.load(model).add_references([path], "disc").predict([path], "disc").scores[0]
+        after = concurrently(6)
+        assert {i["model_sha256"] for i in after} == {learned["sha256"]}  # whichever replica scored it
+        assert all(i["score"] == pytest.approx(float(expected), abs=1e-5) for i in after)
+        batches = {line.split('replica="')[1].split('"')[0]: float(line.split()[-1])
+                   for line in httpx.get(f"{server.url}/metrics").text.splitlines()
+                   if line.startswith("clipfusion_replica_batches_total{")}
+        assert set(batches) == {"0", "1"} and min(batches.values()) >= 1, batches  # both replicas ran batches
+        httpx.post(f"{server.url}/v1/models/disc/rollback", timeout=120).raise_for_status()
+        assert {i["model_sha256"] for i in concurrently(4)} == {alarm["model_sha256"]}
+    finally:
+        server.stop()

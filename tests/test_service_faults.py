@@ -138,7 +138,7 @@ def test_kill_9_under_load_then_restart_keeps_everything_answered(model, synthet
 def test_the_batcher_coalesces_refuses_when_full_and_drains_on_close():
     batches: list[list[int]] = []
 
-    def double(items: list[int]) -> list[int]:
+    def double(items: list[int], replica: int) -> list[int]:
         time.sleep(0.05)  # a model pass: the next requests queue meanwhile
         batches.append(items)
         return [2 * item for item in items]
@@ -161,3 +161,37 @@ def test_the_batcher_coalesces_refuses_when_full_and_drains_on_close():
     # in a thread of its own: Playwright's sync API keeps an event loop running in the main thread
     with ThreadPoolExecutor(max_workers=1) as thread:
         thread.submit(asyncio.run, scenario()).result(timeout=60)
+
+
+def test_a_heavy_item_goes_alone_and_holds_up_only_its_own_replica():
+    """Batches are capped by weight (pixels): the heavy item runs alone, and while it blocks one replica
+    the light items sent after it run and are answered on the other; a model swap (run_exclusive)
+    waits until no replica runs a batch."""
+    release = threading.Event()
+    batches: list[tuple[int, list[int]]] = []
+
+    def process(items: list[int], replica: int) -> list[int]:
+        batches.append((replica, items))
+        if 100 in items:
+            assert release.wait(timeout=30)  # the heavy item: held until the test has seen the others pass
+        return [item + 1 for item in items]
+
+    async def scenario() -> None:
+        batcher: Batcher[int, int] = Batcher("t", process, max_batch=8, max_wait_ms=5, max_queue=16, replicas=2,
+                                             weigh=lambda item: item, max_weight=100)
+        batcher.start()
+        heavy = asyncio.ensure_future(batcher.submit_many([100]))
+        await asyncio.sleep(0.05)
+        assert await asyncio.wait_for(batcher.submit_many([1, 2, 3]), timeout=10) == [2, 3, 4]
+        assert not heavy.done()  # the light ones passed it
+        swap = asyncio.ensure_future(batcher.run_exclusive(lambda: len(batches)))
+        await asyncio.sleep(0.05)
+        assert not swap.done()  # a replica still runs the heavy batch
+        release.set()
+        assert await heavy == [101] and await swap == 2
+        await batcher.close()
+
+    with ThreadPoolExecutor(max_workers=1) as thread:
+        thread.submit(asyncio.run, scenario()).result(timeout=60)
+    assert [items for _, items in batches] == [[100], [1, 2, 3]]  # never batched together
+    assert batches[0][0] != batches[1][0]  # on two replicas

@@ -290,3 +290,24 @@ def test_after_an_error_the_same_connection_answers_the_next_request(service):
             assert status.split()[1] == expected and headers.get("connection") != "close", (status, headers)
             again, _ = _exchange(connection, f"GET /healthz HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
             assert again.split()[1] == "200", expected
+
+
+def test_a_large_image_does_not_hold_up_the_small_ones_sent_after_it(server):
+    """A 2.9-megapixel image, then small ones: the large one's decision, overlay and files are made at
+    its own size outside the model's thread, so the small requests sent after it are answered before it
+    (they used to wait behind its whole inspection)."""
+    side = int(FLOOD_PIXELS ** 0.5)
+    large = np.zeros((side, side, 3), np.uint8)
+    large[::7] = 255  # stripes: a map with structure, regions to find at full size
+    buffer = io.BytesIO()
+    Image.fromarray(large).save(buffer, format="PNG")
+    finished: list[str] = []
+    thread = threading.Thread(target=lambda: finished.append(
+        f"large {inspect(server.url, [('large.png', buffer.getvalue())]).status_code}"))
+    thread.start()
+    time.sleep(0.3)  # the large one is in the service (its upload read, its model pass under way or done)
+    for number in range(4):
+        answer = inspect(server.url, [(f"small-{number}.png", png(64))])
+        finished.append(f"small {answer.status_code}")
+    thread.join(timeout=120)
+    assert finished.index("large 200") >= 2, finished  # at least two small ones answered first

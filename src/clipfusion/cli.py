@@ -414,6 +414,12 @@ def _add_serve(commands: Any) -> None:
                             "images outside the bank; fewer keep them, and the answer says why (default: "
                             "%(default)s)")
     serve.add_argument("--max-batch", type=_positive, default=8, help="images per model batch (default: %(default)s)")
+    serve.add_argument("--max-batch-megapixels", type=float, default=8.0, metavar="MP",
+                       help="pixels per model batch: a larger image goes alone, so small ones are not held up "
+                            "(default: %(default)s)")
+    serve.add_argument("--replicas", type=_positive, default=1, metavar="N",
+                       help="copies of each model, each running batches in its own thread on its share of the "
+                            "cores (N times the model's memory; default: %(default)s)")
     serve.add_argument("--max-wait-ms", type=float, default=10.0,
                        help="how long a batch may wait to fill (default: %(default)s)")
     serve.add_argument("--max-queue", type=_positive, default=64,
@@ -698,7 +704,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         store_images=Path(args.store_images) if args.store_images else None,
         learn=args.learn, keep_days=args.keep_days, trusted_keys=trusted, min_free_mb=args.min_free_mb,
         pixel_budget=args.pixel_budget * 1_000_000, min_normals=args.min_normals, read_timeout=args.read_timeout,
-        deadline=args.deadline, docs=args.docs)
+        deadline=args.deadline, docs=args.docs, replicas=args.replicas,
+        max_batch_pixels=int(args.max_batch_megapixels * 1_000_000))
     app = create_app(settings)
     api = " (API at /docs)" if args.docs else ""
     print(f"clipfusion serve: http://{args.host}:{args.port}/{api}, data in {Path(args.data).resolve()}", flush=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import math
 import re
+import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -17,13 +17,16 @@ _LAYER = re.compile(r"^(down_blocks|up_blocks|mid_block)(?:\.(\d+))?\.attentions
 _PLACE_RANK = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
 
 
-@dataclass
-class CaptureState:
-    """Shared by the processors of one encoder: which token columns to keep, the maps captured so far."""
+class CaptureState(threading.local):
+    """Shared by the processors of one encoder: which token columns to keep, the maps captured so far.
 
-    token_indices: list[int] | None = None
-    maps: dict[str, torch.Tensor] = field(default_factory=dict)
-    active: bool = False
+    Per thread: model replicas in one process share one encoder and its UNet (the weights load once) and
+    run it at the same time from their own threads; each thread captures into its own maps."""
+
+    def __init__(self) -> None:
+        self.token_indices: list[int] | None = None
+        self.maps: dict[str, torch.Tensor] = {}
+        self.active = False
 
 
 class CrossAttnCaptureProcessor:

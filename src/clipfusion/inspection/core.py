@@ -63,6 +63,18 @@ class Inspection:
 
 
 @dataclass(frozen=True)
+class Scored:
+    """One image after the model pass, before its decision: its score and raw map (h, w) at the detector's
+    output size (None for an image that was not readable: ``item.reason`` says why), and the time of its
+    batch's model pass."""
+
+    item: Decoded
+    score: float | None = None
+    raw_map: np.ndarray | None = field(default=None, repr=False)
+    model_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
 class InspectionSettings:
     """What every inspection of one run shares, apart from the detector (so that a Ray worker can build
     the same :class:`Inspector` around its own detector): see :class:`Inspector`."""
@@ -122,20 +134,29 @@ class Inspector:
 
     def inspect_decoded(self, decoded: Sequence[Decoded]) -> list[Inspection]:
         """:meth:`inspect` of images already read: the readable ones in one model pass."""
+        return [self.decide(scored) for scored in self.score(decoded)]
+
+    def score(self, decoded: Sequence[Decoded]) -> list[Scored]:
+        """The model pass alone, over the readable images at once: one :class:`Scored` per image, in order.
+        Its cost hardly depends on the images' sizes; :meth:`decide` (at each image's own size) does, and
+        may run elsewhere (the service decides in other threads while the model scores the next batch)."""
         readable = [(item, item.image) for item in decoded if item.image is not None]
-        verdicts: dict[int, Inspection] = {}
+        scores: dict[int, Scored] = {}
         if readable:
             start = time.perf_counter()
             prediction = self.detector.predict([image for _, image in readable], self.category)
             model_seconds = time.perf_counter() - start
-            for (item, image), score, raw_map in zip(readable, prediction.scores, prediction.maps, strict=True):
-                verdicts[id(item)] = self._decide(item, image, float(score), raw_map, model_seconds)
-        return [verdicts.get(id(item)) or Inspection(item.source, seconds=item.seconds, error=item.reason)
-                for item in decoded]
+            for (item, _), score, raw_map in zip(readable, prediction.scores, prediction.maps, strict=True):
+                scores[id(item)] = Scored(item, float(score), raw_map, model_seconds)
+        return [scores.get(id(item)) or Scored(item) for item in decoded]
 
-    def _decide(self, item: Decoded, image: np.ndarray, score: float, raw_map: np.ndarray, model_seconds: float
-                ) -> Inspection:
-        """One scored image's verdict: its map at its own size, the decision, the regions and their mask."""
+    def decide(self, scored: Scored) -> Inspection:
+        """One scored image's verdict: its map at its own size, the decision, the regions and their mask
+        (or the reason it has none)."""
+        item, image, score, raw_map, model_seconds = (scored.item, scored.item.image, scored.score, scored.raw_map,
+                                                      scored.model_seconds)
+        if image is None or score is None or raw_map is None:
+            return Inspection(item.source, seconds=item.seconds, error=item.reason)
         start = time.perf_counter()
         seconds = item.seconds + model_seconds
         if not (math.isfinite(score) and np.isfinite(raw_map).all()):

@@ -1,11 +1,14 @@
-"""A served model: its opened model file, the inspector around its detector, and what one inspection
-writes (files and database rows).  ``inspect`` runs in the model's own batching thread."""
+"""A served model: its opened model file, one inspector (its own detector) per replica, and what one
+inspection writes (files and database rows).  ``score`` (the model pass) runs in a replica's batching
+thread; ``finish`` (the decision at the image's own size, its files and row, whose cost grows with the
+image) runs in the service's finishing threads, so a large image does not hold up the model."""
 from __future__ import annotations
 
 import logging
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from clipfusion.errors import ClipfusionError
 from clipfusion.inspection import Inspection, Inspector, ModelFile
+from clipfusion.inspection.core import Scored
 from clipfusion.inspection.sources import Decoded
 from clipfusion.inspection.writer import ImageWriter, render
 from clipfusion.outputs import write_atomic
@@ -26,8 +30,17 @@ from clipfusion.service.uploads import ItemError, Upload
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Version:
+    """The model version a replica scored an image with: its file and inspector (the image is decided
+    and recorded with them, even if learning swaps the model before it is finished)."""
+
+    model: ModelFile
+    inspector: Inspector
+
+
 class ServedModel:
-    """One ``--model`` file, loaded once."""
+    """One ``--model`` file, loaded once per replica (``settings.replicas``)."""
 
     def __init__(self, name: str, model: ModelFile | Path, settings: ServiceSettings, sessions: sessionmaker[Session],
                  observe_model: Callable[[float], None] | None = None) -> None:
@@ -37,19 +50,27 @@ class ServedModel:
         self.use(model)
 
     def use(self, model: ModelFile | Path) -> None:
-        """Serve ``model`` (opened, or a path) from now on (start-up, learning, rollback).  Call it from
-        the model's own thread only, so that no batch sees half of a swap."""
+        """Serve ``model`` (opened, or a path) from now on (start-up, learning, rollback) on every replica.
+        Call it only while no replica runs a batch (``Batcher.run_exclusive``), so that none sees half of a
+        swap."""
         model = model if isinstance(model, ModelFile) else ModelFile.open(model, self.settings.trusted_keys)
         if model.card is None:
             raise ClipfusionError(f"--model {model.path} is an export without thresholds; export a model file "
                                   "(`clipfusion export --model X.cfm`) to serve it")
-        inspector = Inspector.from_model(model, self.settings.runtime, self.settings.batch_size,
-                                         self.settings.min_area, self.settings.max_pixels)
+        inspectors = [Inspector.from_model(model, self.settings.runtime, self.settings.batch_size,
+                                           self.settings.min_area, self.settings.max_pixels)
+                      for _ in range(self.settings.replicas)]
         if self.settings.runtime.compile and not model.is_export:
             # compile now, before requests come: the first image would otherwise wait minutes
             logger.info("compiling %s's models (--compile) before serving it", self.name)
-            inspector.inspect([np.full((256, 256, 3), 128, np.uint8)])
-        self.model, self.card, self.inspector = model, model.card, inspector
+            for inspector in inspectors:
+                inspector.inspect([np.full((256, 256, 3), 128, np.uint8)])
+        self.model, self.card, self.inspectors = model, model.card, inspectors
+
+    @property
+    def inspector(self) -> Inspector:
+        """The first replica's inspector (all replicas serve the same version)."""
+        return self.inspectors[0]
 
     @property
     def path(self) -> Path:
@@ -68,16 +89,22 @@ class ServedModel:
         bank = getattr(self.inspector.detector, "memory_bank_", None)
         return 0 if bank is None else int(bank.manifest.get("k", 0))
 
-    def inspect(self, uploads: list[Upload]) -> list[str | ItemError]:
-        """Inspect ``uploads`` as one batch; each image's files and row are then stored on their own (one
-        transaction each, its files removed if it fails), so one image that cannot be stored fails alone.
-        The new inspection ids, or per image why it has none."""
-        inspections = self.inspector.inspect_decoded([Decoded(u.filename, u.image) for u in uploads])
-        if self.observe_model is not None and inspections:
-            self.observe_model(inspections[0].model_seconds)
-        return [self._store(upload, inspection) for upload, inspection in zip(uploads, inspections, strict=True)]
+    def score(self, uploads: list[Upload], replica: int) -> list[tuple[Version, Scored]]:
+        """The model pass over ``uploads`` as one batch, on ``replica``'s detector: per image, the version
+        that scored it and its score."""
+        version = Version(self.model, self.inspectors[replica])
+        scored = version.inspector.score([Decoded(u.filename, u.image) for u in uploads])
+        if self.observe_model is not None and scored:
+            self.observe_model(scored[0].model_seconds)
+        return [(version, one) for one in scored]
 
-    def _store(self, upload: Upload, inspection: Inspection) -> str | ItemError:
+    def finish(self, upload: Upload, version: Version, scored: Scored) -> str | ItemError:
+        """Decide a scored upload at its own size and store its files and row on their own (one transaction,
+        its files removed if it fails), so one image that cannot be stored fails alone.  Its new inspection
+        id, or why it has none."""
+        return self._store(upload, version, version.inspector.decide(scored))
+
+    def _store(self, upload: Upload, version: Version, inspection: Inspection) -> str | ItemError:
         if not inspection.ok:
             return ItemError(upload.filename, 422, "not_finite", f"{upload.filename}: the model's score or map is "
                                                                  "not a finite number")
@@ -85,13 +112,13 @@ class ServedModel:
         row: dict[str, Any] | None = None
         stored: Path | None = None
         try:
-            row = self.files.write(identifier, render(inspection, self.inspector.decisions, self.sha256,
-                                                      self.model.signer))
+            row = self.files.write(identifier, render(inspection, version.inspector.decisions, version.model.sha256,
+                                                      version.model.signer))
             if self.settings.images_dir is not None:
                 stored = self.settings.images_dir / f"{identifier}{_suffix(upload.filename)}"
                 write_atomic(stored, upload.data)
             with self.sessions.begin() as session:
-                session.add(self._row(identifier, upload, inspection, row, stored))
+                session.add(self._row(identifier, upload, version.model, inspection, row, stored))
         except Exception:  # this image's files or row (a full disk, a database refusal): it alone fails
             logger.exception("inspection of %s by %s could not be stored", upload.filename, self.name,
                              extra={"request_id": upload.request_id})
@@ -103,16 +130,17 @@ class ServedModel:
                                                                      "be stored (the service log says why)")
         return identifier
 
-    def _row(self, identifier: str, upload: Upload, inspection: Inspection, row: dict[str, Any],
+    def _row(self, identifier: str, upload: Upload, model: ModelFile, inspection: Inspection, row: dict[str, Any],
              stored: Path | None) -> InspectionRow:
-        """The database row of one inspection (``stored``: its upload, kept under ``--store-images``)."""
+        """The database row of one inspection by ``model`` (``stored``: its upload, kept under
+        ``--store-images``)."""
         height, width = upload.image.shape[:2]
         return InspectionRow(
-            id=identifier, model=self.name, model_sha256=self.sha256, created=datetime.now(timezone.utc),
+            id=identifier, model=self.name, model_sha256=model.sha256, created=datetime.now(timezone.utc),
             filename=upload.filename, width=width, height=height, score=inspection.score,
             normalised_score=row["normalised_score"], decision=row["decision"], threshold=row["threshold"],
             seconds=round(time.perf_counter() - upload.received, 4), overlay=row["overlay"], mask=row["mask"],
-            image=None if stored is None else stored.name, signer=self.model.signer,
+            image=None if stored is None else stored.name, signer=model.signer,
             regions=[Region(**region) for region in row["regions"] or []])
 
 

@@ -16,8 +16,10 @@ class ServiceMetrics:
                                  registry=self.registry)
         self.batch_size = Histogram("clipfusion_batch_size", "images per model batch", ["model"],
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
-        self.batch_seconds = Histogram("clipfusion_batch_seconds", "model time per batch (scoring, files, database)",
+        self.batch_seconds = Histogram("clipfusion_batch_seconds", "time per batch in a model replica's thread",
                                        ["model"], registry=self.registry)
+        self.replica_batches = Counter("clipfusion_replica_batches_total", "batches run, by model replica",
+                                       ["model", "replica"], registry=self.registry)
         self.model_seconds = Histogram("clipfusion_model_seconds", "time in the detector per batch (scoring only)",
                                        ["model"], registry=self.registry)
         self.disk_free = Gauge("clipfusion_disk_free_bytes", "free space on the disk of the data folder",

@@ -37,7 +37,9 @@ class ServiceSettings:
     """models: model files (``*.cfm``), each served under its file name without the suffix.
     data_dir: where the SQLite database (the embedded default) and each inspection's files live.
     database_url: a SQLAlchemy URL (``postgresql+psycopg://...``) instead of the embedded SQLite.
-    max_batch / max_wait_ms: dynamic batching; max_queue: images waiting per model before 503.
+    max_batch / max_wait_ms: dynamic batching; max_batch_pixels: the pixels of one batch (a larger image
+    goes alone); max_queue: images waiting per model before 503.  replicas: copies of each model, each
+    running batches in its own thread (the CPU's cores shared between them).
     api_keys: accepted keys with their names and roles (empty: no authentication, everyone acts as admin).
     learn: confirmed false alarms join the
     model's memory bank.  store_images: a folder to keep each uploaded file in (with --learn, uploads are
@@ -59,6 +61,8 @@ class ServiceSettings:
     max_batch: int = 8
     max_wait_ms: float = 10.0
     max_queue: int = 64
+    max_batch_pixels: int = 8_000_000
+    replicas: int = 1
     max_upload_bytes: int = 20 * 1024 * 1024
     max_pixels: int = SERVE_MAX_PIXELS
     min_area: int = 16
@@ -94,6 +98,8 @@ class ServiceSettings:
             raise ClipfusionError("--read-timeout and --deadline must be positive numbers of seconds")
         if self.max_batch < 1 or self.max_queue < 1 or self.max_wait_ms < 0 or self.max_upload_bytes < 1:
             raise ClipfusionError("--max-batch, --max-queue and --max-upload-mb must be >= 1, --max-wait-ms >= 0")
+        if self.replicas < 1 or self.max_batch_pixels < 1:
+            raise ClipfusionError("--replicas and --max-batch-megapixels must be positive")
 
     @property
     def images_dir(self) -> Path | None:

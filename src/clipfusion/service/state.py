@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -12,13 +14,15 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from clipfusion.inspection import ModelFile
+from clipfusion.inspection.core import Scored
 from clipfusion.inspection.writer import FILE_SUFFIXES
+from clipfusion.runtime.manifest import is_export
 from clipfusion.service import learning
 from clipfusion.service.admission import PixelBudget
 from clipfusion.service.batching import Batcher
 from clipfusion.service.database import make_engine, migrate, session_factory
 from clipfusion.service.errors import ServiceError
-from clipfusion.service.inspector import ServedModel
+from clipfusion.service.inspector import ServedModel, Version
 from clipfusion.service.learning import active_version
 from clipfusion.service.metrics import ServiceMetrics
 from clipfusion.service.schemas import ChangeOut
@@ -27,6 +31,7 @@ from clipfusion.service.tables import Inspection, ModelVersion
 from clipfusion.service.uploads import Upload
 
 logger = logging.getLogger(__name__)
+FINISHERS = 2  # threads deciding, rendering and storing scored images, beside the model threads
 
 
 @dataclass
@@ -34,7 +39,7 @@ class ServiceState:
     settings: ServiceSettings
     metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
     models: dict[str, ServedModel] = field(default_factory=dict)
-    batchers: dict[str, Batcher[Upload, object]] = field(default_factory=dict)
+    batchers: dict[str, Batcher[Upload, tuple[Version, Scored]]] = field(default_factory=dict)
     ready: bool = False
     draining: bool = False  # stopping: new requests are answered 503 shutting_down (server.DrainingServer)
     in_flight: int = 0  # requests being handled (not counting the probes and the drain's refusals)
@@ -42,9 +47,11 @@ class ServiceState:
     engine: Engine | None = None
     sessions: sessionmaker[Session] | None = None
     pixels: PixelBudget = field(init=False)
+    finishers: ThreadPoolExecutor = field(init=False)  # decide, render and store each scored image
 
     def __post_init__(self) -> None:
         self.pixels = PixelBudget(self.settings.pixel_budget)
+        self.finishers = ThreadPoolExecutor(max_workers=FINISHERS, thread_name_prefix="finish")
 
     def open(self) -> None:
         """Database first (migrated), then every model: a bad model file stops the start-up, not a request."""
@@ -53,6 +60,7 @@ class ServiceState:
         self.engine = make_engine(self.settings.url)
         migrate(self.engine)
         self.sessions = session_factory(self.engine)
+        share_cores(self.settings)
         for path in self.settings.models:
             name = model_name(path)
             opened = ModelFile.open(path, self.settings.trusted_keys)
@@ -68,12 +76,14 @@ class ServiceState:
 
     def start_batchers(self) -> None:
         for name, model in self.models.items():
-            def observe(size: int, seconds: float, name: str = name) -> None:
+            def observe(size: int, seconds: float, replica: int, name: str = name) -> None:
                 self.metrics.batch_size.labels(name).observe(size)
                 self.metrics.batch_seconds.labels(name).observe(seconds)
+                self.metrics.replica_batches.labels(name, str(replica)).inc()
 
-            batcher: Batcher[Upload, object] = Batcher(name, model.inspect, self.settings.max_batch,
-                                                       self.settings.max_wait_ms, self.settings.max_queue, observe)
+            batcher: Batcher[Upload, tuple[Version, Scored]] = Batcher(
+                name, model.score, self.settings.max_batch, self.settings.max_wait_ms, self.settings.max_queue, observe,
+                replicas=self.settings.replicas, weigh=_pixels, max_weight=self.settings.max_batch_pixels)
             batcher.start()
             self.batchers[name] = batcher
             self.metrics.queue_depth.labels(name).set_function(_depth_of(batcher))
@@ -105,6 +115,7 @@ class ServiceState:
         self.ready = False
         for batcher in self.batchers.values():
             await batcher.close()
+        self.finishers.shutdown(wait=True)  # every scored image is recorded before the database closes
         if self.engine is not None:
             self.engine.dispose()
 
@@ -155,7 +166,23 @@ class ServiceState:
         return await self.batchers[name].run_exclusive(task)
 
 
-def _depth_of(batcher: Batcher[Upload, object]) -> Callable[[], float]:
+def _pixels(upload: Upload) -> int:
+    return int(upload.image.shape[0] * upload.image.shape[1])
+
+
+def share_cores(settings: ServiceSettings) -> None:
+    """With several replicas, each runs its batches on its share of the CPU's cores (torch's threads),
+    instead of every replica starting a thread per core; an export's runtime shares them itself."""
+    if settings.replicas == 1 or all(is_export(Path(path)) for path in settings.models):
+        return
+    import torch
+
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // settings.replicas))
+    logger.info("%d replicas per model, %d of the %d cores each", settings.replicas, torch.get_num_threads(), cores)
+
+
+def _depth_of(batcher: Batcher[Upload, tuple[Version, Scored]]) -> Callable[[], float]:
     def depth() -> float:
         return float(batcher.depth)
     return depth

@@ -54,7 +54,7 @@ async def inspect(name: str, request: Request, state: StateDep) -> InspectOut:
         decoded = await run_in_threadpool(decode, files, state.settings, received, request_id(request))
         uploads = [item for item in decoded if isinstance(item, Upload)]
         try:
-            results = await asyncio.wait_for(batcher.submit_many(uploads), state.settings.deadline) \
+            results = await asyncio.wait_for(_score_and_finish(state, name, uploads), state.settings.deadline) \
                 if uploads else []
         except asyncio.TimeoutError:  # its images still queued are dropped; a batch already running is recorded
             raise ServiceError(504, "deadline_exceeded", f"the inspection took longer than {state.settings.deadline:g} "
@@ -83,6 +83,15 @@ async def inspect(name: str, request: Request, state: StateDep) -> InspectOut:
     for inspection in answer.inspections:
         state.metrics.decisions.labels(name, inspection.decision).inc()
     return answer
+
+
+async def _score_and_finish(state: ServiceState, name: str, uploads: list[Upload]) -> list[str | ItemError]:
+    """The model pass in the model's batches, then each image decided and stored in the finishing threads
+    (at its own size: a large image does not hold up the model's next batch)."""
+    model, loop = state.models[name], asyncio.get_running_loop()
+    scored = await state.batchers[name].submit_many(uploads)
+    return list(await asyncio.gather(*(loop.run_in_executor(state.finishers, model.finish, upload, version, one)
+                                       for upload, (version, one) in zip(uploads, scored, strict=True))))
 
 
 def _queue_full(name: str, state: ServiceState) -> ServiceError:
