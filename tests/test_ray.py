@@ -12,8 +12,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -27,6 +29,7 @@ from clipfusion.row_log import ParquetParts
 from clipfusion.tasks.inputs import collect_sources
 
 from .commands import clipfusion, clipfusion_here, results
+from .servers import start_server
 
 
 @contextlib.contextmanager
@@ -338,3 +341,41 @@ def test_what_travels_between_the_stages_is_arrays_and_records(model, photos):
     assert payloads.unpack_outcomes(packed) == outcomes
     with np.load(io.BytesIO(packed), allow_pickle=False) as stored:
         assert all(stored[name].dtype != object for name in stored.files)
+
+
+def test_serve_runs_the_model_replicas_on_ray_serve_and_learning_reaches_them(model, synthetic_root, tmp_path,
+                                                                              ray_address):
+    """``serve --engine ray --replicas 2``: the model pass runs on a Ray Serve deployment of two replicas
+    (the service's own process keeps the API, decisions and database): scores equal the detector run
+    here; after learning, every replica scores with the learned version; stopping deletes the deployment."""
+    from ray import serve
+
+    server = start_server([model], tmp_path / "data", "--engine", "ray", "--ray-address", ray_address, "--replicas",
+                          "2", "--cpus-per-replica", "0.5", "--learn", "--min-normals", "1")
+    try:
+        paths = sorted((synthetic_root / "disc" / "test").rglob("*.png"))
+
+        def inspect(images: list[Path]) -> list[dict]:
+            answer = httpx.post(f"{server.url}/v1/models/disc/inspect", timeout=120,
+                                files=[("files", (p.name, p.read_bytes(), "image/png")) for p in images])
+            assert answer.status_code == 200, answer.text
+            return answer.json()["inspections"]
+
+        inspections = inspect(paths)
+        expected = CLIPFusion.load(model).predict(paths, "disc").scores
+        assert [i["score"] for i in inspections] == pytest.approx([float(s) for s in expected], abs=1e-5)
+        [application] = [a for name, a in serve.status().applications.items() if name == "clipfusion-disc"]
+        [deployment] = application.deployments.values()
+        assert deployment.replica_states.get("RUNNING") == 2
+
+        alarm, path = next((i, p) for i, p in zip(inspections, paths, strict=True) if i["decision"] == "NG")
+        learned = httpx.post(f"{server.url}/v1/inspections/{alarm['id']}/feedback", json={"label": "normal"},
+                             timeout=120).json()["learned"]
+        relearned = float(CLIPFusion.load(model).add_references([path], "disc").predict([path], "disc").scores[0])
+        with ThreadPoolExecutor(max_workers=6) as pool:  # enough at once for both replicas to take some
+            after = [i for answer in pool.map(lambda _: inspect([path]), range(6)) for i in answer]
+        assert {i["model_sha256"] for i in after} == {learned["sha256"]}
+        assert all(i["score"] == pytest.approx(relearned, abs=1e-5) for i in after)
+    finally:
+        server.stop()
+    assert "clipfusion-disc" not in serve.status().applications

@@ -297,8 +297,8 @@ def test_a_large_image_does_not_hold_up_the_small_ones_sent_after_it(server):
     its own size outside the model's thread, so the small requests sent after it are answered before it
     (they used to wait behind its whole inspection)."""
     side = int(FLOOD_PIXELS ** 0.5)
-    large = np.zeros((side, side, 3), np.uint8)
-    large[::7] = 255  # stripes: a map with structure, regions to find at full size
+    large = np.full((side, side, 3), 128, np.uint8)
+    large[side // 3:side // 2, side // 3:side // 2] = 20  # a dark square: a region to find at full size
     buffer = io.BytesIO()
     Image.fromarray(large).save(buffer, format="PNG")
     finished: list[str] = []

@@ -136,7 +136,7 @@ def _add_engine_options(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def _ray_options(args: argparse.Namespace) -> Any:
-    from clipfusion.distributed.cluster import RayOptions
+    from clipfusion.ray_cluster import RayOptions
 
     return RayOptions(args.ray_address, args.workers, args.gpus_per_worker, args.cpus_per_worker)
 
@@ -418,14 +418,25 @@ def _add_serve(commands: Any) -> None:
                        help="pixels per model batch: a larger image goes alone, so small ones are not held up "
                             "(default: %(default)s)")
     serve.add_argument("--replicas", type=_positive, default=1, metavar="N",
-                       help="copies of each model, each running batches in its own thread on its share of the "
-                            "cores (N times the model's memory; default: %(default)s)")
+                       help="copies of each model running batches at once: threads sharing its weights and the "
+                            "cores, or with --engine ray replicas on the cluster (default: %(default)s)")
+    cluster = serve.add_argument_group("model replicas on a Ray cluster (pip install 'clipfusion[ray]'; "
+                                       "docs/service.md#replicas)")
+    cluster.add_argument("--engine", default="local", choices=("local", "ray"),
+                         help="local: the models run in this process; ray: as Ray Serve replicas on a cluster "
+                              "(default: %(default)s)")
+    cluster.add_argument("--ray-address", default=None, metavar="auto|ray://HOST:10001",
+                         help="the Ray cluster (default: start one on this machine)")
+    cluster.add_argument("--cpus-per-replica", type=float, default=1.0, metavar="C",
+                         help="CPUs each Ray replica reserves (default: %(default)s)")
+    cluster.add_argument("--gpus-per-replica", type=float, default=0.0, metavar="G",
+                         help="GPUs each Ray replica reserves (default: %(default)s)")
     serve.add_argument("--max-wait-ms", type=float, default=10.0,
                        help="how long a batch may wait to fill (default: %(default)s)")
     serve.add_argument("--max-queue", type=_positive, default=64,
                        help="images waiting per model before answering 503 (default: %(default)s)")
     serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest request body (default: %(default)s)")
-    serve.add_argument("--max-pixels", type=_positive, default=50_000_000, metavar="N",
+    serve.add_argument("--max-pixels", type=_positive, default=40_000_000, metavar="N",
                        help="largest image in pixels (default: %(default)s; at most --pixel-budget)")
     serve.add_argument("--min-region-area", type=int, default=16, dest="min_area", metavar="PIXELS",
                        help="smallest region reported (default: %(default)s)")
@@ -693,6 +704,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     except ImportError as exc:
         raise ClipfusionError(f"the service needs its extra packages ({exc.name} is missing): "
                               "pip install 'clipfusion[serve]'") from None
+    from clipfusion.ray_cluster import RayOptions
     from clipfusion.service.logs import log_config
     from clipfusion.service.settings import ServiceSettings, read_api_keys
 
@@ -705,7 +717,9 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         learn=args.learn, keep_days=args.keep_days, trusted_keys=trusted, min_free_mb=args.min_free_mb,
         pixel_budget=args.pixel_budget * 1_000_000, min_normals=args.min_normals, read_timeout=args.read_timeout,
         deadline=args.deadline, docs=args.docs, replicas=args.replicas,
-        max_batch_pixels=int(args.max_batch_megapixels * 1_000_000))
+        max_batch_pixels=int(args.max_batch_megapixels * 1_000_000),
+        ray=RayOptions(args.ray_address, args.replicas, args.gpus_per_replica, args.cpus_per_replica)
+        if args.engine == "ray" else None)
     app = create_app(settings)
     api = " (API at /docs)" if args.docs else ""
     print(f"clipfusion serve: http://{args.host}:{args.port}/{api}, data in {Path(args.data).resolve()}", flush=True)

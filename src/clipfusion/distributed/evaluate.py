@@ -10,12 +10,12 @@ from typing import Any
 
 from clipfusion.config import RuntimeConfig
 from clipfusion.data import AnomalyDataset
-from clipfusion.distributed.cluster import RayOptions, connect
 from clipfusion.distributed.recipe import DetectorRecipe
 from clipfusion.distributed.tasks import run_tasks
 from clipfusion.evaluation.runner import EvaluationRunner
 from clipfusion.evaluation.sweep_units import SweepConfig, SweepTask, sweep_task
 from clipfusion.evaluation.units import SkippedFile
+from clipfusion.ray_cluster import RayOptions, connect
 
 
 def _run_unit(runner: EvaluationRunner, category: str, shots: int, seed: int) -> dict[str, Any]:

@@ -16,7 +16,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path, PurePath
 from typing import Any
 
-from clipfusion.distributed.cluster import RayOptions, connect
 from clipfusion.distributed.payloads import (
     pack_decoded,
     pack_inspections,
@@ -29,6 +28,7 @@ from clipfusion.distributed.recipe import DetectorRecipe
 from clipfusion.inspection.core import InspectionSettings
 from clipfusion.inspection.sources import read_sources
 from clipfusion.inspection.writer import ImageWriter, Outcome, render_all
+from clipfusion.ray_cluster import RayOptions, connect
 
 logger = logging.getLogger(__name__)
 # Memory each decoding task asks Ray for: enough for one batch of large frames.  It is also what keeps

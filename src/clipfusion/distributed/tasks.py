@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from clipfusion.distributed.cluster import RayOptions
 from clipfusion.errors import ClipfusionError
+from clipfusion.ray_cluster import RayOptions
 
 # A task whose worker died (a lost node, a kill) runs again, at most this many times.
 TASK_RETRIES = 3

@@ -22,6 +22,7 @@ from clipfusion.inspection.core import Scored
 from clipfusion.inspection.sources import Decoded
 from clipfusion.inspection.writer import ImageWriter, render
 from clipfusion.outputs import write_atomic
+from clipfusion.service.ray_replicas import RayDeployments
 from clipfusion.service.settings import ServiceSettings
 from clipfusion.service.tables import Inspection as InspectionRow
 from clipfusion.service.tables import Region
@@ -43,9 +44,11 @@ class ServedModel:
     """One ``--model`` file, loaded once per replica (``settings.replicas``)."""
 
     def __init__(self, name: str, model: ModelFile | Path, settings: ServiceSettings, sessions: sessionmaker[Session],
-                 observe_model: Callable[[float], None] | None = None) -> None:
-        """``observe_model(seconds)`` hears each batch's time in the detector alone (for metrics)."""
+                 observe_model: Callable[[float], None] | None = None, remote: RayDeployments | None = None) -> None:
+        """``observe_model(seconds)`` hears each batch's time in the detector alone (for metrics); ``remote``:
+        the model's replicas run on a Ray cluster (``serve --engine ray``), not in this process."""
         self.name, self.settings, self.sessions, self.observe_model = name, settings, sessions, observe_model
+        self.remote = remote
         self.files = ImageWriter(settings.data_dir / "files")
         self.use(model)
 
@@ -57,6 +60,11 @@ class ServedModel:
         if model.card is None:
             raise ClipfusionError(f"--model {model.path} is an export without thresholds; export a model file "
                                   "(`clipfusion export --model X.cfm`) to serve it")
+        if self.remote is not None:  # one inspector: each of the replica threads calls the cluster with it
+            remote = Inspector(self.remote.detector(self.name, model), None, model.category, model.sha256,
+                               self.settings.min_area, self.settings.max_pixels)
+            self.model, self.card, self.inspectors = model, model.card, [remote] * self.settings.replicas
+            return
         inspectors = [Inspector.from_model(model, self.settings.runtime, self.settings.batch_size,
                                            self.settings.min_area, self.settings.max_pixels)
                       for _ in range(self.settings.replicas)]

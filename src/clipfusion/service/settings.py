@@ -8,6 +8,7 @@ from typing import Literal
 
 from clipfusion.config import RuntimeConfig
 from clipfusion.errors import ClipfusionError
+from clipfusion.ray_cluster import RayOptions
 from clipfusion.runtime.manifest import is_export
 from clipfusion.signing import TrustedKeys
 
@@ -27,9 +28,11 @@ class ApiKey:
     secret: str = field(repr=False)
 
 
-# The largest image the service takes by default: 50 MP (an 8K frame is 33 MP), about 1.3 GB while it is
-# inspected; predict's own default is MAX_PIXELS.
-SERVE_MAX_PIXELS = 50_000_000
+# The largest image the service takes by default: 40 MP (an 8K frame is 33 MP), about 1 GB while it is
+# inspected; 10 MP below the default --pixel-budget, so that one such image is still admitted while small
+# ones are in flight (at 50 MP, under small-image load, it never was: benchmarks/results/serve_stress.json).
+# predict's own default is MAX_PIXELS.
+SERVE_MAX_PIXELS = 40_000_000
 
 
 @dataclass(frozen=True)
@@ -39,11 +42,12 @@ class ServiceSettings:
     database_url: a SQLAlchemy URL (``postgresql+psycopg://...``) instead of the embedded SQLite.
     max_batch / max_wait_ms: dynamic batching; max_batch_pixels: the pixels of one batch (a larger image
     goes alone); max_queue: images waiting per model before 503.  replicas: copies of each model, each
-    running batches in its own thread (the CPU's cores shared between them).
+    running batches in its own thread (the CPU's cores shared between them), or with ``ray`` as replicas
+    of a Ray Serve deployment on that cluster (``ray_replicas``).
     api_keys: accepted keys with their names and roles (empty: no authentication, everyone acts as admin).
-    learn: confirmed false alarms join the
-    model's memory bank.  store_images: a folder to keep each uploaded file in (with --learn, uploads are
-    kept in ``data_dir/files/images`` when it is not given); keep_days: for so many days.
+    learn: confirmed false alarms join the model's memory bank.  store_images: a folder to keep each
+    uploaded file in (with --learn, uploads are kept in ``data_dir/files/images`` when it is not given);
+    keep_days: for so many days.
     trusted_keys: only models signed by one of these keys are served (None: signatures not checked).
     min_free_mb: /readyz answers 503 ``disk_low`` when data_dir's disk has less free space.
     min_normals: learning re-derives the thresholds only from at least so many confirmed normal images.
@@ -63,6 +67,7 @@ class ServiceSettings:
     max_queue: int = 64
     max_batch_pixels: int = 8_000_000
     replicas: int = 1
+    ray: RayOptions | None = None  # serve --engine ray: the cluster, and what each replica reserves
     max_upload_bytes: int = 20 * 1024 * 1024
     max_pixels: int = SERVE_MAX_PIXELS
     min_area: int = 16
@@ -100,6 +105,9 @@ class ServiceSettings:
             raise ClipfusionError("--max-batch, --max-queue and --max-upload-mb must be >= 1, --max-wait-ms >= 0")
         if self.replicas < 1 or self.max_batch_pixels < 1:
             raise ClipfusionError("--replicas and --max-batch-megapixels must be positive")
+        if self.ray is not None and self.ray.workers != self.replicas:
+            raise ClipfusionError(f"the Ray cluster is asked for {self.ray.workers} replicas, the service for "
+                                  f"{self.replicas}: give --replicas once")
 
     @property
     def images_dir(self) -> Path | None:

@@ -25,6 +25,7 @@ from clipfusion.service.errors import ServiceError
 from clipfusion.service.inspector import ServedModel, Version
 from clipfusion.service.learning import active_version
 from clipfusion.service.metrics import ServiceMetrics
+from clipfusion.service.ray_replicas import RayDeployments
 from clipfusion.service.schemas import ChangeOut
 from clipfusion.service.settings import ServiceSettings, model_name
 from clipfusion.service.tables import Inspection, ModelVersion
@@ -48,6 +49,7 @@ class ServiceState:
     sessions: sessionmaker[Session] | None = None
     pixels: PixelBudget = field(init=False)
     finishers: ThreadPoolExecutor = field(init=False)  # decide, render and store each scored image
+    remote: RayDeployments | None = None  # serve --engine ray: the models' replicas on the cluster
 
     def __post_init__(self) -> None:
         self.pixels = PixelBudget(self.settings.pixel_budget)
@@ -60,12 +62,15 @@ class ServiceState:
         self.engine = make_engine(self.settings.url)
         migrate(self.engine)
         self.sessions = session_factory(self.engine)
-        share_cores(self.settings)
+        if self.settings.ray is not None:
+            self.remote = RayDeployments(self.settings.ray, self.settings.runtime, self.settings.batch_size)
+        else:
+            share_cores(self.settings)
         for path in self.settings.models:
             name = model_name(path)
             opened = ModelFile.open(path, self.settings.trusted_keys)
             model = ServedModel(name, self._version_to_serve(name, opened), self.settings, self.sessions,
-                                self.metrics.model_seconds.labels(name).observe)
+                                self.metrics.model_seconds.labels(name).observe, self.remote)
             self.models[name] = model
             logger.info("serving %s (%s, %s) from %s", name, model.category, model.model.preset, model.path)
 
@@ -116,6 +121,8 @@ class ServiceState:
         for batcher in self.batchers.values():
             await batcher.close()
         self.finishers.shutdown(wait=True)  # every scored image is recorded before the database closes
+        if self.remote is not None:
+            self.remote.close()
         if self.engine is not None:
             self.engine.dispose()
 

@@ -1,6 +1,7 @@
 """/v1/inspections: history, one inspection, its overlay and mask, and operators' feedback."""
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 from typing import Annotated, Literal
 
@@ -14,7 +15,7 @@ from clipfusion.service.dependencies import ActorDep, AdminDep, SessionDep, Stat
 from clipfusion.service.errors import ServiceError
 from clipfusion.service.records import history, load_inspections
 from clipfusion.service.schemas import ChangeOut, ErrorOut, FeedbackIn, FeedbackOut, InspectionOut, InspectionPage
-from clipfusion.service.tables import Feedback, Inspection
+from clipfusion.service.tables import Audit, Feedback, Inspection
 
 router = APIRouter(prefix="/v1/inspections", tags=["inspections"], dependencies=[Depends(require_api_key)])
 ERRORS: dict[int | str, dict[str, object]] = {status: {"model": ErrorOut} for status in (401, 403, 404, 409, 422)}
@@ -106,6 +107,24 @@ async def post_feedback(identifier: str, body: FeedbackIn, state: StateDep, acto
             await run_in_threadpool(forget, answer.id)
             raise
     return answer
+
+
+@router.delete("/{identifier}/feedback/{feedback_id}", status_code=204, responses=ERRORS)
+def undo_feedback(identifier: str, feedback_id: int, session: SessionDep) -> Response:
+    """Take back a verdict (the operator page's undo).  A false alarm already learned from is not taken
+    back here: its model version stays until an admin rolls it back (409 ``learned``)."""
+    entry = session.get(Feedback, feedback_id)
+    if entry is None or entry.inspection_id != identifier:
+        raise ServiceError(404, "unknown_feedback", f"inspection {identifier} has no feedback {feedback_id}")
+    # learning's audit row names the inspection (learning._audit writes its detail with json.dumps)
+    learned = session.scalars(select(Audit.id).where(Audit.action == "learn", Audit.detail.contains(
+        json.dumps({"inspection": identifier})[1:-1]))).first()
+    if entry.label == "normal" and learned is not None:
+        raise ServiceError(409, "learned", f"the model learned from inspection {identifier}; an admin rolls the model "
+                                           "back to undo it")
+    session.delete(entry)
+    session.commit()
+    return Response(status_code=204)
 
 
 @router.post("/{identifier}/learn", response_model=ChangeOut, responses=ERRORS)
