@@ -260,8 +260,7 @@ engine = make_engine(settings.url)
 migrate(engine)
 served = ServedModel("disc-ov", export, settings, session_factory(engine))
 upload = Upload(image.name, read_rgb(image), image.read_bytes(), 0.0)
-((version, scored),) = served.score([upload], 0)
-identifier = served.finish(upload, version, scored)
+(identifier,) = served.score([upload], 0)  # a small image: finished in the model's batch
 with session_factory(engine).begin() as session:
     from clipfusion.service.tables import Inspection
     row = session.get(Inspection, identifier)

@@ -95,12 +95,17 @@ class Batcher(Generic[Item, Result]):
             for replica in held:
                 self._free.put_nowait(replica)
 
-    async def _next_batch(self) -> list[_Job[Item, Result]]:
-        """The next batch: the first job waited for, then more while they fit and ``max_wait`` allows."""
-        assert self._queue is not None
+    async def _next_batch(self) -> tuple[list[_Job[Item, Result]], int]:
+        """The next batch and the replica to run it: the first job waited for, then a free replica, then
+        more jobs while they fit and ``max_wait`` allows.  The batch is gathered once a replica is free, so
+        that the jobs queued while every replica was busy go into it (gathered earlier, it would hold only
+        the first and a replica would run batches of one); and no replica is held while the queue is empty
+        (``run_exclusive`` needs them all)."""
+        assert self._queue is not None and self._free is not None
         loop = asyncio.get_running_loop()
         first = self._carried or await self._queue.get()
         self._carried, self._forming = None, True
+        replica = await self._free.get()
         batch, weight = [first], self.weigh(first.item)
         deadline = loop.time() + self.max_wait
         while len(batch) < self.max_batch:
@@ -117,13 +122,11 @@ class Batcher(Generic[Item, Result]):
                 break
             batch.append(job)
             weight += self.weigh(job.item)
-        return batch
+        return batch, replica
 
     async def _run(self) -> None:
-        assert self._free is not None
         while True:
-            batch = await self._next_batch()
-            replica = await self._free.get()
+            batch, replica = await self._next_batch()
             task = asyncio.get_running_loop().create_task(self._deliver_on(batch, replica))
             self._running.add(task)
             task.add_done_callback(self._running.discard)

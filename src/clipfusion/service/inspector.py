@@ -31,6 +31,13 @@ from clipfusion.service.uploads import ItemError, Upload
 logger = logging.getLogger(__name__)
 
 
+# Images up to this size are decided and stored in the model's thread right after their model pass (a
+# 256x256 image's take about 20 ms); handing them to other threads cost a quarter of the small-image
+# throughput on 2 cores (tiny preset, benchmarks/serve_before_after.py), while a 30-megapixel image's
+# take seconds and would stop the model: larger ones are finished outside it.
+INLINE_PIXELS = 1_000_000
+
+
 @dataclass(frozen=True)
 class Version:
     """The model version a replica scored an image with: its file and inspector (the image is decided
@@ -38,6 +45,17 @@ class Version:
 
     model: ModelFile
     inspector: Inspector
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A large image after its model pass: the version that scored it and its score, to be finished."""
+
+    version: Version
+    scored: Scored
+
+
+ScoredUpload = str | ItemError | Pending  # what the model's batch gives each image (``ServedModel.score``)
 
 
 class ServedModel:
@@ -97,14 +115,16 @@ class ServedModel:
         bank = getattr(self.inspector.detector, "memory_bank_", None)
         return 0 if bank is None else int(bank.manifest.get("k", 0))
 
-    def score(self, uploads: list[Upload], replica: int) -> list[tuple[Version, Scored]]:
-        """The model pass over ``uploads`` as one batch, on ``replica``'s detector: per image, the version
-        that scored it and its score."""
+    def score(self, uploads: list[Upload], replica: int) -> list[ScoredUpload]:
+        """The model pass over ``uploads`` as one batch, on ``replica``'s detector.  Per image: a small one
+        finished here at once (its id, or why it has none), a large one as the version that scored it and
+        its score, to be finished (``finish``) outside this thread."""
         version = Version(self.model, self.inspectors[replica])
         scored = version.inspector.score([Decoded(u.filename, u.image) for u in uploads])
         if self.observe_model is not None and scored:
             self.observe_model(scored[0].model_seconds)
-        return [(version, one) for one in scored]
+        return [self.finish(upload, version, one) if upload.image.shape[0] * upload.image.shape[1] <= INLINE_PIXELS
+                else Pending(version, one) for upload, one in zip(uploads, scored, strict=True)]
 
     def finish(self, upload: Upload, version: Version, scored: Scored) -> str | ItemError:
         """Decide a scored upload at its own size and store its files and row on their own (one transaction,

@@ -14,7 +14,6 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from clipfusion.inspection import ModelFile
-from clipfusion.inspection.core import Scored
 from clipfusion.inspection.writer import FILE_SUFFIXES
 from clipfusion.runtime.manifest import is_export
 from clipfusion.service import learning
@@ -22,7 +21,7 @@ from clipfusion.service.admission import PixelBudget
 from clipfusion.service.batching import Batcher
 from clipfusion.service.database import make_engine, migrate, session_factory
 from clipfusion.service.errors import ServiceError
-from clipfusion.service.inspector import ServedModel, Version
+from clipfusion.service.inspector import ScoredUpload, ServedModel
 from clipfusion.service.learning import active_version
 from clipfusion.service.metrics import ServiceMetrics
 from clipfusion.service.ray_replicas import RayDeployments
@@ -40,7 +39,7 @@ class ServiceState:
     settings: ServiceSettings
     metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
     models: dict[str, ServedModel] = field(default_factory=dict)
-    batchers: dict[str, Batcher[Upload, tuple[Version, Scored]]] = field(default_factory=dict)
+    batchers: dict[str, Batcher[Upload, ScoredUpload]] = field(default_factory=dict)
     ready: bool = False
     draining: bool = False  # stopping: new requests are answered 503 shutting_down (server.DrainingServer)
     in_flight: int = 0  # requests being handled (not counting the probes and the drain's refusals)
@@ -86,7 +85,7 @@ class ServiceState:
                 self.metrics.batch_seconds.labels(name).observe(seconds)
                 self.metrics.replica_batches.labels(name, str(replica)).inc()
 
-            batcher: Batcher[Upload, tuple[Version, Scored]] = Batcher(
+            batcher: Batcher[Upload, ScoredUpload] = Batcher(
                 name, model.score, self.settings.max_batch, self.settings.max_wait_ms, self.settings.max_queue, observe,
                 replicas=self.settings.replicas, weigh=_pixels, max_weight=self.settings.max_batch_pixels)
             batcher.start()
@@ -189,7 +188,7 @@ def share_cores(settings: ServiceSettings) -> None:
     logger.info("%d replicas per model, %d of the %d cores each", settings.replicas, torch.get_num_threads(), cores)
 
 
-def _depth_of(batcher: Batcher[Upload, tuple[Version, Scored]]) -> Callable[[], float]:
+def _depth_of(batcher: Batcher[Upload, ScoredUpload]) -> Callable[[], float]:
     def depth() -> float:
         return float(batcher.depth)
     return depth

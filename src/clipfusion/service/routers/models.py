@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from clipfusion.service.batching import QueueFullError, ShuttingDownError
 from clipfusion.service.dependencies import AdminDep, SessionDep, StateDep, require_api_key
 from clipfusion.service.errors import ServiceError, request_id
+from clipfusion.service.inspector import Pending
 from clipfusion.service.records import load_inspections
 from clipfusion.service.schemas import AuditOut, ChangeOut, ErrorOut, FailedOut, InspectOut, ModelOut, VersionOut
 from clipfusion.service.state import ServiceState
@@ -86,12 +87,19 @@ async def inspect(name: str, request: Request, state: StateDep) -> InspectOut:
 
 
 async def _score_and_finish(state: ServiceState, name: str, uploads: list[Upload]) -> list[str | ItemError]:
-    """The model pass in the model's batches, then each image decided and stored in the finishing threads
-    (at its own size: a large image does not hold up the model's next batch)."""
+    """The model pass in the model's batches (small images finished there too), then each large image
+    decided and stored in the finishing threads (at its own size: it does not hold up the model's next
+    batch)."""
     model, loop = state.models[name], asyncio.get_running_loop()
     scored = await state.batchers[name].submit_many(uploads)
-    return list(await asyncio.gather(*(loop.run_in_executor(state.finishers, model.finish, upload, version, one)
-                                       for upload, (version, one) in zip(uploads, scored, strict=True))))
+
+    async def finished(upload: Upload, result: str | ItemError | Pending) -> str | ItemError:
+        if not isinstance(result, Pending):
+            return result
+        return await loop.run_in_executor(state.finishers, model.finish, upload, result.version, result.scored)
+
+    return list(await asyncio.gather(*(finished(upload, result)
+                                       for upload, result in zip(uploads, scored, strict=True))))
 
 
 def _queue_full(name: str, state: ServiceState) -> ServiceError:
