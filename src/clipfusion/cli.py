@@ -5,6 +5,7 @@ import argparse
 import functools
 import logging
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Sequence
@@ -263,6 +264,30 @@ def _add_predict(commands: Any) -> None:
     predict.set_defaults(category=None, preset=None)  # None: not given (a model file then decides)
 
 
+def _add_watch(commands: Any) -> None:
+    watch = _command(commands, "watch", "score images as they arrive in a folder, until stopped",
+                     "Watch a hot folder: each complete new image is scored with --model and written as predict "
+                     "writes it (results.jsonl/csv, overlays, masks), once, across restarts.", epilog("watch"))
+    watch.add_argument("folder", metavar="FOLDER", help="the folder images arrive in (polled: network shares work)")
+    watch.add_argument("--model", required=True, metavar="FILE.cfm|FOLDER",
+                       help="inspection model from `clipfusion fit` (or an export folder)")
+    _add_trust_option(watch)
+    watch.add_argument("--out", default="clipfusion-watch", help="output folder (default: %(default)s)")
+    watch.add_argument("--after", choices=("keep", "move", "delete"), default="keep",
+                       help="what becomes of a scored file: keep it, move it to FOLDER/done/ (unreadable ones to "
+                            "FOLDER/failed/), or delete it (default: %(default)s)")
+    watch.add_argument("--settle", type=float, default=1.0, metavar="SECONDS",
+                       help="a file is taken once its size and time have held this long (default: %(default)s)")
+    watch.add_argument("--poll", type=float, default=0.5, metavar="SECONDS",
+                       help="how often the folder is looked at (default: %(default)s)")
+    watch.add_argument("--once", action="store_true", help="score what is complete now, then stop")
+    watch.add_argument("--min-region-area", type=int, default=16, dest="min_area", metavar="PIXELS",
+                       help="smallest region reported, in the image's own pixels (default: %(default)s)")
+    _add_batch_options(watch)
+    _add_runtime_options(watch.add_argument_group("where the model runs"))
+    _add_common(watch)
+
+
 def _add_fit(commands: Any) -> None:
     fit = _command(commands, "fit", "build a few-shot memory bank from normal images, for predict --memory",
                    "Draw k normal references from a folder and save CLIPFusion's memory bank (safetensors).",
@@ -479,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(commands)
     _add_evaluate(commands)
     _add_predict(commands)
+    _add_watch(commands)
     _add_fit(commands)
     _add_calibrate(commands)
     _add_signing(commands)
@@ -647,6 +673,25 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     print(f"open {out / 'index.html'}")
 
 
+def _cmd_watch(args: argparse.Namespace) -> None:
+    from clipfusion.inspection import Inspector, ModelFile
+    from clipfusion.inspection.core import InspectionSettings
+    from clipfusion.tasks.watch import Watcher, WatchJob
+
+    job = WatchJob(Path(args.folder), Path(args.out), args.settle, args.poll, args.after, args.batch_size, args.once)
+    model = ModelFile.open(args.model, _trusted(args))
+    inspector = Inspector.from_model(model, _runtime(args), args.batch_size, args.min_area, args.max_pixels)
+    settings = InspectionSettings(inspector.decisions, model.category, model.sha256, args.min_area, args.max_pixels,
+                                  model.signer)
+    watcher = Watcher(job, inspector, settings)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # finish the batch under way, then stop
+        signal.signal(sig, lambda *_: watcher.stop.set())
+    print(f"clipfusion watch: {job.folder.resolve()} → {job.out.resolve()} (model {model.short_id}); stop with "
+          "Ctrl-C", flush=True)
+    scored = watcher.run()
+    print(f"watched: {scored} images scored this time → {job.out.resolve() / 'results.csv'}")
+
+
 def _cmd_sweep(args: argparse.Namespace) -> None:
     from clipfusion.data import load_dataset
     from clipfusion.evaluation.sweep_units import SweepConfig
@@ -812,6 +857,7 @@ MODEL_PACKAGES = ("torch", "torchvision", "diffusers", "open_clip", "transformer
 INTERRUPTED = {
     "evaluate": "finished (category, shots, seed) units are kept: run the same command to resume",
     "demo": "finished units are kept: run the same command to resume",
+    "watch": "every image scored so far is in results.jsonl and watch.jsonl: run the same command to go on",
     "sweep": "nothing was written; run it again", "predict": "every image finished so far is in results.jsonl "
     "and results.csv; add --resume to the same command to score the rest",
     "fit": "no memory bank was written", "benchmark": "nothing was written",
@@ -836,7 +882,8 @@ def _device_dtype(args: argparse.Namespace) -> tuple[str, str]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_output(args.quiet, args.debug)
-    commands = {"demo": _cmd_demo, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "fit": _cmd_fit,
+    commands = {"demo": _cmd_demo, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "watch": _cmd_watch,
+                "fit": _cmd_fit,
                 "calibrate": _cmd_calibrate, "export": _cmd_export, "keygen": _cmd_keygen, "sign": _cmd_sign,
                 "verify": _cmd_verify, "db": _cmd_db,
                 "sweep": _cmd_sweep, "benchmark": _cmd_benchmark, "synth": _cmd_synth, "serve": _cmd_serve}

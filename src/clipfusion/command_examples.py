@@ -158,6 +158,14 @@ EXAMPLES: dict[str, tuple[list[tuple[str, str]], str]] = {
         "A missing, foreign, revoked (revoked.txt in the folder) or forged signature, or a model changed after "
         "signing, exits 2 with one line saying which.",
     ),
+    "watch": (
+        [("clipfusion watch /srv/camera-drop --model bottle.cfm --out /var/lib/clipfusion/line-3",
+          "until stopped (Ctrl-C, SIGTERM)"),
+         ("clipfusion watch incoming/ --model bottle.cfm --out results/ --after move", "scored files to done/"),
+         ("clipfusion watch incoming/ --model bottle.cfm --out results/ --once", "what is there now, then stop")],
+        "Rows, overlays and masks as predict writes them; a file is taken once its size has held for --settle "
+        "seconds, and once only: a restart resumes (watch.jsonl in --out records every file taken).",
+    ),
     "db": (
         [("clipfusion db upgrade --db postgresql+psycopg://inspect@db/line", "once, before the services start"),
          ("clipfusion db upgrade --data /var/lib/clipfusion", "the embedded SQLite database")],

@@ -1,0 +1,111 @@
+"""``clipfusion watch`` on a hot folder, as a real process: complete files are scored once with the
+model's own verdict, a half-copied file only when complete, an unreadable one set aside, hidden files
+ignored; a restart scores what arrived while it was down and nothing twice; a burst of files is taken
+whole."""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from clipfusion.methods.clipfusion.detector import CLIPFusion
+
+from .commands import clipfusion_here
+
+
+def _rows(out: Path) -> list[dict]:
+    path = out / "results.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _wait_for(condition, limit: float = 120) -> None:
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def _start(folder: Path, out: Path, model: Path, *extra: str) -> subprocess.Popen:
+    script = Path(sys.executable).with_name("clipfusion")
+    return subprocess.Popen([str(script), "watch", str(folder), "--model", str(model), "--out", str(out), "--settle",
+                             "0.6", "--poll", "0.1", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def test_a_hot_folder_is_scored_once_per_complete_file_across_a_restart(model, synthetic_root, tmp_path):
+    images = sorted((synthetic_root / "disc" / "test").rglob("*.png"))
+    folder, out = tmp_path / "incoming", tmp_path / "results"
+    folder.mkdir()
+    watcher = _start(folder, out, model, "--after", "move")
+    try:
+        shutil.copy(images[0], tmp_path / "staged.png")
+        (tmp_path / "staged.png").rename(folder / "renamed-in.png")  # a file renamed into the folder
+        data = images[1].read_bytes()
+        with (folder / "half-copied.png").open("wb") as partial:  # a copy that stalls half-way
+            partial.write(data[:len(data) // 2])
+            partial.flush()
+            time.sleep(0.3)  # under --settle: not taken yet
+            partial.write(data[len(data) // 2:])
+        (folder / "broken.png").write_bytes(b"not an image")
+        (folder / ".upload-in-progress.png").write_bytes(data[:100])  # hidden: never taken
+        _wait_for(lambda: len(_rows(out)) == 2 and (folder / "failed" / "broken.png").exists())
+        assert watcher.poll() is None
+        watcher.send_signal(signal.SIGTERM)  # finishes the batch under way, then stops
+        assert watcher.wait(timeout=60) == 0, watcher.stderr.read() if watcher.stderr else ""
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+    rows = {Path(row["path"]).name: row for row in _rows(out)}
+    assert sorted(rows) == ["half-copied.png", "renamed-in.png"]
+    expected = CLIPFusion.load(model).predict([images[0], images[1]], "disc").scores
+    assert rows["renamed-in.png"]["score"] == pytest.approx(float(expected[0]), abs=1e-5)
+    assert rows["half-copied.png"]["score"] == pytest.approx(float(expected[1]), abs=1e-5)  # the whole file
+    assert sorted(p.name for p in (folder / "done").iterdir()) == ["half-copied.png", "renamed-in.png"]
+    assert (folder / ".upload-in-progress.png").exists() and all((out / row["overlay"]).is_file()
+                                                                 for row in rows.values())
+
+    # while it is down, a burst arrives; a restart takes each of them once, and none of the earlier ones
+    for number, image in enumerate(images[2:] * 3):
+        shutil.copy(image, folder / f"burst-{number:02d}.png")
+    burst = len(images[2:]) * 3
+    again = clipfusion_here("watch", str(folder), "--model", str(model), "--out", str(out), "--settle", "0.2",
+                            "--poll", "0.1", "--after", "move", "--once", "--quiet")
+    assert again.returncode == 0, again.stderr
+    names = [Path(row["path"]).name for row in _rows(out)]
+    assert len(names) == len(set(names)) == 2 + burst
+    ledger = [json.loads(line) for line in (out / "watch.jsonl").read_text().splitlines()]
+    assert sorted(entry["outcome"] for entry in ledger) == ["failed"] + ["scored"] * (2 + burst)
+    assert not list(folder.glob("burst-*.png"))  # all moved to done/
+
+
+def test_watch_refuses_an_output_inside_the_folder_in_one_line(model, tmp_path):
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    refused = clipfusion_here("watch", str(folder), "--model", str(model), "--out", str(folder / "results"))
+    assert refused.returncode == 2 and "inside the watched folder" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_files_left_in_place_are_not_scored_again_unless_they_change(model, synthetic_root, tmp_path):
+    images = sorted((synthetic_root / "disc" / "test").rglob("*.png"))
+    folder, out = tmp_path / "incoming", tmp_path / "results"
+    folder.mkdir()
+    for image in images[:2]:
+        shutil.copy(image, folder / image.name)
+
+    def once() -> list[str]:
+        done = clipfusion_here("watch", str(folder), "--model", str(model), "--out", str(out), "--settle", "0.2",
+                               "--poll", "0.1", "--once", "--quiet")
+        assert done.returncode == 0, done.stderr
+        return [Path(row["path"]).name for row in _rows(out)]
+
+    assert sorted(once()) == sorted(image.name for image in images[:2])
+    assert len(once()) == 2  # kept in place, taken already: nothing scored again
+    shutil.copy(images[3], folder / images[0].name)  # the camera writes a new image under a used name
+    assert once().count(images[0].name) == 2
