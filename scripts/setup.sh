@@ -20,6 +20,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     # shellcheck disable=SC2086
     .venv/bin/python -m pip install --quiet $TORCH_SPEC
   fi
-  .venv/bin/python -m pip install --quiet -e ".[models,export,serve,ray,dev]"
+  .venv/bin/python -m pip install --quiet -e ".[models,export,serve,ray,line,dev]"
   echo "$want" > "$stamp"
 fi

@@ -101,3 +101,40 @@ def start_postgres() -> Postgres:
     subprocess.run([*run_as, _postgres_bin("pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "pg.log"),
                     "-w", "-t", "60", "start"], check=True, capture_output=True, timeout=90)
     return Postgres(folder, port, run_as)
+
+
+@dataclass
+class Broker:
+    """Debian's mosquitto on a loopback port, persisting its sessions in ``folder`` (so that a restart on
+    the same port keeps subscribers' queued messages, as a production broker does)."""
+
+    folder: Path
+    port: int
+    process: subprocess.Popen | None = None
+
+    def start(self) -> Broker:
+        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        if not Path(binary).is_file():
+            raise RuntimeError("mosquitto not found: scripts/test.sh installs Debian's mosquitto")
+        config = self.folder / "mosquitto.conf"
+        config.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+                          f"persistence_location {self.folder}/\nuser root\n")
+        with (self.folder / "mosquitto.log").open("ab") as log:
+            self.process = subprocess.Popen([binary, "-c", str(config)], stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            time.sleep(0.1)
+        raise RuntimeError(f"mosquitto did not listen: {(self.folder / 'mosquitto.log').read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)  # mosquitto saves its sessions on the way out
+            self.process.wait(timeout=30)
+
+
+def start_broker(folder: Path) -> Broker:
+    folder.mkdir(parents=True, exist_ok=True)
+    return Broker(folder, free_port()).start()

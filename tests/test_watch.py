@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pytest
 from clipfusion.methods.clipfusion.detector import CLIPFusion
 
 from .commands import clipfusion_here
+from .servers import start_broker
 
 
 def _rows(out: Path) -> list[dict]:
@@ -96,8 +98,9 @@ def test_files_left_in_place_are_not_scored_again_unless_they_change(model, synt
     images = sorted((synthetic_root / "disc" / "test").rglob("*.png"))
     folder, out = tmp_path / "incoming", tmp_path / "results"
     folder.mkdir()
-    for image in images[:2]:
-        shutil.copy(image, folder / image.name)
+    names = [f"{number}-{image.name}" for number, image in enumerate(images[:2])]  # the test images share names
+    for name, image in zip(names, images, strict=False):
+        shutil.copy(image, folder / name)
 
     def once() -> list[str]:
         done = clipfusion_here("watch", str(folder), "--model", str(model), "--out", str(out), "--settle", "0.2",
@@ -105,7 +108,72 @@ def test_files_left_in_place_are_not_scored_again_unless_they_change(model, synt
         assert done.returncode == 0, done.stderr
         return [Path(row["path"]).name for row in _rows(out)]
 
-    assert sorted(once()) == sorted(image.name for image in images[:2])
+    assert sorted(once()) == sorted(names)
     assert len(once()) == 2  # kept in place, taken already: nothing scored again
-    shutil.copy(images[3], folder / images[0].name)  # the camera writes a new image under a used name
-    assert once().count(images[0].name) == 2
+    shutil.copy(images[3], folder / names[0])  # the camera writes a new image under a used name
+    assert once().count(names[0]) == 2
+
+
+class Subscriber:
+    """A persistent-session MQTT subscriber (QoS 1) collecting every message on ``topic``."""
+
+    def __init__(self, port: int, topic: str) -> None:
+        import paho.mqtt.client as mqtt
+
+        self.messages: list[dict] = []
+        self.lock = threading.Lock()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-subscriber", clean_session=False)
+        self.client.on_connect = lambda client, *_: client.subscribe(topic, qos=1)
+        self.client.on_message = self._received
+        self.client.reconnect_delay_set(1, 1)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _received(self, _client, _userdata, message) -> None:
+        with self.lock:
+            self.messages.append(json.loads(message.payload))
+
+    def ids(self) -> list[str]:
+        """Message ids in order of first arrival (a message may come twice: at least once, same id)."""
+        with self.lock:
+            return list(dict.fromkeys(message["id"] for message in self.messages))
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def test_verdicts_reach_mqtt_in_order_and_none_is_lost_while_the_broker_is_down(model, synthetic_root, tmp_path):
+    images = sorted((synthetic_root / "disc" / "test").rglob("*.png"))[:6]
+    folder, out = tmp_path / "incoming", tmp_path / "results"
+    folder.mkdir()
+    broker = start_broker(tmp_path / "broker")
+    subscriber = Subscriber(broker.port, "line/verdicts")
+    watcher = _start(folder, out, model, "--after", "move", "--publish",
+                     f"mqtt://127.0.0.1:{broker.port}/line/verdicts")
+    try:
+        for number, image in enumerate(images[:3]):
+            shutil.copy(image, folder / f"{number}-{image.name}")  # the test images share names
+        _wait_for(lambda: len(subscriber.ids()) == 3)
+        broker.stop()  # the broker goes away; the line does not stop
+        for number, image in enumerate(images[3:], 3):
+            shutil.copy(image, folder / f"{number}-{image.name}")
+        _wait_for(lambda: len(_rows(out)) == 6)
+        assert len(subscriber.ids()) == 3 and (out / "outbox.delivered").read_text() == "3"
+        broker.start()  # back on the same port, with its sessions: the outbox delivers the rest
+        _wait_for(lambda: len(subscriber.ids()) == 6)
+        watcher.send_signal(signal.SIGTERM)
+        assert watcher.wait(timeout=60) == 0
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+        subscriber.close()
+        broker.stop()
+    run_id = json.loads((out / "watch.json").read_text())["run_id"]
+    assert subscriber.ids() == [f"{run_id}-{row:06d}" for row in range(6)]  # every verdict, in order
+    first = {message["id"]: message for message in reversed(subscriber.messages)}
+    for row, expected in enumerate(_rows(out)):
+        message = first[f"{run_id}-{row:06d}"]
+        assert message["schema"] == "clipfusion.inspection/1" and message["source"] == expected["path"]
+        assert (message["decision"], message["score"]) == (expected["decision"], expected["score"])
+    assert (out / "outbox.delivered").read_text() == "6"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import logging
 import os
 import signal
@@ -281,6 +282,11 @@ def _add_watch(commands: Any) -> None:
     watch.add_argument("--poll", type=float, default=0.5, metavar="SECONDS",
                        help="how often the folder is looked at (default: %(default)s)")
     watch.add_argument("--once", action="store_true", help="score what is complete now, then stop")
+    watch.add_argument("--publish", default=None, metavar="mqtt://HOST[:PORT]/TOPIC",
+                       help="also publish each verdict (JSON, schema clipfusion.inspection/1) to this MQTT topic, "
+                            "QoS 1, retained, through an outbox in --out: none lost while the broker is down (user "
+                            "name and password from CLIPFUSION_MQTT_USERNAME/_PASSWORD; pip install "
+                            "'clipfusion[line]')")
     watch.add_argument("--min-region-area", type=int, default=16, dest="min_area", metavar="PIXELS",
                        help="smallest region reported, in the image's own pixels (default: %(default)s)")
     _add_batch_options(watch)
@@ -683,7 +689,14 @@ def _cmd_watch(args: argparse.Namespace) -> None:
     inspector = Inspector.from_model(model, _runtime(args), args.batch_size, args.min_area, args.max_pixels)
     settings = InspectionSettings(inspector.decisions, model.category, model.sha256, args.min_area, args.max_pixels,
                                   model.signer)
-    watcher = Watcher(job, inspector, settings)
+    outbox = None
+    if args.publish:
+        from clipfusion.publishing.mqtt import MqttSink
+        from clipfusion.publishing.outbox import Outbox
+
+        client = f"clipfusion-watch-{hashlib.sha256(str(job.out.resolve()).encode()).hexdigest()[:12]}"
+        outbox = Outbox(job.out, MqttSink(args.publish, client))
+    watcher = Watcher(job, inspector, settings, outbox)
     for sig in (signal.SIGTERM, signal.SIGINT):  # finish the batch under way, then stop
         signal.signal(sig, lambda *_: watcher.stop.set())
     print(f"clipfusion watch: {job.folder.resolve()} → {job.out.resolve()} (model {model.short_id}); stop with "

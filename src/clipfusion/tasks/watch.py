@@ -19,6 +19,7 @@ import os
 import shutil
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -29,7 +30,9 @@ from clipfusion.data.base import IMAGE_EXTENSIONS
 from clipfusion.errors import ClipfusionError
 from clipfusion.inspection.core import InspectionSettings, Inspector
 from clipfusion.inspection.writer import ROW_FIELDS, ImageWriter, render_all
-from clipfusion.outputs import json_text, write_atomic
+from clipfusion.outputs import json_text, read_json, write_atomic
+from clipfusion.publishing.message import inspection_message
+from clipfusion.publishing.outbox import Outbox
 from clipfusion.row_log import RowLog
 
 logger = logging.getLogger(__name__)
@@ -105,15 +108,41 @@ def _candidates(folder: Path) -> Iterator[Path]:
 
 
 class Watcher:
-    """Scores the complete new files of ``job.folder`` with ``inspector`` until ``stop`` is set."""
+    """Scores the complete new files of ``job.folder`` with ``inspector`` until ``stop`` is set; with an
+    ``outbox``, each verdict is also published (``publishing``)."""
 
-    def __init__(self, job: WatchJob, inspector: Inspector, settings: InspectionSettings) -> None:
-        self.job, self.inspector, self.settings = job, inspector, settings
+    def __init__(self, job: WatchJob, inspector: Inspector, settings: InspectionSettings,
+                 outbox: Outbox | None = None) -> None:
+        self.job, self.inspector, self.settings, self.outbox = job, inspector, settings, outbox
         self.seen: dict[Path, Seen] = {}
         self.stop = threading.Event()
         job.out.mkdir(parents=True, exist_ok=True)
         self.ledger = Ledger(job.out / LEDGER)
         self.writer = ImageWriter(job.out)
+        state = job.out / "watch.json"
+        # the run's id, kept across restarts: message ids (run id + row) are the same however often sent
+        self.run_id = read_json(state, "the watch's state")["run_id"] if state.is_file() else uuid.uuid4().hex
+        write_atomic(state, json_text({"run_id": self.run_id, "folder": str(job.folder.resolve()),
+                                       "model_id": settings.model_id, "image_threshold": settings.decisions.image,
+                                       "pixel_threshold": settings.decisions.pixel}))
+
+    def message_id(self, row: int) -> str:
+        return f"{self.run_id}-{row:06d}"
+
+    def recover(self, log: RowLog) -> None:
+        """Rows written just before a stop whose file has no ledger line (or message) yet get them now, so
+        that their file is not scored again and their verdict not left unpublished."""
+        recorded = {(entry["path"], entry.get("taken")) for entry in self.ledger.taken.values()}
+        queued = set() if self.outbox is None else {message["id"] for message in self.outbox.messages}
+        for index, row in enumerate(log.rows):
+            if self.outbox is not None and self.message_id(index) not in queued:
+                self.outbox.put(inspection_message(self.message_id(index), row, self.settings.category))
+            if (row["path"], row.get("timestamp")) not in recorded:
+                path = Path(row["path"])
+                stat = path.stat() if path.is_file() else None
+                self.ledger.record({"path": row["path"], "size": stat.st_size if stat else -1,
+                                    "mtime_ns": stat.st_mtime_ns if stat else -1, "taken": row.get("timestamp"),
+                                    "outcome": "scored", "row": index, "decision": row.get("decision")})
 
     def ready(self, now: float) -> list[tuple[Path, os.stat_result]]:
         """The files whose size and time have held for ``settle`` seconds and that were not taken before;
@@ -151,9 +180,13 @@ class Watcher:
             else:
                 start = time.perf_counter()
                 row = self.writer.write(f"{len(log.rows):06d}_{PurePath(outcome.source).stem}", outcome)
-                log.append({**row, "seconds": round(outcome.seconds + time.perf_counter() - start, 4),
-                            "timestamp": entry["taken"]})
-                entry.update(outcome="scored", row=len(log.rows) - 1, decision=row["decision"])
+                row = {**row, "seconds": round(outcome.seconds + time.perf_counter() - start, 4),
+                       "timestamp": entry["taken"]}
+                log.append(row)
+                index = len(log.rows) - 1
+                if self.outbox is not None:
+                    self.outbox.put(inspection_message(self.message_id(index), row, self.settings.category))
+                entry.update(outcome="scored", row=index, decision=row["decision"])
             self.ledger.record(entry)
             self.seen.pop(path, None)
             self._dispose(path, entry["outcome"])
@@ -175,22 +208,30 @@ class Watcher:
 
     def run(self, on_batch: Callable[[int], None] | None = None) -> int:
         """Watch until ``stop`` is set (or, with ``once``, until nothing complete is left); the files scored."""
-        scored = 0
-        write_atomic(self.job.out / "watch.json", json_text({"folder": str(self.job.folder.resolve()),
-                                                             "model_id": self.settings.model_id,
-                                                             "image_threshold": self.settings.decisions.image,
-                                                             "pixel_threshold": self.settings.decisions.pixel}))
         with RowLog(self.job.out, ROW_FIELDS) as log:
-            while not self.stop.is_set():
-                ready = self.ready(time.monotonic())
-                for begin in range(0, len(ready), self.job.batch_size):
-                    batch = ready[begin:begin + self.job.batch_size]
-                    self.score(batch, log)
-                    scored += len(batch)
-                    if on_batch is not None:
-                        on_batch(len(batch))
-                if self.job.once and not ready and not self.seen:
-                    break
-                if not ready:
-                    self.stop.wait(self.job.poll)
+            self.recover(log)
+            if self.outbox is not None:
+                self.outbox.start()
+            try:
+                scored = self._watch(log, on_batch)
+            finally:  # what the sink takes in a few seconds is delivered; the rest waits in the outbox
+                if self.outbox is not None:
+                    self.outbox.close()
+        return scored
+
+    def _watch(self, log: RowLog, on_batch: Callable[[int], None] | None) -> int:
+        """The polling loop: batches of ready files scored until ``stop`` (or, with ``once``, the end)."""
+        scored = 0
+        while not self.stop.is_set():
+            ready = self.ready(time.monotonic())
+            for begin in range(0, len(ready), self.job.batch_size):
+                batch = ready[begin:begin + self.job.batch_size]
+                self.score(batch, log)
+                scored += len(batch)
+                if on_batch is not None:
+                    on_batch(len(batch))
+            if self.job.once and not ready and not self.seen:
+                break
+            if not ready:
+                self.stop.wait(self.job.poll)
         return scored
