@@ -362,8 +362,11 @@ def test_serve_runs_the_model_replicas_on_ray_serve_and_learning_reaches_them(mo
             return answer.json()["inspections"]
 
         inspections = inspect(paths)
-        expected = CLIPFusion.load(model).predict(paths, "disc").scores
-        assert [i["score"] for i in inspections] == pytest.approx([float(s) for s in expected], abs=1e-5)
+        detector = CLIPFusion.load(model)
+        expected = detector.predict(paths, "disc").scores
+        # a replica batches and threads otherwise than this process: bfloat16 sums in another order
+        tolerance = BF16_SCORE_TOLERANCE if str(detector.precision) == "bfloat16" else 1e-5
+        assert [i["score"] for i in inspections] == pytest.approx([float(s) for s in expected], abs=tolerance)
         [application] = [a for name, a in serve.status().applications.items() if name == "clipfusion-disc"]
         [deployment] = application.deployments.values()
         assert deployment.replica_states.get("RUNNING") == 2
@@ -375,7 +378,7 @@ def test_serve_runs_the_model_replicas_on_ray_serve_and_learning_reaches_them(mo
         with ThreadPoolExecutor(max_workers=6) as pool:  # enough at once for both replicas to take some
             after = [i for answer in pool.map(lambda _: inspect([path]), range(6)) for i in answer]
         assert {i["model_sha256"] for i in after} == {learned["sha256"]}
-        assert all(i["score"] == pytest.approx(relearned, abs=1e-5) for i in after)
+        assert all(i["score"] == pytest.approx(relearned, abs=tolerance) for i in after)
     finally:
         server.stop()
     assert "clipfusion-disc" not in serve.status().applications
