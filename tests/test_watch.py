@@ -159,7 +159,7 @@ def test_verdicts_reach_mqtt_in_order_and_none_is_lost_while_the_broker_is_down(
         for number, image in enumerate(images[3:], 3):
             shutil.copy(image, folder / f"{number}-{image.name}")
         _wait_for(lambda: len(_rows(out)) == 6)
-        assert len(subscriber.ids()) == 3 and (out / "outbox.delivered").read_text() == "3"
+        assert len(subscriber.ids()) == 3 and next(out.glob("outbox-mqtt-*.delivered")).read_text() == "3"
         broker.start()  # back on the same port, with its sessions: the outbox delivers the rest
         _wait_for(lambda: len(subscriber.ids()) == 6)
         watcher.send_signal(signal.SIGTERM)
@@ -176,4 +176,55 @@ def test_verdicts_reach_mqtt_in_order_and_none_is_lost_while_the_broker_is_down(
         message = first[f"{run_id}-{row:06d}"]
         assert message["schema"] == "clipfusion.inspection/1" and message["source"] == expected["path"]
         assert (message["decision"], message["score"]) == (expected["decision"], expected["score"])
-    assert (out / "outbox.delivered").read_text() == "6"
+    assert next(out.glob("outbox-mqtt-*.delivered")).read_text() == "6"
+
+
+def test_verdicts_reach_a_webhook_signed_in_order_after_it_refused_them(model, synthetic_root, tmp_path):
+    """A receiver on loopback that answers 503 three times, then 200: every verdict arrives, in order,
+    each with a valid HMAC-SHA256 signature (checked here with the secret) and its id as Idempotency-Key."""
+    import hashlib
+    import hmac
+    import os
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    accepted: list[tuple[dict, bool, str]] = []  # message, signature valid, Idempotency-Key
+    refusals = [3]
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            status = 503 if refusals[0] > 0 else 200
+            refusals[0] -= 1
+            if status == 200:
+                expected = "sha256=" + hmac.new(b"line-3-secret", body, hashlib.sha256).hexdigest()
+                valid = hmac.compare_digest(expected, self.headers["X-Clipfusion-Signature"])
+                accepted.append((json.loads(body), valid, self.headers["Idempotency-Key"]))
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    receiver = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    images = sorted((synthetic_root / "disc" / "test").rglob("*.png"))[:4]
+    folder, out = tmp_path / "incoming", tmp_path / "results"
+    folder.mkdir()
+    os.environ["CLIPFUSION_WEBHOOK_SECRET"] = "line-3-secret"  # the watch process inherits it
+    try:
+        watcher = _start(folder, out, model, "--publish", f"http://127.0.0.1:{receiver.server_port}/hook")
+        for number, image in enumerate(images):
+            shutil.copy(image, folder / f"{number}-{image.name}")
+        _wait_for(lambda: len({message["id"] for message, _, _ in accepted}) == 4)
+        watcher.send_signal(signal.SIGTERM)
+        assert watcher.wait(timeout=60) == 0
+    finally:
+        del os.environ["CLIPFUSION_WEBHOOK_SECRET"]
+        receiver.shutdown()
+    run_id = json.loads((out / "watch.json").read_text())["run_id"]
+    ids = list(dict.fromkeys(message["id"] for message, _, _ in accepted))
+    assert ids == [f"{run_id}-{row:06d}" for row in range(4)]
+    assert all(valid and key == message["id"] for message, valid, key in accepted)
+    first = {message["id"]: message for message, _, _ in reversed(accepted)}
+    assert [first[identifier]["decision"] for identifier in ids] == [row["decision"] for row in _rows(out)]

@@ -282,11 +282,12 @@ def _add_watch(commands: Any) -> None:
     watch.add_argument("--poll", type=float, default=0.5, metavar="SECONDS",
                        help="how often the folder is looked at (default: %(default)s)")
     watch.add_argument("--once", action="store_true", help="score what is complete now, then stop")
-    watch.add_argument("--publish", default=None, metavar="mqtt://HOST[:PORT]/TOPIC",
-                       help="also publish each verdict (JSON, schema clipfusion.inspection/1) to this MQTT topic, "
-                            "QoS 1, retained, through an outbox in --out: none lost while the broker is down (user "
+    watch.add_argument("--publish", action="append", metavar="mqtt://HOST[:PORT]/TOPIC|https://URL",
+                       help="also publish each verdict (JSON, schema clipfusion.inspection/1), through an outbox in "
+                            "--out (none lost while the receiver is down): to an MQTT topic, QoS 1, retained (user "
                             "name and password from CLIPFUSION_MQTT_USERNAME/_PASSWORD; pip install "
-                            "'clipfusion[line]')")
+                            "'clipfusion[line]'), or POSTed to a webhook (signed with CLIPFUSION_WEBHOOK_SECRET); "
+                            "repeat for several")
     watch.add_argument("--min-region-area", type=int, default=16, dest="min_area", metavar="PIXELS",
                        help="smallest region reported, in the image's own pixels (default: %(default)s)")
     _add_batch_options(watch)
@@ -679,6 +680,23 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     print(f"open {out / 'index.html'}")
 
 
+def _outboxes(urls: list[str], out: Path) -> list[Any]:
+    """An outbox in ``out`` for each ``--publish`` URL: MQTT (mqtt://, mqtts://) or a webhook (http(s)://)."""
+    from clipfusion.publishing.outbox import Outbox
+    from clipfusion.publishing.webhook import WebhookSink
+
+    outboxes = []
+    for url in urls:
+        if url.startswith(("http://", "https://")):
+            outboxes.append(Outbox(out, WebhookSink(url)))
+            continue
+        from clipfusion.publishing.mqtt import MqttSink
+
+        client = f"clipfusion-watch-{hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:12]}"
+        outboxes.append(Outbox(out, MqttSink(url, client)))
+    return outboxes
+
+
 def _cmd_watch(args: argparse.Namespace) -> None:
     from clipfusion.inspection import Inspector, ModelFile
     from clipfusion.inspection.core import InspectionSettings
@@ -689,14 +707,7 @@ def _cmd_watch(args: argparse.Namespace) -> None:
     inspector = Inspector.from_model(model, _runtime(args), args.batch_size, args.min_area, args.max_pixels)
     settings = InspectionSettings(inspector.decisions, model.category, model.sha256, args.min_area, args.max_pixels,
                                   model.signer)
-    outbox = None
-    if args.publish:
-        from clipfusion.publishing.mqtt import MqttSink
-        from clipfusion.publishing.outbox import Outbox
-
-        client = f"clipfusion-watch-{hashlib.sha256(str(job.out.resolve()).encode()).hexdigest()[:12]}"
-        outbox = Outbox(job.out, MqttSink(args.publish, client))
-    watcher = Watcher(job, inspector, settings, outbox)
+    watcher = Watcher(job, inspector, settings, _outboxes(args.publish or [], job.out))
     for sig in (signal.SIGTERM, signal.SIGINT):  # finish the batch under way, then stop
         signal.signal(sig, lambda *_: watcher.stop.set())
     print(f"clipfusion watch: {job.folder.resolve()} → {job.out.resolve()} (model {model.short_id}); stop with "

@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from clipfusion.errors import ClipfusionError
+from clipfusion.publishing.outbox import sink_key
 
 TIMEOUT = 10.0  # seconds to connect, and for the broker to acknowledge one message
 
@@ -30,6 +31,7 @@ class MqttSink:
             raise ClipfusionError("--publish mqtt:// needs paho-mqtt: pip install 'clipfusion[line]'") from None
         self.name = f"MQTT {parts.hostname}:{parts.port or (8883 if parts.scheme == 'mqtts' else 1883)}"
         self.host, self.topic = parts.hostname, parts.path.strip("/")
+        self.key = sink_key("mqtt", url)
         self.port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
         if parts.scheme == "mqtts":

@@ -1,11 +1,13 @@
-"""A durable outbox: messages are appended to ``outbox.jsonl`` (made durable before the inspection's
-file is moved on) and a delivery thread hands them to a sink one by one, in order, advancing
-``outbox.delivered`` (the count acknowledged, written atomically) only after the sink confirmed each.
+"""A durable outbox per sink: messages are appended to ``outbox-KEY.jsonl`` (made durable before the
+inspection's file is moved on) and a delivery thread hands them to the sink one by one, in order,
+advancing ``outbox-KEY.delivered`` (the count acknowledged, written atomically) only after the sink
+confirmed each (KEY names the sink: its kind and a hash of its address).
 A sink that is down (a broker restarting) is retried with backoff; nothing is dropped, and after a
 restart the thread resumes at the first unconfirmed message: delivery is at least once, and a message
 sent twice carries the same id."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -15,13 +17,18 @@ from typing import Any, Protocol
 
 from clipfusion.outputs import write_atomic
 
+
+def sink_key(kind: str, address: str) -> str:
+    """``KIND-HASH``: a sink's stable name in the outbox's files."""
+    return f"{kind}-{hashlib.sha256(address.encode()).hexdigest()[:10]}"
+
 logger = logging.getLogger(__name__)
-OUTBOX, DELIVERED = "outbox.jsonl", "outbox.delivered"
 BACKOFF = (0.2, 0.5, 1.0, 2.0, 5.0)  # seconds between tries while a sink is down
 
 
 class Sink(Protocol):
-    name: str
+    name: str  # for the log
+    key: str  # for the outbox's file names: stable for one address
 
     def send(self, message: dict[str, Any]) -> None:
         """Deliver ``message`` and return once the receiver confirmed it; raise when it could not."""
@@ -34,7 +41,7 @@ class Outbox:
 
     def __init__(self, folder: Path, sink: Sink) -> None:
         self.folder, self.sink = folder, sink
-        self.path = folder / OUTBOX
+        self.path, self.marker = folder / f"outbox-{sink.key}.jsonl", folder / f"outbox-{sink.key}.delivered"
         self.messages: list[dict[str, Any]] = []
         if self.path.is_file():
             for line in self.path.read_text(encoding="utf-8").splitlines():
@@ -42,8 +49,7 @@ class Outbox:
                     self.messages.append(json.loads(line))
                 except json.JSONDecodeError:  # a line cut by a crash: its inspection has no row either
                     break
-        marker = folder / DELIVERED
-        self.delivered = int(marker.read_text()) if marker.is_file() else 0
+        self.delivered = int(self.marker.read_text()) if self.marker.is_file() else 0
         self._wake, self._stop = threading.Condition(), False
         self._thread = threading.Thread(target=self._deliver, name=f"outbox-{sink.name}", daemon=True)
 
@@ -90,7 +96,7 @@ class Outbox:
                 logger.info("%s is taking messages again", self.sink.name)
             failures = 0
             self.delivered += 1
-            write_atomic(self.folder / DELIVERED, str(self.delivered))
+            write_atomic(self.marker, str(self.delivered))
 
     def close(self, timeout: float = 10.0) -> None:
         """Deliver what the sink takes within ``timeout`` seconds; the rest waits in the outbox for next time."""

@@ -20,7 +20,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePath
@@ -108,12 +108,12 @@ def _candidates(folder: Path) -> Iterator[Path]:
 
 
 class Watcher:
-    """Scores the complete new files of ``job.folder`` with ``inspector`` until ``stop`` is set; with an
-    ``outbox``, each verdict is also published (``publishing``)."""
+    """Scores the complete new files of ``job.folder`` with ``inspector`` until ``stop`` is set; each
+    verdict is also published through every one of ``outboxes`` (``publishing``)."""
 
     def __init__(self, job: WatchJob, inspector: Inspector, settings: InspectionSettings,
-                 outbox: Outbox | None = None) -> None:
-        self.job, self.inspector, self.settings, self.outbox = job, inspector, settings, outbox
+                 outboxes: Sequence[Outbox] = ()) -> None:
+        self.job, self.inspector, self.settings, self.outboxes = job, inspector, settings, list(outboxes)
         self.seen: dict[Path, Seen] = {}
         self.stop = threading.Event()
         job.out.mkdir(parents=True, exist_ok=True)
@@ -133,10 +133,11 @@ class Watcher:
         """Rows written just before a stop whose file has no ledger line (or message) yet get them now, so
         that their file is not scored again and their verdict not left unpublished."""
         recorded = {(entry["path"], entry.get("taken")) for entry in self.ledger.taken.values()}
-        queued = set() if self.outbox is None else {message["id"] for message in self.outbox.messages}
+        queued = [{message["id"] for message in outbox.messages} for outbox in self.outboxes]
         for index, row in enumerate(log.rows):
-            if self.outbox is not None and self.message_id(index) not in queued:
-                self.outbox.put(inspection_message(self.message_id(index), row, self.settings.category))
+            for outbox, ids in zip(self.outboxes, queued, strict=True):
+                if self.message_id(index) not in ids:
+                    outbox.put(inspection_message(self.message_id(index), row, self.settings.category))
             if (row["path"], row.get("timestamp")) not in recorded:
                 path = Path(row["path"])
                 stat = path.stat() if path.is_file() else None
@@ -184,8 +185,8 @@ class Watcher:
                        "timestamp": entry["taken"]}
                 log.append(row)
                 index = len(log.rows) - 1
-                if self.outbox is not None:
-                    self.outbox.put(inspection_message(self.message_id(index), row, self.settings.category))
+                for outbox in self.outboxes:
+                    outbox.put(inspection_message(self.message_id(index), row, self.settings.category))
                 entry.update(outcome="scored", row=index, decision=row["decision"])
             self.ledger.record(entry)
             self.seen.pop(path, None)
@@ -210,13 +211,13 @@ class Watcher:
         """Watch until ``stop`` is set (or, with ``once``, until nothing complete is left); the files scored."""
         with RowLog(self.job.out, ROW_FIELDS) as log:
             self.recover(log)
-            if self.outbox is not None:
-                self.outbox.start()
+            for outbox in self.outboxes:
+                outbox.start()
             try:
                 scored = self._watch(log, on_batch)
-            finally:  # what the sink takes in a few seconds is delivered; the rest waits in the outbox
-                if self.outbox is not None:
-                    self.outbox.close()
+            finally:  # what the sinks take in a few seconds is delivered; the rest waits in the outboxes
+                for outbox in self.outboxes:
+                    outbox.close()
         return scored
 
     def _watch(self, log: RowLog, on_batch: Callable[[int], None] | None) -> int:
