@@ -92,6 +92,10 @@ def test_watch_refuses_an_output_inside_the_folder_in_one_line(model, tmp_path):
     refused = clipfusion_here("watch", str(folder), "--model", str(model), "--out", str(folder / "results"))
     assert refused.returncode == 2 and "inside the watched folder" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
+    export = tmp_path / "export"  # a folder given as the model: an export, which PyTorch options cannot reach
+    export.mkdir()
+    ignored = clipfusion_here("watch", str(folder), "--model", str(export), "--compile", "--out", str(tmp_path / "o"))
+    assert ignored.returncode == 2 and "drop --compile" in ignored.stderr and not (tmp_path / "o").exists()
 
 
 def test_files_left_in_place_are_not_scored_again_unless_they_change(model, synthetic_root, tmp_path):

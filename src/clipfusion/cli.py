@@ -613,7 +613,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 
 def _model_paths(args: argparse.Namespace) -> list[str]:
-    """The ``--model`` values of predict (one) or serve (several)."""
+    """The ``--model`` values of predict and watch (one) or serve (several)."""
     return getattr(args, "models", None) or ([args.model] if getattr(args, "model", None) else [])
 
 
@@ -702,6 +702,7 @@ def _cmd_watch(args: argparse.Namespace) -> None:
     from clipfusion.inspection.core import InspectionSettings
     from clipfusion.tasks.watch import Watcher, WatchJob
 
+    _refuse_torch_options_for_exports(args)
     job = WatchJob(Path(args.folder), Path(args.out), args.settle, args.poll, args.after, args.batch_size, args.once)
     model = ModelFile.open(args.model, _trusted(args))
     inspector = Inspector.from_model(model, _runtime(args), args.batch_size, args.min_area, args.max_pixels)
