@@ -266,28 +266,54 @@ def _add_predict(commands: Any) -> None:
 
 
 def _add_watch(commands: Any) -> None:
-    watch = _command(commands, "watch", "score images as they arrive in a folder, until stopped",
-                     "Watch a hot folder: each complete new image is scored with --model and written as predict "
-                     "writes it (results.jsonl/csv, overlays, masks), once, across restarts.", epilog("watch"))
-    watch.add_argument("folder", metavar="FOLDER", help="the folder images arrive in (polled: network shares work)")
+    watch = _command(commands, "watch", "score images as they arrive (a folder, a video, a camera), until stopped",
+                     "Watch a hot folder, a video file, a stream (rtsp://, http://) or a camera (/dev/video0): each "
+                     "new image or sampled frame is scored with --model and written as predict writes it "
+                     "(results.jsonl/csv, overlays, masks), once, across restarts.", epilog("watch"))
+    watch.add_argument("source", metavar="SOURCE",
+                       help="the folder images arrive in (polled, and woken by file-system events: network shares "
+                            "work), a video file, a stream URL (password from CLIPFUSION_STREAM_USERNAME/_PASSWORD) "
+                            "or /dev/videoN")
     watch.add_argument("--model", required=True, metavar="FILE.cfm|FOLDER",
                        help="inspection model from `clipfusion fit` (or an export folder)")
     _add_trust_option(watch)
     watch.add_argument("--out", default="clipfusion-watch", help="output folder (default: %(default)s)")
-    watch.add_argument("--after", choices=("keep", "move", "delete"), default="keep",
-                       help="what becomes of a scored file: keep it, move it to FOLDER/done/ (unreadable ones to "
-                            "FOLDER/failed/), or delete it (default: %(default)s)")
-    watch.add_argument("--settle", type=float, default=1.0, metavar="SECONDS",
-                       help="a file is taken once its size and time have held this long (default: %(default)s)")
-    watch.add_argument("--poll", type=float, default=0.5, metavar="SECONDS",
-                       help="how often the folder is looked at (default: %(default)s)")
-    watch.add_argument("--once", action="store_true", help="score what is complete now, then stop")
+    watch.add_argument("--once", action="store_true",
+                       help="a folder: score what is complete now, then stop; a stream: stop when it ends instead of "
+                            "connecting again (a video file always stops at its end)")
+    folder = watch.add_argument_group("a folder")
+    folder.add_argument("--after", choices=("keep", "move", "delete"), default="keep",
+                        help="what becomes of a scored file: keep it, move it to SOURCE/done/ (unreadable ones to "
+                             "SOURCE/failed/), or delete it (default: %(default)s)")
+    folder.add_argument("--settle", type=float, default=1.0, metavar="SECONDS",
+                        help="a file is taken once its size and time have held this long (default: %(default)s)")
+    folder.add_argument("--poll", type=float, default=0.5, metavar="SECONDS",
+                        help="how often the folder is looked at (default: %(default)s)")
+    video = watch.add_argument_group("a video, stream or camera")
+    video.add_argument("--every", type=int, default=1, metavar="N", help="score every N-th frame (default: every one)")
+    video.add_argument("--fps", type=float, metavar="RATE", help="score RATE frames per second of the video's time")
+    video.add_argument("--trigger", metavar="FILE|mqtt://HOST[:PORT]/TOPIC",
+                       help="score the next frame each time FILE appears (it is then removed) or a message arrives "
+                            "on the topic (a live source)")
+    video.add_argument("--queue", type=int, default=4, metavar="FRAMES",
+                       help="a live source keeps its newest FRAMES frames, dropping the oldest (default: %(default)s)")
+    video.add_argument("--open-timeout", type=float, default=10.0, metavar="SECONDS",
+                       help="give up connecting after this long, and try again (default: %(default)s)")
+    video.add_argument("--read-timeout", type=float, default=5.0, metavar="SECONDS",
+                       help="a stream silent this long is opened again (default: %(default)s)")
+    video.add_argument("--frozen-after", type=float, default=10.0, metavar="SECONDS",
+                       help="alarm when a live picture has not changed for this long (default: %(default)s)")
     watch.add_argument("--publish", action="append", metavar="mqtt://HOST[:PORT]/TOPIC|https://URL",
                        help="also publish each verdict (JSON, schema clipfusion.inspection/1), through an outbox in "
                             "--out (none lost while the receiver is down): to an MQTT topic, QoS 1, retained (user "
                             "name and password from CLIPFUSION_MQTT_USERNAME/_PASSWORD; pip install "
                             "'clipfusion[line]'), or POSTed to a webhook (signed with CLIPFUSION_WEBHOOK_SECRET); "
                             "repeat for several")
+    watch.add_argument("--metrics-port", type=int, metavar="PORT",
+                       help="serve Prometheus metrics (images, failures, the outboxes' backlog, frames dropped, "
+                            "reconnections, frozen alarms) on http://--metrics-host:PORT/metrics")
+    watch.add_argument("--metrics-host", default="127.0.0.1",
+                       help="address of --metrics-port (default: %(default)s, this machine only)")
     watch.add_argument("--min-region-area", type=int, default=16, dest="min_area", metavar="PIXELS",
                        help="smallest region reported, in the image's own pixels (default: %(default)s)")
     _add_batch_options(watch)
@@ -700,21 +726,29 @@ def _outboxes(urls: list[str], out: Path) -> list[Any]:
 def _cmd_watch(args: argparse.Namespace) -> None:
     from clipfusion.inspection import Inspector, ModelFile
     from clipfusion.inspection.core import InspectionSettings
-    from clipfusion.tasks.watch import Watcher, WatchJob
+    from clipfusion.tasks.watch import FeedOptions, Watcher, open_feed
 
     _refuse_torch_options_for_exports(args)
-    job = WatchJob(Path(args.folder), Path(args.out), args.settle, args.poll, args.after, args.batch_size, args.once)
+    out = Path(args.out)
+    feed = open_feed(args.source, out, FeedOptions(args.settle, args.poll, args.after, args.once, args.every,
+                                                   args.fps, args.trigger, args.queue, args.open_timeout,
+                                                   args.read_timeout, args.frozen_after), args.max_pixels)
     model = ModelFile.open(args.model, _trusted(args))
     inspector = Inspector.from_model(model, _runtime(args), args.batch_size, args.min_area, args.max_pixels)
     settings = InspectionSettings(inspector.decisions, model.category, model.sha256, args.min_area, args.max_pixels,
                                   model.signer)
-    watcher = Watcher(job, inspector, settings, _outboxes(args.publish or [], job.out))
+    watcher = Watcher(feed, out, inspector, settings, _outboxes(args.publish or [], out), args.batch_size)
+    if args.metrics_port is not None:
+        from clipfusion.tasks.watch_metrics import serve_metrics
+
+        serve_metrics(watcher, args.metrics_host, args.metrics_port)
     for sig in (signal.SIGTERM, signal.SIGINT):  # finish the batch under way, then stop
         signal.signal(sig, lambda *_: watcher.stop.set())
-    print(f"clipfusion watch: {job.folder.resolve()} → {job.out.resolve()} (model {model.short_id}); stop with "
-          "Ctrl-C", flush=True)
-    scored = watcher.run()
-    print(f"watched: {scored} images scored this time → {job.out.resolve() / 'results.csv'}")
+    print(f"clipfusion watch: {feed.description} → {out.resolve()} (model {model.short_id}); stop with Ctrl-C",
+          flush=True)
+    taken = watcher.run()
+    print(f"watched: {watcher.scored} images scored, {watcher.failed} failed this time ({taken} taken) → "
+          f"{out.resolve() / 'results.csv'}")
 
 
 def _cmd_sweep(args: argparse.Namespace) -> None:

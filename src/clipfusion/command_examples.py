@@ -162,9 +162,12 @@ EXAMPLES: dict[str, tuple[list[tuple[str, str]], str]] = {
         [("clipfusion watch /srv/camera-drop --model bottle.cfm --out /var/lib/clipfusion/line-3",
           "until stopped (Ctrl-C, SIGTERM)"),
          ("clipfusion watch incoming/ --model bottle.cfm --out results/ --after move", "scored files to done/"),
-         ("clipfusion watch incoming/ --model bottle.cfm --out results/ --once", "what is there now, then stop")],
+         ("clipfusion watch incoming/ --model bottle.cfm --out results/ --once", "what is there now, then stop"),
+         ("clipfusion watch rtsp://10.0.3.21/stream1 --model bottle.cfm --out line-3 --fps 2", "a camera, 2 frames/s"),
+         ("clipfusion watch shift.mp4 --model bottle.cfm --out shift --every 5", "every 5th frame of a video file"),
+         ("clipfusion watch incoming/ --model bottle.cfm --publish mqtt://broker/line3/verdicts", "verdicts to MQTT")],
         "Rows, overlays and masks as predict writes them; a file is taken once its size has held for --settle "
-        "seconds, and once only: a restart resumes (watch.jsonl in --out records every file taken).",
+        "seconds, and once only: a restart resumes (watch.jsonl in --out records every image taken).",
     ),
     "db": (
         [("clipfusion db upgrade --db postgresql+psycopg://inspect@db/line", "once, before the services start"),

@@ -18,7 +18,10 @@ def inspection_message(identifier: str, row: dict[str, Any], category: str | Non
     regions = row.get("regions")
     if isinstance(regions, str):  # rows keep regions as JSON text
         regions = json.loads(regions or "[]")
-    return {"schema": SCHEMA, "id": identifier, "model": row.get("model_id"), "category": category,
-            "source": row["path"], "time": row.get("timestamp"), "decision": row.get("decision"),
-            "score": row.get("score"), "normalised_score": row.get("normalised_score"),
-            "threshold": row.get("threshold"), "regions": regions or []}
+    message = {"schema": SCHEMA, "id": identifier, "model": row.get("model_id"), "category": category,
+               "source": row["path"], "time": row.get("timestamp"), "decision": row.get("decision"),
+               "score": row.get("score"), "normalised_score": row.get("normalised_score"),
+               "threshold": row.get("threshold"), "regions": regions or []}
+    if "frame" in row:
+        message.update(frame=row["frame"], frame_time=row.get("frame_time"))
+    return message
