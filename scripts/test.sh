@@ -9,13 +9,14 @@ bash scripts/runtime-venv.sh
 echo "test: $(.venv/bin/python -c 'from clipfusion.hardware import precision_summary; print(precision_summary())')" >&2
 # The browser tests drive Debian's Chromium (Playwright's own browser download needs the internet).
 # The service tests start a throw-away PostgreSQL server (initdb + pg_ctl on a temporary folder); the line's
-# tests a mosquitto broker on a loopback port.
+# tests a mosquitto broker on a loopback port and live video streams served by ffmpeg.
 missing=()
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ] || missing+=(mosquitto)
+command -v ffmpeg >/dev/null || missing+=(ffmpeg)
 if [ ${#missing[@]} -gt 0 ]; then
-  echo "test: installing ${missing[*]} for the browser and database tests" >&2
+  echo "test: installing ${missing[*]} for the browser, database and line tests" >&2
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 echo "test: ruff" >&2

@@ -138,3 +138,46 @@ class Broker:
 def start_broker(folder: Path) -> Broker:
     folder.mkdir(parents=True, exist_ok=True)
     return Broker(folder, free_port()).start()
+
+
+def _listening(port: int) -> bool:
+    """Whether a socket listens on loopback ``port`` (state 0A in /proc/net/tcp)."""
+    lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    return any(f.split()[1].endswith(f":{port:04X}") and f.split()[3] == "0A" for f in lines)
+
+
+@dataclass
+class Stream:
+    """A live stream served by Debian's ffmpeg on a loopback port (``-listen 1``: one client), in real time."""
+
+    arguments: list[str]  # ffmpeg's input and encoding options
+    port: int
+    container: str
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/live"
+
+    def start(self) -> Stream:
+        ffmpeg = shutil.which("ffmpeg")
+        if ffmpeg is None:
+            raise RuntimeError("ffmpeg not found: scripts/test.sh installs Debian's ffmpeg")
+        self.process = subprocess.Popen([ffmpeg, "-loglevel", "error", "-re", *self.arguments, "-f", self.container,
+                                         "-listen", "1", self.url], stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # a probe connection would be its one client: ask the kernel instead
+            if _listening(self.port):
+                return self
+            time.sleep(0.05)
+        raise RuntimeError(f"ffmpeg did not listen on {self.port}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+def start_stream(arguments: list[str], container: str = "mpegts") -> Stream:
+    """ffmpeg serving ``arguments`` (input and codec options) over HTTP on a free loopback port."""
+    return Stream(arguments, free_port(), container).start()

@@ -251,9 +251,13 @@ class VideoFeed:
             return True
         return index % sampling.every == 0
 
-    def _watch_picture(self, image: np.ndarray) -> None:
-        """The frozen-stream alarm: raised once the picture has not changed for ``frozen_after`` seconds."""
-        sample = image[::FROZEN_STRIDE, ::FROZEN_STRIDE]
+    def _watch_picture(self, frame: Any) -> None:
+        """The frozen-stream alarm: raised once the picture has not changed for ``frozen_after`` seconds.
+        Every decoded frame is compared (sampled, in its first plane as decoded: no colour conversion), the
+        ones not scored too: a trigger may take one frame a minute."""
+        plane = frame.planes[0]
+        rows = np.frombuffer(memoryview(plane), np.uint8).reshape(plane.height, plane.line_size)
+        sample = rows[::FROZEN_STRIDE, :plane.width:FROZEN_STRIDE].copy()
         now = time.monotonic()
         if self._previous is not None and self._previous.shape == sample.shape and np.array_equal(sample,
                                                                                                    self._previous):
@@ -292,12 +296,11 @@ class VideoFeed:
                                 return
                             self.frames_read += 1
                             current, index = index, index + 1
+                            if self.live:
+                                self._watch_picture(frame)
                             if current <= self.resume_after or not self._wanted(current, frame.time):
                                 continue
-                            image = frame.to_ndarray(format="rgb24")
-                            if self.live:
-                                self._watch_picture(image)
-                            self.buffer.put(Frame(current, frame.time, image), self._stop)
+                            self.buffer.put(Frame(current, frame.time, frame.to_ndarray(format="rgb24")), self._stop)
                     reason = "ended"
                 except (av.FFmpegError, OSError, IndexError) as exc:  # refused, timed out, cut, no video stream
                     reason = str(exc) if not isinstance(exc, av.ExitError) else \
