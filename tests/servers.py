@@ -4,6 +4,7 @@ by itself."""
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import signal
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,3 +183,32 @@ class Stream:
 def start_stream(arguments: list[str], container: str = "mpegts") -> Stream:
     """ffmpeg serving ``arguments`` (input and codec options) over HTTP on a free loopback port."""
     return Stream(arguments, free_port(), container).start()
+
+
+class Subscriber:
+    """A persistent-session MQTT subscriber (QoS 1) collecting every message on ``topic``."""
+
+    def __init__(self, port: int, topic: str) -> None:
+        import paho.mqtt.client as mqtt
+
+        self.messages: list[dict] = []
+        self.lock = threading.Lock()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-subscriber", clean_session=False)
+        self.client.on_connect = lambda client, *_: client.subscribe(topic, qos=1)
+        self.client.on_message = self._received
+        self.client.reconnect_delay_set(1, 1)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _received(self, _client, _userdata, message) -> None:
+        with self.lock:
+            self.messages.append(json.loads(message.payload))
+
+    def ids(self) -> list[str]:
+        """Message ids in order of first arrival (a message may come twice: at least once, same id)."""
+        with self.lock:
+            return list(dict.fromkeys(message["id"] for message in self.messages))
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()

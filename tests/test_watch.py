@@ -18,7 +18,7 @@ import pytest
 from clipfusion.methods.clipfusion.detector import CLIPFusion
 
 from .commands import clipfusion_here
-from .servers import start_broker
+from .servers import Subscriber, start_broker
 
 
 def _rows(out: Path) -> list[dict]:
@@ -116,35 +116,6 @@ def test_files_left_in_place_are_not_scored_again_unless_they_change(model, synt
     assert len(once()) == 2  # kept in place, taken already: nothing scored again
     shutil.copy(images[3], folder / names[0])  # the camera writes a new image under a used name
     assert once().count(names[0]) == 2
-
-
-class Subscriber:
-    """A persistent-session MQTT subscriber (QoS 1) collecting every message on ``topic``."""
-
-    def __init__(self, port: int, topic: str) -> None:
-        import paho.mqtt.client as mqtt
-
-        self.messages: list[dict] = []
-        self.lock = threading.Lock()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-subscriber", clean_session=False)
-        self.client.on_connect = lambda client, *_: client.subscribe(topic, qos=1)
-        self.client.on_message = self._received
-        self.client.reconnect_delay_set(1, 1)
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-
-    def _received(self, _client, _userdata, message) -> None:
-        with self.lock:
-            self.messages.append(json.loads(message.payload))
-
-    def ids(self) -> list[str]:
-        """Message ids in order of first arrival (a message may come twice: at least once, same id)."""
-        with self.lock:
-            return list(dict.fromkeys(message["id"] for message in self.messages))
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 def test_verdicts_reach_mqtt_in_order_and_none_is_lost_while_the_broker_is_down(model, synthetic_root, tmp_path):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import logging
 import os
 import signal
@@ -265,6 +264,16 @@ def _add_predict(commands: Any) -> None:
     predict.set_defaults(category=None, preset=None)  # None: not given (a model file then decides)
 
 
+def _add_publish_option(parser: Any, folder: str) -> None:
+    parser.add_argument("--publish", action="append", metavar="URL",
+                        help="also publish each verdict (JSON, schema clipfusion.inspection/1), through an outbox in "
+                             f"{folder} (none lost while the receiver is down): mqtt://HOST[:PORT]/TOPIC (QoS 1, "
+                             "retained; user name and password from CLIPFUSION_MQTT_USERNAME/_PASSWORD; pip install "
+                             "'clipfusion[line]'), https://URL (a webhook, signed with CLIPFUSION_WEBHOOK_SECRET), or "
+                             "opc.tcp://HOST:PORT/PATH (clipfusion's own OPC UA server on that endpoint; "
+                             "docs/line.md); repeat for several")
+
+
 def _add_watch(commands: Any) -> None:
     watch = _command(commands, "watch", "score images as they arrive (a folder, a video, a camera), until stopped",
                      "Watch a hot folder, a video file, a stream (rtsp://, http://) or a camera (/dev/video0): each "
@@ -303,12 +312,7 @@ def _add_watch(commands: Any) -> None:
                        help="a stream silent this long is opened again (default: %(default)s)")
     video.add_argument("--frozen-after", type=float, default=10.0, metavar="SECONDS",
                        help="alarm when a live picture has not changed for this long (default: %(default)s)")
-    watch.add_argument("--publish", action="append", metavar="mqtt://HOST[:PORT]/TOPIC|https://URL",
-                       help="also publish each verdict (JSON, schema clipfusion.inspection/1), through an outbox in "
-                            "--out (none lost while the receiver is down): to an MQTT topic, QoS 1, retained (user "
-                            "name and password from CLIPFUSION_MQTT_USERNAME/_PASSWORD; pip install "
-                            "'clipfusion[line]'), or POSTed to a webhook (signed with CLIPFUSION_WEBHOOK_SECRET); "
-                            "repeat for several")
+    _add_publish_option(watch, "--out")
     watch.add_argument("--metrics-port", type=int, metavar="PORT",
                        help="serve Prometheus metrics (images, failures, the outboxes' backlog, frames dropped, "
                             "reconnections, frozen alarms) on http://--metrics-host:PORT/metrics")
@@ -510,6 +514,7 @@ def _add_serve(commands: Any) -> None:
     serve.add_argument("--docs", action="store_true",
                        help="serve the API's documentation at /docs and /openapi.json (from the package, no CDN; "
                             "behind the key when keys are on)")
+    _add_publish_option(serve, "--data/outbox")
     serve.add_argument("--log-format", choices=("text", "json"), default="text",
                        help="text lines, or one JSON object per line with the request id (default: %(default)s)")
     serve.add_argument("--batch-size", type=int, default=8, help=argparse.SUPPRESS)
@@ -706,23 +711,6 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     print(f"open {out / 'index.html'}")
 
 
-def _outboxes(urls: list[str], out: Path) -> list[Any]:
-    """An outbox in ``out`` for each ``--publish`` URL: MQTT (mqtt://, mqtts://) or a webhook (http(s)://)."""
-    from clipfusion.publishing.outbox import Outbox
-    from clipfusion.publishing.webhook import WebhookSink
-
-    outboxes = []
-    for url in urls:
-        if url.startswith(("http://", "https://")):
-            outboxes.append(Outbox(out, WebhookSink(url)))
-            continue
-        from clipfusion.publishing.mqtt import MqttSink
-
-        client = f"clipfusion-watch-{hashlib.sha256(str(out.resolve()).encode()).hexdigest()[:12]}"
-        outboxes.append(Outbox(out, MqttSink(url, client)))
-    return outboxes
-
-
 def _cmd_watch(args: argparse.Namespace) -> None:
     from clipfusion.inspection import Inspector, ModelFile
     from clipfusion.inspection.core import InspectionSettings
@@ -737,7 +725,10 @@ def _cmd_watch(args: argparse.Namespace) -> None:
     inspector = Inspector.from_model(model, _runtime(args), args.batch_size, args.min_area, args.max_pixels)
     settings = InspectionSettings(inspector.decisions, model.category, model.sha256, args.min_area, args.max_pixels,
                                   model.signer)
-    watcher = Watcher(feed, out, inspector, settings, _outboxes(args.publish or [], out), args.batch_size)
+    from clipfusion.publishing.sinks import open_outboxes
+
+    watcher = Watcher(feed, out, inspector, settings, open_outboxes(args.publish or [], out, "clipfusion-watch"),
+                      args.batch_size)
     if args.metrics_port is not None:
         from clipfusion.tasks.watch_metrics import serve_metrics
 
@@ -820,7 +811,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         store_images=Path(args.store_images) if args.store_images else None,
         learn=args.learn, keep_days=args.keep_days, trusted_keys=trusted, min_free_mb=args.min_free_mb,
         pixel_budget=args.pixel_budget * 1_000_000, min_normals=args.min_normals, read_timeout=args.read_timeout,
-        deadline=args.deadline, docs=args.docs, replicas=args.replicas,
+        deadline=args.deadline, docs=args.docs, replicas=args.replicas, publish=tuple(args.publish or ()),
         max_batch_pixels=int(args.max_batch_megapixels * 1_000_000),
         ray=RayOptions(args.ray_address, args.replicas, args.gpus_per_replica, args.cpus_per_replica)
         if args.engine == "ray" else None)

@@ -64,12 +64,13 @@ class Outbox:
         self._thread.start()
 
     def put(self, message: dict[str, Any]) -> None:
-        """Append ``message``, durably, and wake the delivery thread."""
-        with self.path.open("a", encoding="utf-8") as outbox:
-            outbox.write(json.dumps(message) + "\n")
-            outbox.flush()
-            os.fsync(outbox.fileno())
+        """Append ``message``, durably, and wake the delivery thread (from any thread: the service's
+        finishing threads put concurrently; the file's order is the delivery order)."""
         with self._wake:
+            with self.path.open("a", encoding="utf-8") as outbox:
+                outbox.write(json.dumps(message) + "\n")
+                outbox.flush()
+                os.fsync(outbox.fileno())
             self.messages.append(message)
             self._wake.notify()
 

@@ -62,11 +62,13 @@ class ServedModel:
     """One ``--model`` file, loaded once per replica (``settings.replicas``)."""
 
     def __init__(self, name: str, model: ModelFile | Path, settings: ServiceSettings, sessions: sessionmaker[Session],
-                 observe_model: Callable[[float], None] | None = None, remote: RayDeployments | None = None) -> None:
+                 observe_model: Callable[[float], None] | None = None, remote: RayDeployments | None = None,
+                 publish: Callable[[InspectionRow, str], None] | None = None) -> None:
         """``observe_model(seconds)`` hears each batch's time in the detector alone (for metrics); ``remote``:
-        the model's replicas run on a Ray cluster (``serve --engine ray``), not in this process."""
+        the model's replicas run on a Ray cluster (``serve --engine ray``), not in this process; ``publish``
+        hears each committed inspection with the model's category (``serve --publish``)."""
         self.name, self.settings, self.sessions, self.observe_model = name, settings, sessions, observe_model
-        self.remote = remote
+        self.remote, self.publish = remote, publish
         self.files = ImageWriter(settings.data_dir / "files")
         self.use(model)
 
@@ -146,7 +148,8 @@ class ServedModel:
                 stored = self.settings.images_dir / f"{identifier}{_suffix(upload.filename)}"
                 write_atomic(stored, upload.data)
             with self.sessions.begin() as session:
-                session.add(self._row(identifier, upload, version.model, inspection, row, stored))
+                committed = self._row(identifier, upload, version.model, inspection, row, stored)
+                session.add(committed)
         except Exception:  # this image's files or row (a full disk, a database refusal): it alone fails
             logger.exception("inspection of %s by %s could not be stored", upload.filename, self.name,
                              extra={"request_id": upload.request_id})
@@ -156,6 +159,8 @@ class ServedModel:
                 stored.unlink(missing_ok=True)
             return ItemError(upload.filename, 500, "storage_failed", f"{upload.filename}: its inspection could not "
                                                                      "be stored (the service log says why)")
+        if self.publish is not None:  # after the commit: a message never announces an inspection that is not kept
+            self.publish(committed, version.model.category)
         return identifier
 
     def _row(self, identifier: str, upload: Upload, model: ModelFile, inspection: Inspection, row: dict[str, Any],

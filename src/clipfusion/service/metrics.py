@@ -2,7 +2,12 @@
 as in tests, never collide)."""
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from clipfusion.publishing.outbox import Outbox
 
 
 class ServiceMetrics:
@@ -26,3 +31,21 @@ class ServiceMetrics:
                                registry=self.registry)
         self.decisions = Counter("clipfusion_decisions_total", "inspections by decision", ["model", "decision"],
                                  registry=self.registry)
+        self.outbox_backlog = Gauge("clipfusion_outbox_backlog_messages", "verdicts not yet confirmed by a --publish "
+                                    "receiver", ["sink"], registry=self.registry)
+        self.outbox_delivered = Gauge("clipfusion_outbox_delivered_messages", "verdicts confirmed by a --publish "
+                                      "receiver (over the outbox's life)", ["sink"], registry=self.registry)
+
+    def watch_outboxes(self, outboxes: Sequence[Outbox]) -> None:
+        """Each outbox's backlog and deliveries, read at each scrape."""
+        for outbox in outboxes:
+            self.outbox_backlog.labels(outbox.sink.name).set_function(functools.partial(_backlog, outbox))
+            self.outbox_delivered.labels(outbox.sink.name).set_function(functools.partial(_delivered, outbox))
+
+
+def _backlog(outbox: Outbox) -> float:
+    return float(outbox.backlog)
+
+
+def _delivered(outbox: Outbox) -> float:
+    return float(outbox.delivered)

@@ -54,6 +54,8 @@ class ServiceSettings:
     read_timeout: an upload stalled for so many seconds is refused (408); deadline: a request waiting longer
     for its inspections is answered 504 (its images still queued are dropped, finished ones recorded).
     docs: serve the API's documentation (/docs, /openapi.json; behind the key when keys are on).
+    publish: receivers of every verdict (``--publish`` URLs: MQTT, webhooks, OPC UA), through outboxes in
+    ``data_dir/outbox``.
     pixel_budget: the pixels all requests in flight may decode together (about 10 bytes of memory each);
     at least max_pixels, or the largest image allowed could never be inspected."""
 
@@ -82,6 +84,7 @@ class ServiceSettings:
     read_timeout: float = 10.0  # seconds without a byte of an upload before it is refused (408)
     deadline: float = 300.0  # seconds a request may wait for its inspections (504)
     docs: bool = False
+    publish: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.models:

@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from clipfusion.inspection import ModelFile
 from clipfusion.inspection.writer import FILE_SUFFIXES
+from clipfusion.publishing.sinks import open_outboxes
 from clipfusion.runtime.manifest import is_export
 from clipfusion.service import learning
 from clipfusion.service.admission import PixelBudget
@@ -24,6 +25,7 @@ from clipfusion.service.errors import ServiceError
 from clipfusion.service.inspector import ScoredUpload, ServedModel
 from clipfusion.service.learning import active_version
 from clipfusion.service.metrics import ServiceMetrics
+from clipfusion.service.publisher import Publisher
 from clipfusion.service.ray_replicas import RayDeployments
 from clipfusion.service.schemas import ChangeOut
 from clipfusion.service.settings import ServiceSettings, model_name
@@ -49,6 +51,7 @@ class ServiceState:
     pixels: PixelBudget = field(init=False)
     finishers: ThreadPoolExecutor = field(init=False)  # decide, render and store each scored image
     remote: RayDeployments | None = None  # serve --engine ray: the models' replicas on the cluster
+    publisher: Publisher = field(default_factory=lambda: Publisher(()))  # serve --publish
 
     def __post_init__(self) -> None:
         self.pixels = PixelBudget(self.settings.pixel_budget)
@@ -61,6 +64,8 @@ class ServiceState:
         self.engine = make_engine(self.settings.url)
         migrate(self.engine)
         self.sessions = session_factory(self.engine)
+        self.publisher = Publisher(open_outboxes(self.settings.publish, self.settings.data_dir / "outbox",
+                                                 "clipfusion-serve"))
         if self.settings.ray is not None:
             self.remote = RayDeployments(self.settings.ray, self.settings.runtime, self.settings.batch_size)
         else:
@@ -69,9 +74,13 @@ class ServiceState:
             name = model_name(path)
             opened = ModelFile.open(path, self.settings.trusted_keys)
             model = ServedModel(name, self._version_to_serve(name, opened), self.settings, self.sessions,
-                                self.metrics.model_seconds.labels(name).observe, self.remote)
+                                self.metrics.model_seconds.labels(name).observe, self.remote,
+                                self.publisher.publish if self.publisher.outboxes else None)
             self.models[name] = model
             logger.info("serving %s (%s, %s) from %s", name, model.category, model.model.preset, model.path)
+        self.publisher.recover(self.sessions, {name: model.category for name, model in self.models.items()})
+        self.publisher.start()
+        self.metrics.watch_outboxes(self.publisher.outboxes)
 
     def watch_disk(self) -> None:
         """/metrics reports the data folder's free space, read at each scrape."""
@@ -120,6 +129,7 @@ class ServiceState:
         for batcher in self.batchers.values():
             await batcher.close()
         self.finishers.shutdown(wait=True)  # every scored image is recorded before the database closes
+        self.publisher.close()  # what the receivers take in a few seconds; the rest waits in the outboxes
         if self.remote is not None:
             self.remote.close()
         if self.engine is not None:
