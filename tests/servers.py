@@ -39,9 +39,9 @@ class Server:
 
 
 def start_server(models: list[Path], data: Path, *extra: str, log: Path | None = None,
-                 timeout: float = 180) -> Server:
-    """``clipfusion serve`` in a subprocess, returned once /readyz answers 200."""
-    port = free_port()
+                 timeout: float = 180, port: int | None = None) -> Server:
+    """``clipfusion serve`` in a subprocess (on ``port``, default a free one), returned once /readyz answers 200."""
+    port = port or free_port()
     log = log or data.with_name(data.name + ".log")
     script = Path(sys.executable).with_name("clipfusion")
     command = [str(script), "serve", *(arg for m in models for arg in ("--model", str(m))), "--data", str(data),

@@ -246,13 +246,13 @@ def test_the_migrations_build_the_orm_schema_on_sqlite_and_postgresql(tmp_path):
             engine.dispose()
         for url in (f"sqlite:///{tmp_path / 'schema.db'}", postgres.url):
             done = clipfusion_here("db", "upgrade", "--db", url)
-            assert done.returncode == 0 and done.stdout.strip().endswith("-> 0004"), done.stderr
+            assert done.returncode == 0 and done.stdout.strip().endswith("-> 0005"), done.stderr
             engine = make_engine(url)
             migrate(engine)  # idempotent
             with engine.connect() as connection:
                 assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
             engine.dispose()
-        assert "empty -> 0004" in clipfusion_here("db", "upgrade", "--data", str(tmp_path / "fresh")).stdout
+        assert "empty -> 0005" in clipfusion_here("db", "upgrade", "--data", str(tmp_path / "fresh")).stdout
     finally:
         postgres.stop()
 

@@ -283,8 +283,12 @@ def _add_watch(commands: Any) -> None:
                        help="the folder images arrive in (polled, and woken by file-system events: network shares "
                             "work), a video file, a stream URL (password from CLIPFUSION_STREAM_USERNAME/_PASSWORD) "
                             "or /dev/videoN")
-    watch.add_argument("--model", required=True, metavar="FILE.cfm|FOLDER",
-                       help="inspection model from `clipfusion fit` (or an export folder)")
+    watch.add_argument("--model", required=True, metavar="FILE.cfm|FOLDER|NAME",
+                       help="inspection model from `clipfusion fit` (or an export folder); with --server, the name "
+                            "of one of the service's models")
+    watch.add_argument("--server", metavar="URL",
+                       help="score with a running `clipfusion serve` at URL instead of loading the model here (one "
+                            "copy of the model for the service and the watch; key from CLIPFUSION_API_KEY)")
     _add_trust_option(watch)
     watch.add_argument("--out", default="clipfusion-watch", help="output folder (default: %(default)s)")
     watch.add_argument("--once", action="store_true",
@@ -712,34 +716,57 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
 
 def _cmd_watch(args: argparse.Namespace) -> None:
-    from clipfusion.inspection import Inspector, ModelFile
-    from clipfusion.inspection.core import InspectionSettings
-    from clipfusion.tasks.watch import FeedOptions, Watcher, open_feed
+    from clipfusion.publishing.sinks import open_outboxes
+    from clipfusion.tasks.watch import FeedOptions, Watcher, open_feed, run_id
 
     _refuse_torch_options_for_exports(args)
     out = Path(args.out)
     feed = open_feed(args.source, out, FeedOptions(args.settle, args.poll, args.after, args.once, args.every,
                                                    args.fps, args.trigger, args.queue, args.open_timeout,
                                                    args.read_timeout, args.frozen_after), args.max_pixels)
-    model = ModelFile.open(args.model, _trusted(args))
-    inspector = Inspector.from_model(model, _runtime(args), args.batch_size, args.min_area, args.max_pixels)
-    settings = InspectionSettings(inspector.decisions, model.category, model.sha256, args.min_area, args.max_pixels,
-                                  model.signer)
-    from clipfusion.publishing.sinks import open_outboxes
-
-    watcher = Watcher(feed, out, inspector, settings, open_outboxes(args.publish or [], out, "clipfusion-watch"),
-                      args.batch_size)
+    identifier = run_id(out)
+    judge, described = _server_judge(args, identifier) if args.server else _local_judge(args)
+    watcher = Watcher(feed, out, judge, open_outboxes(args.publish or [], out, "clipfusion-watch"), args.batch_size,
+                      identifier)
     if args.metrics_port is not None:
         from clipfusion.tasks.watch_metrics import serve_metrics
 
         serve_metrics(watcher, args.metrics_host, args.metrics_port)
     for sig in (signal.SIGTERM, signal.SIGINT):  # finish the batch under way, then stop
         signal.signal(sig, lambda *_: watcher.stop.set())
-    print(f"clipfusion watch: {feed.description} → {out.resolve()} (model {model.short_id}); stop with Ctrl-C",
-          flush=True)
+    print(f"clipfusion watch: {feed.description} → {out.resolve()} ({described}); stop with Ctrl-C", flush=True)
     taken = watcher.run()
     print(f"watched: {watcher.scored} images scored, {watcher.failed} failed this time ({taken} taken) → "
           f"{out.resolve() / 'results.csv'}")
+
+
+def _local_judge(args: argparse.Namespace) -> tuple[Any, str]:
+    """``watch --model FILE``: the model loaded here."""
+    from clipfusion.inspection import Inspector, ModelFile
+    from clipfusion.inspection.core import InspectionSettings
+    from clipfusion.tasks.watch import local_judge
+
+    model = ModelFile.open(args.model, _trusted(args))
+    inspector = Inspector.from_model(model, _runtime(args), args.batch_size, args.min_area, args.max_pixels)
+    settings = InspectionSettings(inspector.decisions, model.category, model.sha256, args.min_area, args.max_pixels,
+                                  model.signer)
+    return local_judge(inspector, settings), f"model {model.short_id}"
+
+
+def _server_judge(args: argparse.Namespace, identifier: str) -> tuple[Any, str]:
+    """``watch --server URL --model NAME``: the model NAME of a running service."""
+    from clipfusion.service_client import ServiceClient
+    from clipfusion.tasks.watch import Judge
+
+    given = [option for option, value in (("--trusted-keys", args.trusted_keys), ("--compile", args.compile))
+             if value]
+    if given:
+        raise ClipfusionError(f"--server scores with the service's model, loaded and checked there: drop "
+                              f"{' and '.join(given)}")
+    client = ServiceClient(args.server, args.model, identifier)
+    info = client.info
+    judge = Judge(client.inspect, info["category"], info["sha256"], info["image_threshold"], info["pixel_threshold"])
+    return judge, f"model {args.model} of {args.server}"
 
 
 def _cmd_sweep(args: argparse.Namespace) -> None:

@@ -18,6 +18,11 @@ from clipfusion.inspection.sources import Decoded
 LEDGER = "watch.jsonl"
 
 
+class Stopped(Exception):
+    """The watch was stopped while items waited to be scored (a service that did not answer): they were not
+    recorded, and are taken again next time."""
+
+
 @dataclass
 class FeedItem:
     """One image from a feed.  decoded: its pixels (or why it could not be read); name: the stem of

@@ -203,6 +203,10 @@ class VideoFeed:
     def __init__(self, source: str, sampling: Sampling | None = None, queue: int = 4, open_timeout: float = 10.0,
                  read_timeout: float = 5.0, frozen_after: float = 10.0, once: bool = False,
                  max_pixels: int = MAX_PIXELS) -> None:
+        try:
+            import av  # noqa: F401  (the reading thread decodes with it)
+        except ImportError:
+            raise ClipfusionError("watch reads video with PyAV: pip install 'clipfusion[line]'") from None
         self.live = is_live(source)
         if not self.live and not Path(source).is_file():
             raise ClipfusionError(f"watch: {source} is not a file; give a video file, a stream URL or a folder")

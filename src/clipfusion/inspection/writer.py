@@ -37,7 +37,8 @@ ROW_FIELDS = ("path", "score", "normalised_score", "decision", "threshold", "reg
 @dataclass
 class Rendered:
     """One inspected image ready to be written: its row without file names, its files' bytes by folder
-    (``maps``, ``overlays``, ``thumbnails``, and ``masks`` for NG images) and its seconds so far.
+    (``maps``, ``overlays``, ``thumbnails``, and ``masks`` for NG images; no map when a service scored it)
+    and its seconds so far.
     ``names``: the files' names by folder when they are written already (by a worker: ``files`` is then
     empty); None while only their bytes exist."""
 
@@ -132,7 +133,7 @@ class ImageWriter:
         names = rendered.names if rendered.names is not None else self.store(name, rendered).names
         assert names is not None
         return {"path": rendered.source, **rendered.row, "overlay": names["overlays"], "mask": names.get("masks"),
-                "map": names["maps"], "thumbnail": names["thumbnails"]}
+                "map": names.get("maps"), "thumbnail": names["thumbnails"]}
 
     def remove(self, row: dict[str, Any]) -> None:
         """Delete the files a row names (its row was not committed)."""

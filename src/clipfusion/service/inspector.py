@@ -174,6 +174,7 @@ class ServedModel:
             normalised_score=row["normalised_score"], decision=row["decision"], threshold=row["threshold"],
             seconds=round(time.perf_counter() - upload.received, 4), overlay=row["overlay"], mask=row["mask"],
             image=None if stored is None else stored.name, signer=model.signer,
+            idempotency_key=upload.idempotency_key,
             regions=[Region(**region) for region in row["regions"] or []])
 
 

@@ -35,6 +35,8 @@ class Inspection(Base):
     image: Mapped[str | None] = mapped_column(String(500), nullable=True)  # its file in the kept-uploads folder
     # the trusted key that signed the model which decided it (--trusted-keys); None: signatures not checked
     signer: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    # the request's Idempotency-Key (``KEY``, or ``KEY/N`` for its N-th image): a retried request finds it
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True, unique=True, index=True)
     regions: Mapped[list[Region]] = relationship(back_populates="inspection", cascade="all, delete-orphan",
                                                  order_by="Region.id")
     feedback: Mapped[list[Feedback]] = relationship(back_populates="inspection", cascade="all, delete-orphan",

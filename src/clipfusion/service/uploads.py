@@ -36,6 +36,7 @@ class Upload:
     data: bytes
     received: float  # time.perf_counter() when its request was read
     request_id: str = ""
+    idempotency_key: str | None = None  # the request's key (``KEY/N`` for the N-th of several images)
 
 
 @dataclass

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from clipfusion.errors import ClipfusionError
-from clipfusion.feeds.base import LEDGER, Feed, FeedItem, Ledger
+from clipfusion.feeds.base import LEDGER, Feed, FeedItem, Ledger, Stopped
 from clipfusion.feeds.folder import After, FolderFeed
 from clipfusion.feeds.video import FileTrigger, MqttTrigger, Sampling, Trigger, VideoFeed, is_video
 from clipfusion.inspection.core import InspectionSettings, Inspector
-from clipfusion.inspection.writer import ROW_FIELDS, ImageWriter, render_all
+from clipfusion.inspection.writer import ROW_FIELDS, ImageWriter, Outcome, render_all
 from clipfusion.outputs import json_text, read_json, write_atomic
 from clipfusion.publishing.message import inspection_message
 from clipfusion.publishing.outbox import Outbox
@@ -72,35 +72,62 @@ def open_feed(source: str, out: Path, options: FeedOptions, max_pixels: int) -> 
     return FolderFeed(folder, options.settle, options.poll, options.after, options.once, max_pixels)
 
 
+@dataclass(frozen=True)
+class Judge:
+    """What scores the watch's images: ``inspect(items, stop)`` gives one outcome per item (rendered, or
+    its source and why it has none); the model's category and id and its thresholds name it in rows,
+    messages and ``watch.json``."""
+
+    inspect: Callable[[Sequence[FeedItem], threading.Event], list[Outcome]]
+    category: str | None
+    model_id: str | None
+    image_threshold: float | None
+    pixel_threshold: float | None
+
+
+def local_judge(inspector: Inspector, settings: InspectionSettings) -> Judge:
+    """The model loaded here, through the one inspection core."""
+    def inspect(items: Sequence[FeedItem], _stop: threading.Event) -> list[Outcome]:
+        return render_all(inspector.inspect_decoded([item.decoded for item in items]), settings)
+
+    return Judge(inspect, settings.category, settings.model_id, settings.decisions.image, settings.decisions.pixel)
+
+
+def run_id(out: Path) -> str:
+    """The watch's run id, kept in ``out/watch.json`` across restarts (message ids are the run id and the
+    row, the same however often sent); a new one for a new ``out``."""
+    state = out / "watch.json"
+    return str(read_json(state, "the watch's state")["run_id"]) if state.is_file() else uuid.uuid4().hex
+
+
 class Watcher:
-    """Scores what ``feed`` gives with ``inspector`` until ``stop`` is set (or the feed ends), ``batch_size``
+    """Scores what ``feed`` gives with ``judge`` until ``stop`` is set (or the feed ends), ``batch_size``
     images at once when several are ready, writing rows into ``out``; each verdict is also published
     through every one of ``outboxes``."""
 
-    def __init__(self, feed: Feed, out: Path, inspector: Inspector, settings: InspectionSettings,
-                 outboxes: Sequence[Outbox] = (), batch_size: int = 8) -> None:
+    def __init__(self, feed: Feed, out: Path, judge: Judge, outboxes: Sequence[Outbox] = (), batch_size: int = 8,
+                 identifier: str | None = None) -> None:
         if batch_size < 1:
             raise ClipfusionError("--batch-size must be >= 1")
-        self.feed, self.out, self.inspector, self.settings = feed, out, inspector, settings
+        self.feed, self.out, self.judge = feed, out, judge
         self.outboxes, self.batch_size = list(outboxes), batch_size
         self.stop = threading.Event()
         self.scored = self.failed = 0
         out.mkdir(parents=True, exist_ok=True)
         self.ledger = Ledger(out / LEDGER)
         self.writer = ImageWriter(out)
-        state = out / "watch.json"
-        # the run's id, kept across restarts: message ids (run id + row) are the same however often sent
-        self.run_id = read_json(state, "the watch's state")["run_id"] if state.is_file() else uuid.uuid4().hex
-        write_atomic(state, json_text({"run_id": self.run_id, "source": feed.description,
-                                       "model_id": settings.model_id, "image_threshold": settings.decisions.image,
-                                       "pixel_threshold": settings.decisions.pixel}))
+        self.run_id = identifier or run_id(out)
+        write_atomic(out / "watch.json", json_text({"run_id": self.run_id, "source": feed.description,
+                                                    "model_id": judge.model_id,
+                                                    "image_threshold": judge.image_threshold,
+                                                    "pixel_threshold": judge.pixel_threshold}))
 
     def message_id(self, row: int) -> str:
         return f"{self.run_id}-{row:06d}"
 
     def _publish(self, index: int, row: dict[str, Any]) -> None:
         for outbox in self.outboxes:
-            outbox.put(inspection_message(self.message_id(index), row, self.settings.category))
+            outbox.put(inspection_message(self.message_id(index), row, self.judge.category))
 
     def recover(self, log: RowLog) -> None:
         """Rows written just before a stop whose input has no ledger line (or message) yet get them now, so
@@ -110,7 +137,7 @@ class Watcher:
         for index, row in enumerate(log.rows):
             for outbox, ids in zip(self.outboxes, queued, strict=True):
                 if self.message_id(index) not in ids:
-                    outbox.put(inspection_message(self.message_id(index), row, self.settings.category))
+                    outbox.put(inspection_message(self.message_id(index), row, self.judge.category))
             if (row["path"], row.get("timestamp")) not in recorded:
                 self.ledger.record({**self.feed.recovered_entry(row), "taken": row.get("timestamp"),
                                     "outcome": "scored", "row": index, "decision": row.get("decision")})
@@ -118,7 +145,7 @@ class Watcher:
     def score(self, items: list[FeedItem], log: RowLog) -> None:
         """Inspect ``items`` as one batch; each gets its row (or its reason) and ledger line, then goes back
         to the feed."""
-        outcomes = render_all(self.inspector.inspect_decoded([item.decoded for item in items]), self.settings)
+        outcomes = self.judge.inspect(items, self.stop)
         for item, outcome in zip(items, outcomes, strict=True):
             entry: dict[str, Any] = {**item.entry,
                                      "taken": datetime.now(timezone.utc).isoformat(timespec="milliseconds")}
@@ -150,7 +177,10 @@ class Watcher:
                 while not self.stop.is_set():
                     items = self.feed.take(self.batch_size, self.stop)
                     if items:
-                        self.score(items, log)
+                        try:
+                            self.score(items, log)
+                        except Stopped:  # stopped while the service did not answer: taken again next time
+                            break
                         taken += len(items)
                         if on_batch is not None:
                             on_batch(len(items))

@@ -17,9 +17,10 @@ from clipfusion.service.inspector import Pending
 from clipfusion.service.records import load_inspections
 from clipfusion.service.schemas import AuditOut, ChangeOut, ErrorOut, FailedOut, InspectOut, ModelOut, VersionOut
 from clipfusion.service.state import ServiceState
-from clipfusion.service.tables import Audit, ModelVersion
+from clipfusion.service.tables import Audit, Inspection, ModelVersion
 from clipfusion.service.uploads import ItemError, Upload, decode, measure, read_files
 
+MAX_KEY_LENGTH = 180  # room for "/N" in the column's 200 characters
 router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Depends(require_api_key)])
 ERRORS: dict[int | str, dict[str, object]] = {status: {"model": ErrorOut}
                                               for status in (401, 403, 404, 409, 413, 415, 422, 503)}
@@ -43,8 +44,18 @@ def list_models(state: StateDep) -> list[ModelOut]:
 async def inspect(name: str, request: Request, state: StateDep) -> InspectOut:
     """Score one or more images: multipart files (any field name), or one raw image body
     (``Content-Type: image/...``, file name in ``?filename=``).  Each image is inspected or refused on its
-    own: 200 with ``failed`` listing those refused, an error status only when none is inspected."""
+    own: 200 with ``failed`` listing those refused, an error status only when none is inspected.
+
+    ``Idempotency-Key``: a request sent again with the key of one that was inspected (its answer lost on
+    the way) gets that request's inspections, not new ones."""
     state.model(name)  # 404 before reading the upload
+    key = request.headers.get("Idempotency-Key")
+    if key is not None:
+        if not 0 < len(key) <= MAX_KEY_LENGTH:
+            raise ServiceError(400, "bad_request", f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} characters")
+        earlier = await run_in_threadpool(_inspected_with, state, key)
+        if earlier is not None:
+            return earlier
     batcher = state.batchers[name]
     if batcher.depth >= state.settings.max_queue:  # before the body is read (uvicorn reads it away) or decoded
         raise _queue_full(name, state)
@@ -53,6 +64,10 @@ async def inspect(name: str, request: Request, state: StateDep) -> InspectOut:
     await run_in_threadpool(measure, files, state.settings)
     with state.pixels.hold(sum(item.pixels for item in files)):
         decoded = await run_in_threadpool(decode, files, state.settings, received, request_id(request))
+        if key is not None:
+            for index, item in enumerate(decoded):
+                if isinstance(item, Upload):
+                    item.idempotency_key = key if len(decoded) == 1 else f"{key}/{index}"
         uploads = [item for item in decoded if isinstance(item, Upload)]
         try:
             results = await asyncio.wait_for(_score_and_finish(state, name, uploads), state.settings.deadline) \
@@ -84,6 +99,23 @@ async def inspect(name: str, request: Request, state: StateDep) -> InspectOut:
     for inspection in answer.inspections:
         state.metrics.decisions.labels(name, inspection.decision).inc()
     return answer
+
+
+def _inspected_with(state: ServiceState, key: str) -> InspectOut | None:
+    """The answer to an earlier request with Idempotency-Key ``key`` (its images' inspections), or None."""
+    assert state.sessions is not None
+    session: Session
+    with state.sessions() as session:
+        found = session.execute(select(Inspection.id, Inspection.idempotency_key).where(
+            (Inspection.idempotency_key == key) | Inspection.idempotency_key.startswith(f"{key}/", autoescape=True)))
+        # in the order of the request's images: KEY alone, or KEY/0, KEY/1, ... KEY/10 (numbers, not text)
+        ids = [identifier for identifier, _ in sorted(found, key=lambda row: _image_index(str(row[1]), key))]
+        return InspectOut(inspections=load_inspections(session, ids), failed=[]) if ids else None
+
+
+def _image_index(stored: str, key: str) -> int:
+    """The image's position in its request from its stored key (``KEY``: the only one)."""
+    return 0 if stored == key else int(stored[len(key) + 1:])
 
 
 async def _score_and_finish(state: ServiceState, name: str, uploads: list[Upload]) -> list[str | ItemError]:
