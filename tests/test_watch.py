@@ -203,3 +203,86 @@ def test_verdicts_reach_a_webhook_signed_in_order_after_it_refused_them(model, s
     assert all(valid and key == message["id"] for message, valid, key in accepted)
     first = {message["id"]: message for message, _, _ in reversed(accepted)}
     assert [first[identifier]["decision"] for identifier in ids] == [row["decision"] for row in _rows(out)]
+
+
+def test_a_thousand_files_at_once_killed_mid_burst_each_scored_once_and_published(model, synthetic_root, tmp_path):
+    """1,000 files dropped at once, publishing to MQTT; the watch is killed (SIGKILL: no clean-up at all)
+    mid-burst and started again: every file scored exactly once, every verdict delivered, a message sent
+    twice only with the same id."""
+    images = sorted((synthetic_root / "disc" / "test").rglob("*.png"))
+    folder, out = tmp_path / "incoming", tmp_path / "results"
+    folder.mkdir()
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    for number in range(1000):
+        shutil.copy(images[number % len(images)], staging / f"part-{number:04d}.png")
+    broker = start_broker(tmp_path / "broker")
+    subscriber = Subscriber(broker.port, "line/burst")
+    publish = ("--publish", f"mqtt://127.0.0.1:{broker.port}/line/burst", "--batch-size", "16", "--after", "move")
+    watcher = _start(folder, out, model, *publish)
+    again: subprocess.Popen | None = None
+    try:
+        for path in sorted(staging.iterdir()):
+            path.rename(folder / path.name)  # all at once (renames are atomic: complete files)
+        _wait_for(lambda: len(_rows(out)) >= 300, 300)
+        watcher.send_signal(signal.SIGKILL)
+        watcher.wait(timeout=30)
+        again = _start(folder, out, model, *publish)
+        _wait_for(lambda: len(_rows(out)) >= 1000 and len(subscriber.ids()) >= 1000, 600)
+        again.send_signal(signal.SIGTERM)
+        assert again.wait(timeout=60) == 0
+    finally:
+        for process in (watcher, again):
+            if process is not None and process.poll() is None:
+                process.kill()
+        subscriber.close()
+        broker.stop()
+    rows = _rows(out)
+    names = [Path(row["path"]).name for row in rows]
+    assert len(rows) == 1000 and sorted(names) == [f"part-{number:04d}.png" for number in range(1000)]
+    run_id = json.loads((out / "watch.json").read_text())["run_id"]
+    assert sorted(subscriber.ids()) == [f"{run_id}-{row:06d}" for row in range(1000)]
+    first = {}
+    for message in subscriber.messages:  # a message received twice is the same verdict
+        assert first.setdefault(message["id"], message) == message
+    assert [first[f"{run_id}-{row:06d}"]["source"] for row in range(1000)] == [row["path"] for row in rows]
+    assert len(list((folder / "done").iterdir())) == 1000 and not list(folder.glob("*.png"))
+
+
+def test_file_system_events_wake_the_watch_and_a_dead_observer_is_started_again(synthetic_root, tmp_path, caplog):
+    """With a 30-s poll, a file is taken within seconds: the observer's event woke the look.  The observer
+    stopped (as when a share is unmounted) is started again, said in the log, and wakes the watch again."""
+    import logging
+
+    from clipfusion.feeds.base import Ledger
+    from clipfusion.feeds.folder import FolderFeed
+
+    image = sorted((synthetic_root / "disc" / "test").rglob("*.png"))[0]
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    feed = FolderFeed(folder, settle=0.2, poll=30)
+    feed.start(Ledger(tmp_path / "watch.jsonl"))
+    stop = threading.Event()
+    caplog.set_level(logging.WARNING, logger="clipfusion.feeds.folder")
+
+    def taken_after_drop(name: str) -> float:
+        threading.Timer(0.3, shutil.copy, (image, folder / name)).start()
+        start = time.monotonic()
+        while True:
+            items = feed.take(8, stop)
+            if items:
+                assert [Path(item.entry["path"]).name for item in items] == [name]
+                for item in items:
+                    feed.settle(item, "scored")
+                return time.monotonic() - start
+            assert time.monotonic() - start < 60
+
+    try:
+        assert feed.events and taken_after_drop("first.png") < 5
+        feed._observer.stop()  # the observer dies
+        feed._observer.join()
+        assert taken_after_drop("second.png") < 5
+        assert feed.counters()["observer_restarts_total"] == 1
+        assert any("starting it again" in record.message for record in caplog.records)
+    finally:
+        feed.close()

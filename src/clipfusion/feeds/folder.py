@@ -151,11 +151,13 @@ class FolderFeed:
             if self.once and not self.seen:
                 self.ended = True
                 return []
-            # an event wakes the look early; a file still settling is looked at again after a poll
+            # look again after a poll, or when the first waiting file may have settled, or at once on an event
+            wake_at = time.monotonic() + self.poll
+            if self.seen:
+                wake_at = min(wake_at, min(seen.since for seen in self.seen.values()) + self.settle_seconds)
             self._wake.clear()
-            deadline = time.monotonic() + self.poll
-            while not stop.is_set() and time.monotonic() < deadline:
-                if self._wake.wait(min(0.05, self.poll)) and not self.seen:
+            while not stop.is_set() and time.monotonic() < wake_at:
+                if self._wake.wait(min(0.05, self.poll)):
                     break
             return []
         items = []
