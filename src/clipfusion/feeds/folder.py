@@ -146,6 +146,9 @@ class FolderFeed:
 
     def take(self, limit: int, stop: threading.Event) -> list[FeedItem]:
         self._check_observer()
+        # both before the look: a change during it wakes the next wait (it would be missed after)
+        self._wake.clear()
+        listed = self._folder_mtime()
         ready = self.ready(time.monotonic())
         if not ready:
             if self.once and not self.seen:
@@ -155,9 +158,10 @@ class FolderFeed:
             wake_at = time.monotonic() + self.poll
             if self.seen:
                 wake_at = min(wake_at, min(seen.since for seen in self.seen.values()) + self.settle_seconds)
-            self._wake.clear()
+            # the folder's own modification time changes as soon as a file is added, renamed in or removed (one
+            # stat; the observer's events of a rename wait behind those of the last move to done/, half a second)
             while not stop.is_set() and time.monotonic() < wake_at:
-                if self._wake.wait(min(0.05, self.poll)):
+                if self._wake.wait(min(0.05, self.poll)) or self._folder_mtime() != listed:
                     break
             return []
         items = []
@@ -165,6 +169,12 @@ class FolderFeed:
             entry = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
             items.append(FeedItem(read_source(path, self.max_pixels), path.stem, entry=entry))
         return items
+
+    def _folder_mtime(self) -> int:
+        try:
+            return self.folder.stat().st_mtime_ns
+        except OSError:  # the share went away: the next look says so
+            return -1
 
     def settle(self, item: FeedItem, outcome: str) -> None:
         entry = item.entry
