@@ -1,8 +1,9 @@
 """The line's figures (issue "On the line"), each with the project's own ``clipfusion watch`` process:
 
 - ``video``: frames per second of a 1080p H.264 video at ``--every 1``, tiny and ``fast`` (full-size
-  architectures, random weights), steady (first row to last) and from process start; beside it PyAV's
-  decoding alone of the same video (the ceiling a feed can give).
+  architectures, random weights), steady (first row to last) and from process start, with the default
+  ``--pictures ng`` (overlays of NG frames only) and with ``--pictures all``; beside it PyAV's decoding
+  alone of the same video (the ceiling a feed can give).
 - ``latency``: a file renamed into the watched folder → its MQTT message at a subscriber (Debian's mosquitto
   on loopback), p50/p95, at the default ``--settle 1`` and at ``--settle 0.1``; files one at a time.
 - ``drain``: a backlog built while the broker is down (600 verdicts: a 5-minute outage at 2 parts/s), then
@@ -84,17 +85,20 @@ def video_part(models: dict[str, Path], pictures: list[np.ndarray], folder: Path
     for preset, model in models.items():
         video = folder / f"line-{preset}.mp4"
         write_1080p(video, pictures, FRAMES[preset])
-        out = folder / f"video-{preset}"
-        start = time.time()
-        subprocess.run([clipfusion_command(), "watch", str(video), "--model", str(model), "--out", str(out),
-                        "--quiet"], check=True)
-        total = time.time() - start
-        times = [datetime.fromisoformat(row["timestamp"]).timestamp() for row in rows(out)]
-        steady = (len(times) - 1) / (times[-1] - times[0])
-        results.append({"preset": preset, "frames": len(times), "resolution": "1920x1080", "every": 1,
-                        "steady_fps": round(steady, 2), "fps_from_process_start": round(len(times) / total, 2),
-                        "process_seconds": round(total, 1), "pyav_decode_only_fps": decode_fps(video)})
-        print(results[-1], flush=True)
+        for kept in ("ng", "all"):
+            out = folder / f"video-{preset}-{kept}"
+            start = time.time()
+            subprocess.run([clipfusion_command(), "watch", str(video), "--model", str(model), "--out", str(out),
+                            "--pictures", kept, "--quiet"], check=True)
+            total = time.time() - start
+            scored = rows(out)
+            times = [datetime.fromisoformat(row["timestamp"]).timestamp() for row in scored]
+            steady = (len(times) - 1) / (times[-1] - times[0])
+            results.append({"preset": preset, "pictures": kept, "frames": len(times), "resolution": "1920x1080",
+                            "every": 1, "ng_frames": sum(row["decision"] == "NG" for row in scored),
+                            "steady_fps": round(steady, 2), "fps_from_process_start": round(len(times) / total, 2),
+                            "process_seconds": round(total, 1), "pyav_decode_only_fps": decode_fps(video)})
+            print(results[-1], flush=True)
     return results
 
 

@@ -126,6 +126,8 @@ FORBIDDEN = {  # package → what it must never import: arrows point down, front
     "export": ("tasks", "cli", "service", "distributed"),
     "tasks": ("cli", "service"),
     "methods": ("tasks", "cli", "service", "distributed", "export", "inspection", "runtime"),
+    "feeds": ("tasks", "cli", "service", "distributed", "export"),
+    "publishing": ("tasks", "cli", "service", "distributed", "export", "feeds", "inspection", "methods"),
 }
 
 

@@ -144,3 +144,52 @@ def test_watch_shows_its_verdicts_on_its_opc_ua_server(model, synthetic_root, tm
             reader.close()
         if watcher.poll() is None:
             watcher.kill()
+
+
+def _self_signed(folder: Path, name: str, uri: str) -> tuple[Path, Path]:
+    """An application certificate (DER) and its key (PEM), made with asyncua's own helpers."""
+    from asyncua.crypto import cert_gen
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    key = cert_gen.generate_private_key()
+    certificate = cert_gen.generate_self_signed_app_certificate(
+        key, name, {}, [x509.UniformResourceIdentifier(uri), x509.DNSName("localhost")],
+        [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
+    (folder / f"{name}.der").write_bytes(certificate.public_bytes(serialization.Encoding.DER))
+    (folder / f"{name}.pem").write_bytes(cert_gen.dump_private_key_as_pem(key))
+    return folder / f"{name}.der", folder / f"{name}.pem"
+
+
+def test_an_opc_ua_server_with_sign_and_encrypt_refuses_a_client_without_security(tmp_path):
+    from asyncua import ua
+    from asyncua.sync import Client
+
+    from clipfusion.errors import ClipfusionError
+    from clipfusion.publishing.opcua import OpcUaSink
+
+    certificate, key = _self_signed(tmp_path, "server", "urn:freeopcua:python:server")
+    endpoint = f"opc.tcp://127.0.0.1:{free_port()}/clipfusion"
+    with pytest.raises(ClipfusionError, match="needs the server's own certificate"):
+        OpcUaSink(f"{endpoint}?security=Basic256Sha256_SignAndEncrypt")
+    sink = OpcUaSink(f"{endpoint}?security=Basic256Sha256_SignAndEncrypt&certificate={certificate}&private_key={key}")
+    try:
+        sink.send({"id": "run-000000", "category": "disc", "decision": "NG", "score": 0.61, "normalised_score": 0.8,
+                   "threshold": 0.55, "source": "part.png", "time": "2026-12-07T06:00:00+00:00"})
+        plain = Client(endpoint, timeout=5)
+        with pytest.raises(ua.UaError, match="No matching endpoints"):
+            plain.connect()
+        client_certificate, client_key = _self_signed(tmp_path, "client", "urn:clipfusion:test-client")
+        secure = Client(endpoint, timeout=5)
+        secure.application_uri = "urn:clipfusion:test-client"
+        secure.set_security_string(f"Basic256Sha256,SignAndEncrypt,{client_certificate},{client_key}")
+        secure.connect()
+        try:
+            namespace = secure.get_namespace_index("urn:clipfusion")
+            node = secure.get_node(ua.NodeId(ua.String("clipfusion.disc.LastDecision"), namespace))
+            assert node.read_value() == "NG"
+        finally:
+            secure.disconnect()
+    finally:
+        sink.close()

@@ -92,7 +92,13 @@ def test_a_video_file_is_scored_frame_by_frame_and_resumed_after_a_stop(model, p
     assert [row["frame_time"] for row in rows] == pytest.approx([index / FRAME_RATE for index in range(len(frames))])
     expected = CLIPFusion.load(model).predict(frames, "disc").scores
     assert [row["score"] for row in rows] == pytest.approx([float(score) for score in expected], abs=1e-5)
-    assert all((out / row["overlay"]).is_file() for row in rows)
+    # a video keeps the pictures of its NG frames (default --pictures ng); every NG frame its mask
+    decisions = [row["decision"] for row in rows]
+    assert "OK" in decisions and "NG" in decisions
+    for row in rows:
+        kept = [row[name] for name in ("overlay", "thumbnail", "map")]
+        assert all((out / name).is_file() for name in kept) if row["decision"] == "NG" else kept == [None] * 3
+        assert (row["mask"] is not None) == (row["decision"] == "NG")
 
 
 def test_every_nth_frame_of_a_video(model, pictures, tmp_path):

@@ -291,6 +291,10 @@ def _add_watch(commands: Any) -> None:
                             "copy of the model for the service and the watch; key from CLIPFUSION_API_KEY)")
     _add_trust_option(watch)
     watch.add_argument("--out", default="clipfusion-watch", help="output folder (default: %(default)s)")
+    watch.add_argument("--pictures", choices=("all", "ng", "none"),
+                       help="which images keep their overlay, thumbnail and raw map (an NG image always keeps its "
+                            "mask): all, only NG ones, or none (default: all for a folder, ng for a video: a 1080p "
+                            "overlay per frame costs more time and disk than the tiny preset's model pass)")
     watch.add_argument("--once", action="store_true",
                        help="a folder: score what is complete now, then stop; a stream: stop when it ends instead of "
                             "connecting again (a video file always stops at its end)")
@@ -716,6 +720,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
 
 def _cmd_watch(args: argparse.Namespace) -> None:
+    from clipfusion.feeds.video import is_video
     from clipfusion.publishing.sinks import open_outboxes
     from clipfusion.tasks.watch import FeedOptions, Watcher, open_feed, run_id
 
@@ -725,7 +730,8 @@ def _cmd_watch(args: argparse.Namespace) -> None:
                                                    args.fps, args.trigger, args.queue, args.open_timeout,
                                                    args.read_timeout, args.frozen_after), args.max_pixels)
     identifier = run_id(out)
-    judge, described = _server_judge(args, identifier) if args.server else _local_judge(args)
+    pictures = args.pictures or ("ng" if is_video(args.source) else "all")
+    judge, described = _server_judge(args, identifier, pictures) if args.server else _local_judge(args, pictures)
     watcher = Watcher(feed, out, judge, open_outboxes(args.publish or [], out, "clipfusion-watch"), args.batch_size,
                       identifier)
     if args.metrics_port is not None:
@@ -740,7 +746,7 @@ def _cmd_watch(args: argparse.Namespace) -> None:
           f"{out.resolve() / 'results.csv'}")
 
 
-def _local_judge(args: argparse.Namespace) -> tuple[Any, str]:
+def _local_judge(args: argparse.Namespace, pictures: Any) -> tuple[Any, str]:
     """``watch --model FILE``: the model loaded here."""
     from clipfusion.inspection import Inspector, ModelFile
     from clipfusion.inspection.core import InspectionSettings
@@ -750,10 +756,10 @@ def _local_judge(args: argparse.Namespace) -> tuple[Any, str]:
     inspector = Inspector.from_model(model, _runtime(args), args.batch_size, args.min_area, args.max_pixels)
     settings = InspectionSettings(inspector.decisions, model.category, model.sha256, args.min_area, args.max_pixels,
                                   model.signer)
-    return local_judge(inspector, settings), f"model {model.short_id}"
+    return local_judge(inspector, settings, pictures), f"model {model.short_id}"
 
 
-def _server_judge(args: argparse.Namespace, identifier: str) -> tuple[Any, str]:
+def _server_judge(args: argparse.Namespace, identifier: str, pictures: Any) -> tuple[Any, str]:
     """``watch --server URL --model NAME``: the model NAME of a running service."""
     from clipfusion.service_client import ServiceClient
     from clipfusion.tasks.watch import Judge
@@ -763,7 +769,7 @@ def _server_judge(args: argparse.Namespace, identifier: str) -> tuple[Any, str]:
     if given:
         raise ClipfusionError(f"--server scores with the service's model, loaded and checked there: drop "
                               f"{' and '.join(given)}")
-    client = ServiceClient(args.server, args.model, identifier)
+    client = ServiceClient(args.server, args.model, identifier, pictures)
     info = client.info
     judge = Judge(client.inspect, info["category"], info["sha256"], info["image_threshold"], info["pixel_threshold"])
     return judge, f"model {args.model} of {args.server}"

@@ -26,7 +26,7 @@ from PIL import Image
 
 from clipfusion.errors import ClipfusionError
 from clipfusion.feeds.base import FeedItem, Stopped
-from clipfusion.inspection.writer import Outcome, Rendered
+from clipfusion.inspection.writer import Outcome, Pictures, Rendered, keeps_pictures
 from clipfusion.overlays import png_bytes, thumbnail_jpeg
 
 logger = logging.getLogger(__name__)
@@ -38,9 +38,10 @@ RETRIED = frozenset({401, 403, 404, 408, 429, 500, 502, 503, 504})  # the servic
 class ServiceClient:
     """Scores with model ``model`` of the service at ``url`` (key from ``CLIPFUSION_API_KEY``)."""
 
-    def __init__(self, url: str, model: str, run_id: str = "", timeout: float = 120.0) -> None:
+    def __init__(self, url: str, model: str, run_id: str = "", pictures: Pictures = "all",
+                 timeout: float = 120.0) -> None:
         headers = {"X-API-Key": os.environ[API_KEY_VARIABLE]} if os.environ.get(API_KEY_VARIABLE) else {}
-        self.url, self.model, self.run_id = url.rstrip("/"), model, run_id
+        self.url, self.model, self.run_id, self.pictures = url.rstrip("/"), model, run_id, pictures
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
         try:
             answer = self.http.get("/v1/models")
@@ -77,8 +78,10 @@ class ServiceClient:
         inspection = self._post(body, f"{item.name}.png", self.key(item), stop)
         if isinstance(inspection, str):
             return decoded.source, inspection
-        overlay = self._get(inspection["overlay_url"], stop)
-        files = {"overlays": overlay, "thumbnails": thumbnail_jpeg(np.asarray(Image.open(io.BytesIO(overlay))), 256)}
+        files: dict[str, bytes] = {}
+        if keeps_pictures(self.pictures, inspection["decision"]):
+            overlay = self._get(inspection["overlay_url"], stop)
+            files.update(overlays=overlay, thumbnails=thumbnail_jpeg(np.asarray(Image.open(io.BytesIO(overlay))), 256))
         if inspection.get("mask_url"):
             files["masks"] = self._get(inspection["mask_url"], stop)
         row = {"score": inspection["score"], "normalised_score": inspection["normalised_score"],

@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -51,6 +51,8 @@ class Rendered:
 
 # What becomes of one inspection on its way to the results: rendered, or (source, why it has no verdict).
 Outcome = Rendered | tuple[str, str]
+# Which inspections keep their overlay, thumbnail and raw map (``watch --pictures``).
+Pictures = Literal["all", "ng", "none"]
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -80,16 +82,22 @@ def verdict_fields(inspection: Inspection, model_id: str | None, signer: str | N
             "model_id": model_id, "signer": signer, "precision": inspection.precision}
 
 
-def render(inspection: Inspection, decisions: Decisions, model_id: str | None = None, signer: str | None = None
-           ) -> Rendered:
+def render(inspection: Inspection, decisions: Decisions, model_id: str | None = None, signer: str | None = None,
+           pictures: bool = True) -> Rendered:
     """The row fields and file bytes of a scored inspection (no file is written); ``decisions`` gives
-    the overlay's colour scale and the pixel threshold drawn."""
+    the overlay's colour scale and the pixel threshold drawn.  ``pictures=False``: the row (and an NG
+    image's mask) alone, no overlay, thumbnail or raw map — what a video's OK frames keep by default
+    (encoding a 1080p overlay costs more than the tiny preset's model pass)."""
     assert inspection.ok and inspection.image is not None and inspection.anomaly_map is not None
     assert inspection.raw_map is not None and inspection.score is not None
     start, image = time.perf_counter(), inspection.image
-    files = {"maps": _npy_bytes(inspection.raw_map)}
+    files = {}
     if inspection.decision == NG and inspection.mask is not None:
         files["masks"] = mask_png(inspection.mask)
+    if not pictures:
+        return Rendered(inspection.source, verdict_fields(inspection, model_id, signer), files,
+                        inspection.seconds + time.perf_counter() - start)
+    files["maps"] = _npy_bytes(inspection.raw_map)
     normalised = inspection.normalised_score
     title = f"{inspection.decision}  score {inspection.score:.4f}" \
         + ("" if normalised is None else f"  normalised {normalised:.2f}") \
@@ -105,10 +113,18 @@ def render(inspection: Inspection, decisions: Decisions, model_id: str | None = 
                     inspection.seconds + time.perf_counter() - start)
 
 
-def render_all(inspections: Sequence[Inspection], settings: InspectionSettings) -> list[Outcome]:
-    """Each inspection rendered (:func:`render`), or (source, error) for one without a verdict."""
+def render_all(inspections: Sequence[Inspection], settings: InspectionSettings, pictures: Pictures = "all"
+               ) -> list[Outcome]:
+    """Each inspection rendered (:func:`render`), or (source, error) for one without a verdict; ``pictures``:
+    which inspections get their overlay, thumbnail and raw map (``all``, ``ng`` or ``none``)."""
     return [(item.source, str(item.error)) if not item.ok else
-            render(item, settings.decisions, settings.model_id, settings.signer) for item in inspections]
+            render(item, settings.decisions, settings.model_id, settings.signer,
+                   keeps_pictures(pictures, item.decision)) for item in inspections]
+
+
+def keeps_pictures(pictures: Pictures, decision: str | None) -> bool:
+    """Whether an inspection decided ``decision`` keeps its overlay, thumbnail and raw map under ``pictures``."""
+    return pictures == "all" or (pictures == "ng" and decision == NG)
 
 
 class ImageWriter:
@@ -132,8 +148,8 @@ class ImageWriter:
         its row (``path`` and the verdict), naming them relative to ``out``."""
         names = rendered.names if rendered.names is not None else self.store(name, rendered).names
         assert names is not None
-        return {"path": rendered.source, **rendered.row, "overlay": names["overlays"], "mask": names.get("masks"),
-                "map": names.get("maps"), "thumbnail": names["thumbnails"]}
+        return {"path": rendered.source, **rendered.row, "overlay": names.get("overlays"), "mask": names.get("masks"),
+                "map": names.get("maps"), "thumbnail": names.get("thumbnails")}
 
     def remove(self, row: dict[str, Any]) -> None:
         """Delete the files a row names (its row was not committed)."""

@@ -25,7 +25,7 @@ from clipfusion.feeds.base import LEDGER, Feed, FeedItem, Ledger, Stopped
 from clipfusion.feeds.folder import After, FolderFeed
 from clipfusion.feeds.video import FileTrigger, MqttTrigger, Sampling, Trigger, VideoFeed, is_video
 from clipfusion.inspection.core import InspectionSettings, Inspector
-from clipfusion.inspection.writer import ROW_FIELDS, ImageWriter, Outcome, render_all
+from clipfusion.inspection.writer import ROW_FIELDS, ImageWriter, Outcome, Pictures, render_all
 from clipfusion.outputs import json_text, read_json, write_atomic
 from clipfusion.publishing.message import inspection_message
 from clipfusion.publishing.outbox import Outbox
@@ -85,10 +85,11 @@ class Judge:
     pixel_threshold: float | None
 
 
-def local_judge(inspector: Inspector, settings: InspectionSettings) -> Judge:
-    """The model loaded here, through the one inspection core."""
+def local_judge(inspector: Inspector, settings: InspectionSettings, pictures: Pictures = "all") -> Judge:
+    """The model loaded here, through the one inspection core; ``pictures``: which images keep their overlay,
+    thumbnail and raw map."""
     def inspect(items: Sequence[FeedItem], _stop: threading.Event) -> list[Outcome]:
-        return render_all(inspector.inspect_decoded([item.decoded for item in items]), settings)
+        return render_all(inspector.inspect_decoded([item.decoded for item in items]), settings, pictures)
 
     return Judge(inspect, settings.category, settings.model_id, settings.decisions.image, settings.decisions.pixel)
 
