@@ -2,6 +2,10 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import threading
+import time
+import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -158,3 +162,22 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         for marker, (by_fixture, by_module) in LAYERS.items():
             if fixtures & by_fixture or module in by_module:
                 item.add_marker(getattr(pytest.mark, marker))
+
+
+LEFT_THREADS_GRACE_S = 15.0
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """A thread that is not a daemon and outlives the session would keep the interpreter from exiting
+    after every test passed (a CI run that never ends): name it with its stack and exit with an error."""
+    deadline = time.monotonic() + LEFT_THREADS_GRACE_S
+    while (left := [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon
+                    and t.is_alive()]) and time.monotonic() < deadline:
+        left[0].join(timeout=0.5)
+    if left:
+        frames = sys._current_frames()
+        for thread in left:
+            stack = "".join(traceback.format_stack(frames[thread.ident])) if thread.ident in frames else ""
+            sys.stderr.write(f"\nthread {thread.name!r} (not a daemon) still runs after the tests:\n{stack}")
+        sys.stderr.flush()
+        os._exit(3)

@@ -41,7 +41,7 @@ class OpcUaSink:
     def __init__(self, url: str) -> None:
         try:
             from asyncua import ua
-            from asyncua.sync import Server
+            from asyncua.sync import Server, ThreadLoop
         except ImportError:
             raise ClipfusionError("--publish opc.tcp:// needs asyncua: pip install 'clipfusion[line]'") from None
         parts = urlsplit(url)
@@ -65,7 +65,11 @@ class OpcUaSink:
                 raise ClipfusionError(f"--publish: {path} is not a file (the OPC UA server's certificate or key)")
         # asyncua warns, per connection, of what NoSecurity means; the endpoint's policy is said once, below
         logging.getLogger("asyncua").setLevel(logging.ERROR)
-        self.server = Server()
+        # a daemon loop thread: a process that fails after this (a model that does not load) still exits
+        self.loop = ThreadLoop()
+        self.loop.daemon = True
+        self.loop.start()
+        self.server = Server(tloop=self.loop)
         self.server.set_endpoint(endpoint)
         self.server.set_server_name("clipfusion")
         self.server.set_security_policy([getattr(ua.SecurityPolicyType, name) for name in policies])
@@ -80,7 +84,7 @@ class OpcUaSink:
         try:
             self.server.start()
         except OSError as exc:
-            self.server.tloop.stop()
+            self.loop.stop()
             raise ClipfusionError(f"--publish {endpoint}: cannot listen there ({exc.strerror or exc}); choose another "
                                   "port") from None
         self._stop = threading.Event()
@@ -130,6 +134,7 @@ class OpcUaSink:
     def close(self) -> None:
         self._stop.set()
         self.server.stop()
+        self.loop.stop()
 
 
 def _now() -> datetime:
