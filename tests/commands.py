@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -38,3 +40,16 @@ def clipfusion_here(*args: str) -> subprocess.CompletedProcess:
         except SystemExit as exc:  # argparse usage errors
             code = exc.code if isinstance(exc.code, int) else 2
     return subprocess.CompletedProcess(["clipfusion", *args], code, out.getvalue(), err.getvalue())
+
+
+def rows_so_far(out: Path) -> list[dict]:
+    """The rows a running ``watch`` has written to ``out`` so far (none before its first)."""
+    return results(out) if (out / "results.jsonl").is_file() else []
+
+
+def wait_for(condition: Callable[[], object], limit: float = 120) -> None:
+    """Poll ``condition`` every 0.1 s until it holds; fail after ``limit`` seconds."""
+    deadline = time.monotonic() + limit
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)

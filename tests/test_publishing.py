@@ -15,14 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from .commands import wait_for
 from .servers import Subscriber, free_port, start_broker, start_server
-
-
-def _wait_for(condition, limit: float = 120) -> None:
-    deadline = time.monotonic() + limit
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
 
 
 def _images(synthetic_root: Path) -> list[Path]:
@@ -63,7 +57,7 @@ def test_serve_publishes_each_stored_inspection_to_mqtt_and_opc_ua(model, synthe
         answer = httpx.post(f"{server.url}/v1/models/disc/inspect", files=files, timeout=120)
         assert answer.status_code == 200, answer.text
         inspections = answer.json()["inspections"]
-        _wait_for(lambda: len(subscriber.ids()) == 3, 30)
+        wait_for(lambda: len(subscriber.ids()) == 3, 30)
         assert sorted(subscriber.ids()) == sorted(i["id"] for i in inspections)  # the REST API's ids
         by_id = {message["id"]: message for message in subscriber.messages}
         for inspection in inspections:
@@ -71,6 +65,8 @@ def test_serve_publishes_each_stored_inspection_to_mqtt_and_opc_ua(model, synthe
             assert (message["schema"], message["model_name"], message["source"]) == \
                 ("clipfusion.inspection/1", "disc", inspection["filename"])
             assert (message["decision"], message["score"]) == (inspection["decision"], inspection["score"])
+            # the REST API gives the same message, field for field
+            assert httpx.get(f"{server.url}/v1/inspections/{inspection['id']}/message").json() == message
         reader = OpcUaReader(endpoint)
         decisions = [i["decision"] for i in inspections]
         assert (reader.read("disc.OkCount"), reader.read("disc.NgCount")) == (decisions.count("OK"),
@@ -103,7 +99,7 @@ def test_serve_publishes_each_stored_inspection_to_mqtt_and_opc_ua(model, synthe
     received = len(subscriber.messages)
     server = start_server([served], tmp_path / "data", *publish)
     try:
-        _wait_for(lambda: len(subscriber.messages) > received, 30)
+        wait_for(lambda: len(subscriber.messages) > received, 30)
         assert [message["id"] for message in subscriber.messages[received:]] == [lost]  # again, same id
     finally:
         server.stop()
@@ -125,11 +121,11 @@ def test_watch_shows_its_verdicts_on_its_opc_ua_server(model, synthetic_root, tm
         for number, image in enumerate(images):
             shutil.copy(image, folder / f"{number}-{image.name}")
         results = out / "results.jsonl"
-        _wait_for(lambda: results.is_file() and len(results.read_text().splitlines()) == 4)
+        wait_for(lambda: results.is_file() and len(results.read_text().splitlines()) == 4)
         rows = [json.loads(line) for line in results.read_text().splitlines()]
         reader = OpcUaReader(endpoint)
         decisions = [row["decision"] for row in rows]
-        _wait_for(lambda: reader.read("disc.OkCount") + reader.read("disc.NgCount") == 4, 10)
+        wait_for(lambda: reader.read("disc.OkCount") + reader.read("disc.NgCount") == 4, 10)
         assert reader.read("disc.NgCount") == decisions.count("NG")
         run_id = json.loads((out / "watch.json").read_text())["run_id"]
         assert reader.read("disc.LastInspectionId") == f"{run_id}-000003"
@@ -178,8 +174,11 @@ def test_an_opc_ua_server_with_sign_and_encrypt_refuses_a_client_without_securit
         sink.send({"id": "run-000000", "category": "disc", "decision": "NG", "score": 0.61, "normalised_score": 0.8,
                    "threshold": 0.55, "source": "part.png", "time": "2026-12-07T06:00:00+00:00"})
         plain = Client(endpoint, timeout=5)
-        with pytest.raises(ua.UaError, match="No matching endpoints"):
-            plain.connect()
+        try:
+            with pytest.raises(ua.UaError, match="No matching endpoints"):
+                plain.connect()
+        finally:
+            plain.tloop.stop()  # a refused client never disconnects: its own loop thread is stopped here
         client_certificate, client_key = _self_signed(tmp_path, "client", "urn:clipfusion:test-client")
         secure = Client(endpoint, timeout=5)
         secure.application_uri = "urn:clipfusion:test-client"

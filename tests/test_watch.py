@@ -17,20 +17,8 @@ import pytest
 
 from clipfusion.methods.clipfusion.detector import CLIPFusion
 
-from .commands import clipfusion_here
+from .commands import clipfusion_here, rows_so_far, wait_for
 from .servers import Subscriber, start_broker
-
-
-def _rows(out: Path) -> list[dict]:
-    path = out / "results.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-
-def _wait_for(condition, limit: float = 120) -> None:
-    deadline = time.monotonic() + limit
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
 
 
 def _start(folder: Path, out: Path, model: Path, *extra: str) -> subprocess.Popen:
@@ -56,14 +44,14 @@ def test_a_hot_folder_is_scored_once_per_complete_file_across_a_restart(model, s
             partial.write(data[len(data) // 2:])
         (folder / "broken.png").write_bytes(b"not an image")
         (folder / ".upload-in-progress.png").write_bytes(data[:100])  # hidden: never taken
-        _wait_for(lambda: len(_rows(out)) == 2 and (folder / "failed" / "broken.png").exists())
+        wait_for(lambda: len(rows_so_far(out)) == 2 and (folder / "failed" / "broken.png").exists())
         assert watcher.poll() is None
         watcher.send_signal(signal.SIGTERM)  # finishes the batch under way, then stops
         assert watcher.wait(timeout=60) == 0, watcher.stderr.read() if watcher.stderr else ""
     finally:
         if watcher.poll() is None:
             watcher.kill()
-    rows = {Path(row["path"]).name: row for row in _rows(out)}
+    rows = {Path(row["path"]).name: row for row in rows_so_far(out)}
     assert sorted(rows) == ["half-copied.png", "renamed-in.png"]
     expected = CLIPFusion.load(model).predict([images[0], images[1]], "disc").scores
     assert rows["renamed-in.png"]["score"] == pytest.approx(float(expected[0]), abs=1e-5)
@@ -79,7 +67,7 @@ def test_a_hot_folder_is_scored_once_per_complete_file_across_a_restart(model, s
     again = clipfusion_here("watch", str(folder), "--model", str(model), "--out", str(out), "--settle", "0.2",
                             "--poll", "0.1", "--after", "move", "--once", "--quiet")
     assert again.returncode == 0, again.stderr
-    names = [Path(row["path"]).name for row in _rows(out)]
+    names = [Path(row["path"]).name for row in rows_so_far(out)]
     assert len(names) == len(set(names)) == 2 + burst
     ledger = [json.loads(line) for line in (out / "watch.jsonl").read_text().splitlines()]
     assert sorted(entry["outcome"] for entry in ledger) == ["failed"] + ["scored"] * (2 + burst)
@@ -110,7 +98,7 @@ def test_files_left_in_place_are_not_scored_again_unless_they_change(model, synt
         done = clipfusion_here("watch", str(folder), "--model", str(model), "--out", str(out), "--settle", "0.2",
                                "--poll", "0.1", "--once", "--quiet")
         assert done.returncode == 0, done.stderr
-        return [Path(row["path"]).name for row in _rows(out)]
+        return [Path(row["path"]).name for row in rows_so_far(out)]
 
     assert sorted(once()) == sorted(names)
     assert len(once()) == 2  # kept in place, taken already: nothing scored again
@@ -129,14 +117,14 @@ def test_verdicts_reach_mqtt_in_order_and_none_is_lost_while_the_broker_is_down(
     try:
         for number, image in enumerate(images[:3]):
             shutil.copy(image, folder / f"{number}-{image.name}")  # the test images share names
-        _wait_for(lambda: len(subscriber.ids()) == 3)
+        wait_for(lambda: len(subscriber.ids()) == 3)
         broker.stop()  # the broker goes away; the line does not stop
         for number, image in enumerate(images[3:], 3):
             shutil.copy(image, folder / f"{number}-{image.name}")
-        _wait_for(lambda: len(_rows(out)) == 6)
+        wait_for(lambda: len(rows_so_far(out)) == 6)
         assert len(subscriber.ids()) == 3 and next(out.glob("outbox-mqtt-*.delivered")).read_text() == "3"
         broker.start()  # back on the same port, with its sessions: the outbox delivers the rest
-        _wait_for(lambda: len(subscriber.ids()) == 6)
+        wait_for(lambda: len(subscriber.ids()) == 6)
         watcher.send_signal(signal.SIGTERM)
         assert watcher.wait(timeout=60) == 0
     finally:
@@ -147,7 +135,7 @@ def test_verdicts_reach_mqtt_in_order_and_none_is_lost_while_the_broker_is_down(
     run_id = json.loads((out / "watch.json").read_text())["run_id"]
     assert subscriber.ids() == [f"{run_id}-{row:06d}" for row in range(6)]  # every verdict, in order
     first = {message["id"]: message for message in reversed(subscriber.messages)}
-    for row, expected in enumerate(_rows(out)):
+    for row, expected in enumerate(rows_so_far(out)):
         message = first[f"{run_id}-{row:06d}"]
         assert message["schema"] == "clipfusion.inspection/1" and message["source"] == expected["path"]
         assert (message["decision"], message["score"]) == (expected["decision"], expected["score"])
@@ -191,7 +179,7 @@ def test_verdicts_reach_a_webhook_signed_in_order_after_it_refused_them(model, s
         watcher = _start(folder, out, model, "--publish", f"http://127.0.0.1:{receiver.server_port}/hook")
         for number, image in enumerate(images):
             shutil.copy(image, folder / f"{number}-{image.name}")
-        _wait_for(lambda: len({message["id"] for message, _, _ in accepted}) == 4)
+        wait_for(lambda: len({message["id"] for message, _, _ in accepted}) == 4)
         watcher.send_signal(signal.SIGTERM)
         assert watcher.wait(timeout=60) == 0
     finally:
@@ -202,7 +190,7 @@ def test_verdicts_reach_a_webhook_signed_in_order_after_it_refused_them(model, s
     assert ids == [f"{run_id}-{row:06d}" for row in range(4)]
     assert all(valid and key == message["id"] for message, valid, key in accepted)
     first = {message["id"]: message for message, _, _ in reversed(accepted)}
-    assert [first[identifier]["decision"] for identifier in ids] == [row["decision"] for row in _rows(out)]
+    assert [first[identifier]["decision"] for identifier in ids] == [row["decision"] for row in rows_so_far(out)]
 
 
 def test_a_thousand_files_at_once_killed_mid_burst_each_scored_once_and_published(model, synthetic_root, tmp_path):
@@ -224,11 +212,11 @@ def test_a_thousand_files_at_once_killed_mid_burst_each_scored_once_and_publishe
     try:
         for path in sorted(staging.iterdir()):
             path.rename(folder / path.name)  # all at once (renames are atomic: complete files)
-        _wait_for(lambda: len(_rows(out)) >= 300, 300)
+        wait_for(lambda: len(rows_so_far(out)) >= 300, 300)
         watcher.send_signal(signal.SIGKILL)
         watcher.wait(timeout=30)
         again = _start(folder, out, model, *publish)
-        _wait_for(lambda: len(_rows(out)) >= 1000 and len(subscriber.ids()) >= 1000, 600)
+        wait_for(lambda: len(rows_so_far(out)) >= 1000 and len(subscriber.ids()) >= 1000, 600)
         again.send_signal(signal.SIGTERM)
         assert again.wait(timeout=60) == 0
     finally:
@@ -237,7 +225,7 @@ def test_a_thousand_files_at_once_killed_mid_burst_each_scored_once_and_publishe
                 process.kill()
         subscriber.close()
         broker.stop()
-    rows = _rows(out)
+    rows = rows_so_far(out)
     names = [Path(row["path"]).name for row in rows]
     assert len(rows) == 1000 and sorted(names) == [f"part-{number:04d}.png" for number in range(1000)]
     run_id = json.loads((out / "watch.json").read_text())["run_id"]

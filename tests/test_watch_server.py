@@ -3,7 +3,6 @@ equal to the service's own inspections and to the detector run here; the service
 started again (the images wait, none lost, none inspected twice); Idempotency-Key on the service."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -17,22 +16,11 @@ import pytest
 
 from clipfusion.methods.clipfusion.detector import CLIPFusion
 
+from .commands import rows_so_far, wait_for
 from .conftest import API_KEY
 from .servers import start_server
 
 KEY = {"X-API-Key": API_KEY}
-
-
-def _rows(out: Path) -> list[dict]:
-    path = out / "results.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-
-def _wait_for(condition, limit: float = 120) -> None:
-    deadline = time.monotonic() + limit
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
 
 
 def test_a_retried_request_with_its_idempotency_key_gets_the_same_inspections(service, synthetic_root):
@@ -70,14 +58,14 @@ def test_watch_through_a_running_service_loses_nothing_while_it_restarts(model, 
     try:
         for number, image in enumerate(images[:3]):
             shutil.copy(image, folder / f"{number}-{image.name}")
-        _wait_for(lambda: len(_rows(out)) == 3)
+        wait_for(lambda: len(rows_so_far(out)) == 3)
         server.stop()  # the service goes away; the watch keeps the images waiting
         for number, image in enumerate(images[3:], 3):
             shutil.copy(image, folder / f"{number}-{image.name}")
-        _wait_for(lambda: "does not take images" in log.read_text(), 30)
-        assert len(_rows(out)) == 3 and watcher.poll() is None
+        wait_for(lambda: "does not take images" in log.read_text(), 30)
+        assert len(rows_so_far(out)) == 3 and watcher.poll() is None
         server = start_server([served], tmp_path / "data", *keys, port=port)
-        _wait_for(lambda: len(_rows(out)) == 5, 60)
+        wait_for(lambda: len(rows_so_far(out)) == 5, 60)
         watcher.send_signal(signal.SIGTERM)
         assert watcher.wait(timeout=60) == 0, log.read_text()
         history = httpx.get(f"{server.url}/v1/inspections", params={"limit": 50}, headers=KEY).json()
@@ -85,7 +73,7 @@ def test_watch_through_a_running_service_loses_nothing_while_it_restarts(model, 
         server.stop()
         if watcher.poll() is None:
             watcher.kill()
-    rows = _rows(out)
+    rows = rows_so_far(out)
     assert history["total"] == 5  # each image inspected once by the service
     names = [f"{number}-{image.name}" for number, image in enumerate(images)]
     assert [Path(row["path"]).name for row in rows] == names
@@ -95,3 +83,43 @@ def test_watch_through_a_running_service_loses_nothing_while_it_restarts(model, 
     assert sorted((row["score"], row["decision"]) for row in rows) == by_score  # the service's own verdicts
     assert all((out / row["overlay"]).is_file() and (out / row["thumbnail"]).is_file() for row in rows)
     assert all(row["model_id"] == history["items"][0]["model_sha256"] for row in rows)
+
+
+def test_watch_records_its_inspections_in_a_service_database(model, synthetic_root, tmp_path):
+    """``watch --db``: each inspection also in the service's tables (through the outbox; a message sent
+    again records nothing twice); a service started on that database lists them with the watch's verdicts."""
+    from clipfusion.service.settings import embedded_url
+
+    from .commands import clipfusion_here
+
+    images = sorted((synthetic_root / "disc" / "test").rglob("*.png"))[:3]
+    folder, out, data = tmp_path / "incoming", tmp_path / "results", tmp_path / "data"
+    folder.mkdir()
+    data.mkdir()
+    for number, image in enumerate(images):
+        shutil.copy(image, folder / f"{number}-{image.name}")
+    served = tmp_path / "disc.cfm"
+    served.write_bytes(model.read_bytes())
+    command = ("watch", str(folder), "--model", str(served), "--out", str(out), "--db", embedded_url(data),
+               "--settle", "0.1", "--poll", "0.1", "--once", "--quiet")
+    done = clipfusion_here(*command)
+    assert done.returncode == 0, done.stderr
+    marker = next(out.glob("outbox-db-*.delivered"))
+    assert marker.read_text() == "3"
+    marker.write_text("0")  # as if no acknowledgement had been kept: all three are sent again
+    again = clipfusion_here(*command)
+    assert again.returncode == 0 and marker.read_text() == "3", again.stderr
+    rows = rows_so_far(out)
+    server = start_server([served], data)
+    try:
+        history = httpx.get(f"{server.url}/v1/inspections", params={"model": "disc"}, timeout=30).json()
+    finally:
+        server.stop()
+    assert history["total"] == 3  # once each, though delivered twice
+    recorded = {item["filename"]: item for item in history["items"]}
+    for row in rows:
+        item = recorded[row["path"]]
+        assert (item["score"], item["decision"], item["threshold"]) == (row["score"], row["decision"], row["threshold"])
+        assert (item["width"], item["height"]) == (row["width"], row["height"]) == (96, 96)
+        assert [(r["x"], r["y"], r["area"]) for r in item["regions"]] == [(r["x"], r["y"], r["area"])
+                                                                          for r in row["regions"]]

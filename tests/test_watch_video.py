@@ -5,7 +5,6 @@ and a silent RTSP address (timeouts and retries, never a hang); and, in-process,
 newest-frame queue, a trigger and the frozen-picture alarm."""
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import socket
@@ -24,21 +23,10 @@ from clipfusion.feeds.video import FileTrigger, Sampling, VideoFeed
 from clipfusion.images import to_rgb
 from clipfusion.methods.clipfusion.detector import CLIPFusion
 
+from .commands import rows_so_far, wait_for
 from .servers import Stream, free_port, start_stream
 
 FRAME_RATE = 5
-
-
-def _rows(out: Path) -> list[dict]:
-    path = out / "results.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-
-def _wait_for(condition, limit: float = 120) -> None:
-    deadline = time.monotonic() + limit
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
 
 
 def write_video(path: Path, frames: list[np.ndarray], rate: int = FRAME_RATE) -> None:
@@ -75,18 +63,18 @@ def test_a_video_file_is_scored_frame_by_frame_and_resumed_after_a_stop(model, p
     log = tmp_path / "watch.log"
     watcher = _watch(str(video), out, model, log, "--batch-size", "2")
     try:
-        _wait_for(lambda: len(_rows(out)) >= 4)
+        wait_for(lambda: len(rows_so_far(out)) >= 4)
         watcher.send_signal(signal.SIGTERM)  # stopped mid-file: the batch under way is finished and recorded
         assert watcher.wait(timeout=60) == 0, log.read_text()
     finally:
         if watcher.poll() is None:
             watcher.kill()
-    first = len(_rows(out))
+    first = len(rows_so_far(out))
     assert first < len(frames), "the stop came after the end: nothing to resume"
     again = subprocess.run([str(Path(sys.executable).with_name("clipfusion")), "watch", str(video), "--model",
                             str(model), "--out", str(out), "--quiet"], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
-    rows = _rows(out)
+    rows = rows_so_far(out)
     assert [row["frame"] for row in rows] == list(range(len(frames)))  # each frame once, in order, none twice
     assert all(row["path"] == str(video) for row in rows)
     assert [row["frame_time"] for row in rows] == pytest.approx([index / FRAME_RATE for index in range(len(frames))])
@@ -108,7 +96,7 @@ def test_every_nth_frame_of_a_video(model, pictures, tmp_path):
                            str(model), "--out", str(out), "--every", "3", "--quiet"], capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr
-    assert [row["frame"] for row in _rows(out)] == [0, 3, 6]
+    assert [row["frame"] for row in rows_so_far(out)] == [0, 3, 6]
     refused = subprocess.run([str(Path(sys.executable).with_name("clipfusion")), "watch", str(video), "--model",
                               str(model), "--out", str(out), "--after", "move"], capture_output=True, text=True)
     assert refused.returncode == 2 and "a video is left as it is" in refused.stderr
@@ -129,12 +117,12 @@ def test_a_live_stream_cut_and_served_again_is_reconnected(model, pictures, tmp_
     out, log, metrics = tmp_path / "results", tmp_path / "watch.log", free_port()
     watcher = _watch(stream.url, out, model, log, "--fps", "2", "--read-timeout", "2", "--metrics-port", str(metrics))
     try:
-        _wait_for(lambda: len(_rows(out)) >= 2)
+        wait_for(lambda: len(rows_so_far(out)) >= 2)
         stream.stop()  # the camera goes away
-        _wait_for(lambda: "opening it again" in log.read_text(), 30)
-        cut = len(_rows(out))
+        wait_for(lambda: "opening it again" in log.read_text(), 30)
+        cut = len(rows_so_far(out))
         stream = Stream(serve, stream.port, "mpegts").start()  # back, on the same address
-        _wait_for(lambda: len(_rows(out)) >= cut + 2, 60)
+        wait_for(lambda: len(rows_so_far(out)) >= cut + 2, 60)
         assert _metric(metrics, "clipfusion_watch_reconnects_total") >= 1
         assert _metric(metrics, "clipfusion_watch_images_scored_total") >= cut + 2
         watcher.send_signal(signal.SIGTERM)
@@ -143,7 +131,7 @@ def test_a_live_stream_cut_and_served_again_is_reconnected(model, pictures, tmp_
         stream.stop()
         if watcher.poll() is None:
             watcher.kill()
-    rows = _rows(out)
+    rows = rows_so_far(out)
     frames = [row["frame"] for row in rows]
     assert frames == sorted(set(frames)) and all(row["path"] == stream.url for row in rows)
     assert all(row["decision"] in ("OK", "NG") for row in rows)
@@ -158,7 +146,7 @@ def test_a_dead_or_silent_rtsp_address_is_retried_and_never_hangs(model, tmp_pat
     watchers = [_watch(f"rtsp://127.0.0.1:{port}/stream1", tmp_path / f"out-{port}", model, log, "--open-timeout", "1")
                 for port, log in zip((dead, silent.getsockname()[1]), logs, strict=True)]
     try:
-        _wait_for(lambda: all(log.read_text().count("opening it again") >= 2 for log in logs), 60)
+        wait_for(lambda: all(log.read_text().count("opening it again") >= 2 for log in logs), 60)
         for watcher in watchers:
             watcher.send_signal(signal.SIGTERM)
         assert [watcher.wait(timeout=20) for watcher in watchers] == [0, 0]
@@ -204,13 +192,13 @@ def test_a_live_source_keeps_the_newest_frames_and_takes_a_frame_per_trigger(pic
         assert got == []  # no trigger, no frame
         for _ in range(2):
             trigger.touch()
-            _wait_for(lambda: not trigger.exists(), 10)
+            wait_for(lambda: not trigger.exists(), 10)
             deadline = time.monotonic() + 1
             while time.monotonic() < deadline:
                 got += feed.take(10, stop)
         assert len(got) == 2 and got[1].fields["frame"] > got[0].fields["frame"]
         assert np.abs(got[0].decoded.image.astype(int) - pictures[0]).mean() < 3  # the picture, through JPEG
-        _wait_for(lambda: feed.frozen, 10)
+        wait_for(lambda: feed.frozen, 10)
         assert feed.frozen_alarms == 1 and any("looks frozen" in record.message for record in caplog.records)
     finally:
         feed.close()

@@ -321,6 +321,12 @@ def _add_watch(commands: Any) -> None:
     video.add_argument("--frozen-after", type=float, default=10.0, metavar="SECONDS",
                        help="alarm when a live picture has not changed for this long (default: %(default)s)")
     _add_publish_option(watch, "--out")
+    watch.add_argument("--db", metavar="URL",
+                       help="also record each inspection in a service's database (a SQLAlchemy URL, as serve --db; "
+                            "the embedded one is sqlite:////SERVE-DATA/inspections.db), through an outbox in --out; "
+                            "the pictures stay in --out")
+    watch.add_argument("--db-model", metavar="NAME",
+                       help="the model's name in that database (default: the model file's name, as serve names it)")
     watch.add_argument("--metrics-port", type=int, metavar="PORT",
                        help="serve Prometheus metrics (images, failures, the outboxes' backlog, frames dropped, "
                             "reconnections, frozen alarms) on http://--metrics-host:PORT/metrics")
@@ -729,11 +735,20 @@ def _cmd_watch(args: argparse.Namespace) -> None:
     feed = open_feed(args.source, out, FeedOptions(args.settle, args.poll, args.after, args.once, args.every,
                                                    args.fps, args.trigger, args.queue, args.open_timeout,
                                                    args.read_timeout, args.frozen_after), args.max_pixels)
+    if args.db and args.server:
+        raise ClipfusionError("--server records every inspection in the service's database already: drop --db")
+    # the receivers first: a mistyped address is reported before a model loads for a minute
+    outboxes = open_outboxes(args.publish or [], out, "clipfusion-watch")
+    if args.db:
+        from clipfusion.publishing.outbox import Outbox
+        from clipfusion.service.database_sink import DatabaseSink
+        from clipfusion.service.settings import model_name
+
+        outboxes.append(Outbox(out, DatabaseSink(args.db, args.db_model or model_name(Path(args.model)))))
     identifier = run_id(out)
     pictures = args.pictures or ("ng" if is_video(args.source) else "all")
     judge, described = _server_judge(args, identifier, pictures) if args.server else _local_judge(args, pictures)
-    watcher = Watcher(feed, out, judge, open_outboxes(args.publish or [], out, "clipfusion-watch"), args.batch_size,
-                      identifier)
+    watcher = Watcher(feed, out, judge, outboxes, args.batch_size, identifier)
     if args.metrics_port is not None:
         from clipfusion.tasks.watch_metrics import serve_metrics
 

@@ -3,7 +3,8 @@
 Fields: ``schema``; ``id`` (the inspection's id, the receivers' idempotency key: a message delivered
 twice carries the same id); ``model`` (its SHA-256) and ``category``; ``source`` (the image's path or
 name); ``time`` (UTC, ISO 8601); ``decision`` (OK/NG), ``score``, ``normalised_score`` (0.5 at the
-threshold), ``threshold``; ``regions`` (``x, y, width, height, area, peak`` in the image's pixels).
+threshold), ``threshold``; ``regions`` (``x, y, width, height, area, peak`` in the image's pixels);
+``width`` and ``height`` (the image's); from a video, ``frame`` and ``frame_time``.
 """
 from __future__ import annotations
 
@@ -24,4 +25,6 @@ def inspection_message(identifier: str, row: dict[str, Any], category: str | Non
                "threshold": row.get("threshold"), "regions": regions or []}
     if "frame" in row:
         message.update(frame=row["frame"], frame_time=row.get("frame_time"))
+    if "width" in row:
+        message.update(width=row["width"], height=row["height"])
     return message

@@ -31,7 +31,7 @@ def inspection_payload(row: Inspection, category: str | None) -> dict[str, Any]:
                                           "timestamp": created.isoformat(timespec="milliseconds"),
                                           "decision": row.decision, "score": row.score,
                                           "normalised_score": row.normalised_score, "threshold": row.threshold,
-                                          "regions": regions}, category)
+                                          "regions": regions, "width": row.width, "height": row.height}, category)
     return {**message, "model_name": row.model}
 
 

@@ -25,6 +25,26 @@ class RegionOut(BaseModel):
     peak: float = Field(description="highest map value in the region")
 
 
+class MessageOut(BaseModel):
+    """An inspection as the message every ``--publish`` receiver gets (``clipfusion.inspection/1``,
+    docs/line.md): the same shape from the REST API, MQTT, webhooks and ``watch``."""
+
+    schema_: str = Field(alias="schema", description="clipfusion.inspection/1")
+    id: str = Field(description="the inspection's id: a receiver's idempotency key")
+    model: str = Field(description="the model's SHA-256")
+    model_name: str
+    category: str | None
+    source: str = Field(description="the upload's file name")
+    time: str = Field(description="UTC, ISO 8601")
+    decision: str
+    score: float
+    normalised_score: float | None
+    threshold: float | None
+    regions: list[RegionOut]
+    width: int = Field(description="the image's width in pixels")
+    height: int = Field(description="the image's height in pixels")
+
+
 class FeedbackIn(BaseModel):
     label: Literal["normal", "anomalous"] = Field(description="normal: a false alarm (if it was NG); anomalous: a "
                                                               "confirmed defect (or a miss, if it was OK)")

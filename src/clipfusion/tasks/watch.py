@@ -157,8 +157,9 @@ class Watcher:
             else:
                 start = time.perf_counter()
                 row = self.writer.write(f"{len(log.rows):06d}_{item.name}", outcome)
-                row = {**row, **item.fields, "seconds": round(outcome.seconds + time.perf_counter() - start, 4),
-                       "timestamp": entry["taken"]}
+                height, width = item.decoded.image.shape[:2] if item.decoded.image is not None else (None, None)
+                row = {**row, **item.fields, "width": width, "height": height,
+                       "seconds": round(outcome.seconds + time.perf_counter() - start, 4), "timestamp": entry["taken"]}
                 log.append(row)
                 self._publish(len(log.rows) - 1, row)
                 entry.update(outcome="scored", row=len(log.rows) - 1, decision=row["decision"])
@@ -168,7 +169,7 @@ class Watcher:
 
     def run(self, on_batch: Callable[[int], None] | None = None) -> int:
         """Watch until ``stop`` is set or the feed ends; the images scored (or failed) this time."""
-        with RowLog(self.out, (*ROW_FIELDS, *self.feed.row_fields)) as log:
+        with RowLog(self.out, (*ROW_FIELDS, "width", "height", *self.feed.row_fields)) as log:
             self.recover(log)
             for outbox in self.outboxes:
                 outbox.start()

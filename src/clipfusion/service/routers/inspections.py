@@ -13,8 +13,17 @@ from starlette.concurrency import run_in_threadpool
 
 from clipfusion.service.dependencies import ActorDep, AdminDep, SessionDep, StateDep, require_api_key
 from clipfusion.service.errors import ServiceError
+from clipfusion.service.publisher import inspection_payload
 from clipfusion.service.records import history, load_inspections
-from clipfusion.service.schemas import ChangeOut, ErrorOut, FeedbackIn, FeedbackOut, InspectionOut, InspectionPage
+from clipfusion.service.schemas import (
+    ChangeOut,
+    ErrorOut,
+    FeedbackIn,
+    FeedbackOut,
+    InspectionOut,
+    InspectionPage,
+    MessageOut,
+)
 from clipfusion.service.tables import Audit, Feedback, Inspection
 
 router = APIRouter(prefix="/v1/inspections", tags=["inspections"], dependencies=[Depends(require_api_key)])
@@ -44,6 +53,14 @@ def list_inspections(session: SessionDep, model: str | None = None,
 def get_inspection(identifier: str, session: SessionDep) -> InspectionOut:
     _inspection(session, identifier)
     return load_inspections(session, [identifier])[0]
+
+
+@router.get("/{identifier}/message", response_model=MessageOut, response_model_by_alias=True, responses=ERRORS)
+def message(identifier: str, session: SessionDep, state: StateDep) -> MessageOut:
+    """The inspection as the ``clipfusion.inspection/1`` message that ``--publish`` sends."""
+    inspection = _inspection(session, identifier)
+    served = state.models.get(inspection.model)
+    return MessageOut.model_validate(inspection_payload(inspection, served.category if served else None))
 
 
 @router.get("/{identifier}/overlay.png", response_class=FileResponse, responses=ERRORS)
