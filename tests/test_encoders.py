@@ -323,6 +323,27 @@ def test_missing_diffusion_weights_offline_give_the_clear_error(tmp_path, monkey
         assert expected in message
 
 
+def test_stable_diffusion_loads_from_a_local_diffusers_folder_and_a_separate_autoencoder(tmp_path):
+    """The real loading path (``from_pretrained``), as an offline user gives it: ``diffusion__model_id`` a
+    local diffusers folder, and ``diffusion__vae_id`` a separate autoencoder folder (as ``fast`` names
+    TAESD): every weight read back equal to the saved models'."""
+    from clipfusion.encoders.loading import load_diffusion
+
+    saved = build_diffusion_from_configs("tiny-unet", "tiny-vae", "tiny-text-encoder", seed=3)
+    folder = tmp_path / "sd"
+    for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        getattr(saved, name).save_pretrained(folder / name)
+    other_vae = build_diffusion_from_configs("tiny-unet", "tiny-vae", "tiny-text-encoder", seed=4).vae
+    other_vae.save_pretrained(tmp_path / "vae")
+    runtime = RuntimeConfig("cpu", "float32", offline=True)
+    for vae_id, vae in ((None, saved.vae), (str(tmp_path / "vae"), other_vae)):
+        loaded = load_diffusion(DiffusionConfig(model_id=str(folder), vae_id=vae_id), runtime)
+        for got, want in ((loaded.unet, saved.unet), (loaded.vae, vae), (loaded.text_encoder, saved.text_encoder)):
+            want_state = want.state_dict()
+            assert got.state_dict().keys() == want_state.keys()
+            assert all(torch.equal(value, want_state[key]) for key, value in got.state_dict().items())
+
+
 def test_tiny_models_are_identical_across_builds():
     a = ClipEncoder.from_config(get_preset("tiny").clip)
     b = ClipEncoder.from_config(get_preset("tiny").clip)

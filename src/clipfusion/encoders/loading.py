@@ -332,12 +332,14 @@ def load_diffusion(config: DiffusionConfig, runtime: RuntimeConfig) -> Diffusion
     else:
         common = {"cache_dir": runtime.cache_dir, "local_files_only": is_offline(runtime)}
         source = config.model_id
-        vae_source = {"pretrained_model_name_or_path": config.vae_id} if config.vae_id else \
-            {"pretrained_model_name_or_path": source, "subfolder": "vae"}
+        # positional: AutoModel.from_pretrained names its first parameter pretrained_model_or_path (diffusers
+        # 0.42), so a pretrained_model_name_or_path keyword was taken as an unknown option and the VAE looked for
+        # in None (found by tests/test_doctor.py's local diffusers folder)
+        vae_source, vae_subfolder = (config.vae_id, None) if config.vae_id else (source, "vae")
         try:
             parts = DiffusionParts(
                 unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **common),
-                vae=AutoModel.from_pretrained(**vae_source, torch_dtype=vae_dtype, **common),
+                vae=AutoModel.from_pretrained(vae_source, subfolder=vae_subfolder, torch_dtype=vae_dtype, **common),
                 text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **common),
                 tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common),
                 scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common),
