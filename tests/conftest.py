@@ -167,12 +167,23 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 LEFT_THREADS_GRACE_S = 15.0
 
 
+def _idle_pool_worker(thread: threading.Thread, frames: dict) -> bool:
+    """A ``concurrent.futures`` worker waiting for work: the interpreter's exit wakes and joins it."""
+    frame = frames.get(thread.ident)
+    stack = traceback.extract_stack(frame) if frame is not None else []
+    return any(entry.name == "_worker" and "work_queue.get" in (entry.line or "") for entry in stack)
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     """A thread that is not a daemon and outlives the session would keep the interpreter from exiting
     after every test passed (a CI run that never ends): name it with its stack and exit with an error."""
+    def blocking() -> list[threading.Thread]:
+        frames = sys._current_frames()
+        return [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon
+                and t.is_alive() and not _idle_pool_worker(t, frames)]
+
     deadline = time.monotonic() + LEFT_THREADS_GRACE_S
-    while (left := [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon
-                    and t.is_alive()]) and time.monotonic() < deadline:
+    while (left := blocking()) and time.monotonic() < deadline:
         left[0].join(timeout=0.5)
     if left:
         frames = sys._current_frames()

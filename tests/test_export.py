@@ -17,6 +17,9 @@ import pytest
 from clipfusion.config import MAP_NAMES, RuntimeConfig
 from clipfusion.errors import ClipfusionError
 from clipfusion.export.writer import export_detector
+from clipfusion.hardware import BF16_SCORE_TOLERANCE
+from clipfusion.inspection import ModelFile
+from clipfusion.inspection.fingerprint import probe_images
 from clipfusion.methods.clipfusion.detector import CLIPFusion
 from clipfusion.runtime.exported import ExportedDetector
 from clipfusion.runtime.manifest import manifest_digest
@@ -106,6 +109,32 @@ def test_manifest_names_the_source_and_checksums_every_file(exported_model, sour
     for name, digest in manifest["files"].items():
         assert hashlib.sha256((exported_model / name).read_bytes()).hexdigest() == digest
     assert json.loads(manifest["card"])["category"] == "disc" and "openvino" in manifest["versions"]
+
+
+def test_doctor_checks_an_export_without_torch_against_the_model_files_fingerprint(exported_model, source_model):
+    """``export`` keeps the model file's fingerprint in the manifest; ``doctor`` recomputes it with the
+    graphs in .venv-runtime (no torch).  The source was fitted in bfloat16: float32 (or OpenVINO's bf16)
+    agrees within the measured tolerance, never "different"."""
+    from safetensors import safe_open
+
+    with safe_open(str(source_model), framework="np") as handle:
+        recorded = handle.metadata()["fingerprint"]
+    manifest = json.loads((exported_model / "clipfusion-export.json").read_text())
+    assert manifest["fingerprint"] == recorded
+    run = subprocess.run([RUNTIME_VENV / "bin" / "clipfusion", "doctor", "--model", str(exported_model), "--quiet"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = dict(line.split("  ", 1) for line in run.stdout.splitlines())
+    assert rows["export"].strip().endswith("every file matches its checksum; disc, preset tiny, thresholds set in "
+                                           "bfloat16")
+    verdict = rows["verdict"].strip()
+    assert verdict.startswith(("same ", "within tolerance ")), verdict
+    # independently: the export's probe scores here against the stored ones
+    scores = ModelFile.open(exported_model).detector().predict(probe_images(), "disc").scores
+    largest = max(abs(a - b) for a, b in zip(json.loads(recorded)["probe_scores"], scores, strict=True))
+    assert largest <= BF16_SCORE_TOLERANCE
+    if "bfloat16 on cpu -> float32 on cpu" in run.stdout:  # a CPU without native bf16: the graphs run in float32
+        assert verdict.startswith("within tolerance ")
 
 
 def test_predict_with_an_export_runs_without_torch_and_gives_the_model_files_rows(

@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -546,6 +546,19 @@ def _add_synth(commands: Any) -> None:
     _add_common(synth)
 
 
+def _add_doctor(commands: Any) -> None:
+    doctor = _command(commands, "doctor", "check that this machine scores a model file as it did when fitted",
+                      "Recompute the model file's fingerprint here (seeded probe images, and its held-out normal "
+                      "images with --normal) and compare: same, within tolerance, or different (exit status 1: "
+                      "recalibrate). Never downloads weights.", epilog("doctor"))
+    doctor.add_argument("--model", required=True, metavar="FILE.cfm", help="model file from `clipfusion fit`")
+    doctor.add_argument("--normal", metavar="DIR",
+                        help="the normal images the thresholds were set on (matched by content): scored again too")
+    _add_batch_options(doctor)
+    _add_runtime_options(doctor.add_argument_group("where the models run"))
+    _add_common(doctor)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="clipfusion",
@@ -559,6 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_watch(commands)
     _add_fit(commands)
     _add_calibrate(commands)
+    _add_doctor(commands)
     _add_signing(commands)
     _add_db(commands)
     _add_export(commands)
@@ -638,6 +652,14 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     after = detector.thresholds_
     print(f"wrote {path}: image threshold {before.image:.4f} -> {after.image:.4f}, pixel threshold {before.pixel:.4f} "
           f"-> {after.pixel:.4f}, derived in {detector.precision} from {after.n_normals} normal images")
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from clipfusion.tasks.doctor import checkup
+
+    result = checkup(args.model, _runtime(args), args.normal, args.batch_size)
+    print(result.table())
+    return result.exit_status
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
@@ -959,7 +981,7 @@ INTERRUPTED = {
     "sweep": "nothing was written; run it again", "predict": "every image finished so far is in results.jsonl "
     "and results.csv; add --resume to the same command to score the rest",
     "fit": "no memory bank was written", "benchmark": "nothing was written",
-    "calibrate": "no model file was written",
+    "calibrate": "no model file was written", "doctor": "nothing was checked",
     "db": "the migration's transaction was rolled back",
     "keygen": "no key was written", "sign": "no signature was written", "verify": "nothing was checked",
     "export": "the folder holds no complete export; run it again",
@@ -980,16 +1002,16 @@ def _device_dtype(args: argparse.Namespace) -> tuple[str, str]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_output(args.quiet, args.debug)
-    commands = {"demo": _cmd_demo, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "watch": _cmd_watch,
-                "fit": _cmd_fit,
-                "calibrate": _cmd_calibrate, "export": _cmd_export, "keygen": _cmd_keygen, "sign": _cmd_sign,
-                "verify": _cmd_verify, "db": _cmd_db,
-                "sweep": _cmd_sweep, "benchmark": _cmd_benchmark, "synth": _cmd_synth, "serve": _cmd_serve}
+    commands: dict[str, Callable[[argparse.Namespace], int | None]] = {
+        "demo": _cmd_demo, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "watch": _cmd_watch, "fit": _cmd_fit,
+        "calibrate": _cmd_calibrate, "doctor": _cmd_doctor, "export": _cmd_export, "keygen": _cmd_keygen,
+        "sign": _cmd_sign, "verify": _cmd_verify, "db": _cmd_db, "sweep": _cmd_sweep, "benchmark": _cmd_benchmark,
+        "synth": _cmd_synth, "serve": _cmd_serve}
     try:
         from tqdm.contrib.logging import logging_redirect_tqdm
 
         with logging_redirect_tqdm(loggers=[logger]):  # a log line never breaks a progress bar
-            commands[args.command](args)
+            status = commands[args.command](args)
     except ClipfusionError as exc:
         if args.debug:
             raise
@@ -1010,7 +1032,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"clipfusion: interrupted; {INTERRUPTED[args.command]}", file=sys.stderr)
         return 130
-    return 0
+    return status or 0  # doctor's verdict; every other command returns None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -84,6 +84,18 @@ EXAMPLES: dict[str, tuple[list[tuple[str, str]], str]] = {
         'with native bf16, float16 on CUDA, float32 elsewhere), and writes a new model file that records it. Use '
         'it when a model fitted on another machine runs here in another precision (predict and serve say so).',
     ),
+    "doctor": (
+        [
+            ("clipfusion doctor --model bottle.cfm", "the probe images: seconds"),
+            ("clipfusion doctor --model bottle.cfm --normal good/ && systemctl start clipfusion",
+             "also the held-out normals; gate a start on it"),
+        ],
+        "Prints one table: Python, torch/OpenVINO, the CPU and the precision that will run, the encoder weights "
+        "found, the model file's integrity, and the verdict of its fingerprint (what it scored when its thresholds "
+        "were set): same; within tolerance (a precision change within the measured bfloat16/float32 difference); "
+        "different (exit status 1): a setting, an encoder's weights or the scores changed, so the thresholds may not "
+        "hold: run clipfusion calibrate.",
+    ),
     "sweep": (
         [
             ("clipfusion sweep --dataset mvtec --root ~/data/mvtec_anomaly_detection --categories bottle screw "

@@ -128,8 +128,9 @@ def export_model(out: Path, graph_format: str, runtime: RuntimeConfig, model: Mo
             raise ClipfusionError(f"--model {model.path} is already an export; export its .cfm model file")
         detector = CLIPFusion.load(model.path, runtime, card=model.card)
         source = {"model": model.path.name, "sha256": model.sha256}
+        fingerprint = None if model.fingerprint is None else model.fingerprint.to_json()
         return export_detector(detector, model.card.category, out, graph_format, model.card, source, overwrite,
-                               weights)
+                               weights, fingerprint)
     if preset is None or category is None:
         raise ClipfusionError("a zero-shot export needs both --preset and --category")
     detector = CLIPFusion(preset, runtime)
@@ -148,8 +149,9 @@ def check_exportable(detector: CLIPFusion) -> None:
 
 def export_detector(detector: CLIPFusion, category: str, out: Path, graph_format: str = "openvino",
                     card: ModelCard | None = None, source: dict[str, Any] | None = None,
-                    overwrite: bool = False, weights: str = "float32") -> Path:
-    """Write ``detector`` (fitted or not; loaded on the CPU in float32) for ``category`` into ``out``.
+                    overwrite: bool = False, weights: str = "float32", fingerprint: str | None = None) -> Path:
+    """Write ``detector`` (fitted or not; loaded on the CPU in float32) for ``category`` into ``out``;
+    ``fingerprint``: the model file's (``inspection.fingerprint``), kept in the manifest for ``doctor``.
 
     weights: ``float32`` (the same maps as PyTorch), or ``int8`` (OpenVINO IR only: weights compressed
     to 8 bits, smaller and possibly faster, maps no longer equal; measure the difference)."""
@@ -185,6 +187,7 @@ def export_detector(detector: CLIPFusion, category: str, out: Path, graph_format
         (partial / name).replace(out / name)
     partial.rmdir()
     manifest = _manifest(detector, category, out, graph_format, weights, graphs, outputs, files, card, source)
+    manifest["fingerprint"] = fingerprint
     write_atomic(out / MANIFEST, json_text({**manifest, "digest": manifest_digest(manifest)}))
     return out
 

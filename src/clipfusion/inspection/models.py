@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 from clipfusion.config import RuntimeConfig
 from clipfusion.decisions import Thresholds
 from clipfusion.errors import ClipfusionError
-from clipfusion.methods.clipfusion.model_file import ModelCard, read_model_file
+from clipfusion.inspection.fingerprint import Fingerprint
+from clipfusion.methods.clipfusion.model_file import ModelCard, read_fingerprint, read_model_file
 from clipfusion.outputs import file_sha256
 from clipfusion.runtime.manifest import MANIFEST, ExportManifest, is_export, read_manifest
 from clipfusion.signing import TrustedKeys, verify
@@ -29,13 +30,15 @@ class ModelFile:
     """One opened model.  ``card``: the model file's card, or an export's (None for a zero-shot export,
     which has no thresholds); ``manifest``: an export's manifest (None for a model file); ``sha256``:
     the model's identity (the file's SHA-256, or the manifest's, which holds every file's); ``signer``:
-    the id of the trusted key whose signature was verified (None: no trusted keys were asked for)."""
+    the id of the trusted key whose signature was verified (None: no trusted keys were asked for);
+    ``fingerprint``: what the model scored when its thresholds were set (None: written before fingerprints)."""
 
     path: Path
     card: ModelCard | None
     manifest: ExportManifest | None
     sha256: str
     signer: str | None = None
+    fingerprint: Fingerprint | None = None
 
     @classmethod
     def open(cls, path: str | Path, trusted: TrustedKeys | None = None) -> ModelFile:
@@ -48,7 +51,8 @@ class ModelFile:
             manifest = read_manifest(path)
             if file_sha256(path / MANIFEST) != sha256:  # replaced between the two reads
                 raise ClipfusionError(f"export {path} changed while it was read; try again")
-            return cls(path, manifest.card, manifest, sha256, signer)
+            fingerprint = _fingerprint(manifest.fingerprint, f"export {path}")
+            return cls(path, manifest.card, manifest, sha256, signer, fingerprint)
         if path.is_dir():
             raise ClipfusionError(f"{path} is a folder but not a clipfusion export; give a model file (.cfm) from "
                                   "`clipfusion fit`, or a folder from `clipfusion export`")
@@ -57,9 +61,10 @@ class ModelFile:
             signed = file_sha256(path)
             signer = verify(path, signed, trusted)
         card, sha256 = read_model_file(path)
+        stored = read_fingerprint(path)
         if signed not in (None, sha256):
             raise ClipfusionError(f"model file {path} changed while it was read; try again")
-        return cls(path, card, None, sha256, signer)
+        return cls(path, card, None, sha256, signer, _fingerprint(stored, f"model file {path}"))
 
     @property
     def is_export(self) -> bool:
@@ -117,3 +122,7 @@ class ModelFile:
         from clipfusion.methods.clipfusion.detector import CLIPFusion
 
         return CLIPFusion.load(self.path, runtime, batch_size, card=self.card)
+
+
+def _fingerprint(text: str | None, source: str) -> Fingerprint | None:
+    return None if text is None else Fingerprint.from_json(text, source)

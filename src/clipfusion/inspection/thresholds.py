@@ -18,7 +18,9 @@ from clipfusion.data.base import MAX_PIXELS
 from clipfusion.decisions import Thresholds
 from clipfusion.errors import ClipfusionError
 from clipfusion.images import ImageLike
+from clipfusion.inspection.fingerprint import NormalScore
 from clipfusion.inspection.sources import read_sources
+from clipfusion.outputs import file_sha256
 from clipfusion.protocol import Detector
 
 logger = logging.getLogger(__name__)
@@ -39,10 +41,27 @@ class Decisions:
     normal: Thresholds | None = None
 
 
-def derive_thresholds(detector: Detector, normals: Sequence[ImageLike], category: str | None = None,
-                      batch_size: int = 8, max_pixels: int = MAX_PIXELS, progress: bool = False) -> Thresholds:
+@dataclass(frozen=True)
+class ScoredNormals:
+    """Thresholds derived from held-out normal images, and each scored image's source and score."""
+
+    thresholds: Thresholds
+    sources: list[str]
+    scores: list[float]
+
+    def fingerprint_entries(self) -> list[NormalScore]:
+        """The scored images that are local files, as a fingerprint records them (name, SHA-256, score)."""
+        return [NormalScore(Path(source).name, file_sha256(Path(source)), score)
+                for source, score in zip(self.sources, self.scores, strict=True) if Path(source).is_file()]
+
+
+def score_normals(detector: Detector, normals: Sequence[ImageLike], category: str | None = None,
+                  batch_size: int = 8, max_pixels: int = MAX_PIXELS, progress: bool = False) -> ScoredNormals:
     """:class:`Thresholds` from the scores and maps of the held-out ``normals`` (paths, URIs or images),
     read and scored one batch at a time; an unreadable or too large image is left out, said in the log."""
+    sources: list[str] = []
+    scores: list[float] = []
+
     def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for start in tqdm(range(0, len(normals), batch_size), desc="thresholds (held-out normals)",
                           disable=not progress):
@@ -50,12 +69,21 @@ def derive_thresholds(detector: Detector, normals: Sequence[ImageLike], category
             for item in decoded:
                 if item.image is None:
                     logger.warning("left out of the thresholds: %s (%s)", item.source, item.reason)
-            images = [item.image for item in decoded if item.image is not None]
-            if images:
-                prediction = detector.predict(images, category)
+            read = [(item.source, item.image) for item in decoded if item.image is not None]
+            if read:
+                prediction = detector.predict([image for _, image in read], category)
+                sources.extend(str(source) for source, _ in read)
+                scores.extend(float(score) for score in prediction.scores)
                 yield prediction.scores, prediction.maps
 
-    return Thresholds.from_batches(batches())
+    thresholds = Thresholds.from_batches(batches())
+    return ScoredNormals(thresholds, sources, scores)
+
+
+def derive_thresholds(detector: Detector, normals: Sequence[ImageLike], category: str | None = None,
+                      batch_size: int = 8, max_pixels: int = MAX_PIXELS, progress: bool = False) -> Thresholds:
+    """The thresholds of :func:`score_normals`."""
+    return score_normals(detector, normals, category, batch_size, max_pixels, progress).thresholds
 
 
 def parse_scale(text: str | None) -> tuple[float, float] | None:

@@ -49,6 +49,7 @@ class ExportManifest:
     source: dict[str, Any]
     versions: dict[str, str]
     files: dict[str, str]
+    fingerprint: str | None = None  # the model file's (JSON): what it scored when its thresholds were set
 
 
 def import_openvino(purpose: str, extra: str) -> Any:
@@ -121,7 +122,7 @@ def read_manifest(folder: Path, verify: bool = True) -> ExportManifest:
                                   {k: list(v) for k, v in data["outputs"].items()}, data["preset"],
                                   dict(data["overrides"]), _fusion(data["fusion"]), data["category"], card,
                                   dict(data["source"]),
-                                  dict(data["versions"]), dict(data["files"]))
+                                  dict(data["versions"]), dict(data["files"]), data.get("fingerprint"))
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         raise ClipfusionError(f"{path} cannot be read ({exc!r}); export the model again") from None
     if set(manifest.graphs) != set(GRAPHS):

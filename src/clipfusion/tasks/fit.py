@@ -11,8 +11,9 @@ from clipfusion.config import RuntimeConfig
 from clipfusion.data.base import MAX_PIXELS, read_images
 from clipfusion.decisions import Thresholds
 from clipfusion.errors import ClipfusionError
+from clipfusion.inspection.fingerprint import PROBE_COUNT, take_fingerprint
 from clipfusion.inspection.models import ModelFile
-from clipfusion.inspection.thresholds import derive_thresholds
+from clipfusion.inspection.thresholds import ScoredNormals, score_normals
 from clipfusion.outputs import file_sha256, probe_writable
 from clipfusion.tasks.inputs import collect_images, draw_references
 
@@ -65,10 +66,16 @@ def fit_model(make_detector: Callable[[], CLIPFusion], normal: str, category: st
     if images:
         detector.fit(images, category, reference_names=[p.name for p in used], progress=progress)
     logger.info("calibrating on %d held-out normal images", len(drawn.held_out))
-    detector.set_thresholds(derive_thresholds(detector, drawn.held_out, category, detector.batch_size, max_pixels,
-                                              progress), category)
+    normals = score_normals(detector, drawn.held_out, category, detector.batch_size, max_pixels, progress)
+    detector.set_thresholds(normals.thresholds, category)
     references = [{"name": p.name, "sha256": file_sha256(p)} for p in used]
-    return detector.save(out, references), detector
+    return detector.save(out, references, _fingerprint(detector, category, normals)), detector
+
+
+def _fingerprint(detector: CLIPFusion, category: str, normals: ScoredNormals) -> str:
+    """What the model file records of what it scores here (``clipfusion doctor`` compares with it)."""
+    logger.info("fingerprint: scoring %d probe images and hashing the encoders' weights", PROBE_COUNT)
+    return take_fingerprint(detector, category, normals.fingerprint_entries()).to_json()
 
 
 def calibrate_model(model: str, normal: str, out: str, runtime: RuntimeConfig, batch_size: int = 8,
@@ -97,6 +104,7 @@ def calibrate_model(model: str, normal: str, out: str, runtime: RuntimeConfig, b
     detector = CLIPFusion.load(model, here, batch_size, card=card)
     logger.info("calibrating on %d normal images in %s (%d references left out)", len(held_out), here.dtype,
                 len(pool) - len(held_out))
-    detector.set_thresholds(derive_thresholds(detector, held_out, card.category, batch_size, max_pixels, progress),
-                            card.category)
-    return detector.save(out, card.references), card.thresholds, detector
+    normals = score_normals(detector, held_out, card.category, batch_size, max_pixels, progress)
+    detector.set_thresholds(normals.thresholds, card.category)
+    fingerprint = _fingerprint(detector, card.category, normals)
+    return detector.save(out, card.references, fingerprint), card.thresholds, detector

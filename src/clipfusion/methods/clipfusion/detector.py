@@ -164,6 +164,15 @@ class CLIPFusion(Estimator):
                                if config.mapdiff.joint_prompt else config.mapdiff.normal_words[0]],
         }
 
+    def weights_digests(self) -> dict[str, str]:
+        """Encoder → a digest of its weights, the same in any precision (``encoders.digest``)."""
+        from clipfusion.encoders.digest import weights_digest
+
+        patchclip, mapdiff = self._branches()
+        return {"clip": weights_digest(patchclip.encoder.model), "unet": weights_digest(mapdiff.encoder.unet),
+                "vae": weights_digest(mapdiff.encoder.vae),
+                "text_encoder": weights_digest(mapdiff.encoder.text_encoder)}
+
     def bank_settings(self) -> dict[str, Any]:
         """What a memory bank must agree on with this detector to be usable by it."""
         patchclip, mapdiff = self._branches()
@@ -245,9 +254,11 @@ class CLIPFusion(Estimator):
         self.precision_ = (self.runtime_.dtype, self.runtime_.device.split(":")[0])
         return self
 
-    def save(self, path: str | Path, references: Sequence[dict[str, str]] | None = None) -> Path:
+    def save(self, path: str | Path, references: Sequence[dict[str, str]] | None = None,
+             fingerprint: str | None = None) -> Path:
         """Write the inspection model file (see ``model_file``): settings, memory bank (if fitted),
-        thresholds (``calibrate`` first) and ``references`` (name and sha256 of each reference file)."""
+        thresholds (``calibrate`` first), ``references`` (name and sha256 of each reference file) and
+        ``fingerprint`` (JSON, ``clipfusion.inspection.fingerprint``: what it scores on the probes)."""
         if not hasattr(self, "thresholds_"):
             raise ClipfusionError("nothing to save: calibrate the detector on held-out normal images first")
         if not isinstance(self.preset, str):
@@ -261,8 +272,10 @@ class CLIPFusion(Estimator):
         bank = getattr(self, "memory_bank_", None)
         tensors = {} if bank is None else {k: v.contiguous() for k, v in bank.features.items()}
         manifest = {} if bank is None else {**bank.manifest, "version": __version__}
-        data = with_digest(tensors, metadata={"format": f"{FORMAT}/{FORMAT_VERSION}", "model": card.to_json(),
-                                              "manifest": json.dumps(manifest)})
+        metadata = {"format": f"{FORMAT}/{FORMAT_VERSION}", "model": card.to_json(), "manifest": json.dumps(manifest)}
+        if fingerprint is not None:
+            metadata["fingerprint"] = fingerprint
+        data = with_digest(tensors, metadata=metadata)
         write_atomic(Path(path), data)
         return Path(path)
 

@@ -2,8 +2,10 @@
 fitted CLIPFusion detector needs to run on a line.
 
 Tensors: the memory bank's layers (none for a zero-shot model).  Metadata (JSON strings):
-``format`` (``clipfusion-model``), ``model`` (the card below) and ``manifest`` (the bank's own
-manifest, so ``predict --memory`` reads the same file).  The card records the preset and every
+``format`` (``clipfusion-model``), ``model`` (the card below), ``manifest`` (the bank's own
+manifest, so ``predict --memory`` reads the same file) and ``fingerprint`` (what the model scored on
+seeded probe images and its held-out normals, and what ran it: ``clipfusion.inspection.fingerprint``;
+absent in files written before it).  The card records the preset and every
 override, the category and the object name used in prompts, the references (file names and
 SHA-256), the image and pixel thresholds and how they were derived from held-out normal images
 (never the references), the held-out normal-score statistics behind the normalised score, the
@@ -176,6 +178,13 @@ def read_model_file(path: Path) -> tuple[ModelCard, str]:
                                           f"{FORMAT_VERSION}, with thresholds derived here")
     sha256 = _check_digest(path, metadata)
     return ModelCard.from_json(metadata.get("model", ""), path), sha256
+
+
+def read_fingerprint(path: Path) -> str | None:
+    """The fingerprint (JSON) the model file at ``path`` carries, None for a file written before
+    fingerprints; call after :func:`read_model_file` has checked the digest that covers it."""
+    with safe_open(str(path), framework="np") as handle:
+        return (handle.metadata() or {}).get("fingerprint")
 
 
 def read_card(path: Path) -> ModelCard:
