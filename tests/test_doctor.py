@@ -116,10 +116,7 @@ def test_a_tampered_bank_is_caught_by_the_digest_or_by_the_scores(model, tmp_pat
     assert status == 1 and rows["model file"][0].startswith("FAILED: ") and "digest" in rows["model file"][0]
 
     # a bank rewritten with a digest made for it (the digest is no secret: signing is): the scores tell
-    rewritten = tmp_path / "rewritten.cfm"
-    bank = {key: value * 0.5 for key, value in _bank(model).items()}
-    metadata = {key: value for key, value in _metadata(model).items() if key != "digest"}
-    rewritten.write_bytes(with_digest(bank, metadata))
+    rewritten = _rewritten_bank(model, tmp_path / "rewritten.cfm")
     status, rows = doctor("--model", str(rewritten))
     assert status == 1
     assert "contents match their digest" in rows["model file"][0]
@@ -159,3 +156,43 @@ def test_another_encoder_weight_file_is_different_and_named(synthetic_root, tmp_
     changed = [what for what in rows if what.startswith("weights ")]
     assert changed == ["weights unet"]
     assert rows["verdict"][0].startswith("different ")
+
+
+def _rewritten_bank(model: Path, out: Path) -> Path:
+    """``model`` with its bank halved and a digest made for it: intact to the digest, otherwise different."""
+    bank = {key: value * 0.5 for key, value in _bank(model).items()}
+    out.write_bytes(with_digest(bank, {k: v for k, v in _metadata(model).items() if k != "digest"}))
+    return out
+
+
+def test_watch_checks_the_model_at_load_and_refuses_or_warns(model, synthetic_root, tmp_path, monkeypatch):
+    """``watch`` recomputes the fingerprint on the probes when it loads the model: a changed default
+    refuses it in one line naming the setting (nothing scored); ``--self-check warn`` scores, warning."""
+    folder = tmp_path / "incoming"
+    folder.mkdir()
+    shutil.copy(next((synthetic_root / "disc" / "test").rglob("*.png")), folder / "part.png")
+    tiny = config.PRESETS["tiny"]
+    monkeypatch.setitem(config.PRESETS, "tiny",
+                        dataclasses.replace(tiny, patchclip=dataclasses.replace(tiny.patchclip, temperature=0.2)))
+    watch = ("watch", str(folder), "--model", str(model), "--settle", "0.1", "--poll", "0.1", "--once")
+    refused = clipfusion_here(*watch, "--out", str(tmp_path / "a"))
+    assert refused.returncode == 2
+    [line] = refused.stderr.strip().splitlines()
+    assert "does not score here as it did when its thresholds were set" in line
+    assert "setting patchclip.temperature 0.07 -> 0.2" in line and "--self-check warn" in line
+    assert not (tmp_path / "a" / "results.jsonl").exists()
+
+    warned = clipfusion_here(*watch, "--out", str(tmp_path / "b"), "--self-check", "warn")
+    assert warned.returncode == 0, warned.stderr
+    assert "does not score here as it did" in warned.stderr
+    assert len((tmp_path / "b" / "results.jsonl").read_text().splitlines()) == 1
+
+
+def test_serve_refuses_a_model_whose_scores_changed(model, tmp_path):
+    """A bank rewritten with a matching digest passes every integrity check but not the self-check: serve
+    exits with one line before it listens."""
+    rewritten = _rewritten_bank(model, tmp_path / "disc.cfm")
+    done = clipfusion("serve", "--model", str(rewritten), "--data", str(tmp_path / "data"), "--host", "127.0.0.1",
+                      "--port", "0")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "does not score here as it did when its thresholds were set (probe scores" in done.stderr

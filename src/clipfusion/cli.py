@@ -56,6 +56,13 @@ def _add_trust_option(parser: argparse.ArgumentParser) -> None:
                              "lists key ids no longer accepted); docs/deploy.md#signed-models")
 
 
+def _add_self_check_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--self-check", default="refuse", choices=("refuse", "warn", "off"),
+                        help="at load, score the model file's probe images and compare with its fingerprint (what "
+                             "it scored when its thresholds were set): refuse a model that scores otherwise, warn, "
+                             "or skip (default: %(default)s; `clipfusion doctor` shows the whole check)")
+
+
 def _trusted(args: argparse.Namespace) -> Any:
     """The keys of ``--trusted-keys`` (None when not given)."""
     if getattr(args, "trusted_keys", None) is None:
@@ -290,6 +297,7 @@ def _add_watch(commands: Any) -> None:
                        help="score with a running `clipfusion serve` at URL instead of loading the model here (one "
                             "copy of the model for the service and the watch; key from CLIPFUSION_API_KEY)")
     _add_trust_option(watch)
+    _add_self_check_option(watch)
     watch.add_argument("--out", default="clipfusion-watch", help="output folder (default: %(default)s)")
     watch.add_argument("--pictures", choices=("all", "ng", "none"),
                        help="which images keep their overlay, thumbnail and raw map (an NG image always keeps its "
@@ -465,6 +473,7 @@ def _add_serve(commands: Any) -> None:
                        help="model file to serve, or a folder from `clipfusion export` (run without torch; "
                             "repeatable)")
     _add_trust_option(serve)
+    _add_self_check_option(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this "
                                                            "machine only; 0.0.0.0 for the network)")
     serve.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
@@ -787,10 +796,12 @@ def _local_judge(args: argparse.Namespace, pictures: Any) -> tuple[Any, str]:
     """``watch --model FILE``: the model loaded here."""
     from clipfusion.inspection import Inspector, ModelFile
     from clipfusion.inspection.core import InspectionSettings
+    from clipfusion.inspection.selfcheck import self_check
     from clipfusion.tasks.watch import local_judge
 
     model = ModelFile.open(args.model, _trusted(args))
     inspector = Inspector.from_model(model, _runtime(args), args.batch_size, args.min_area, args.max_pixels)
+    self_check(model, inspector.detector, args.self_check)
     settings = InspectionSettings(inspector.decisions, model.category, model.sha256, args.min_area, args.max_pixels,
                                   model.signer)
     return local_judge(inspector, settings, pictures), f"model {model.short_id}"
@@ -879,7 +890,8 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         max_queue=args.max_queue, max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), max_pixels=args.max_pixels,
         min_area=args.min_area, api_keys=read_api_keys(args.api_key_file),
         store_images=Path(args.store_images) if args.store_images else None,
-        learn=args.learn, keep_days=args.keep_days, trusted_keys=trusted, min_free_mb=args.min_free_mb,
+        learn=args.learn, keep_days=args.keep_days, trusted_keys=trusted, self_check=args.self_check,
+        min_free_mb=args.min_free_mb,
         pixel_budget=args.pixel_budget * 1_000_000, min_normals=args.min_normals, read_timeout=args.read_timeout,
         deadline=args.deadline, docs=args.docs, replicas=args.replicas, publish=tuple(args.publish or ()),
         max_batch_pixels=int(args.max_batch_megapixels * 1_000_000),

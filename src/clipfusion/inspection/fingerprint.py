@@ -167,16 +167,16 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): value}
 
 
-def compare(recorded: Fingerprint, here: Fingerprint, exported: bool = False) -> Comparison:
-    """``here`` (the same probes, and the normals found again) against ``recorded``.  ``exported``: ``here``
-    ran an export, whose graphs fix the settings and hold the weights (checked by the manifest's
-    checksums): neither is compared, only what it scores."""
+def compare(recorded: Fingerprint, here: Fingerprint, scores_only: bool = False) -> Comparison:
+    """``here`` (the same probes, and the normals found again) against ``recorded``.  ``scores_only``:
+    ``here`` ran where settings and weights are not seen (an export, whose graphs fix the settings and hold
+    the weights, checked by the manifest's checksums; a Ray replica): only what it scores is compared."""
     findings = []
-    before, after = ({}, {}) if exported else (_flat(recorded.settings), _flat(here.settings))
+    before, after = ({}, {}) if scores_only else (_flat(recorded.settings), _flat(here.settings))
     for key in sorted(before.keys() | after.keys()):
         if before.get(key) != after.get(key):
             findings.append(Finding(f"setting {key}", str(before.get(key, "-")), str(after.get(key, "-")), True, True))
-    for encoder in [] if exported else sorted(recorded.weights.keys() | here.weights.keys()):
+    for encoder in [] if scores_only else sorted(recorded.weights.keys() | here.weights.keys()):
         old, new = recorded.weights.get(encoder, "-"), here.weights.get(encoder, "-")
         findings.append(Finding(f"weights {encoder}", old[:12], new[:12], old != new, True))
     findings.append(Finding("precision", f"{recorded.dtype} on {recorded.device}", f"{here.dtype} on {here.device}",

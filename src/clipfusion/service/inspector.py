@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from clipfusion.errors import ClipfusionError
 from clipfusion.inspection import Inspection, Inspector, ModelFile
 from clipfusion.inspection.core import Scored
+from clipfusion.inspection.selfcheck import self_check
 from clipfusion.inspection.sources import Decoded
 from clipfusion.inspection.writer import ImageWriter, render
 from clipfusion.outputs import write_atomic
@@ -83,11 +84,13 @@ class ServedModel:
         if self.remote is not None:  # one inspector: each of the replica threads calls the cluster with it
             remote = Inspector(self.remote.detector(self.name, model), None, model.category, model.sha256,
                                self.settings.min_area, self.settings.max_pixels)
+            self_check(model, remote.detector, self.settings.self_check, remote=True)
             self.model, self.card, self.inspectors = model, model.card, [remote] * self.settings.replicas
             return
         inspectors = [Inspector.from_model(model, self.settings.runtime, self.settings.batch_size,
                                            self.settings.min_area, self.settings.max_pixels)
                       for _ in range(self.settings.replicas)]
+        self_check(model, inspectors[0].detector, self.settings.self_check)  # the replicas share the weights
         if self.settings.runtime.compile and not model.is_export:
             # compile now, before requests come: the first image would otherwise wait minutes
             logger.info("compiling %s's models (--compile) before serving it", self.name)

@@ -11,7 +11,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from clipfusion.data.base import read_rgb
-from clipfusion.inspection.thresholds import derive_thresholds
+from clipfusion.inspection.fingerprint import NormalScore, take_fingerprint
+from clipfusion.inspection.thresholds import score_normals
 from clipfusion.outputs import file_sha256
 from clipfusion.service.errors import ServiceError
 from clipfusion.service.inspector import ServedModel
@@ -59,9 +60,12 @@ def learn(session: Session, model: ServedModel, inspection: Inspection, actor: s
     detector.add_references([read_rgb(folder / inspection.image)], model.category, [reference])
     in_bank = {name.removeprefix(REFERENCE_PREFIX) for name in detector.memory_bank_.manifest["references"]}
     normals = _held_out_normals(session, model, in_bank)
+    scored: list[NormalScore] = []
     if len(normals) >= model.settings.min_normals:
-        detector.set_thresholds(derive_thresholds(detector, normals, model.category, model.settings.batch_size,
-                                                  model.settings.max_pixels), model.category)
+        derived = score_normals(detector, normals, model.category, model.settings.batch_size,
+                                model.settings.max_pixels)
+        detector.set_thresholds(derived.thresholds, model.category)
+        scored = derived.fingerprint_entries()
         note = f"thresholds re-derived from {len(normals)} operator-confirmed normal images not in the bank"
     else:
         note = (f"thresholds kept: {len(normals)} operator-confirmed normal images outside the bank, fewer than the "
@@ -71,7 +75,7 @@ def learn(session: Session, model: ServedModel, inspection: Inspection, actor: s
     folder = model.settings.data_dir / "models"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{model.name}-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}.cfm"
-    detector.save(path, references)
+    detector.save(path, references, take_fingerprint(detector, model.category, scored).to_json())
     model.use(path)
     parent = active_version(session, model.name)
     if parent is not None:

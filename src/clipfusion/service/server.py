@@ -16,12 +16,15 @@ meet a reset: the kernel resets the connections waiting in a closed socket's bac
 """
 from __future__ import annotations
 
+import asyncio
+import socket
 import time
 from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
 
+from clipfusion.errors import ClipfusionError
 from clipfusion.service.state import ServiceState
 
 QUIET = 0.3  # seconds without a new request before the port closes
@@ -37,6 +40,7 @@ class DrainingServer(uvicorn.Server):
         self.drain_signal: int | None = None
         self.drain_until = 0.0
         self.closed_at: float | None = None  # when the listening sockets were closed
+        self.refused: ClipfusionError | None = None  # why the service did not start
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.drain_signal is None:
@@ -44,6 +48,17 @@ class DrainingServer(uvicorn.Server):
             self.state.draining = True
             return
         super().handle_exit(sig, frame)  # a second signal: uvicorn's shutdown now
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """The database and the models open before uvicorn's own start-up (and before the port listens), so
+        that a model that cannot be served (weights missing, refused by its self-check) ends the service
+        with its one-line error (:func:`run` raises it), never a start-up traceback."""
+        try:
+            await asyncio.to_thread(self.state.open)
+        except ClipfusionError as exc:
+            self.refused, self.should_exit = exc, True
+            return
+        await super().startup(sockets)
 
     async def on_tick(self, counter: int) -> bool:
         """Every 0.1 s: move the drain on (accepted requests finished → port closed → shut down)."""
@@ -64,4 +79,7 @@ def run(app: FastAPI, host: str, port: int, log_config: dict[str, object], drain
     """Serve ``app`` (made by ``create_app``) until a signal, then drain (at most ``drain_limit`` seconds)
     and stop."""
     config = uvicorn.Config(app, host=host, port=port, log_config=log_config, access_log=False)
-    DrainingServer(config, app.state.service, drain_limit).run()
+    server = DrainingServer(config, app.state.service, drain_limit)
+    server.run()
+    if server.refused is not None:
+        raise server.refused

@@ -42,6 +42,7 @@ class ServiceState:
     metrics: ServiceMetrics = field(default_factory=ServiceMetrics)
     models: dict[str, ServedModel] = field(default_factory=dict)
     batchers: dict[str, Batcher[Upload, ScoredUpload]] = field(default_factory=dict)
+    opened: bool = False  # open() has run (or is running)
     ready: bool = False
     draining: bool = False  # stopping: new requests are answered 503 shutting_down (server.DrainingServer)
     in_flight: int = 0  # requests being handled (not counting the probes and the drain's refusals)
@@ -58,7 +59,11 @@ class ServiceState:
         self.finishers = ThreadPoolExecutor(max_workers=FINISHERS, thread_name_prefix="finish")
 
     def open(self) -> None:
-        """Database first (migrated), then every model: a bad model file stops the start-up, not a request."""
+        """Database first (migrated), then every model: a bad model file stops the start-up, not a request.
+        Once: ``serve`` opens before uvicorn starts, an app run otherwise (a test client) at its start-up."""
+        if self.opened:
+            return
+        self.opened = True
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.watch_disk()
         self.engine = make_engine(self.settings.url)

@@ -105,7 +105,7 @@ def checkup(model_path: str, runtime: RuntimeConfig, normal: str | None = None, 
         result.rows.append(("encoder weights", f"NOT FOUND: {exc}"))
         result.failed = True
         return result
-    comparison = compare(model.fingerprint, here, exported=model.is_export)
+    comparison = compare(model.fingerprint, here, scores_only=model.is_export)
     result.rows.append(("precision", f"{here.dtype} on {here.device} (the file: {model.fingerprint.dtype} on "
                                      f"{model.fingerprint.device})"))
     result.rows.append(("encoder weights", ", ".join(f"{name} {digest[:12]}" for name, digest in here.weights.items())
