@@ -63,6 +63,23 @@ def _add_self_check_option(parser: argparse.ArgumentParser) -> None:
                              "or skip (default: %(default)s; `clipfusion doctor` shows the whole check)")
 
 
+def _add_drift_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("score drift (docs/reliability.md#score-drift)")
+    group.add_argument("--drift-window", type=_positive, default=200, metavar="N",
+                       help="verdicts per window compared with the held-out normal scores behind the threshold "
+                            "(default: %(default)s)")
+    group.add_argument("--drift-alarm-after", type=_positive, default=3, metavar="K",
+                       help="bad windows in a row before the drift alarm (default: %(default)s)")
+
+
+def _drift_settings(args: argparse.Namespace) -> Any:
+    from clipfusion.inspection.drift import DriftSettings
+
+    if args.drift_window < 10:
+        raise ClipfusionError(f"--drift-window must be >= 10, not {args.drift_window}")
+    return DriftSettings(window=args.drift_window, alarm_after=args.drift_alarm_after)
+
+
 def _trusted(args: argparse.Namespace) -> Any:
     """The keys of ``--trusted-keys`` (None when not given)."""
     if getattr(args, "trusted_keys", None) is None:
@@ -298,6 +315,7 @@ def _add_watch(commands: Any) -> None:
                             "copy of the model for the service and the watch; key from CLIPFUSION_API_KEY)")
     _add_trust_option(watch)
     _add_self_check_option(watch)
+    _add_drift_options(watch)
     watch.add_argument("--out", default="clipfusion-watch", help="output folder (default: %(default)s)")
     watch.add_argument("--pictures", choices=("all", "ng", "none"),
                        help="which images keep their overlay, thumbnail and raw map (an NG image always keeps its "
@@ -474,6 +492,7 @@ def _add_serve(commands: Any) -> None:
                             "repeatable)")
     _add_trust_option(serve)
     _add_self_check_option(serve)
+    _add_drift_options(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, this "
                                                            "machine only; 0.0.0.0 for the network)")
     serve.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
@@ -796,6 +815,7 @@ def _local_judge(args: argparse.Namespace, pictures: Any) -> tuple[Any, str]:
     """``watch --model FILE``: the model loaded here."""
     from clipfusion.inspection import Inspector, ModelFile
     from clipfusion.inspection.core import InspectionSettings
+    from clipfusion.inspection.drift import DriftMonitor
     from clipfusion.inspection.selfcheck import self_check
     from clipfusion.tasks.watch import local_judge
 
@@ -804,7 +824,10 @@ def _local_judge(args: argparse.Namespace, pictures: Any) -> tuple[Any, str]:
     self_check(model, inspector.detector, args.self_check)
     settings = InspectionSettings(inspector.decisions, model.category, model.sha256, args.min_area, args.max_pixels,
                                   model.signer)
-    return local_judge(inspector, settings, pictures), f"model {model.short_id}"
+    threshold = inspector.decisions.image
+    reference = [normal.score for normal in model.fingerprint.normals] if model.fingerprint is not None else []
+    drift = None if threshold is None else DriftMonitor(reference, threshold, _drift_settings(args))
+    return local_judge(inspector, settings, pictures, drift), f"model {model.short_id}"
 
 
 def _server_judge(args: argparse.Namespace, identifier: str, pictures: Any) -> tuple[Any, str]:
@@ -891,7 +914,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
         min_area=args.min_area, api_keys=read_api_keys(args.api_key_file),
         store_images=Path(args.store_images) if args.store_images else None,
         learn=args.learn, keep_days=args.keep_days, trusted_keys=trusted, self_check=args.self_check,
-        min_free_mb=args.min_free_mb,
+        drift=_drift_settings(args), min_free_mb=args.min_free_mb,
         pixel_budget=args.pixel_budget * 1_000_000, min_normals=args.min_normals, read_timeout=args.read_timeout,
         deadline=args.deadline, docs=args.docs, replicas=args.replicas, publish=tuple(args.publish or ()),
         max_batch_pixels=int(args.max_batch_megapixels * 1_000_000),

@@ -5,6 +5,7 @@ image) runs in the service's finishing threads, so a large image does not hold u
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from clipfusion.errors import ClipfusionError
 from clipfusion.inspection import Inspection, Inspector, ModelFile
 from clipfusion.inspection.core import Scored
+from clipfusion.inspection.drift import ALARM, DriftMonitor
 from clipfusion.inspection.selfcheck import self_check
 from clipfusion.inspection.sources import Decoded
 from clipfusion.inspection.writer import ImageWriter, render
@@ -71,6 +73,7 @@ class ServedModel:
         self.name, self.settings, self.sessions, self.observe_model = name, settings, sessions, observe_model
         self.remote, self.publish = remote, publish
         self.files = ImageWriter(settings.data_dir / "files")
+        self.drift_lock = threading.Lock()  # verdicts are finished by several threads
         self.use(model)
 
     def use(self, model: ModelFile | Path) -> None:
@@ -84,19 +87,39 @@ class ServedModel:
         if self.remote is not None:  # one inspector: each of the replica threads calls the cluster with it
             remote = Inspector(self.remote.detector(self.name, model), None, model.category, model.sha256,
                                self.settings.min_area, self.settings.max_pixels)
-            self_check(model, remote.detector, self.settings.self_check, remote=True)
+            self.check = self_check(model, remote.detector, self.settings.self_check, remote=True)
             self.model, self.card, self.inspectors = model, model.card, [remote] * self.settings.replicas
+            self.drift = self._drift_monitor(model)
             return
         inspectors = [Inspector.from_model(model, self.settings.runtime, self.settings.batch_size,
                                            self.settings.min_area, self.settings.max_pixels)
                       for _ in range(self.settings.replicas)]
-        self_check(model, inspectors[0].detector, self.settings.self_check)  # the replicas share the weights
+        self.check = self_check(model, inspectors[0].detector, self.settings.self_check)  # replicas share weights
         if self.settings.runtime.compile and not model.is_export:
             # compile now, before requests come: the first image would otherwise wait minutes
             logger.info("compiling %s's models (--compile) before serving it", self.name)
             for inspector in inspectors:
                 inspector.inspect([np.full((256, 256, 3), 128, np.uint8)])
         self.model, self.card, self.inspectors = model, model.card, inspectors
+        self.drift = self._drift_monitor(model)
+
+    def _drift_monitor(self, model: ModelFile) -> DriftMonitor:
+        """A new version's monitor, against the held-out normal scores its fingerprint records (none in a
+        model written before fingerprints: insufficient data, said as such)."""
+        reference = [normal.score for normal in model.fingerprint.normals] if model.fingerprint is not None else []
+        assert model.card is not None
+        return DriftMonitor(reference, model.card.thresholds.image, self.settings.drift)
+
+    def observe_drift(self, model: ModelFile, score: float) -> None:
+        """A committed verdict of ``model``, counted when it is the version served now."""
+        with self.drift_lock:
+            if model is not self.model:
+                return
+            report = self.drift.observe(score)
+            state = self.drift.state() if report is not None else None
+        if state is not None and state.state == ALARM and state.bad_in_a_row == self.settings.drift.alarm_after:
+            logger.warning("model %s: score-drift alarm: %s; check the camera and light, then `clipfusion doctor` "
+                           "and `clipfusion calibrate`", self.name, state.detail)
 
     @property
     def inspector(self) -> Inspector:
@@ -164,6 +187,8 @@ class ServedModel:
                                                                      "be stored (the service log says why)")
         if self.publish is not None:  # after the commit: a message never announces an inspection that is not kept
             self.publish(committed, version.model.category)
+        if inspection.score is not None:  # always, for a stored inspection
+            self.observe_drift(version.model, inspection.score)
         return identifier
 
     def _row(self, identifier: str, upload: Upload, model: ModelFile, inspection: Inspection, row: dict[str, Any],

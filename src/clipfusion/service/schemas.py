@@ -134,6 +134,48 @@ class InspectionPage(BaseModel):
     offset: int
 
 
+class DriftWindowOut(BaseModel):
+    """The last finished drift window (``inspection.drift``)."""
+
+    images: int
+    ok_images: int
+    ks_statistic: float | None = Field(description="two-sample KS statistic: OK scores against the reference")
+    ks_p_value: float | None
+    median_shift: float | None = Field(description="shift of the OK scores' median, in margins (the threshold "
+                                                   "minus the reference median)")
+    p95_shift: float | None = Field(description="shift of the OK scores' 95th percentile, in margins")
+    ng_rate: float
+    implied_ng_rate: float = Field(description="the NG rate the thresholds imply on the reference")
+    ng_p_value: float
+    bad: bool
+    why: str
+
+
+class DriftOut(BaseModel):
+    state: Literal["insufficient data", "ok", "drifting", "alarm"]
+    detail: str
+    images: int = Field(description="verdicts of this version seen")
+    windows: int
+    bad_in_a_row: int
+    last: DriftWindowOut | None
+
+
+class SelfCheckOut(BaseModel):
+    """The check at load: the probe images scored against the model's fingerprint."""
+
+    verdict: str = Field(description="same, within tolerance, or different (served only with --self-check warn)")
+    largest_difference: float
+    tolerance: float
+    causes: list[str] = Field(description="what changed since the thresholds were set")
+
+
+class ModelHealthOut(BaseModel):
+    name: str
+    sha256: str = Field(description="the version served")
+    self_check: SelfCheckOut | None = Field(description="null: --self-check off, or a model without fingerprint")
+    drift: DriftOut
+
+
 class ModelOut(BaseModel):
     name: str
     category: str

@@ -8,6 +8,7 @@ from typing import Literal
 
 from clipfusion.config import RuntimeConfig
 from clipfusion.errors import ClipfusionError
+from clipfusion.inspection.drift import DriftSettings
 from clipfusion.ray_cluster import RayOptions
 from clipfusion.runtime.manifest import is_export
 from clipfusion.signing import TrustedKeys
@@ -49,6 +50,7 @@ class ServiceSettings:
     uploaded file in (with --learn, uploads are kept in ``data_dir/files/images`` when it is not given);
     keep_days: for so many days.
     trusted_keys: only models signed by one of these keys are served (None: signatures not checked).
+    drift: the score-drift monitor of each model's verdicts (``inspection.drift``), reset with each version.
     self_check: at each load (start, learning, rollback) the model's fingerprint is recomputed on its probe
     images: ``refuse`` a model that scores otherwise than when its thresholds were set, ``warn``, or ``off``.
     min_free_mb: /readyz answers 503 ``disk_low`` when data_dir's disk has less free space.
@@ -81,6 +83,7 @@ class ServiceSettings:
     keep_days: float | None = None  # stored uploads older than this are deleted (None: kept)
     trusted_keys: TrustedKeys | None = None
     self_check: str = "refuse"  # at each load, the fingerprint on the probes: refuse, warn or off
+    drift: DriftSettings = field(default_factory=DriftSettings)  # score-drift windows of each model's verdicts
     min_free_mb: int = 500  # /readyz fails below this much free space in data_dir
     pixel_budget: int = 50_000_000  # decoded pixels in flight over all requests (admission.PixelBudget)
     min_normals: int = 10  # operator-confirmed normals needed before learning re-derives the thresholds

@@ -14,6 +14,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from clipfusion.inspection import ModelFile
+from clipfusion.inspection.drift_metrics import DriftCollector
 from clipfusion.inspection.writer import FILE_SUFFIXES
 from clipfusion.publishing.sinks import open_outboxes
 from clipfusion.runtime.manifest import is_export
@@ -83,6 +84,7 @@ class ServiceState:
                                 self.publisher.publish if self.publisher.outboxes else None)
             self.models[name] = model
             logger.info("serving %s (%s, %s) from %s", name, model.category, model.model.preset, model.path)
+        self.metrics.registry.register(DriftCollector(lambda: {name: m.drift for name, m in self.models.items()}))
         self.publisher.recover(self.sessions, {name: model.category for name, model in self.models.items()})
         self.publisher.start()
         self.metrics.watch_outboxes(self.publisher.outboxes)

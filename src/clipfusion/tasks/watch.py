@@ -25,6 +25,7 @@ from clipfusion.feeds.base import LEDGER, Feed, FeedItem, Ledger, Stopped
 from clipfusion.feeds.folder import After, FolderFeed
 from clipfusion.feeds.video import FileTrigger, MqttTrigger, Sampling, Trigger, VideoFeed, is_video
 from clipfusion.inspection.core import InspectionSettings, Inspector
+from clipfusion.inspection.drift import ALARM, DriftMonitor
 from clipfusion.inspection.writer import ROW_FIELDS, ImageWriter, Outcome, Pictures, render_all
 from clipfusion.outputs import json_text, read_json, write_atomic
 from clipfusion.publishing.message import inspection_message
@@ -76,22 +77,26 @@ def open_feed(source: str, out: Path, options: FeedOptions, max_pixels: int) -> 
 class Judge:
     """What scores the watch's images: ``inspect(items, stop)`` gives one outcome per item (rendered, or
     its source and why it has none); the model's category and id and its thresholds name it in rows,
-    messages and ``watch.json``."""
+    messages and ``watch.json``; ``drift``: the score-drift monitor of its verdicts (None: a service judges,
+    and monitors, them)."""
 
     inspect: Callable[[Sequence[FeedItem], threading.Event], list[Outcome]]
     category: str | None
     model_id: str | None
     image_threshold: float | None
     pixel_threshold: float | None
+    drift: DriftMonitor | None = None
 
 
-def local_judge(inspector: Inspector, settings: InspectionSettings, pictures: Pictures = "all") -> Judge:
+def local_judge(inspector: Inspector, settings: InspectionSettings, pictures: Pictures = "all",
+                drift: DriftMonitor | None = None) -> Judge:
     """The model loaded here, through the one inspection core; ``pictures``: which images keep their overlay,
-    thumbnail and raw map."""
+    thumbnail and raw map; ``drift``: the monitor of its verdicts."""
     def inspect(items: Sequence[FeedItem], _stop: threading.Event) -> list[Outcome]:
         return render_all(inspector.inspect_decoded([item.decoded for item in items]), settings, pictures)
 
-    return Judge(inspect, settings.category, settings.model_id, settings.decisions.image, settings.decisions.pixel)
+    return Judge(inspect, settings.category, settings.model_id, settings.decisions.image, settings.decisions.pixel,
+                 drift)
 
 
 def run_id(out: Path) -> str:
@@ -162,10 +167,22 @@ class Watcher:
                        "seconds": round(outcome.seconds + time.perf_counter() - start, 4), "timestamp": entry["taken"]}
                 log.append(row)
                 self._publish(len(log.rows) - 1, row)
+                self._observe_drift(row["score"])
                 entry.update(outcome="scored", row=len(log.rows) - 1, decision=row["decision"])
                 self.scored += 1
             self.ledger.record(entry)
             self.feed.settle(item, entry["outcome"])
+
+    def _observe_drift(self, score: float | None) -> None:
+        monitor = self.judge.drift
+        if monitor is None or score is None or monitor.observe(score) is None:
+            return
+        state = monitor.state()
+        if state.state == ALARM:
+            logger.warning("score-drift alarm (%d bad windows in a row): %s; check the camera and light, then "
+                           "`clipfusion doctor` and `clipfusion calibrate`", state.bad_in_a_row, state.detail)
+        else:
+            logger.info("score drift: %s after %d images (%s)", state.state, state.images, state.detail)
 
     def run(self, on_batch: Callable[[int], None] | None = None) -> int:
         """Watch until ``stop`` is set or the feed ends; the images scored (or failed) this time."""

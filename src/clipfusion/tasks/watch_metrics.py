@@ -1,12 +1,14 @@
 """``watch --metrics-port``: the watch's own Prometheus endpoint (prometheus-client), read at each scrape
 from the running watch: images scored and failed, each outbox's backlog and deliveries, and the feed's
-counters (frames read and dropped, reconnections, frozen alarms, files waiting to settle)."""
+counters (frames read and dropped, reconnections, frozen alarms, files waiting to settle), and the score
+drift of its verdicts (``clipfusion_watch_drift_*``)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from clipfusion.errors import ClipfusionError
+from clipfusion.inspection.drift_metrics import DriftCollector
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -42,6 +44,9 @@ class WatchCollector:
         for name, value in watcher.feed.counters().items():
             family = CounterMetricFamily if name.endswith("_total") else GaugeMetricFamily
             yield family(f"{PREFIX}{name.removesuffix('_total')}", f"the feed's {name.replace('_', ' ')}", value=value)
+        monitor = watcher.judge.drift
+        if monitor is not None:
+            yield from DriftCollector(lambda: {watcher.judge.category or "model": monitor}, PREFIX).collect()
 
 
 def serve_metrics(watcher: Watcher, host: str, port: int) -> None:

@@ -15,7 +15,18 @@ from clipfusion.service.dependencies import AdminDep, SessionDep, StateDep, requ
 from clipfusion.service.errors import ServiceError, request_id
 from clipfusion.service.inspector import Pending
 from clipfusion.service.records import load_inspections
-from clipfusion.service.schemas import AuditOut, ChangeOut, ErrorOut, FailedOut, InspectOut, ModelOut, VersionOut
+from clipfusion.service.schemas import (
+    AuditOut,
+    ChangeOut,
+    DriftOut,
+    ErrorOut,
+    FailedOut,
+    InspectOut,
+    ModelHealthOut,
+    ModelOut,
+    SelfCheckOut,
+    VersionOut,
+)
 from clipfusion.service.state import ServiceState
 from clipfusion.service.tables import Audit, Inspection, ModelVersion
 from clipfusion.service.uploads import ItemError, Upload, decode, measure, read_files
@@ -143,6 +154,21 @@ def _queue_full(name: str, state: ServiceState) -> ServiceError:
 async def rollback(name: str, state: StateDep, admin: AdminDep) -> ChangeOut:
     """Serve the version the active one was learned from (undo the last learning step); an admin key."""
     return await state.rollback(name, admin.name)
+
+
+@router.get("/{name}/health", response_model=ModelHealthOut, responses=ERRORS)
+def health(name: str, state: StateDep) -> ModelHealthOut:
+    """Can the model's verdicts be trusted? The self-check at load (its fingerprint) and the score drift of
+    the version served (docs/reliability.md)."""
+    model = state.model(name)
+    with model.drift_lock:
+        drift = model.drift.state().as_dict()
+    check = model.check
+    return ModelHealthOut(
+        name=name, sha256=model.sha256, drift=DriftOut.model_validate(drift),
+        self_check=None if check is None else SelfCheckOut(
+            verdict=check.verdict, largest_difference=check.largest, tolerance=check.tolerance,
+            causes=[f"{f.what}: {f.recorded} -> {f.here}" for f in check.causes]))
 
 
 @router.get("/{name}/versions", response_model=list[VersionOut], responses=ERRORS)
