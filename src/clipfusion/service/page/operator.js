@@ -102,6 +102,10 @@ async function loadModels() {
   const versions = await (await api(`/v1/models/${encodeURIComponent(m.name)}/versions`)).json();
   const active = versions.find((v) => v.active);
   panel.append(` · ${versions.length} version(s), active #${active ? active.id : "?"} `);
+  const health = document.createElement("span");
+  health.id = "model-health";
+  panel.append(health);
+  await loadHealth();
   if (active && active.parent_id !== null) {
     const rollback = button("roll back", async () => {
       try {
@@ -115,6 +119,18 @@ async function loadModels() {
     rollback.id = "rollback";
     panel.append(rollback);
   }
+}
+
+// Can the verdicts be trusted: the self-check at load and the score drift of the version served
+// (docs/reliability.md); refreshed after every inspection.
+async function loadHealth() {
+  const span = $("model-health");
+  if (!span || !$("model").value) return;
+  const h = await (await api(`/v1/models/${encodeURIComponent($("model").value)}/health`)).json();
+  const check = h.self_check ? `self-check ${h.self_check.verdict}` : "no self-check";
+  span.textContent = ` · ${check} · drift: ${h.drift.state} (${h.drift.detail}; ${h.drift.images} verdict(s) of ` +
+    "this version) ";
+  span.className = h.drift.state === "alarm" || (h.self_check && h.self_check.verdict === "different") ? "error" : "";
 }
 
 async function inspect(files) {
@@ -141,6 +157,7 @@ async function inspect(files) {
     }
     if (answer.inspections.length) showVerdict(answer.inspections[answer.inspections.length - 1]);
     await loadHistory();
+    await loadHealth();
   } catch (error) {
     say(error.message, true);
   }
