@@ -8,8 +8,8 @@ the thresholds (the model file's fingerprint), cut at the same threshold.
 - the OK scores against the reference's OK scores: SciPy's two-sample Kolmogorov–Smirnov test, and the
   shift of the median and of the 95th percentile in units of the threshold's **margin** (the threshold
   minus the reference median: how far a typical normal part is from being called NG);
-- the NG rate against the rate the thresholds imply on the reference (at least 1 / (n + 1)): a one-sided
-  binomial test.
+- the NG rate against the highest rate the reference allows (the one-sided 95 % upper bound of its share
+  above the threshold: a threshold set from few images is uncertain itself): a one-sided binomial test.
 
 A window is *bad* when the OK scores moved (KS p-value below ``alpha`` and the median or the 95th
 percentile shifted by at least ``min_shift`` margins) or too many parts were NG (binomial p-value below
@@ -88,8 +88,11 @@ class DriftMonitor:
         self.threshold = float(threshold)
         scores = np.asarray(reference, dtype=np.float64)
         self.reference_ok = np.sort(scores[scores <= self.threshold])
-        self.implied_ng_rate = max(float(np.mean(scores > self.threshold)) if len(scores) else 0.0,
-                                   1.0 / (len(scores) + 1))
+        # the highest NG rate of normal parts the reference allows (one-sided 95 % Clopper-Pearson bound): a
+        # threshold set from few images is itself uncertain, and its noise must not read as drift
+        above = int(np.sum(scores > self.threshold))
+        self.implied_ng_rate = float(stats.beta.ppf(0.95, above + 1, len(scores) - above)) if len(scores) > above \
+            else 1.0
         median = float(np.median(self.reference_ok)) if len(self.reference_ok) else self.threshold
         spread = float(np.ptp(scores)) if len(scores) else 0.0
         # the margin: how far a typical normal part is from the threshold (never 0: a tiny reference)
