@@ -9,7 +9,8 @@ then replayed over those scores for each setting of the grid: false alarms and b
 run, images until the alarm on each drift.  Random weights: mechanics, not accuracy.
 
     python benchmarks/drift.py                       # tiny, 5,000 normals → benchmarks/results/drift.json
-    python benchmarks/drift.py --preset fast --normals 600 --drifted 300 --out benchmarks/results/drift-fast.json
+    python benchmarks/drift.py --preset fast --normals 600 --drifted 200 --out benchmarks/results/drift-fast.json
+    (fast: full-size architectures with random weights)
 """
 from __future__ import annotations
 
@@ -17,13 +18,13 @@ import argparse
 import json
 import platform
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from _common import RANDOM_FAST, clipfusion_command
 from PIL import Image, ImageFilter
 
 from clipfusion.data import read_rgb
@@ -99,8 +100,9 @@ def main() -> None:
                                                                  n_train=args.normals, n_test_good=1,
                                                                  n_test_per_defect=1, seed=12), progress=False)
         model = Path(folder) / "disc.cfm"
-        subprocess.run([sys.executable, "-m", "clipfusion", "fit", "--normal", str(fit_root / "disc/train/good"),
-                        "--category", "disc", "--shots", str(args.shots), "--preset", args.preset, "--out",
+        random_weights = RANDOM_FAST if args.preset == "fast" else []  # full size, no weights to download
+        subprocess.run([clipfusion_command(), "fit", "--normal", str(fit_root / "disc/train/good"), "--category",
+                        "disc", "--shots", str(args.shots), "--preset", args.preset, *random_weights, "--out",
                         str(model), "--quiet"], check=True)
         detector = CLIPFusion.load(model, batch_size=32)
         opened = ModelFile.open(model)

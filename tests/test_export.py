@@ -272,9 +272,16 @@ def test_an_export_runs_in_its_models_precision_where_this_cpu_can(cpu_kind, exp
 
 
 SERVE_WITHOUT_TORCH = """
-import json, sys
+import importlib.abc, json, sys
 from pathlib import Path
-sys.modules["torch"] = None  # from here on, any import of torch fails
+
+class NoTorch(importlib.abc.MetaPathFinder):  # from here on, any import of torch fails, as where it is absent
+    def find_spec(self, name, path, target=None):
+        if name.partition(".")[0] == "torch":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NoTorch())
 from clipfusion.data.base import read_rgb
 from clipfusion.service.app import create_app
 from clipfusion.service.database import make_engine, migrate, session_factory
@@ -294,6 +301,7 @@ with session_factory(engine).begin() as session:
     from clipfusion.service.tables import Inspection
     row = session.get(Inspection, identifier)
     print(json.dumps({"score": row.score, "decision": row.decision, "sha256": row.model_sha256}))
+assert "torch" not in sys.modules
 """
 
 
