@@ -825,8 +825,7 @@ def _local_judge(args: argparse.Namespace, pictures: Any) -> tuple[Any, str]:
     settings = InspectionSettings(inspector.decisions, model.category, model.sha256, args.min_area, args.max_pixels,
                                   model.signer)
     threshold = inspector.decisions.image
-    reference = [normal.score for normal in model.fingerprint.normals] if model.fingerprint is not None else []
-    drift = None if threshold is None else DriftMonitor(reference, threshold, _drift_settings(args))
+    drift = None if threshold is None else DriftMonitor(model.reference_scores, threshold, _drift_settings(args))
     return local_judge(inspector, settings, pictures, drift), f"model {model.short_id}"
 
 

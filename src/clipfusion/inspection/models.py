@@ -88,6 +88,12 @@ class ModelFile:
         return None if self.card is None else self.card.dtype
 
     @property
+    def reference_scores(self) -> list[float]:
+        """The scores of the held-out normal images behind the thresholds, as the fingerprint records them
+        (empty for a model written before fingerprints): the reference of score-drift monitoring."""
+        return [] if self.fingerprint is None else [normal.score for normal in self.fingerprint.normals]
+
+    @property
     def _card(self) -> ModelCard:
         assert self.card is not None, "a model file always has a card"
         return self.card

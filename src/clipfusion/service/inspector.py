@@ -106,9 +106,8 @@ class ServedModel:
     def _drift_monitor(self, model: ModelFile) -> DriftMonitor:
         """A new version's monitor, against the held-out normal scores its fingerprint records (none in a
         model written before fingerprints: insufficient data, said as such)."""
-        reference = [normal.score for normal in model.fingerprint.normals] if model.fingerprint is not None else []
         assert model.card is not None
-        return DriftMonitor(reference, model.card.thresholds.image, self.settings.drift)
+        return DriftMonitor(model.reference_scores, model.card.thresholds.image, self.settings.drift)
 
     def observe_drift(self, model: ModelFile, score: float) -> None:
         """A committed verdict of ``model``, counted when it is the version served now."""

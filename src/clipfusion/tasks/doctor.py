@@ -26,6 +26,7 @@ from clipfusion.inspection.fingerprint import (
 from clipfusion.inspection.models import ModelFile
 from clipfusion.inspection.thresholds import score_normals
 from clipfusion.outputs import file_sha256
+from clipfusion.protocol import Detector
 from clipfusion.tasks.inputs import collect_images
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def _machine_rows() -> list[tuple[str, str]]:
             ("machine", precision_summary())]
 
 
-def _normal_scores(detector: object, model: ModelFile, normal: str, batch_size: int) -> list[NormalScore]:
+def _normal_scores(detector: Detector, model: ModelFile, normal: str, batch_size: int) -> list[NormalScore]:
     """The recorded held-out normals found in ``normal`` (by content), scored here."""
     recorded = {n.sha256 for n in model.fingerprint.normals} if model.fingerprint is not None else set()
     found = [path for path in collect_images([normal]) if file_sha256(path) in recorded]
@@ -64,7 +65,7 @@ def _normal_scores(detector: object, model: ModelFile, normal: str, batch_size: 
         raise ClipfusionError(f"--normal {normal} holds none of the {len(recorded)} held-out normal images the model "
                               "file's thresholds were set on (matched by content); give that folder, or leave "
                               "--normal out to compare the probe images only")
-    scored = score_normals(detector, found, model.category, batch_size)  # type: ignore[arg-type]
+    scored = score_normals(detector, found, model.category, batch_size)
     return scored.fingerprint_entries()
 
 
