@@ -22,6 +22,7 @@ from clipfusion.config import (
     DTYPES,
     EXPORT_DTYPES,
     METHOD_NAMES,
+    PRECOMPILED_MODES,
     PRESET_NAMES,
     RuntimeConfig,
     parse_overrides,
@@ -206,6 +207,11 @@ def _add_runtime_options(group: Any) -> None:
                        help="torch.compile the UNet pass and the autoencoder (frozen weights, one image per call): "
                             "the same maps, minutes of compiling before the first image, then faster "
                             "(docs/speed.md); pays on long runs and in serve")
+    group.add_argument("--precompiled", default=None, choices=PRECOMPILED_MODES,
+                       help="the UNet pass and the autoencoder compiled ahead of time, once per model and machine "
+                            "(`clipfusion compile`), loaded in seconds: auto = use them where built, else eager; "
+                            "build = compile them first where missing (minutes); off = eager (default: auto for "
+                            "serve and watch, off elsewhere; docs/speed.md)")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -220,7 +226,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 def _runtime(args: argparse.Namespace) -> RuntimeConfig:
     """The runtime as asked: ``auto`` is resolved by each detector where it runs (a model file's recorded
     precision, a Ray worker's hardware)."""
-    return RuntimeConfig(args.device, args.dtype, args.offline, args.cache_dir, args.hub_timeout, args.compile)
+    precompiled = args.precompiled or ("off" if args.compile else getattr(args, "precompiled_default", "off"))
+    return RuntimeConfig(args.device, args.dtype, args.offline, args.cache_dir, args.hub_timeout, args.compile,
+                         precompiled)
 
 
 def _params(args: argparse.Namespace, method: str, preset: str | None = None) -> dict[str, Any]:
@@ -362,6 +370,7 @@ def _add_watch(commands: Any) -> None:
                        help="smallest region reported, in the image's own pixels (default: %(default)s)")
     _add_batch_options(watch)
     _add_runtime_options(watch.add_argument_group("where the model runs"))
+    watch.set_defaults(precompiled_default="auto")
     _add_common(watch)
 
 
@@ -561,7 +570,22 @@ def _add_serve(commands: Any) -> None:
                        help="text lines, or one JSON object per line with the request id (default: %(default)s)")
     serve.add_argument("--batch-size", type=int, default=8, help=argparse.SUPPRESS)
     _add_runtime_options(serve.add_argument_group("where the models run"))
+    serve.set_defaults(precompiled_default="auto")
     _add_common(serve)
+
+
+def _add_compile(commands: Any) -> None:
+    compile_ = _command(commands, "compile", "compile a model file's UNet pass and autoencoder for this machine, once",
+                        "Build the packages that serve and watch (--precompiled auto, their default) and predict "
+                        "(--precompiled auto) load in seconds instead of running eager: torch's AOTInductor, "
+                        "weights frozen in, one per model and machine (torch version, CPU, precision, settings) "
+                        "in $CLIPFUSION_COMPILED_CACHE (default ~/.cache/clipfusion/compiled). Minutes, once.",
+                        epilog("compile"))
+    compile_.add_argument("--model", required=True, metavar="FILE.cfm", help="model file from `clipfusion fit`")
+    group = compile_.add_argument_group("where the models run")
+    _add_runtime_options(group)
+    compile_.set_defaults(precompiled_default="build")
+    _add_common(compile_)
 
 
 def _add_synth(commands: Any) -> None:
@@ -601,6 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fit(commands)
     _add_calibrate(commands)
     _add_doctor(commands)
+    _add_compile(commands)
     _add_signing(commands)
     _add_db(commands)
     _add_export(commands)
@@ -690,6 +715,18 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return result.exit_status
 
 
+def _cmd_compile(args: argparse.Namespace) -> None:
+    from clipfusion.tasks.precompile import precompile
+
+    if Path(args.model).is_dir():
+        raise ClipfusionError(f"--model {args.model} is an export folder, which OpenVINO Runtime compiles when it "
+                              "loads: pass the .cfm model file it came from")
+    if args.compile or args.precompiled not in (None, "build"):
+        raise ClipfusionError("compile builds the precompiled parts: drop --compile and --precompiled")
+    result = precompile(args.model, _runtime(args))
+    print(result.summary())
+
+
 def _cmd_export(args: argparse.Namespace) -> None:
     from clipfusion.inspection import ModelFile
 
@@ -718,9 +755,10 @@ def _refuse_torch_options_for_exports(args: argparse.Namespace) -> None:
     exports = [model for model in _model_paths(args) if Path(model).is_dir()]
     if not exports:
         return
-    if args.compile:
-        raise ClipfusionError("--compile runs PyTorch models; an export folder is compiled by OpenVINO Runtime when "
-                              "it loads: drop --compile")
+    for option, given in (("--compile", args.compile), ("--precompiled", args.precompiled)):
+        if given:
+            raise ClipfusionError(f"{option} runs PyTorch models; an export folder is compiled by OpenVINO Runtime "
+                                  f"when it loads: drop {option}")
     ignored = [f"--{name} {value}" for name, value, fits in (("device", args.device, ("auto", "cpu")),
                                                              ("dtype", args.dtype, EXPORT_DTYPES))
                if value not in fits]
@@ -834,8 +872,8 @@ def _server_judge(args: argparse.Namespace, identifier: str, pictures: Any) -> t
     from clipfusion.service_client import ServiceClient
     from clipfusion.tasks.watch import Judge
 
-    given = [option for option, value in (("--trusted-keys", args.trusted_keys), ("--compile", args.compile))
-             if value]
+    given = [option for option, value in (("--trusted-keys", args.trusted_keys), ("--compile", args.compile),
+                                          ("--precompiled", args.precompiled)) if value]
     if given:
         raise ClipfusionError(f"--server scores with the service's model, loaded and checked there: drop "
                               f"{' and '.join(given)}")
@@ -1016,6 +1054,7 @@ INTERRUPTED = {
     "and results.csv; add --resume to the same command to score the rest",
     "fit": "no memory bank was written", "benchmark": "nothing was written",
     "calibrate": "no model file was written", "doctor": "nothing was checked",
+    "compile": "a package being built is left unfinished and never used: run it again",
     "db": "the migration's transaction was rolled back",
     "keygen": "no key was written", "sign": "no signature was written", "verify": "nothing was checked",
     "export": "the folder holds no complete export; run it again",
@@ -1038,9 +1077,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_output(args.quiet, args.debug)
     commands: dict[str, Callable[[argparse.Namespace], int | None]] = {
         "demo": _cmd_demo, "evaluate": _cmd_evaluate, "predict": _cmd_predict, "watch": _cmd_watch, "fit": _cmd_fit,
-        "calibrate": _cmd_calibrate, "doctor": _cmd_doctor, "export": _cmd_export, "keygen": _cmd_keygen,
-        "sign": _cmd_sign, "verify": _cmd_verify, "db": _cmd_db, "sweep": _cmd_sweep, "benchmark": _cmd_benchmark,
-        "synth": _cmd_synth, "serve": _cmd_serve}
+        "calibrate": _cmd_calibrate, "doctor": _cmd_doctor, "compile": _cmd_compile, "export": _cmd_export,
+        "keygen": _cmd_keygen, "sign": _cmd_sign, "verify": _cmd_verify, "db": _cmd_db, "sweep": _cmd_sweep,
+        "benchmark": _cmd_benchmark, "synth": _cmd_synth, "serve": _cmd_serve}
     try:
         from tqdm.contrib.logging import logging_redirect_tqdm
 

@@ -84,6 +84,19 @@ EXAMPLES: dict[str, tuple[list[tuple[str, str]], str]] = {
         'with native bf16, float16 on CUDA, float32 elsewhere), and writes a new model file that records it. Use '
         'it when a model fitted on another machine runs here in another precision (predict and serve say so).',
     ),
+    "compile": (
+        [
+            ("clipfusion compile --model bottle.cfm", "once per model and machine: minutes"),
+            ("clipfusion serve --model bottle.cfm", "then starts in seconds, compiled"),
+            ("clipfusion predict images/ --model bottle.cfm --out run/ --precompiled auto", ""),
+        ],
+        "Compiles the UNet pass and the autoencoder with torch's AOTInductor (weights frozen in, as --compile does "
+        "in the process) into packages in $CLIPFUSION_COMPILED_CACHE (default ~/.cache/clipfusion/compiled). A "
+        "package is for one model's weights, settings and precision on one kind of machine and torch version; "
+        "anything else looks for another, so a stale package is never used. serve and watch use them by default "
+        "(--precompiled auto) and run eager where none is built; --precompiled build compiles a missing one at "
+        "start instead.",
+    ),
     "doctor": (
         [
             ("clipfusion doctor --model bottle.cfm", "the probe images: seconds"),

@@ -167,6 +167,9 @@ class FusionConfig:
     maps: tuple[str, ...] = ("clip_language", "clip_visual", "diff_language", "diff_visual")
 
 
+PRECOMPILED_MODES = ("off", "auto", "build")  # RuntimeConfig.precompiled
+
+
 @dataclass(frozen=True)
 class RuntimeConfig:
     """Where and how models run.  device: ``auto`` (cuda, then mps, then cpu), cpu, cuda, cuda:N or
@@ -175,7 +178,10 @@ class RuntimeConfig:
     default too, ``hardware.model_precision``), float32, float16 or bfloat16.  offline: never touch the
     network (also when HF_HUB_OFFLINE=1).  compile: run the UNet pass and the autoencoder through
     ``torch.compile`` (inductor, weights frozen in), one image per call: the same maps, a slow first
-    image (minutes on a CPU), faster after that (docs/speed.md)."""
+    image (minutes on a CPU), faster after that (docs/speed.md).  precompiled: the same compiled code built
+    once per model and machine into a cache and loaded in seconds (``clipfusion.encoders.precompiled``):
+    ``off``, ``auto`` (use a package that is there, else run eager) or ``build`` (compile a missing one
+    first)."""
 
     device: str = "auto"
     dtype: str = "auto"
@@ -183,6 +189,7 @@ class RuntimeConfig:
     cache_dir: str | None = None
     hub_timeout: float = 10.0  # seconds the model hub gets to answer before the local cache is used alone
     compile: bool = False
+    precompiled: str = "off"
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
@@ -190,6 +197,12 @@ class RuntimeConfig:
         _choice("dtype", self.dtype, ("auto", *DTYPES))
         if self.compile and self.device == "mps":
             raise SettingError("compile runs on cpu or cuda, not mps: drop --compile")
+        _choice("precompiled", self.precompiled, PRECOMPILED_MODES)
+        if self.precompiled != "off" and self.device == "mps":
+            raise SettingError("precompiled parts run on cpu or cuda, not mps: drop --precompiled")
+        if self.compile and self.precompiled != "off":
+            raise SettingError("--compile compiles in this process, --precompiled loads what was compiled before: "
+                               "give one of them")
 
     def resolved(self, recorded: str | None = None) -> tuple[RuntimeConfig, str | None]:
         """This runtime with ``auto`` made concrete for a model whose bank and thresholds were computed

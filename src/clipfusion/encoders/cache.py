@@ -16,7 +16,8 @@ from clipfusion.encoders.loading import DiffusionParts, load_diffusion
 
 def clip_encoder(config: ClipConfig, runtime: RuntimeConfig) -> ClipEncoder:
     # keyed by the concrete runtime: ``auto`` and what it means share one set of weights
-    return _clip_encoder(config, dataclasses.replace(runtime.resolved()[0], compile=False))  # CLIP runs eager
+    return _clip_encoder(config, dataclasses.replace(runtime.resolved()[0], compile=False,  # CLIP runs eager
+                                                     precompiled="off"))
 
 
 @lru_cache(maxsize=2)
@@ -37,6 +38,7 @@ def diffusion_encoder(config: DiffusionConfig, runtime: RuntimeConfig) -> Diffus
 
 @lru_cache(maxsize=4)
 def _diffusion_encoder(config: DiffusionConfig, runtime: RuntimeConfig) -> DiffusionEncoder:
-    weights = dataclasses.replace(runtime, compile=False)  # compiled and eager encoders of a model share its weights
+    # compiled and eager encoders of a model share its weights
+    weights = dataclasses.replace(runtime, compile=False, precompiled="off")
     parts = _diffusion_parts(config.model_id, config.vae_id, config.vae_dtype, weights)
-    return DiffusionEncoder(dataclasses.replace(parts), config, runtime.compile)
+    return DiffusionEncoder(dataclasses.replace(parts), config, runtime.compile, runtime.precompiled)

@@ -9,6 +9,7 @@ per model part, not one per batch size (serve's batches vary, a run's last batch
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
@@ -16,9 +17,33 @@ import torch
 
 Function = TypeVar("Function", bound=Callable[..., Any])
 
+# torch's loggers that write to the terminal while compiling or loading compiled code: dynamo's multi-line
+# notes (e.g. on the functools.lru_cache of diffusers' upsampling), inductor's, and "No CUDA runtime is
+# found" from C++ extension building on a CPU-only machine
+COMPILER_LOGGERS = ("torch._dynamo", "torch._inductor", "torch._export", "torch.export", "torch.fx",
+                    "torch.utils.cpp_extension")
+
+
+class _ToClipfusionDebug(logging.Handler):
+    """Hands a record of torch's compiler on to clipfusion's log at debug level (shown with ``--debug``)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger("clipfusion").debug("%s: %s", record.name, record.getMessage())
+
+
+@functools.cache
+def route_compiler_logs() -> None:
+    """Send the compiler's warnings to clipfusion's log at debug level instead of the user's terminal (once)."""
+    handler = _ToClipfusionDebug()
+    for name in COMPILER_LOGGERS:
+        compiler_logger = logging.getLogger(name)
+        compiler_logger.handlers[:] = [handler]
+        compiler_logger.propagate = False
+
 
 def compile_for_inference(function: Function) -> Function:
     """``function`` compiled lazily (at its first call) with frozen weights and static shapes."""
+    route_compiler_logs()
     compiled = torch.compile(function, dynamic=False)
 
     @functools.wraps(function)

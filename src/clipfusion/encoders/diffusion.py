@@ -29,6 +29,7 @@ from clipfusion.encoders.attention import (
 )
 from clipfusion.encoders.compiling import compile_for_inference, one_image_per_call
 from clipfusion.encoders.loading import DiffusionParts, load_diffusion
+from clipfusion.encoders.precompiled import PrecompiledParts
 from clipfusion.errors import SettingError
 from clipfusion.geometry import tokens_to_grid
 from clipfusion.resampling import normalised_pixels
@@ -129,15 +130,20 @@ class DiffusionEncoder:
     """A Stable Diffusion UNet (diffusers) read as a feature extractor; see the module docstring.
 
     compile: run the UNet pass and the VAE encoder through :func:`compile_for_inference`, one image
-    per call (``RuntimeConfig.compile``)."""
+    per call (``RuntimeConfig.compile``).  precompiled: run them through packages compiled ahead of time
+    (:class:`PrecompiledParts`, ``RuntimeConfig.precompiled``), one image per call too."""
 
-    def __init__(self, parts: DiffusionParts, config: DiffusionConfig, compile: bool = False) -> None:
+    def __init__(self, parts: DiffusionParts, config: DiffusionConfig, compile: bool = False,
+                 precompiled: str = "off") -> None:
         self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
         self.tokenizer, self.scheduler, self.model_id = parts.tokenizer, parts.scheduler, parts.model_id
         self.config = config
-        self.compiled = compile
+        self.compiled = compile or precompiled != "off"  # static shapes: one image per call
         self._unet_forward = compile_for_inference(partial_unet_forward) if compile else partial_unet_forward
         self._vae_latents = compile_for_inference(vae_latents) if compile else vae_latents
+        if precompiled != "off":
+            self.precompiled = PrecompiledParts(self, precompiled)
+            self._unet_forward, self._vae_latents = self.precompiled.unet_forward, self.precompiled.vae_latents
         param = next(self.unet.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.vae_dtype = next(self.vae.parameters()).dtype  # differs from dtype with diffusion__vae_dtype
@@ -169,7 +175,7 @@ class DiffusionEncoder:
     @classmethod
     def from_config(cls, config: DiffusionConfig, runtime: RuntimeConfig | None = None) -> DiffusionEncoder:
         runtime = runtime or RuntimeConfig()
-        return cls(load_diffusion(config, runtime), config, runtime.compile)
+        return cls(load_diffusion(config, runtime), config, runtime.compile, runtime.precompiled)
 
     # --- inputs ----------------------------------------------------------------------------------
 
@@ -304,10 +310,12 @@ class DiffusionEncoder:
             if stop_early:
                 last_block = self.last_block(feature_blocks)
                 parts = []  # (maps, features) per call
+                # other processors than the capturing ones (the naive reference) are not in a compiled pass
+                forward = self._unet_forward if processors is None else partial_unet_forward
                 for rows in one_image_per_call(torch.arange(latents.shape[0]), self.compiled, n_prompts):
                     self._state.maps = {}
-                    part = self._unet_forward(self.unet, latents[rows], timesteps[rows], context[rows], last_block,
-                                              feature_blocks)
+                    part = forward(self.unet, latents[rows], timesteps[rows], context[rows], last_block,
+                                    feature_blocks)
                     parts.append((self._state.maps, part))
                 self._state.maps = {name: torch.cat([maps[name] for maps, _ in parts]) for name in parts[0][0]}
                 features = {block: torch.cat([part[block] for _, part in parts]) for block in parts[0][1]}

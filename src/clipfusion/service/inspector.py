@@ -95,9 +95,11 @@ class ServedModel:
                                            self.settings.min_area, self.settings.max_pixels)
                       for _ in range(self.settings.replicas)]
         self.check = self_check(model, inspectors[0].detector, self.settings.self_check)  # replicas share weights
-        if self.settings.runtime.compile and not model.is_export:
-            # compile now, before requests come: the first image would otherwise wait minutes
-            logger.info("compiling %s's models (--compile) before serving it", self.name)
+        runtime = self.settings.runtime
+        if (runtime.compile or runtime.precompiled != "off") and not model.is_export:
+            # compile (or load the precompiled parts) now, before requests come: the first image would
+            # otherwise wait minutes (seconds)
+            logger.info("compiling %s's models (--compile) or loading them precompiled before serving it", self.name)
             for inspector in inspectors:
                 inspector.inspect([np.full((256, 256, 3), 128, np.uint8)])
         self.model, self.card, self.inspectors = model, model.card, inspectors

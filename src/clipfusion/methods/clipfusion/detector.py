@@ -18,6 +18,7 @@ from clipfusion import __version__
 from clipfusion.config import SETTING_GROUPS, FusionConfig, Preset, RuntimeConfig, get_preset, override
 from clipfusion.decisions import Thresholds
 from clipfusion.encoders import cache
+from clipfusion.encoders.precompiled import PrecompiledParts
 from clipfusion.errors import ClipfusionError
 from clipfusion.hardware import precision_note
 from clipfusion.images import Images, as_rgb_list
@@ -163,6 +164,11 @@ class CLIPFusion(Estimator):
                                                                      + config.mapdiff.anomalous_words)
                                if config.mapdiff.joint_prompt else config.mapdiff.normal_words[0]],
         }
+
+    def precompiled_parts(self) -> PrecompiledParts | None:
+        """The UNet pass's and the autoencoder's precompiled packages (``RuntimeConfig.precompiled``), None
+        when they run eager or through ``--compile``."""
+        return getattr(self._branches()[1].encoder, "precompiled", None)
 
     def weights_digests(self) -> dict[str, str]:
         """Encoder → a digest of its weights, the same in any precision (``encoders.digest``)."""

@@ -1,0 +1,257 @@
+"""Model parts compiled ahead of time (torch's AOTInductor), built once per model and machine and
+loaded in seconds: ``RuntimeConfig.precompiled`` (``--precompiled``, ``clipfusion compile``).
+
+``--compile`` compiles the UNet pass and the autoencoder in the process that runs them: a minute or
+more before the first image, at every start.  Here the same frozen-weight inductor code is compiled
+once into a package (``torch._inductor.aoti_compile_and_package``: the generated kernels as a shared
+library and the weights as constants) in a cache folder, and every later process loads it.
+
+A package holds what it was compiled for, and its folder's name is a digest of all of it (the
+:func:`package_fields`): the part and its input shapes, the read-out (last block, feature blocks,
+capturing layers), the digest of the weights, the dtype, the device, torch's version and the CPU's
+instruction set, and the source of the code it traced.  A change in any of them looks for another
+folder, so a stale package is never used: it is simply not found.  ``key.json`` beside each package
+says what it is for.
+
+Modes: ``off`` (eager), ``auto`` (a package in the cache is used, a missing one is said once and the
+part runs eager) and ``build`` (a missing package is compiled first, minutes).  The UNet package
+captures every token column of the cross-attention; the columns a category needs are picked after
+the call (the mean over heads is per column, so this equals capturing them inside).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from filelock import FileLock
+
+from clipfusion.encoders.compiling import route_compiler_logs
+from clipfusion.encoders.digest import weights_digest
+
+if TYPE_CHECKING:
+    from clipfusion.encoders.diffusion import DiffusionEncoder
+
+logger = logging.getLogger("clipfusion")
+
+CACHE_ENV = "CLIPFUSION_COMPILED_CACHE"
+PACKAGE = "package.pt2"
+KEY = "key.json"
+
+
+def cache_root() -> Path:
+    """Where packages live: ``$CLIPFUSION_COMPILED_CACHE``, else ``$XDG_CACHE_HOME/clipfusion/compiled``
+    (``~/.cache/clipfusion/compiled``), beside the Hugging Face cache's default."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "clipfusion" / "compiled"
+
+
+@functools.cache
+def _source_digest() -> str:
+    """SHA-256 of the code a package traces (the partial UNet forward, the capturing processor, this
+    module): a changed line of it makes every package stale."""
+    from clipfusion.encoders import attention, diffusion
+
+    digest = hashlib.sha256()
+    for module in (diffusion, attention):
+        digest.update(Path(module.__file__ or "").read_bytes())
+    digest.update(Path(__file__).read_bytes())
+    return digest.hexdigest()
+
+
+def environment_fields(device: torch.device) -> dict[str, Any]:
+    """What the generated code depends on besides the model: torch, the device and the CPU's instruction set."""
+    from clipfusion.hardware import cpu_info
+
+    cpu = cpu_info()
+    return {"torch": torch.__version__, "device": device.type,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu": cpu.model,
+            "cpu_flags": list(cpu.flags), "source": _source_digest()}
+
+
+def package_fields(part: str, weights: str, dtype: torch.dtype, device: torch.device,
+                   inputs: Sequence[torch.Tensor], **settings: Any) -> dict[str, Any]:
+    """Everything a package is compiled for (its folder's name is their digest)."""
+    return {"part": part, "weights": weights, "dtype": str(dtype).removeprefix("torch."),
+            "inputs": [[list(tensor.shape), str(tensor.dtype).removeprefix("torch.")] for tensor in inputs],
+            **settings, **environment_fields(device)}
+
+
+def folder_name(fields: dict[str, Any]) -> str:
+    text = json.dumps(fields, sort_keys=True)
+    return f"{fields['part']}-{hashlib.sha256(text.encode()).hexdigest()[:24]}"
+
+
+@contextlib.contextmanager
+def _without_gradients(module: torch.nn.Module) -> Iterator[None]:
+    """``module``'s parameters with ``requires_grad`` off while it is exported: export copies the flag onto
+    its fake parameters, which it may not set on weights made under ``torch.inference_mode`` (a detector
+    loaded inside it); set back afterwards, inside inference mode, where that is allowed."""
+    flags = [(parameter, parameter.requires_grad) for parameter in module.parameters()]
+    for parameter, _ in flags:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        with torch.inference_mode():
+            for parameter, flag in flags:
+                parameter.requires_grad_(flag)
+
+
+def build_package(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], folder: Path, fields: dict[str, Any]
+                  ) -> None:
+    """Export ``module`` at ``inputs`` and compile it, weights frozen in, into ``folder`` (atomically: a
+    temporary folder renamed at the end, so a killed build leaves no package)."""
+    temporary = folder.with_name(f"{folder.name}.building-{os.getpid()}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    try:
+        # no_grad, not inference_mode (the caller's): export traces ordinary tensors, and inductor packs
+        # weights for oneDNN only with gradients off (with them on, measured: slower than eager)
+        with torch.inference_mode(False), torch.no_grad(), _without_gradients(module):
+            examples = tuple(tensor.clone() for tensor in inputs)  # ordinary copies of inference tensors
+            program = torch.export.export(module, examples, strict=False)
+            torch._inductor.aoti_compile_and_package(program, package_path=str(temporary / PACKAGE),
+                                                     inductor_configs={"freezing": True})
+        (temporary / KEY).write_text(json.dumps(fields, indent=2, sort_keys=True) + "\n")
+        os.replace(temporary, folder)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def load_or_build(fields: dict[str, Any], mode: str, module: Callable[[], torch.nn.Module],
+                  inputs: tuple[torch.Tensor, ...], root: Path | None = None) -> Callable[..., Any] | None:
+    """The package for ``fields`` from the cache, built first in ``build`` mode; None in ``auto`` mode
+    when there is none (the caller runs eager).  Processes building the same package wait for each other."""
+    route_compiler_logs()
+    root = root or cache_root()
+    folder = root / folder_name(fields)
+    if not (folder / PACKAGE).is_file():
+        if mode != "build":
+            logger.info("no precompiled %s for this model on this machine in %s: it runs eager; "
+                        "`clipfusion compile --model FILE.cfm` builds it once (minutes)", fields["part"], root)
+            return None
+        root.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(root / f"{folder.name}.lock")):
+            if not (folder / PACKAGE).is_file():
+                logger.info("compiling the %s ahead of time into %s (once per model and machine; minutes)",
+                            fields["part"], folder)
+                start = time.perf_counter()
+                build_package(module(), inputs, folder, fields)
+                logger.info("compiled the %s in %.0f s", fields["part"], time.perf_counter() - start)
+    start = time.perf_counter()
+    loaded = torch._inductor.aoti_load_package(str(folder / PACKAGE))
+    logger.debug("loaded the precompiled %s from %s in %.1f s", fields["part"], folder, time.perf_counter() - start)
+    return loaded
+
+
+class CapturingUnetPass(torch.nn.Module):
+    """The encoder's partial UNet pass as a module to export: (sample (N, 4, h, w), timestep (N,), context
+    (N, 77, D)) → ({layer: (N, h_l·w_l, 77) head-averaged probabilities of every token}, {block: (N, C, h_j,
+    w_j) up-block features})."""
+
+    def __init__(self, encoder: DiffusionEncoder, last_block: str, feature_blocks: Sequence[int]) -> None:
+        super().__init__()
+        self.encoder, self.unet = encoder, encoder.unet
+        self.last_block, self.feature_blocks = last_block, list(feature_blocks)
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor
+                ) -> tuple[dict[str, torch.Tensor], dict[int, torch.Tensor]]:
+        from clipfusion.encoders.diffusion import partial_unet_forward
+
+        state = self.encoder._state
+        state.maps, state.token_indices, state.active = {}, None, True
+        features = partial_unet_forward(self.unet, sample, timestep, context, self.last_block, self.feature_blocks)
+        return dict(state.maps), features
+
+
+class VaeLatents(torch.nn.Module):
+    """:func:`vae_latents` as a module to export: (1, 3, S, S) pixels → (1, 4, S/8, S/8) latents."""
+
+    def __init__(self, vae: torch.nn.Module) -> None:
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        from clipfusion.encoders.diffusion import vae_latents
+
+        return vae_latents(self.vae, pixels)
+
+
+class PrecompiledParts:
+    """The UNet pass and the VAE encoder of one :class:`DiffusionEncoder` through packages, one per set of
+    shapes and read-out; a part without a package (``auto``) runs eager.  Drop-in for the encoder's
+    ``_unet_forward`` and ``_vae_latents``."""
+
+    def __init__(self, encoder: DiffusionEncoder, mode: str, root: Path | None = None) -> None:
+        self.encoder, self.mode, self.root = encoder, mode, root
+        self._packages: dict[str, Callable[..., Any] | None] = {}  # folder name → package (None: eager)
+        self.missing: list[str] = []  # the folders that had no package when first needed (built in build mode)
+
+    @property
+    def folders(self) -> list[Path]:
+        """The folders of the packages in use (loaded or built), in the order they were first needed."""
+        root = self.root or cache_root()
+        return [root / name for name, package in self._packages.items() if package is not None]
+
+    @functools.cached_property
+    def unet_weights(self) -> str:
+        return weights_digest(self.encoder.unet)
+
+    @functools.cached_property
+    def vae_weights(self) -> str:
+        return weights_digest(self.encoder.vae)
+
+    def _package(self, fields: dict[str, Any], module: Callable[[], torch.nn.Module],
+                 inputs: tuple[torch.Tensor, ...]) -> Callable[..., Any] | None:
+        name = folder_name(fields)
+        if name not in self._packages:
+            if not (self.root or cache_root()).joinpath(name, PACKAGE).is_file():
+                self.missing.append(name)
+            self._packages[name] = load_or_build(fields, self.mode, module, inputs, self.root)
+        return self._packages[name]
+
+    def unet_forward(self, unet: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
+                     last_block: str, feature_blocks: Sequence[int]) -> dict[int, torch.Tensor]:
+        """:func:`partial_unet_forward`'s contract: the features returned, the maps left in the encoder's
+        capture state (only the token columns it selects)."""
+        from clipfusion.encoders.diffusion import partial_unet_forward
+
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():  # an export of the detector traces eager code
+            return partial_unet_forward(unet, sample, timestep, context, last_block, feature_blocks)
+        encoder = self.encoder
+        inputs = (sample, timestep, context)
+        fields = package_fields("unet", self.unet_weights, encoder.dtype, encoder.device, inputs,
+                                last_block=last_block, feature_blocks=list(feature_blocks),
+                                layers=sorted(encoder.layer_names))
+        package = self._package(fields, lambda: CapturingUnetPass(encoder, last_block, feature_blocks), inputs)
+        if package is None:
+            return partial_unet_forward(unet, sample, timestep, context, last_block, feature_blocks)
+        state = encoder._state
+        token_indices, active = state.token_indices, state.active  # the export's trace resets them
+        maps, features = package(*inputs)
+        if active:
+            state.maps = maps if token_indices is None else {name: value[..., token_indices]
+                                                              for name, value in maps.items()}
+        state.token_indices, state.active = token_indices, active
+        return {int(block): value for block, value in features.items()}
+
+    def vae_latents(self, vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        from clipfusion.encoders.diffusion import vae_latents
+
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
+            return vae_latents(vae, pixels)
+        fields = package_fields("vae", self.vae_weights, pixels.dtype, pixels.device, (pixels,))
+        package = self._package(fields, lambda: VaeLatents(vae), (pixels,))
+        return vae_latents(vae, pixels) if package is None else package(pixels)
