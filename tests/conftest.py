@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -13,11 +15,20 @@ import numpy as np
 import pytest
 
 from clipfusion import notices
+from clipfusion.config import PRECOMPILED_CACHE_ENV
 from clipfusion.data.synthetic import SyntheticSpec, generate
 from clipfusion.hardware import NATIVE_BF16_SWITCH
 
 from .commands import clipfusion_here
 from .scenes import CORNERS, scene
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Precompiled packages go to a folder of this session's (inherited by the commands it starts), never
+    the user's ~/.cache; it starts empty, so serve and watch (``--precompiled auto``) run eager unless a
+    test builds packages in a folder of its own."""
+    os.environ[PRECOMPILED_CACHE_ENV] = tempfile.mkdtemp(prefix="clipfusion-compiled-")
+
 
 SMALL_SPEC = SyntheticSpec(
     categories=("fabric", "disc"), image_size=96, n_train=4, n_test_good=3, n_test_per_defect=2, seed=0
@@ -151,7 +162,7 @@ LAYERS = {"ray": ({"ray_address"}, {"test_ray"}),
           "service": ({"service"}, {"test_service", "test_service_faults", "test_operator_page"}),
           "browser": ({"browser"}, {"test_operator_page"}),
           "export": (set(), {"test_export"}),
-          "slow": (set(), {"test_compile", "test_frontends"})}
+          "slow": (set(), {"test_compile", "test_precompiled", "test_frontends"})}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -182,6 +193,7 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         return [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon
                 and t.is_alive() and not _idle_pool_worker(t, frames)]
 
+    shutil.rmtree(os.environ.get(PRECOMPILED_CACHE_ENV, ""), ignore_errors=True)
     deadline = time.monotonic() + LEFT_THREADS_GRACE_S
     while (left := blocking()) and time.monotonic() < deadline:
         left[0].join(timeout=0.5)

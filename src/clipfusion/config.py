@@ -168,6 +168,7 @@ class FusionConfig:
 
 
 PRECOMPILED_MODES = ("off", "auto", "build")  # RuntimeConfig.precompiled
+PRECOMPILED_CACHE_ENV = "CLIPFUSION_COMPILED_CACHE"  # where the precompiled packages live (encoders.precompiled)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from filelock import FileLock
 
+from clipfusion.config import PRECOMPILED_CACHE_ENV
 from clipfusion.encoders.compiling import route_compiler_logs
 from clipfusion.encoders.digest import weights_digest
 
@@ -43,7 +44,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("clipfusion")
 
-CACHE_ENV = "CLIPFUSION_COMPILED_CACHE"
 PACKAGE = "package.pt2"
 KEY = "key.json"
 
@@ -51,8 +51,8 @@ KEY = "key.json"
 def cache_root() -> Path:
     """Where packages live: ``$CLIPFUSION_COMPILED_CACHE``, else ``$XDG_CACHE_HOME/clipfusion/compiled``
     (``~/.cache/clipfusion/compiled``), beside the Hugging Face cache's default."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
+    if os.environ.get(PRECOMPILED_CACHE_ENV):
+        return Path(os.environ[PRECOMPILED_CACHE_ENV])
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "clipfusion" / "compiled"
 
