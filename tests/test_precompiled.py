@@ -117,11 +117,13 @@ def test_a_package_for_another_torch_read_out_or_precision_is_not_used(built, mo
         assert isinstance(detector, CLIPFusion)
         detectors[mode] = detector.set_params(**overrides)
     _, defective, _ = scenes
-    with caplog.at_level(logging.INFO, logger="clipfusion"):
+    with caplog.at_level(logging.DEBUG, logger="clipfusion"):
         got = detectors["auto"].encode(defective[:1], "disc")
     parts = detectors["auto"].precompiled_parts()
     assert parts is not None
     assert any("no precompiled unet" in record.getMessage() for record in caplog.records)
+    status = parts.status("disc.cfm")
+    assert status is not None and "unet eager" in status and "clipfusion compile --model disc.cfm" in status
     if change == "read-out":
         assert [name.split("-")[0] for name in parts.missing] == ["unet"]
         assert [folder.name.split("-")[0] for folder in parts.folders] == ["vae"]  # still fits: used

@@ -860,6 +860,8 @@ def _local_judge(args: argparse.Namespace, pictures: Any) -> tuple[Any, str]:
     model = ModelFile.open(args.model, _trusted(args))
     inspector = Inspector.from_model(model, _runtime(args), args.batch_size, args.min_area, args.max_pixels)
     self_check(model, inspector.detector, args.self_check)
+    if (status := inspector.precompiled_status(args.model)) is not None:
+        logger.info("model %s: %s", model.short_id, status)
     settings = InspectionSettings(inspector.decisions, model.category, model.sha256, args.min_area, args.max_pixels,
                                   model.signer)
     threshold = inspector.decisions.image

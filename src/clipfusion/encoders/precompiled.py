@@ -138,9 +138,8 @@ def load_or_build(fields: dict[str, Any], mode: str, module: Callable[[], torch.
     root = root or cache_root()
     folder = root / folder_name(fields)
     if not (folder / PACKAGE).is_file():
-        if mode != "build":
-            logger.info("no precompiled %s for this model on this machine in %s: it runs eager; "
-                        "`clipfusion compile --model FILE.cfm` builds it once (minutes)", fields["part"], root)
+        if mode != "build":  # serve and watch sum it up in one line (PrecompiledParts.status)
+            logger.debug("no precompiled %s for this model on this machine in %s: it runs eager", fields["part"], root)
             return None
         root.mkdir(parents=True, exist_ok=True)
         with FileLock(str(root / f"{folder.name}.lock")):
@@ -204,6 +203,21 @@ class PrecompiledParts:
         """The folders of the packages in use (loaded or built), in the order they were first needed."""
         root = self.root or cache_root()
         return [root / name for name, package in self._packages.items() if package is not None]
+
+    def status(self, model: str) -> str | None:
+        """One line for a start-up log on the parts looked up so far (None: none yet): which run from a
+        package, which eager, and how ``model``'s packages get built."""
+        if not self._packages:
+            return None
+        parts = {name: name.split("-")[0] for name in self._packages}
+        used = [parts[name] for name, package in self._packages.items() if package is not None]
+        eager = [parts[name] for name, package in self._packages.items() if package is None]
+        line = f"{' and '.join(used)} precompiled ({self.root or cache_root()})" if used else ""
+        if eager:
+            line += ("; " if line else "") + (f"{' and '.join(eager)} eager: not precompiled for this machine yet "
+                                              f"(`clipfusion compile --model {model}` builds it once, minutes; "
+                                              "then starts take seconds and images run faster)")
+        return line
 
     @functools.cached_property
     def unet_weights(self) -> str:

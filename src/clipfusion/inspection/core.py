@@ -127,6 +127,12 @@ class Inspector:
         """The dtype the detector runs in (None for a method without models)."""
         return getattr(self.detector, "precision", None)
 
+    def precompiled_status(self, model: str | Path) -> str | None:
+        """One line on the detector's precompiled parts looked up so far (``RuntimeConfig.precompiled``):
+        which run compiled, which eager and how ``model``'s get built; None for a detector without them."""
+        parts = getattr(self.detector, "precompiled_parts", lambda: None)()
+        return None if parts is None else parts.status(str(model))
+
     def inspect(self, images: Sequence[ImageLike]) -> list[Inspection]:
         """One :class:`Inspection` per image (paths, URIs, Pillow images or arrays), in order; an
         unreadable or too large image gets its error, the others their verdicts."""

@@ -102,6 +102,8 @@ class ServedModel:
             logger.info("compiling %s's models (--compile) or loading them precompiled before serving it", self.name)
             for inspector in inspectors:
                 inspector.inspect([np.full((256, 256, 3), 128, np.uint8)])
+            if (status := inspectors[0].precompiled_status(model.path)) is not None:
+                logger.info("model %s: %s", self.name, status)
         self.model, self.card, self.inspectors = model, model.card, inspectors
         self.drift = self._drift_monitor(model)
 
