@@ -2,6 +2,7 @@
 `predict --model FOLDER` runs in a venv without torch (.venv-runtime, built by scripts/test.sh)."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -82,6 +83,46 @@ def test_export_refuses_what_it_cannot_write(tmp_path):
         export_detector(CLIPFusion("tiny"), "plate", tmp_path / "b")
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["notes.txt"]
     # a folder left by an interrupted export (.partial) is taken over: test_exported_branch_maps_... starts from one
+
+
+def test_int8_weights_are_kept_only_where_no_decision_flips_on_the_images_they_are_checked_on(fitted, scenes,
+                                                                                             tmp_path):
+    normal, defective, _ = scenes
+    images = normal + defective[:4]
+    check = (images, "test images")
+    forced = export_detector(fitted, "plate", tmp_path / "forced", weights="int8", check=check, force=True)
+    fp32 = np.asarray(fitted.predict(images, "plate").scores)
+    int8 = np.asarray(ExportedDetector(forced, dtype="float32").predict(images, "plate").scores)
+    moved = np.abs(int8 - fp32)
+    assert moved.max() > 0  # 8-bit weights move the scores
+    recorded = json.loads((forced / "clipfusion-export.json").read_text())["int8_check"]
+    assert recorded["images"] == len(images) and recorded["what"] == "test images"
+    assert recorded["max_score_difference"] == pytest.approx(float(moved.max()), rel=1e-5)
+    thresholds = fitted.thresholds_
+    try:
+        # the image int8 moves most, with the threshold between its two scores: its decision must flip
+        worst = int(moved.argmax())
+        between = float(fp32[worst] + int8[worst]) / 2
+        flips = int(((fp32 > between) != (int8 > between)).sum())
+        assert flips >= 1
+        fitted.set_thresholds(dataclasses.replace(thresholds, image=between), "plate")
+        with pytest.raises(ClipfusionError, match=rf"{flips} of {len(images)} decisions flipped.*--force"):
+            export_detector(fitted, "plate", tmp_path / "refused", weights="int8", check=check)
+        assert not (tmp_path / "refused").exists()  # nothing kept, not even the folder
+        # above every score: nothing can flip, kept without --force
+        fitted.set_thresholds(dataclasses.replace(thresholds, image=float(max(fp32.max(), int8.max())) + 0.05),
+                              "plate")
+        kept = export_detector(fitted, "plate", tmp_path / "kept", weights="int8", check=check)
+        assert json.loads((kept / "clipfusion-export.json").read_text())["int8_check"]["flips"] == 0
+    finally:
+        fitted.set_thresholds(thresholds, "plate")
+
+
+def test_an_int8_export_of_a_model_file_asks_for_normal_images_in_one_line(model, tmp_path):
+    done = clipfusion_here("export", "--model", str(model), "--weights", "int8", "--out", str(tmp_path / "x"))
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "--normal DIR" in done.stderr and "--force" in done.stderr
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.fixture(scope="module")

@@ -445,6 +445,11 @@ def _add_export(commands: Any) -> None:
                              "maps differ (docs/deploy.md)")
     export.add_argument("--out", required=True, metavar="FOLDER", help="the export folder to write")
     export.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+    export.add_argument("--normal", metavar="DIR",
+                        help="with --weights int8: normal images the model was not fitted on; the int8 graphs are run "
+                             "on them beside the float32 model and the export is kept only if no decision flips")
+    export.add_argument("--force", action="store_true",
+                        help="keep an int8 export that flips decisions on --normal, or check it on probe images only")
     group = export.add_argument_group("where the weights come from")
     group.add_argument("--offline", action="store_true", help="never touch the network (weights from the cache)")
     group.add_argument("--cache-dir", default=None, help="Hugging Face cache folder (default: the hub's own)")
@@ -739,8 +744,11 @@ def _cmd_export(args: argparse.Namespace) -> None:
     from clipfusion.export.writer import export_model
 
     runtime = RuntimeConfig("cpu", "float32", args.offline, args.cache_dir, args.hub_timeout)
+    if (args.normal or args.force) and args.weights != "int8":
+        raise ClipfusionError("--normal and --force check int8 weights: drop them, or add --weights int8")
     out = export_model(Path(args.out), args.format, runtime, model=model, preset=args.preset,
-                       category=args.category, overwrite=args.overwrite, weights=args.weights)
+                       category=args.category, overwrite=args.overwrite, weights=args.weights, normal=args.normal,
+                       force=args.force)
     print(f"wrote {out.resolve()} ({args.format}); run it with: clipfusion predict IMAGES --model {out}")
 
 

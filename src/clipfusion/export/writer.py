@@ -26,6 +26,7 @@ from clipfusion.config import RuntimeConfig
 from clipfusion.encoders.diffusion import VAE_MEAN, VAE_STD
 from clipfusion.errors import ClipfusionError
 from clipfusion.export.graphs import ClipGraph, DiffusionGraph, VaeGraph
+from clipfusion.export.int8_check import Int8Check, measure_int8
 from clipfusion.inspection.models import ModelFile
 from clipfusion.methods.clipfusion.detector import CLIPFusion
 from clipfusion.methods.clipfusion.model_file import ModelCard
@@ -120,9 +121,11 @@ def _write_onnx(module: torch.nn.Module, example: torch.Tensor, folder: Path, na
 
 def export_model(out: Path, graph_format: str, runtime: RuntimeConfig, model: ModelFile | None = None,
                  preset: str | None = None, category: str | None = None, overwrite: bool = False,
-                 weights: str = "float32") -> Path:
+                 weights: str = "float32", normal: str | None = None, force: bool = False) -> Path:
     """``clipfusion export``: the opened model file ``model`` (or a zero-shot ``preset`` for ``category``)
-    into ``out``."""
+    into ``out``.  normal: a folder of normal images on which int8 weights are checked (the model's own
+    references left out); force: keep an int8 export that flips decisions there, or one not checked."""
+    check = None if weights != "int8" else _int8_images(model, normal, force)
     if model is not None:
         if model.card is None or model.is_export:
             raise ClipfusionError(f"--model {model.path} is already an export; export its .cfm model file")
@@ -130,12 +133,33 @@ def export_model(out: Path, graph_format: str, runtime: RuntimeConfig, model: Mo
         source = {"model": model.path.name, "sha256": model.sha256}
         fingerprint = None if model.fingerprint is None else model.fingerprint.to_json()
         return export_detector(detector, model.card.category, out, graph_format, model.card, source, overwrite,
-                               weights, fingerprint)
+                               weights, fingerprint, check, force)
     if preset is None or category is None:
         raise ClipfusionError("a zero-shot export needs both --preset and --category")
     detector = CLIPFusion(preset, runtime)
     return export_detector(detector, category, out, graph_format, None, {"preset": preset, "category": category},
-                           overwrite, weights)
+                           overwrite, weights, None, check, force)
+
+
+def _int8_images(model: ModelFile | None, normal: str | None, force: bool) -> tuple[list[np.ndarray], str]:
+    """The images int8 weights are checked on, and what they are: the held-out normals of ``normal``, or,
+    where there are no thresholds to keep (zero-shot) or ``force`` skips them, the fingerprint's probes."""
+    from clipfusion.inspection.fingerprint import probe_images
+    from clipfusion.inspection.sources import read_sources
+    from clipfusion.tasks.inputs import collect_images
+
+    if normal is None:
+        if model is not None and not force:
+            raise ClipfusionError("--weights int8 moves scores, and the export is kept only if no decision flips on "
+                                  "normal images: add --normal DIR (normal images the model was not fitted on), or "
+                                  "--force to write it checked on probe images only")
+        return probe_images(), "probe images"
+    references = set() if model is None or model.card is None else {r["sha256"] for r in model.card.references}
+    held_out = [path for path in collect_images([normal]) if file_sha256(path) not in references]
+    images = [item.image for item in read_sources(held_out) if item.image is not None]
+    if not images:
+        raise ClipfusionError(f"--normal {normal} holds no readable normal image besides the model's references")
+    return images, "held-out normal images"
 
 
 def check_exportable(detector: CLIPFusion) -> None:
@@ -149,12 +173,15 @@ def check_exportable(detector: CLIPFusion) -> None:
 
 def export_detector(detector: CLIPFusion, category: str, out: Path, graph_format: str = "openvino",
                     card: ModelCard | None = None, source: dict[str, Any] | None = None,
-                    overwrite: bool = False, weights: str = "float32", fingerprint: str | None = None) -> Path:
+                    overwrite: bool = False, weights: str = "float32", fingerprint: str | None = None,
+                    check: tuple[list[np.ndarray], str] | None = None, force: bool = False) -> Path:
     """Write ``detector`` (fitted or not; loaded on the CPU in float32) for ``category`` into ``out``;
     ``fingerprint``: the model file's (``inspection.fingerprint``), kept in the manifest for ``doctor``.
 
     weights: ``float32`` (the same maps as PyTorch), or ``int8`` (OpenVINO IR only: weights compressed
-    to 8 bits, smaller and possibly faster, maps no longer equal; measure the difference)."""
+    to 8 bits, smaller and possibly faster, maps no longer equal).  An int8 export is measured against
+    ``detector`` on ``check``'s images (the fingerprint's probes when None) before it is kept
+    (``export.int8_check``): one that flips a decision is refused unless ``force``."""
     _check_request(graph_format, weights, out, overwrite)
     check_exportable(detector)
     import_openvino("export", "export")
@@ -182,14 +209,40 @@ def export_detector(detector: CLIPFusion, category: str, out: Path, graph_format
         written = _write_graph(module.eval(), example, partial, name, graph_format, outputs[name], weights)
         graphs[name] = written[0]
         files += written
+    manifest = _manifest(detector, category, partial, graph_format, weights, graphs, outputs, files, card, source)
+    manifest["fingerprint"] = fingerprint
+    if weights == "int8":
+        manifest["int8_check"] = _checked_int8(detector, category, partial, manifest, check, force).to_json()
     (out / MANIFEST).unlink(missing_ok=True)  # the folder is no export until the new manifest is in
     for name in files:
         (partial / name).replace(out / name)
-    partial.rmdir()
-    manifest = _manifest(detector, category, out, graph_format, weights, graphs, outputs, files, card, source)
-    manifest["fingerprint"] = fingerprint
+    shutil.rmtree(partial)
     write_atomic(out / MANIFEST, json_text({**manifest, "digest": manifest_digest(manifest)}))
     return out
+
+
+def _checked_int8(detector: CLIPFusion, category: str, partial: Path, manifest: dict[str, Any],
+                  check: tuple[list[np.ndarray], str] | None, force: bool) -> Int8Check:
+    """The int8 graphs in ``partial`` measured against ``detector`` (their manifest written there for the
+    runtime to read); a flipped decision refuses the export (``partial`` removed, an earlier export in
+    ``--out`` left as it was) unless ``force``, which warns."""
+    from clipfusion.inspection.fingerprint import probe_images
+
+    images, what = check or (probe_images(), "probe images")
+    write_atomic(partial / MANIFEST, json_text({**manifest, "digest": manifest_digest(manifest)}))
+    logger.info("export: checking the int8 weights on %d %s against the float32 model", len(images), what)
+    measured = measure_int8(detector, partial, images, category, what)
+    if measured.flips:
+        if not force:
+            shutil.rmtree(partial)
+            with contextlib.suppress(OSError):  # --out, when this export made it and left nothing in it
+                partial.parent.rmdir()
+            raise ClipfusionError(f"{measured.describe()}: not written; export --weights float32, or add --force to "
+                                  "keep the int8 export anyway")
+        logger.warning("%s; written anyway (--force): these images may now be judged otherwise", measured.describe())
+    else:
+        logger.info("%s", measured.describe())
+    return measured
 
 
 def _check_request(graph_format: str, weights: str, out: Path, overwrite: bool) -> None:
@@ -210,10 +263,10 @@ def _check_request(graph_format: str, weights: str, out: Path, overwrite: bool) 
             raise ClipfusionError(f"--out {out} holds an earlier export; add --overwrite to replace it")
 
 
-def _manifest(detector: CLIPFusion, category: str, out: Path, graph_format: str, weights: str, graphs: dict[str, str],
-              outputs: dict[str, list[str]], files: list[str], card: ModelCard | None,
+def _manifest(detector: CLIPFusion, category: str, folder: Path, graph_format: str, weights: str,
+              graphs: dict[str, str], outputs: dict[str, list[str]], files: list[str], card: ModelCard | None,
               source: dict[str, Any] | None) -> dict[str, Any]:
-    """The manifest of the graphs written to ``out`` (without its digest), as it will read back."""
+    """The manifest of the graphs written to ``folder`` (without its digest), as it will read back."""
     patchclip, mapdiff = detector._branches()
     config = detector.config
     bank = getattr(detector, "memory_bank_", None)
@@ -232,6 +285,6 @@ def _manifest(detector: CLIPFusion, category: str, out: Path, graph_format: str,
                                 "timestep": config.diffusion.timestep},
                       "memory_bank": None if bank is None else {k: list(v.shape) for k, v in bank.features.items()}},
         "versions": _versions(),
-        "files": {name: file_sha256(out / name) for name in files},
+        "files": {name: file_sha256(folder / name) for name in files},
     }
     return dict(json_safe(json.loads(json.dumps(manifest, default=str))))

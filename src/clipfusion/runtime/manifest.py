@@ -50,6 +50,7 @@ class ExportManifest:
     versions: dict[str, str]
     files: dict[str, str]
     fingerprint: str | None = None  # the model file's (JSON): what it scored when its thresholds were set
+    int8_check: dict[str, Any] | None = None  # int8 weights against float32 PyTorch (export.int8_check)
 
 
 def import_openvino(purpose: str, extra: str) -> Any:
@@ -122,7 +123,8 @@ def read_manifest(folder: Path, verify: bool = True) -> ExportManifest:
                                   {k: list(v) for k, v in data["outputs"].items()}, data["preset"],
                                   dict(data["overrides"]), _fusion(data["fusion"]), data["category"], card,
                                   dict(data["source"]),
-                                  dict(data["versions"]), dict(data["files"]), data.get("fingerprint"))
+                                  dict(data["versions"]), dict(data["files"]), data.get("fingerprint"),
+                                  data.get("int8_check"))
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         raise ClipfusionError(f"{path} cannot be read ({exc!r}); export the model again") from None
     if set(manifest.graphs) != set(GRAPHS):
