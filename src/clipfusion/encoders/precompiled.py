@@ -214,9 +214,9 @@ class PrecompiledParts:
         eager = [parts[name] for name, package in self._packages.items() if package is None]
         line = f"{' and '.join(used)} precompiled ({self.root or cache_root()})" if used else ""
         if eager:
-            line += ("; " if line else "") + (f"{' and '.join(eager)} eager: not precompiled for this machine yet "
+            line += ("; " if line else "") + (f"{' and '.join(eager)} eager: not precompiled for this machine "
                                               f"(`clipfusion compile --model {model}` builds it once, minutes; "
-                                              "then starts take seconds and images run faster)")
+                                              "where it pays: docs/speed.md#precompiled-parts)")
         return line
 
     @functools.cached_property
