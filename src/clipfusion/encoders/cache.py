@@ -6,6 +6,7 @@ each unit would reload Stable Diffusion and re-encode the CLIP prompt ensembles.
 from __future__ import annotations
 
 import dataclasses
+import gc
 from functools import lru_cache
 
 from clipfusion.config import ClipConfig, DiffusionConfig, RuntimeConfig
@@ -42,3 +43,11 @@ def _diffusion_encoder(config: DiffusionConfig, runtime: RuntimeConfig) -> Diffu
     weights = dataclasses.replace(runtime, compile=False, precompiled="off")
     parts = _diffusion_parts(config.model_id, config.vae_id, config.vae_dtype, weights)
     return DiffusionEncoder(dataclasses.replace(parts), config, runtime.compile, runtime.precompiled)
+
+
+def release() -> None:
+    """Forget every shared encoder and its weights (a benchmark's next preset), so that the memory can go
+    once nothing else holds them."""
+    for cached in (_clip_encoder, _diffusion_parts, _diffusion_encoder):
+        cached.cache_clear()
+    gc.collect()

@@ -2,9 +2,11 @@
 
 Speed does not depend on weight values, so every model is built at full size with random weights
 (``clip__pretrained=None``, ``diffusion__model_id=random:sd15``; ``random:taesd`` for the fast
-preset): nothing is downloaded.  Every configuration is warmed up once, then all configurations are
-measured in turn, ``repeats`` times (interleaved, so slow drifts of the machine hit all alike), and
-the median per image is reported with the per-stage split from the detectors' stage timers.
+preset): nothing is downloaded.  One preset at a time (WinCLIP measured beside each), every
+configuration of it is warmed up once, then all are measured in turn, ``repeats`` times (interleaved,
+so slow drifts of the machine hit all alike), and the median per image is reported with the per-stage
+split from the detectors' stage timers; then that preset's models are released before the next
+preset's are built, and each row's ``peak_rss_mb`` is its preset's peak alone (Linux).
 
 ``clipfusion-openvino`` is CLIPFusion exported (``clipfusion export``, OpenVINO IR, float32) and run by
 the torch-free runtime (``clipfusion-openvino-int8``: with 8-bit weights).  It is the same random-weight
@@ -19,6 +21,7 @@ warm-up, which compiles, is reported as its setup time.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import platform
@@ -38,6 +41,7 @@ from clipfusion import __version__
 from clipfusion.config import MAP_NAMES, TINY, Preset, RuntimeConfig, get_preset, override
 from clipfusion.data import MVTecDataset, read_rgb
 from clipfusion.data.synthetic import SyntheticSpec, generate
+from clipfusion.encoders import cache
 from clipfusion.errors import ClipfusionError
 from clipfusion.hardware import cpu_info, torch_cpu_build
 from clipfusion.methods.clipfusion.detector import CLIPFusion
@@ -92,7 +96,21 @@ class _Config:
     source: Any = None  # an export's PyTorch detector
 
 
+PROC_STATUS, PROC_CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
+
+
+def _reset_peak_rss() -> None:
+    """Start this process's peak RSS again from what it holds now (Linux: ``5`` into clear_refs resets
+    VmHWM), so each preset's models are charged only their own peak."""
+    with contextlib.suppress(OSError):
+        PROC_CLEAR_REFS.write_text("5")
+
+
 def _peak_rss_mb() -> float:
+    """The peak RSS since the last :func:`_reset_peak_rss` (Linux's VmHWM); elsewhere the process's."""
+    with contextlib.suppress(OSError, StopIteration):
+        line = next(line for line in PROC_STATUS.read_text().splitlines() if line.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -170,9 +188,7 @@ def _configs(spec: BenchmarkSpec, runtime: RuntimeConfig, references: list[np.nd
         return fitted[key]
 
     for method in spec.methods:
-        # WinCLIP reads CLIP only, which every preset shares: measure it once
-        presets = spec.presets[:1] if method == "winclip" else spec.presets
-        for preset_name in presets:
+        for preset_name in spec.presets:
             for shots in spec.shots:
                 if method in EXPORTED:  # graphs of batch 1: one row per preset and shots
                     configs.append(_exported(method, detector("clipfusion", preset_name, shots), preset_name, shots,
@@ -191,10 +207,32 @@ def run_benchmark(spec: BenchmarkSpec, progress: bool = True) -> dict[str, Any]:
 
 
 def _run_benchmark(spec: BenchmarkSpec, progress: bool, folder: Path) -> dict[str, Any]:
+    """One preset at a time, WinCLIP beside each: its models built, measured (interleaved), then released
+    before the next preset's are built, so the peak memory is one preset's, not every variant's at once
+    (both presets' PyTorch models and exports together outgrew 24 GB)."""
     runtime = RuntimeConfig(spec.device, spec.dtype)
     tests, references = _images(spec.images, max(spec.shots))
+    runs: list[dict[str, Any]] = []
+    agreement: dict[str, dict[str, float]] = {}
+    build_seconds = 0.0
+    for preset in spec.presets:
+        _reset_peak_rss()
+        configs = _configs(dataclasses.replace(spec, presets=[preset]), runtime, references, folder)
+        group_runs, seconds = _measure(configs, spec, tests, progress)
+        runs += group_runs
+        build_seconds += seconds
+        agreement |= _agreement(configs, tests)
+        del configs
+        cache.release()
+    return {"runs": runs, "ratios": _ratios(runs), "agreement": agreement, "spec": spec.__dict__,
+            "build_and_warmup_seconds": round(build_seconds, 1), "machine": machine_info(runtime)}
+
+
+def _measure(configs: list[_Config], spec: BenchmarkSpec, tests: list[np.ndarray], progress: bool
+             ) -> tuple[list[dict[str, Any]], float]:
+    """``configs`` warmed up, then measured in interleaved rounds: their rows, and the seconds the builds
+    and warm-ups took."""
     build_start = time.perf_counter()
-    configs = _configs(spec, runtime, references, folder)
     for config in tqdm(configs, desc="warm-up (builds the models)", disable=not progress):
         config.detector.batch_size = config.batch_size
         start = time.perf_counter()
@@ -221,8 +259,7 @@ def _run_benchmark(spec: BenchmarkSpec, progress: bool, folder: Path) -> dict[st
         "peak_rss_mb": round(c.peak_rss_mb),
         **({"setup_seconds": c.setup_seconds} if c.setup_seconds else {}),
     } for c in configs]
-    return {"runs": runs, "ratios": _ratios(runs), "agreement": _agreement(configs, tests), "spec": spec.__dict__,
-            "build_and_warmup_seconds": round(build_seconds, 1), "machine": machine_info(runtime)}
+    return runs, build_seconds
 
 
 def _find(runs: list[dict[str, Any]], **where: Any) -> dict[str, Any] | None:
@@ -233,10 +270,11 @@ def _ratios(runs: list[dict[str, Any]]) -> dict[str, float]:
     """Speed-ups the project tracks (larger = faster), from batch-1 runs unless named otherwise."""
     ratios = {}
     for batch in sorted({r["batch_size"] for r in runs}):
-        winclip = _find(runs, method="winclip", shots=0, batch_size=batch)
         suffix = "" if batch == 1 else f"_batch{batch}"
         for method, name in (("clipfusion", ""), ("clipfusion-compiled", "_compiled")):
             for preset in ("fast", "paper-recon"):
+                # WinCLIP as measured beside this preset (interleaved with it)
+                winclip = _find(runs, method="winclip", preset=preset, shots=0, batch_size=batch)
                 ours = _find(runs, method=method, preset=preset, shots=0, batch_size=batch)
                 if winclip and ours:
                     ratios[f"{preset}{name}_vs_winclip_zero_shot{suffix}"] = round(
