@@ -25,7 +25,6 @@ import argparse
 import functools
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -52,6 +51,7 @@ def one(mode: str, model: str, dtype: str, repeats: int) -> None:
 
     from clipfusion.config import RuntimeConfig
     from clipfusion.inspection import ModelFile
+    from clipfusion.tasks.benchmark import _peak_rss_mb
 
     detector = ModelFile.open(model).detector(RuntimeConfig("cpu", dtype, **RUNTIME[mode]), batch_size=1)
     image = _image()
@@ -63,7 +63,7 @@ def one(mode: str, model: str, dtype: str, repeats: int) -> None:
         detector.predict([image], "disc")
         times.append(time.perf_counter() - start)
     print(json.dumps({"first_verdict_at": first, "steady_ms": round(1000 * statistics.median(times), 1),
-                      "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
+                      "peak_rss_mb": round(_peak_rss_mb())}))  # VmHWM: ru_maxrss keeps the parent's peak
 
 
 def steady(model: str, dtype: str, rounds: int) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -22,10 +21,11 @@ def one(preset: str, weights: str, out: str) -> None:
     from clipfusion.config import RuntimeConfig
     from clipfusion.export.writer import export_detector
     from clipfusion.methods.clipfusion.detector import CLIPFusion
-    from clipfusion.tasks.benchmark import random_weight_preset
+    from clipfusion.tasks.benchmark import _peak_rss_mb, random_weight_preset
 
     detector = CLIPFusion(random_weight_preset(preset), RuntimeConfig("cpu", "float32"), batch_size=1)
     export_detector(detector, "object", Path(out), weights=weights)
+    print(json.dumps({"peak_rss_mb": round(_peak_rss_mb())}))  # VmHWM: ru_maxrss keeps the parent's peak
 
 
 def main() -> None:
@@ -45,12 +45,12 @@ def main() -> None:
         for weights in args.weights:
             with tempfile.TemporaryDirectory() as folder:
                 start = time.perf_counter()
-                child = subprocess.Popen([sys.executable, __file__, "--one", preset, weights, str(Path(folder) / "x")])
-                _, status, usage = os.wait4(child.pid, 0)
-                if status:
-                    raise SystemExit(f"{preset} {weights}: the export failed ({status})")
+                done = subprocess.run([sys.executable, __file__, "--one", preset, weights, str(Path(folder) / "x")],
+                                      capture_output=True, text=True)
+                if done.returncode:
+                    raise SystemExit(f"{preset} {weights}: the export failed: {done.stderr[-2000:]}")
                 size = sum(path.stat().st_size for path in (Path(folder) / "x").iterdir())
-                row = {"preset": preset, "weights": weights, "peak_rss_mb": round(usage.ru_maxrss / 1024),
+                row = {"preset": preset, "weights": weights, **json.loads(done.stdout.strip().splitlines()[-1]),
                        "seconds": round(time.perf_counter() - start), "export_mb": round(size / 1e6)}
                 print(json.dumps(row), flush=True)
                 runs.append(row)

@@ -23,43 +23,30 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from _common import median_ms
 from torch.utils.flop_counter import FlopCounterMode
 
 from clipfusion.config import RuntimeConfig
 from clipfusion.encoders import cache
 from clipfusion.encoders.prepacking import PrepackedConv2d
 from clipfusion.methods.winclip import WinCLIP
-from clipfusion.tasks.benchmark import random_weight_preset
+from clipfusion.tasks.benchmark import _peak_rss_mb, random_weight_preset
 
 FAST_PROMPTS = ["a photo of a flawless or damaged object"]  # fast's one joint state prompt
 PAPER_PROMPTS = ["a photo of a flawless object", "a photo of a damaged object"]
 
 
-def median_seconds(call: Callable[[], Any], repeats: int) -> float:
-    call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def peak_gflops(dtype: torch.dtype, side: int, repeats: int) -> float:
     """GFLOP/s of ``torch.mm`` on (side, side) matrices: what this CPU reaches on the friendliest work."""
     a, b = torch.randn(side, side, dtype=dtype), torch.randn(side, side, dtype=dtype)
-    return 2 * side**3 / median_seconds(lambda: torch.mm(a, b), repeats) / 1e9
+    return 2 * side**3 / (median_ms(lambda: torch.mm(a, b), repeats) / 1000) / 1e9
 
 
 def _plain_convolutions(module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -110,7 +97,7 @@ def measure(dtype: str, repeats: int, peak: float) -> list[dict[str, Any]]:
             for child in switched:
                 child.__class__ = PrepackedConv2d
             flops = counter.get_total_flops()
-            seconds = median_seconds(call, repeats)
+            seconds = median_ms(call, repeats) / 1000
             achieved = flops / seconds / 1e9
             row = {"stage": name, "dtype": dtype, "gflop": round(flops / 1e9, 2), "ms": round(1000 * seconds, 1),
                    "gflops_per_s": round(achieved, 1), "share_of_peak": round(achieved / peak, 3)}
@@ -125,7 +112,8 @@ def rss_of_preset(preset: str) -> None:
 
     detector = CLIPFusion(random_weight_preset(preset), RuntimeConfig("cpu", "float32"), batch_size=1)
     detector.predict([np.full((256, 256, 3), 128, np.uint8)], "object")
-    print(json.dumps({"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
+    # VmHWM, not getrusage's ru_maxrss: a child started by exec keeps its parent's peak in the latter
+    print(json.dumps({"peak_rss_mb": round(_peak_rss_mb())}))
 
 
 def main() -> None:
@@ -139,7 +127,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.rss:
         return rss_of_preset(args.rss)
-    sys.path.insert(0, str(Path(__file__).parent))
     from _common import write_results
 
     # both peaks always (bf16's also says how slow emulation is where the CPU lacks it), the best of a few
