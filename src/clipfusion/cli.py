@@ -741,13 +741,16 @@ def _cmd_export(args: argparse.Namespace) -> None:
         raise ClipfusionError("a zero-shot export needs both --preset and --category")
     # a mistyped, foreign or damaged file is reported before torch and OpenVINO load
     model = ModelFile.open(args.model) if args.model else None
+    if (args.normal or args.force) and args.weights != "int8":
+        raise ClipfusionError("--normal and --force check int8 weights: drop them, or add --weights int8")
+    from clipfusion.tasks.inputs import int8_check_images
+
+    check = int8_check_images(model, args.normal, args.force) if args.weights == "int8" else None
     from clipfusion.export.writer import export_model
 
     runtime = RuntimeConfig("cpu", "float32", args.offline, args.cache_dir, args.hub_timeout)
-    if (args.normal or args.force) and args.weights != "int8":
-        raise ClipfusionError("--normal and --force check int8 weights: drop them, or add --weights int8")
     out = export_model(Path(args.out), args.format, runtime, model=model, preset=args.preset,
-                       category=args.category, overwrite=args.overwrite, weights=args.weights, normal=args.normal,
+                       category=args.category, overwrite=args.overwrite, weights=args.weights, check=check,
                        force=args.force)
     print(f"wrote {out.resolve()} ({args.format}); run it with: clipfusion predict IMAGES --model {out}")
 

@@ -142,7 +142,7 @@ class DiffusionEncoder:
         self._unet_forward = compile_for_inference(partial_unet_forward) if compile else partial_unet_forward
         self._vae_latents = compile_for_inference(vae_latents) if compile else vae_latents
         if precompiled != "off":
-            self.precompiled = PrecompiledParts(self, precompiled)
+            self.precompiled = PrecompiledParts(self, precompiled, partial_unet_forward, vae_latents)
             self._unet_forward, self._vae_latents = self.precompiled.unet_forward, self.precompiled.vae_latents
         param = next(self.unet.parameters())
         self.device, self.dtype = param.device, param.dtype

@@ -30,21 +30,34 @@ import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from filelock import FileLock
 
 from clipfusion.config import PRECOMPILED_CACHE_ENV
+from clipfusion.encoders.attention import CaptureState
 from clipfusion.encoders.compiling import route_compiler_logs
 from clipfusion.encoders.digest import weights_digest
-
-if TYPE_CHECKING:
-    from clipfusion.encoders.diffusion import DiffusionEncoder
 
 logger = logging.getLogger("clipfusion")
 
 PACKAGE = "package.pt2"
+# the files whose code a package traces: a changed line of any makes every package stale
+TRACED_SOURCES = ("diffusion.py", "attention.py", "precompiled.py")
+UnetPass = Callable[..., dict[int, torch.Tensor]]  # partial_unet_forward's signature
+VaePass = Callable[[Any, torch.Tensor], torch.Tensor]  # vae_latents'
+
+
+class Encoder(Protocol):
+    """What the packages need of a ``DiffusionEncoder``: its models, precision, capture state and layers."""
+
+    unet: torch.nn.Module
+    vae: Any
+    dtype: torch.dtype
+    device: torch.device
+    layer_names: list[str]
+    _state: CaptureState
 KEY = "key.json"
 
 
@@ -59,14 +72,10 @@ def cache_root() -> Path:
 
 @functools.cache
 def _source_digest() -> str:
-    """SHA-256 of the code a package traces (the partial UNet forward, the capturing processor, this
-    module): a changed line of it makes every package stale."""
-    from clipfusion.encoders import attention, diffusion
-
+    """SHA-256 of the code a package traces (:data:`TRACED_SOURCES`)."""
     digest = hashlib.sha256()
-    for module in (diffusion, attention):
-        digest.update(Path(module.__file__ or "").read_bytes())
-    digest.update(Path(__file__).read_bytes())
+    for name in TRACED_SOURCES:
+        digest.update(Path(__file__).with_name(name).read_bytes())
     return digest.hexdigest()
 
 
@@ -160,41 +169,40 @@ class CapturingUnetPass(torch.nn.Module):
     (N, 77, D)) → ({layer: (N, h_l·w_l, 77) head-averaged probabilities of every token}, {block: (N, C, h_j,
     w_j) up-block features})."""
 
-    def __init__(self, encoder: DiffusionEncoder, last_block: str, feature_blocks: Sequence[int]) -> None:
+    def __init__(self, encoder: Encoder, unet_pass: UnetPass, last_block: str, feature_blocks: Sequence[int]) -> None:
         super().__init__()
-        self.encoder, self.unet = encoder, encoder.unet
+        self.encoder, self.unet, self.unet_pass = encoder, encoder.unet, unet_pass
         self.last_block, self.feature_blocks = last_block, list(feature_blocks)
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor
                 ) -> tuple[dict[str, torch.Tensor], dict[int, torch.Tensor]]:
-        from clipfusion.encoders.diffusion import partial_unet_forward
-
         state = self.encoder._state
         state.maps, state.token_indices, state.active = {}, None, True
-        features = partial_unet_forward(self.unet, sample, timestep, context, self.last_block, self.feature_blocks)
+        features = self.unet_pass(self.unet, sample, timestep, context, self.last_block, self.feature_blocks)
         return dict(state.maps), features
 
 
 class VaeLatents(torch.nn.Module):
-    """:func:`vae_latents` as a module to export: (1, 3, S, S) pixels → (1, 4, S/8, S/8) latents."""
+    """``vae_latents`` as a module to export: (1, 3, S, S) pixels → (1, 4, S/8, S/8) latents."""
 
-    def __init__(self, vae: torch.nn.Module) -> None:
+    def __init__(self, vae: torch.nn.Module, vae_pass: VaePass) -> None:
         super().__init__()
-        self.vae = vae
+        self.vae, self.vae_pass = vae, vae_pass
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        from clipfusion.encoders.diffusion import vae_latents
-
-        return vae_latents(self.vae, pixels)
+        return self.vae_pass(self.vae, pixels)
 
 
 class PrecompiledParts:
-    """The UNet pass and the VAE encoder of one :class:`DiffusionEncoder` through packages, one per set of
-    shapes and read-out; a part without a package (``auto``) runs eager.  Drop-in for the encoder's
-    ``_unet_forward`` and ``_vae_latents``."""
+    """The UNet pass and the VAE encoder of one ``DiffusionEncoder`` through packages, one per set of
+    shapes and read-out; a part without a package (``auto``) runs eager, through ``unet_pass`` and
+    ``vae_pass`` (``partial_unet_forward``, ``vae_latents``: also what is exported).  Drop-in for the
+    encoder's ``_unet_forward`` and ``_vae_latents``."""
 
-    def __init__(self, encoder: DiffusionEncoder, mode: str, root: Path | None = None) -> None:
+    def __init__(self, encoder: Encoder, mode: str, unet_pass: UnetPass, vae_pass: VaePass,
+                 root: Path | None = None) -> None:
         self.encoder, self.mode, self.root = encoder, mode, root
+        self.unet_pass, self.vae_pass = unet_pass, vae_pass
         self._packages: dict[str, Callable[..., Any] | None] = {}  # folder name → package (None: eager)
         self.missing: list[str] = []  # the folders that had no package when first needed (built in build mode)
 
@@ -238,20 +246,19 @@ class PrecompiledParts:
 
     def unet_forward(self, unet: torch.nn.Module, sample: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
                      last_block: str, feature_blocks: Sequence[int]) -> dict[int, torch.Tensor]:
-        """:func:`partial_unet_forward`'s contract: the features returned, the maps left in the encoder's
+        """``partial_unet_forward``'s contract: the features returned, the maps left in the encoder's
         capture state (only the token columns it selects)."""
-        from clipfusion.encoders.diffusion import partial_unet_forward
-
         if torch.compiler.is_compiling() or torch.jit.is_tracing():  # an export of the detector traces eager code
-            return partial_unet_forward(unet, sample, timestep, context, last_block, feature_blocks)
+            return self.unet_pass(unet, sample, timestep, context, last_block, feature_blocks)
         encoder = self.encoder
         inputs = (sample, timestep, context)
         fields = package_fields("unet", self.unet_weights, encoder.dtype, encoder.device, inputs,
                                 last_block=last_block, feature_blocks=list(feature_blocks),
                                 layers=sorted(encoder.layer_names))
-        package = self._package(fields, lambda: CapturingUnetPass(encoder, last_block, feature_blocks), inputs)
+        package = self._package(fields, lambda: CapturingUnetPass(encoder, self.unet_pass, last_block, feature_blocks),
+                                inputs)
         if package is None:
-            return partial_unet_forward(unet, sample, timestep, context, last_block, feature_blocks)
+            return self.unet_pass(unet, sample, timestep, context, last_block, feature_blocks)
         state = encoder._state
         token_indices, active = state.token_indices, state.active  # the export's trace resets them
         maps, features = package(*inputs)
@@ -262,10 +269,8 @@ class PrecompiledParts:
         return {int(block): value for block, value in features.items()}
 
     def vae_latents(self, vae: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-        from clipfusion.encoders.diffusion import vae_latents
-
         if torch.compiler.is_compiling() or torch.jit.is_tracing():
-            return vae_latents(vae, pixels)
+            return self.vae_pass(vae, pixels)
         fields = package_fields("vae", self.vae_weights, pixels.dtype, pixels.device, (pixels,))
-        package = self._package(fields, lambda: VaeLatents(vae), (pixels,))
-        return vae_latents(vae, pixels) if package is None else package(pixels)
+        package = self._package(fields, lambda: VaeLatents(vae, self.vae_pass), (pixels,))
+        return self.vae_pass(vae, pixels) if package is None else package(pixels)

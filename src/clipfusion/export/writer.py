@@ -121,11 +121,11 @@ def _write_onnx(module: torch.nn.Module, example: torch.Tensor, folder: Path, na
 
 def export_model(out: Path, graph_format: str, runtime: RuntimeConfig, model: ModelFile | None = None,
                  preset: str | None = None, category: str | None = None, overwrite: bool = False,
-                 weights: str = "float32", normal: str | None = None, force: bool = False) -> Path:
+                 weights: str = "float32", check: tuple[list[np.ndarray], str] | None = None,
+                 force: bool = False) -> Path:
     """``clipfusion export``: the opened model file ``model`` (or a zero-shot ``preset`` for ``category``)
-    into ``out``.  normal: a folder of normal images on which int8 weights are checked (the model's own
-    references left out); force: keep an int8 export that flips decisions there, or one not checked."""
-    check = None if weights != "int8" else _int8_images(model, normal, force)
+    into ``out``.  check: the images int8 weights are checked on, and what they are
+    (``tasks.inputs.int8_check_images``); force: keep an int8 export that flips decisions on them."""
     if model is not None:
         if model.card is None or model.is_export:
             raise ClipfusionError(f"--model {model.path} is already an export; export its .cfm model file")
@@ -139,27 +139,6 @@ def export_model(out: Path, graph_format: str, runtime: RuntimeConfig, model: Mo
     detector = CLIPFusion(preset, runtime)
     return export_detector(detector, category, out, graph_format, None, {"preset": preset, "category": category},
                            overwrite, weights, None, check, force)
-
-
-def _int8_images(model: ModelFile | None, normal: str | None, force: bool) -> tuple[list[np.ndarray], str]:
-    """The images int8 weights are checked on, and what they are: the held-out normals of ``normal``, or,
-    where there are no thresholds to keep (zero-shot) or ``force`` skips them, the fingerprint's probes."""
-    from clipfusion.inspection.fingerprint import probe_images
-    from clipfusion.inspection.sources import read_sources
-    from clipfusion.tasks.inputs import collect_images
-
-    if normal is None:
-        if model is not None and not force:
-            raise ClipfusionError("--weights int8 moves scores, and the export is kept only if no decision flips on "
-                                  "normal images: add --normal DIR (normal images the model was not fitted on), or "
-                                  "--force to write it checked on probe images only")
-        return probe_images(), "probe images"
-    references = set() if model is None or model.card is None else {r["sha256"] for r in model.card.references}
-    held_out = [path for path in collect_images([normal]) if file_sha256(path) not in references]
-    images = [item.image for item in read_sources(held_out) if item.image is not None]
-    if not images:
-        raise ClipfusionError(f"--normal {normal} holds no readable normal image besides the model's references")
-    return images, "held-out normal images"
 
 
 def check_exportable(detector: CLIPFusion) -> None:

@@ -15,7 +15,7 @@ from clipfusion.inspection.fingerprint import PROBE_COUNT, take_fingerprint
 from clipfusion.inspection.models import ModelFile
 from clipfusion.inspection.thresholds import ScoredNormals, score_normals
 from clipfusion.outputs import file_sha256, probe_writable
-from clipfusion.tasks.inputs import collect_images, draw_references
+from clipfusion.tasks.inputs import draw_references, held_out_normals
 
 if TYPE_CHECKING:  # the detector's packages load only once the options, --normal and --out are checked
     from clipfusion.methods.clipfusion.detector import CLIPFusion
@@ -94,16 +94,11 @@ def calibrate_model(model: str, normal: str, out: str, runtime: RuntimeConfig, b
     if Path(out).suffix != MODEL_SUFFIX:
         raise ClipfusionError(f"--out {out} must be a model file ({MODEL_SUFFIX}), e.g. {Path(out).stem}{MODEL_SUFFIX}")
     check_writable_file(Path(out))  # before any model runs
-    references = {reference["sha256"] for reference in card.references}
-    pool = collect_images([normal])
-    held_out = [path for path in pool if file_sha256(path) not in references]
-    if not held_out:
-        raise ClipfusionError(f"{normal} holds only the model's references ({len(pool)} images); give normal images "
-                              "it was not fitted on")
+    held_out = held_out_normals(normal, {reference["sha256"] for reference in card.references})
     here, _ = runtime.resolved()  # this machine's precision: what `auto` means without a model file
     detector = CLIPFusion.load(model, here, batch_size, card=card)
-    logger.info("calibrating on %d normal images in %s (%d references left out)", len(held_out), here.dtype,
-                len(pool) - len(held_out))
+    logger.info("calibrating on %d normal images in %s (the model's references left out)", len(held_out),
+                here.dtype)
     normals = score_normals(detector, held_out, card.category, batch_size, max_pixels, progress)
     detector.set_thresholds(normals.thresholds, card.category)
     fingerprint = _fingerprint(detector, card.category, normals)

@@ -8,10 +8,17 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from clipfusion.data.base import IMAGE_EXTENSIONS, sample_references
 from clipfusion.errors import ClipfusionError
 from clipfusion.object_store import is_uri, list_uri_images
+from clipfusion.outputs import file_sha256
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from clipfusion.inspection.models import ModelFile
 
 logger = logging.getLogger(__name__)
 
@@ -119,3 +126,34 @@ def draw_references(normal_dir: str | Path, shots: int, seed: int) -> References
     pool = collect_images([str(normal_dir)])
     used = sample_references(pool, shots, seed) if shots > 0 else []
     return References(used, [p for p in pool if p not in set(used)])
+
+
+def held_out_normals(normal_dir: str, references: set[str]) -> list[Path]:
+    """The images of ``normal_dir`` that are not among a model's ``references`` (SHA-256s: recognised by
+    content, whatever their names); a one-line error when none is left."""
+    pool = collect_images([normal_dir])
+    held_out = [path for path in pool if file_sha256(path) not in references]
+    if not held_out:
+        raise ClipfusionError(f"{normal_dir} holds only the model's references ({len(pool)} images); give normal "
+                              "images it was not fitted on")
+    return held_out
+
+
+def int8_check_images(model: ModelFile | None, normal: str | None, force: bool) -> tuple[list[np.ndarray], str]:
+    """The images ``export --weights int8`` is checked on, and what they are: the held-out normals of
+    ``normal`` (the model's references left out), or, where there are no thresholds to keep (zero-shot) or
+    ``force`` skips them, the fingerprint's probe images."""
+    from clipfusion.inspection.fingerprint import probe_images
+    from clipfusion.inspection.sources import read_sources
+
+    if normal is None:
+        if model is not None and not force:
+            raise ClipfusionError("--weights int8 moves scores, and the export is kept only if no decision flips on "
+                                  "normal images: add --normal DIR (normal images the model was not fitted on), or "
+                                  "--force to write it checked on probe images only")
+        return probe_images(), "probe images"
+    references = set() if model is None or model.card is None else {r["sha256"] for r in model.card.references}
+    images = [item.image for item in read_sources(held_out_normals(normal, references)) if item.image is not None]
+    if not images:
+        raise ClipfusionError(f"--normal {normal} holds no readable image besides the model's references")
+    return images, "held-out normal images"
