@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +134,26 @@ def test_a_package_for_another_torch_read_out_or_precision_is_not_used(built, mo
     else:
         assert len(parts.missing) == 2 and parts.folders == []  # nothing in the cache fits: eager
     expected = detectors["off"].encode(defective[:1], "disc")
+    for name in MAP_NAMES:
+        assert _relative_difference(getattr(got, name), getattr(expected, name)) <= RELATIVE_TOLERANCE, name
+
+
+def test_a_damaged_package_is_said_and_its_part_runs_eager(built, model, scenes, tmp_path, monkeypatch, caplog):
+    cache, _ = built
+    copy = tmp_path / "cache"
+    shutil.copytree(cache, copy)
+    unet = next(copy.glob("unet-*"))
+    (unet / "package.pt2").write_bytes(b"half a package")  # a copy cut short, a disk error
+    monkeypatch.setenv(PRECOMPILED_CACHE_ENV, str(copy))
+    _, defective, _ = scenes
+    precompiled, eager = _detector(model, "auto"), _detector(model, "off")
+    with caplog.at_level(logging.WARNING, logger="clipfusion"):
+        got = precompiled.encode(defective[:1], "disc")
+    parts = precompiled.precompiled_parts()
+    assert parts is not None and [folder.name.split("-")[0] for folder in parts.folders] == ["vae"]
+    [warning] = [record.getMessage() for record in caplog.records if "cannot be used" in record.getMessage()]
+    assert "precompiled unet" in warning and str(unet) in warning and "runs eager" in warning
+    expected = eager.encode(defective[:1], "disc")
     for name in MAP_NAMES:
         assert _relative_difference(getattr(got, name), getattr(expected, name)) <= RELATIVE_TOLERANCE, name
 

@@ -141,25 +141,47 @@ def build_package(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], fol
 
 def load_or_build(fields: dict[str, Any], mode: str, module: Callable[[], torch.nn.Module],
                   inputs: tuple[torch.Tensor, ...], root: Path | None = None) -> Callable[..., Any] | None:
-    """The package for ``fields`` from the cache, built first in ``build`` mode; None in ``auto`` mode
-    when there is none (the caller runs eager).  Processes building the same package wait for each other."""
+    """The package for ``fields`` from the cache, built first in ``build`` mode (also over a damaged one);
+    None in ``auto`` mode when there is none usable (the caller runs eager).  Processes building the same
+    package wait for each other."""
     route_compiler_logs()
     root = root or cache_root()
     folder = root / folder_name(fields)
-    if not (folder / PACKAGE).is_file():
-        if mode != "build":  # serve and watch sum it up in one line (PrecompiledParts.status)
+    loaded = _load(folder, fields)
+    if loaded is not None or mode != "build":
+        if loaded is None and not (folder / PACKAGE).is_file():  # serve and watch sum it up (PrecompiledParts.status)
             logger.debug("no precompiled %s for this model on this machine in %s: it runs eager", fields["part"], root)
-            return None
-        root.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(root / f"{folder.name}.lock")):
-            if not (folder / PACKAGE).is_file():
-                logger.info("compiling the %s ahead of time into %s (once per model and machine; minutes)",
-                            fields["part"], folder)
-                start = time.perf_counter()
-                build_package(module(), inputs, folder, fields)
-                logger.info("compiled the %s in %.0f s", fields["part"], time.perf_counter() - start)
+        return loaded
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / f"{folder.name}.lock")):
+        if (loaded := _load(folder, fields, say=False)) is not None:  # built by another process meanwhile
+            return loaded
+        shutil.rmtree(folder, ignore_errors=True)  # a damaged or foreign one, if any
+        logger.info("compiling the %s ahead of time into %s (once per model and machine; minutes)", fields["part"],
+                    folder)
+        start = time.perf_counter()
+        build_package(module(), inputs, folder, fields)
+        logger.info("compiled the %s in %.0f s", fields["part"], time.perf_counter() - start)
+    return _load(folder, fields)
+
+
+def _load(folder: Path, fields: dict[str, Any], say: bool = True) -> Callable[..., Any] | None:
+    """The package in ``folder``; None when there is none, or (said in the log) when it is not the one
+    ``fields`` ask for or cannot be loaded (damaged, or written by another torch): that part runs eager."""
+    if not (folder / PACKAGE).is_file():
+        return None
     start = time.perf_counter()
-    loaded = torch._inductor.aoti_load_package(str(folder / PACKAGE))
+    try:
+        recorded = json.loads((folder / KEY).read_text())
+        if recorded != json.loads(json.dumps(fields)):  # a folder copied under another's name
+            raise ValueError("its key.json is for other settings")
+        loaded = torch._inductor.aoti_load_package(str(folder / PACKAGE))
+    except Exception as exc:  # whatever a damaged package raises, a start-up goes on eager
+        if say:
+            logger.warning("the precompiled %s in %s cannot be used (%s): it runs eager; `clipfusion compile` "
+                           "builds it again", fields["part"], folder,
+                           str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        return None
     logger.debug("loaded the precompiled %s from %s in %.1f s", fields["part"], folder, time.perf_counter() - start)
     return loaded
 
