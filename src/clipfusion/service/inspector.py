@@ -96,14 +96,16 @@ class ServedModel:
                       for _ in range(self.settings.replicas)]
         self.check = self_check(model, inspectors[0].detector, self.settings.self_check)  # replicas share weights
         runtime = self.settings.runtime
-        if (runtime.compile or runtime.precompiled != "off") and not model.is_export:
-            # compile (or load the precompiled parts) now, before requests come: the first image would
-            # otherwise wait minutes (seconds)
-            logger.info("compiling %s's models (--compile) or loading them precompiled before serving it", self.name)
+        # compile (or load the precompiled parts) now, before requests come: the first image would otherwise
+        # wait minutes (seconds); the self-check's probes, where they ran, have loaded the precompiled parts
+        precompiled = runtime.precompiled != "off" and self.check is None
+        if (runtime.compile or precompiled) and not model.is_export:
+            logger.info("warming %s's models up (%s) before serving it", self.name,
+                        "compiling them" if runtime.compile else "loading the precompiled parts")
             for inspector in inspectors:
                 inspector.inspect([np.full((256, 256, 3), 128, np.uint8)])
-            if (status := inspectors[0].precompiled_status(model.path)) is not None:
-                logger.info("model %s: %s", self.name, status)
+        if (status := inspectors[0].precompiled_status(model.path)) is not None:
+            logger.info("model %s: %s", self.name, status)
         self.model, self.card, self.inspectors = model, model.card, inspectors
         self.drift = self._drift_monitor(model)
 

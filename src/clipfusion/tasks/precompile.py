@@ -43,8 +43,7 @@ def precompile(model_path: str | Path, runtime: RuntimeConfig) -> Precompiled:
     detector = model.detector(dataclasses.replace(runtime, precompiled="build"), batch_size=1)
     detector.predict(probe_images(count=1), model.category)
     parts = detector.precompiled_parts() if isinstance(detector, CLIPFusion) else None
-    folders = () if parts is None else tuple(parts.folders)
-    if not folders:
+    if parts is None or not parts.folders:
         raise ClipfusionError(f"--model {model_path}: its method has no parts to precompile")
-    built = len(parts.missing) if parts is not None else 0
-    return Precompiled(Path(model_path), detector.precision, folders, built, time.perf_counter() - start)
+    return Precompiled(Path(model_path), detector.precision, tuple(parts.folders), len(parts.missing),
+                       time.perf_counter() - start)
