@@ -244,8 +244,9 @@ class PrecompiledParts:
         eager = [parts[name] for name, package in self._packages.items() if package is None]
         line = f"{' and '.join(used)} precompiled ({self.root or cache_root()})" if used else ""
         if eager:
+            them = "them" if len(eager) > 1 else "it"
             line += ("; " if line else "") + (f"{' and '.join(eager)} eager: not precompiled for this machine "
-                                              f"(`clipfusion compile --model {model}` builds it once, minutes; "
+                                              f"(`clipfusion compile --model {model}` builds {them} once, minutes; "
                                               "where it pays: docs/speed.md#precompiled-parts)")
         return line
 
