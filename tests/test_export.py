@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 
 from clipfusion.config import MAP_NAMES, RuntimeConfig
 from clipfusion.errors import ClipfusionError
@@ -72,6 +73,21 @@ def test_exported_branch_maps_fused_maps_and_decisions_equal_pytorch(scenes, fit
         assert exported.predict(defective, "plate").labels() == torch_prediction.labels()
         # the signal is still found: the exported visual maps rank the dark squares' pixels first
         assert pixel_auroc(masks, got.clip_visual) > 0.95
+
+
+def test_an_export_packs_no_convolution_weights_and_leaves_the_detector_packing_after(scenes, tmp_path,
+                                                                                     monkeypatch):
+    # the conversion holds a copy of the weights of its own: the eager packed copies would be a third
+    _, defective, _ = scenes
+    detector = CLIPFusion("tiny", FLOAT32, fusion__sigma=0.0)
+    packings = []
+    pack = torch._C._nn.mkldnn_reorder_conv2d_weight
+    monkeypatch.setattr(torch._C._nn, "mkldnn_reorder_conv2d_weight",
+                        lambda *args: packings.append(args) or pack(*args))
+    export_detector(detector, "plate", tmp_path / "export", weights="int8", check=(defective[:2], "test images"))
+    assert packings == []
+    detector.predict(defective[:1], "plate")
+    assert len(packings) > 3  # the UNet's convolutions pack again once the export is done
 
 
 def test_export_refuses_what_it_cannot_write(tmp_path):

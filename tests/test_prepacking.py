@@ -10,7 +10,7 @@ from torch import nn
 
 from clipfusion.config import RuntimeConfig, get_preset
 from clipfusion.encoders import DiffusionEncoder
-from clipfusion.encoders.prepacking import PrepackedConv2d, prepack_convolutions
+from clipfusion.encoders.prepacking import PrepackedConv2d, convolutions_unpacked, prepack_convolutions
 
 CASES = [  # in, out, kernel, stride, padding, bias, channels-last input
     (8, 16, 3, 1, 1, True, False),
@@ -124,3 +124,23 @@ def test_one_packing_serves_every_batch_size():
             x = torch.randn(batch, 8, 10, 10)
             torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), atol=1e-5, rtol=1e-5)
             assert conv._packed[1] is packed
+
+
+def test_unpacked_convolutions_release_their_copies_run_plain_and_pack_again_after():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    prepack_convolutions(model)
+    x = torch.randn(1, 3, 9, 9)
+    with torch.inference_mode():
+        expected = F.conv2d(F.relu(F.conv2d(x, model[0].weight, model[0].bias, padding=1)), model[2].weight,
+                            model[2].bias)
+        model(x)
+        assert model[0]._packed is not None and model[2]._packed is not None
+        with convolutions_unpacked(model):
+            assert [type(m) for m in model] == [nn.Conv2d, nn.ReLU, nn.Conv2d]
+            assert "_packed" not in vars(model[0]) and "_packed" not in vars(model[2])  # the copies let go
+            torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+            assert "_packed" not in vars(model[0])  # nothing packed inside
+        assert type(model[0]) is PrepackedConv2d and model[0]._packed is None
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+        assert model[0]._packed is not None  # packed again at its next call

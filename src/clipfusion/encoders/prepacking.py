@@ -9,12 +9,15 @@ torch that inductor's frozen graphs call (``mkldnn_reorder_conv2d_weight`` and
 
 The packed weight is a second copy of each convolution's weight, made at its first call, packed
 for one image of that call's shape and used for every batch size; a call with another image shape
-(or a changed weight) packs again.  One copy per convolution is kept.
+(or a changed weight) packs again.  One copy per convolution is kept; :func:`convolutions_unpacked`
+releases them for work that needs the memory more than the speed.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -74,3 +77,20 @@ def prepack_convolutions(module: nn.Module) -> int:
             child.__class__ = PrepackedConv2d
             turned += 1
     return turned
+
+
+@contextlib.contextmanager
+def convolutions_unpacked(module: nn.Module) -> Iterator[None]:
+    """Within: ``module``'s packed convolutions run as plain ``nn.Conv2d``, and the packed copies they held
+    are released.  For work that runs a model a few times and needs the memory more than the speed: an
+    export holds a copy of the weights of its own while converting (the copies of ``paper-recon``'s UNet
+    are 2.2 GB in float32).  Turned back after; each packs again at its next call."""
+    turned: list[nn.Module] = [child for child in module.modules() if type(child) is PrepackedConv2d]
+    for child in turned:
+        child.__dict__.pop("_packed", None)
+        child.__class__ = nn.Conv2d
+    try:
+        yield
+    finally:
+        for child in turned:
+            child.__class__ = PrepackedConv2d

@@ -24,6 +24,7 @@ import torch
 from clipfusion import __version__
 from clipfusion.config import RuntimeConfig
 from clipfusion.encoders.diffusion import VAE_MEAN, VAE_STD
+from clipfusion.encoders.prepacking import convolutions_unpacked
 from clipfusion.errors import ClipfusionError
 from clipfusion.export.graphs import ClipGraph, DiffusionGraph, VaeGraph
 from clipfusion.export.int8_check import Int8Check, measure_int8
@@ -168,6 +169,19 @@ def export_detector(detector: CLIPFusion, category: str, out: Path, graph_format
     if patchclip.encoder.device.type != "cpu" or mapdiff.encoder.device.type != "cpu" \
             or mapdiff.encoder.dtype != torch.float32 or patchclip.encoder.dtype != torch.float32:
         raise ClipfusionError("export runs the models on the CPU in float32: pass --device cpu --dtype float32")
+    # the conversion holds a copy of the UNet's weights of its own: no packed third copy beside it (2.2 GB for
+    # paper-recon in float32) for the few images the export runs
+    with convolutions_unpacked(mapdiff.encoder.unet):
+        return _write_export(detector, category, out, graph_format, card, source, weights, fingerprint, check,
+                             force)
+
+
+def _write_export(detector: CLIPFusion, category: str, out: Path, graph_format: str, card: ModelCard | None,
+                  source: dict[str, Any] | None, weights: str, fingerprint: str | None,
+                  check: tuple[list[np.ndarray], str] | None, force: bool) -> Path:
+    """:func:`export_detector` once its request is checked: the graphs traced and written under
+    ``out/.partial``, int8 weights measured, then everything moved into ``out``, the manifest last."""
+    patchclip, mapdiff = detector._branches()
     blank = np.full((mapdiff.encoder.config.image_size,) * 2 + (3,), 127, dtype=np.uint8)
     with torch.inference_mode():  # fills the text caches and the noise, which the graphs then hold as constants
         detector.encode([blank], category)
