@@ -33,7 +33,7 @@ def _layer(weight: np.ndarray, bias: np.ndarray) -> nn.Linear:
 
 
 @pytest.fixture
-def hashed(monkeypatch) -> list[int]:
+def hashed(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """One entry per digest computed from the tensors (``hashlib.sha256`` as the module calls it)."""
     calls: list[int] = []
     sha256 = hashlib.sha256
