@@ -10,12 +10,15 @@ bfloat16; then the peak RSS of each preset alone, with and without the packed UN
   packed on x86), batch 1.  The peak: ``torch.mm`` of two square matrices, median of the repeats, the
   best of a few sizes (oneDNN's convolutions may still beat it: a share above 1 says so).
 - Peak RSS: each preset in a fresh process (``--rss``), loading its models (random weights) and
-  scoring one image; ``fast`` and ``paper-recon``, with ``CLIPFUSION_PREPACK=1`` (the default) and ``0``.
+  scoring one image; ``fast`` and ``paper-recon``, with ``CLIPFUSION_PREPACK=1`` (the default) and ``0``,
+  in each of ``--rss-dtypes``; also the resident size once loaded, the peak while scoring, and each
+  part's weight bytes.
 
 Full-size architectures with random weights.  On a CPU without native bfloat16 (AVX2 only) torch
 emulates it: the bf16 peak there says how slow emulation is, not what bf16 hardware reaches.
 
 Usage: python benchmarks/roofline.py [--repeats 3] [--dtypes float32 bfloat16] [--no-rss]
+                                     [--rss-presets fast paper-recon] [--rss-dtypes float32 bfloat16]
                                      [--out benchmarks/results/roofline.json]
 """
 from __future__ import annotations
@@ -37,7 +40,7 @@ from clipfusion.config import RuntimeConfig
 from clipfusion.encoders import cache
 from clipfusion.encoders.prepacking import PrepackedConv2d
 from clipfusion.methods.winclip import WinCLIP
-from clipfusion.tasks.benchmark import _peak_rss_mb, random_weight_preset
+from clipfusion.tasks.benchmark import PROC_STATUS, _peak_rss_mb, random_weight_preset
 
 FAST_PROMPTS = ["a photo of a flawless or damaged object"]  # fast's one joint state prompt
 PAPER_PROMPTS = ["a photo of a flawless object", "a photo of a damaged object"]
@@ -106,27 +109,49 @@ def measure(dtype: str, repeats: int, peak: float) -> list[dict[str, Any]]:
     return rows
 
 
-def rss_of_preset(preset: str) -> None:
-    """In a fresh process: load ``preset`` (random weights, float32), score one image, print the peak RSS."""
-    from clipfusion.methods.clipfusion.detector import CLIPFusion
+def rss_of_preset(preset: str, dtype: str) -> None:
+    """In a fresh process: load ``preset`` (random weights) in ``dtype``, score one image, print what it held.
 
-    detector = CLIPFusion(random_weight_preset(preset), RuntimeConfig("cpu", "float32"), batch_size=1)
+    Random weights are made in float32 and then cast, which a real load (safetensors read in the run's
+    precision) does not do: so besides the peak of the whole process, the resident size once loaded and the
+    peak while scoring (from the loaded size up) are given, and the bytes of each part's weights."""
+    from clipfusion.methods.clipfusion.detector import CLIPFusion
+    from clipfusion.tasks.benchmark import _reset_peak_rss
+
+    detector = CLIPFusion(random_weight_preset(preset), RuntimeConfig("cpu", dtype), batch_size=1)
+    patchclip, mapdiff = detector._branches()
+    parts = {"clip": patchclip.encoder.model, "unet": mapdiff.encoder.unet, "vae": mapdiff.encoder.vae,
+             "text_encoder": mapdiff.encoder.text_encoder}
+    weights = {name: round(sum(t.numel() * t.element_size() for t in part.state_dict().values()) / 2**20)
+               for name, part in parts.items()}
+    # VmHWM and VmRSS, not getrusage's ru_maxrss: a child started by exec keeps its parent's peak in the latter
+    load_peak, loaded = _peak_rss_mb(), _rss_mb()
+    _reset_peak_rss()
     detector.predict([np.full((256, 256, 3), 128, np.uint8)], "object")
-    # VmHWM, not getrusage's ru_maxrss: a child started by exec keeps its parent's peak in the latter
-    print(json.dumps({"peak_rss_mb": round(_peak_rss_mb())}))
+    score_peak = _peak_rss_mb()
+    print(json.dumps({"peak_rss_mb": round(max(load_peak, score_peak)), "loaded_rss_mb": round(loaded),
+                      "scoring_peak_rss_mb": round(score_peak), "weights_mb": weights}))
+
+
+def _rss_mb() -> float:
+    line = next(line for line in PROC_STATUS.read_text().splitlines() if line.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=("float32", "bfloat16"),
-                        help="the stages' precisions (bfloat16 emulated on an AVX2-only CPU takes an hour)")
+    parser.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"], choices=("float32", "bfloat16"),
+                        help="the stages' precisions, none for no stages (bfloat16 emulated on an AVX2-only CPU takes an hour)")
     parser.add_argument("--no-rss", action="store_true", help="skip the per-preset peak RSS")
+    parser.add_argument("--rss-presets", nargs="+", default=["fast", "paper-recon"], choices=("fast", "paper-recon"))
+    parser.add_argument("--rss-dtypes", nargs="+", default=["float32"], choices=("float32", "bfloat16"),
+                        help="the precisions each preset's RSS is measured in (packing is float32's only)")
     parser.add_argument("--out", default="benchmarks/results/roofline.json")
-    parser.add_argument("--rss", help=argparse.SUPPRESS)
+    parser.add_argument("--rss", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.rss:
-        return rss_of_preset(args.rss)
+        return rss_of_preset(*args.rss)
     from _common import write_results
 
     # both peaks always (bf16's also says how slow emulation is where the CPU lacks it), the best of a few
@@ -137,11 +162,11 @@ def main() -> None:
     rows = [row for dtype in args.dtypes for row in measure(dtype, args.repeats, peaks[dtype])]
     memory = []
     if not args.no_rss:
-        for preset in ("fast", "paper-recon"):
-            for prepack in ("1", "0"):
-                done = subprocess.run([sys.executable, __file__, "--rss", preset], capture_output=True, text=True,
-                                      env={**os.environ, "CLIPFUSION_PREPACK": prepack}, check=True)
-                row = {"preset": preset, "packed_unet_weights": prepack == "1",
+        for preset in args.rss_presets:
+            for dtype, prepack in [(d, p) for d in args.rss_dtypes for p in ("1", "0") if d == "float32" or p == "0"]:
+                done = subprocess.run([sys.executable, __file__, "--rss", preset, dtype], capture_output=True,
+                                      text=True, env={**os.environ, "CLIPFUSION_PREPACK": prepack}, check=True)
+                row = {"preset": preset, "dtype": dtype, "packed_unet_weights": prepack == "1",
                        **json.loads(done.stdout.strip().splitlines()[-1])}
                 print(json.dumps(row), flush=True)
                 memory.append(row)
