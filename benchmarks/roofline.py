@@ -142,7 +142,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"], choices=("float32", "bfloat16"),
-                        help="the stages' precisions, none for no stages (bfloat16 emulated on an AVX2-only CPU takes an hour)")
+                        help="the stages' precisions, none for no stages (bfloat16 emulated on an AVX2-only CPU "
+                             "takes an hour)")
     parser.add_argument("--no-rss", action="store_true", help="skip the per-preset peak RSS")
     parser.add_argument("--rss-presets", nargs="+", default=["fast", "paper-recon"], choices=("fast", "paper-recon"))
     parser.add_argument("--rss-dtypes", nargs="+", default=["float32"], choices=("float32", "bfloat16"),
