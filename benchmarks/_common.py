@@ -20,9 +20,10 @@ def clipfusion_command() -> str:
     return str(Path(sys.executable).with_name("clipfusion"))
 
 
-def make_model(preset: str, normal: Path, out: Path) -> Path:
-    """A zero-shot model file of ``preset`` (random weights for fast) with thresholds from ``normal``."""
-    extra = RANDOM_FAST if preset == "fast" else []
+def make_model(preset: str, normal: Path, out: Path, weights: list[str] | None = None) -> Path:
+    """A zero-shot model file of ``preset`` (random weights for fast) with thresholds from ``normal``;
+    ``weights``: the ``--set`` options naming the models to load instead (default: fast's random ones)."""
+    extra = (RANDOM_FAST if weights is None else weights) if preset == "fast" else []
     subprocess.run([clipfusion_command(), "fit", "--normal", str(normal), "--category", "disc", "--shots", "0",
                     "--preset", preset, *extra, "--out", str(out), "--quiet"], check=True)
     return out

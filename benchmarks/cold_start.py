@@ -16,7 +16,12 @@ The steady figures of the separate processes are not interleaved, so the script 
 ``--rounds`` rounds, and the maps' difference.  Full-size architectures with random weights (``fast``)
 or the tiny preset, float32 unless ``--dtype``.
 
-Usage: python benchmarks/cold_start.py [--preset fast] [--repeats 3] [--rounds 5] [--modes ...]
+Random weights are made at every start (most of an eager start's time).  With ``--from-disk`` they are
+written once, as a user's downloads are (a diffusers folder, TAESD's folder, an open_clip
+``.safetensors`` file), the model file names those, and every start reads them from disk: what a start
+costs on a machine that has run the model before (the files in the page cache).
+
+Usage: python benchmarks/cold_start.py [--preset fast] [--repeats 3] [--rounds 5] [--modes ...] [--from-disk]
                                       [--out benchmarks/results/cold_start.json]
 """
 from __future__ import annotations
@@ -91,6 +96,28 @@ def steady(model: str, dtype: str, rounds: int) -> None:
                       "stages_ms": stages}))
 
 
+def save_weights(folder: Path) -> None:
+    """``fast``'s models with random weights, written where :func:`disk_weights` names them."""
+    from safetensors.torch import save_file
+
+    from clipfusion.config import ClipConfig, RuntimeConfig
+    from clipfusion.encoders.loading import build_diffusion_from_configs, load_open_clip
+
+    parts = build_diffusion_from_configs("sd15-unet", "taesd", "sd15-text-encoder")
+    for name in ("unet", "text_encoder", "tokenizer", "scheduler"):
+        getattr(parts, name).save_pretrained(folder / "sd" / name)
+    parts.vae.save_pretrained(folder / "taesd")
+    clip = load_open_clip(ClipConfig(pretrained=None), RuntimeConfig("cpu", "float32")).model
+    save_file({name: tensor.contiguous() for name, tensor in clip.state_dict().items()},
+              str(folder / "clip.safetensors"))
+
+
+def disk_weights(folder: Path) -> list[str]:
+    """The ``--set`` options of a model file that loads :func:`save_weights`' files."""
+    return ["--set", f"diffusion__model_id={folder / 'sd'}", "--set", f"diffusion__vae_id={folder / 'taesd'}",
+            "--set", f"clip__pretrained={folder / 'clip.safetensors'}"]
+
+
 def _child(args: list[str], env: dict[str, str]) -> tuple[dict, float]:
     launched = time.time()
     done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env)
@@ -106,7 +133,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--from-disk", action="store_true",
+                        help="fast's random weights written to disk once and read at every start")
     parser.add_argument("--out", default="benchmarks/results/cold_start.json")
+    parser.add_argument("--save-weights", help=argparse.SUPPRESS)
     parser.add_argument("--one", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--steady", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -115,6 +145,8 @@ def main() -> None:
         return one(args.one, args.model, args.dtype, args.repeats)
     if args.steady:
         return steady(args.model, args.dtype, args.rounds)
+    if args.save_weights:
+        return save_weights(Path(args.save_weights))
 
     sys.path.insert(0, str(Path(__file__).parent))
     from _common import make_model, write_results
@@ -125,7 +157,12 @@ def main() -> None:
         folder = Path(folder_name)
         data = generate(folder / "data", SyntheticSpec(categories=("disc",), image_size=256, n_train=6,
                                                        n_test_good=1, n_test_per_defect=1), progress=False)
-        model = str(make_model(args.preset, data / "disc" / "train" / "good", folder / "disc.cfm"))
+        weights = None
+        if args.from_disk and args.preset == "fast":
+            # in a child, so that this process stays small beside the starts it measures
+            subprocess.run([sys.executable, __file__, "--save-weights", str(folder / "weights")], check=True)
+            weights = disk_weights(folder / "weights")
+        model = str(make_model(args.preset, data / "disc" / "train" / "good", folder / "disc.cfm", weights))
         env = {**os.environ, "CLIPFUSION_COMPILED_CACHE": str(folder / "packages"),
                "TORCHINDUCTOR_CACHE_DIR": str(folder / "inductor")}
         runs = []
@@ -141,6 +178,7 @@ def main() -> None:
         compared, _ = _child(["--steady", "--model", model, "--dtype", args.dtype, "--rounds", str(args.rounds)], env)
         print(json.dumps(compared), flush=True)
     write_results(args.out, runs, preset=args.preset, dtype=args.dtype, package_mb=sizes, steady=compared,
+                  weights="read from disk" if args.from_disk else "random, made at every start",
                   command=" ".join(["python", "benchmarks/cold_start.py", *sys.argv[1:]]))
 
 
