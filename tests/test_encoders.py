@@ -323,11 +323,19 @@ def test_missing_diffusion_weights_offline_give_the_clear_error(tmp_path, monkey
         assert expected in message
 
 
-def test_stable_diffusion_loads_from_a_local_diffusers_folder_and_a_separate_autoencoder(tmp_path):
+def test_stable_diffusion_loads_from_a_local_diffusers_folder_and_a_separate_autoencoder(tmp_path, monkeypatch):
     """The real loading path (``from_pretrained``), as an offline user gives it: ``diffusion__model_id`` a
     local diffusers folder, and ``diffusion__vae_id`` a separate autoencoder folder (as ``fast`` names
-    TAESD): every weight read back equal to the saved models'."""
+    TAESD): every weight read back equal to the saved models', and the hub never asked (an air-gapped
+    machine would wait for its answer at every start)."""
+    from clipfusion.encoders import loading
     from clipfusion.encoders.loading import load_diffusion
+
+    def hub_answers(timeout: float) -> bool:
+        raise AssertionError("the hub was asked for weights in local folders")
+
+    monkeypatch.setattr(loading, "hub_answers", hub_answers)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
 
     saved = build_diffusion_from_configs("tiny-unet", "tiny-vae", "tiny-text-encoder", seed=3)
     folder = tmp_path / "sd"
@@ -335,7 +343,7 @@ def test_stable_diffusion_loads_from_a_local_diffusers_folder_and_a_separate_aut
         getattr(saved, name).save_pretrained(folder / name)
     other_vae = build_diffusion_from_configs("tiny-unet", "tiny-vae", "tiny-text-encoder", seed=4).vae
     other_vae.save_pretrained(tmp_path / "vae")
-    runtime = RuntimeConfig("cpu", "float32", offline=True)
+    runtime = RuntimeConfig("cpu", "float32", offline=False)
     for vae_id, vae in ((None, saved.vae), (str(tmp_path / "vae"), other_vae)):
         loaded = load_diffusion(DiffusionConfig(model_id=str(folder), vae_id=vae_id), runtime)
         for got, want in ((loaded.unet, saved.unet), (loaded.vae, vae), (loaded.text_encoder, saved.text_encoder)):

@@ -330,8 +330,11 @@ def load_diffusion(config: DiffusionConfig, runtime: RuntimeConfig) -> Diffusion
         finally:
             casting.setLevel(level)
     else:
-        common = {"cache_dir": runtime.cache_dir, "local_files_only": is_offline(runtime)}
         source = config.model_id
+        # local folders need no hub: asking it would make an air-gapped line PC wait for its answer (10 s by
+        # default) at every start
+        local = all(Path(name).expanduser().is_dir() for name in (source, config.vae_id) if name is not None)
+        common = {"cache_dir": runtime.cache_dir, "local_files_only": local or is_offline(runtime)}
         # positional: AutoModel.from_pretrained names its first parameter pretrained_model_or_path (diffusers
         # 0.42), so a pretrained_model_name_or_path keyword was taken as an unknown option and the VAE looked for
         # in None (found by tests/test_doctor.py's local diffusers folder)
