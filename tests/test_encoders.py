@@ -385,3 +385,36 @@ def test_vae_dtype_keeps_the_autoencoder_in_float32_under_a_bfloat16_unet():
     torch.testing.assert_close(latents, plain.encode_latents(plain.preprocess(images)).to(torch.bfloat16))
     out = mixed.encode(mixed.preprocess(images), PROMPTS, token_indices=[5])
     assert all(torch.isfinite(m).all() for m in out.cross_attn_maps.values())
+
+
+def test_text_embeddings_from_the_columns_up_to_the_end_token_equal_open_clips_over_all_77():
+    from clipfusion.encoders.clip import encode_tokens
+
+    parts = load_open_clip(get_preset("tiny").clip, RuntimeConfig("cpu", "float32"))
+    model = parts.model
+    prompts = ["a photo of a flawless disc", "a cropped photo of the damaged printed circuit board with a scratch",
+               "bottle"]
+    tokens = parts.tokenizer(prompts)
+    seen: list[int] = []
+    hook = model.transformer.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].shape[1]))
+    try:
+        with torch.inference_mode():
+            got = encode_tokens(model, tokens)
+            expected = model.encode_text(tokens)  # open_clip's own, every column
+    finally:
+        hook.remove()
+    longest = int(tokens.argmax(dim=-1).max()) + 1  # the longest prompt's end token, and the start token
+    assert tokens.shape[1] == 77 and seen == [longest, 77] and longest < 20
+    scale = float(expected.abs().max())
+    assert scale > 0 and float((got - expected).abs().max()) <= 1e-5 * scale
+
+
+def test_a_text_tower_that_pools_otherwise_runs_open_clips_own_call_on_every_column():
+    from clipfusion.encoders.clip import encode_tokens
+
+    parts = load_open_clip(get_preset("tiny").clip, RuntimeConfig("cpu", "float32"))
+    model = parts.model
+    model.text_pool_type = "last"  # the last column's output: the padding columns matter
+    tokens = parts.tokenizer(["a photo of a flawless disc"])
+    with torch.inference_mode():
+        torch.testing.assert_close(encode_tokens(model, tokens), model.encode_text(tokens), atol=0, rtol=0)
