@@ -29,7 +29,8 @@ from PIL import Image
 
 from clipfusion.cli import main
 from clipfusion.data.base import read_rgb
-from clipfusion.run_folders import exclusive
+from clipfusion.errors import ClipfusionError
+from clipfusion.run_folders import check_output_folder, exclusive
 from clipfusion.tasks.inputs import _glob, collect_images
 
 from .commands import clipfusion, clipfusion_here, results
@@ -78,6 +79,19 @@ def test_overwrite_never_deletes_files_clipfusion_did_not_write(synthetic_root, 
     _one_line_error(_evaluate_here(dataset, dataset, "--overwrite"), str(dataset))
     _one_line_error(_evaluate_here(dataset, tmp_path, "--overwrite"), "contains")  # an ancestor of the data
     assert _snapshot(dataset) == before
+
+
+def test_a_half_written_file_of_the_runs_own_is_not_taken_for_a_strangers(tmp_path):
+    # a run writing results.json atomically holds .results.json.XXXXXXXX.tmp for a moment: a second run that
+    # checks the folder then must get the lock's "another run (process N)" error, not "holds a stranger's file"
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    (out / ".results.json.k3j9x_2a.tmp").write_text("{")
+    check_output_folder(out, "evaluation", ["results.json"])
+    (out / ".notes.txt.k3j9x_2a.tmp").write_text("mine")  # not a temporary of the run's own files
+    with pytest.raises(ClipfusionError, match=r"holds \.notes\.txt\.k3j9x_2a\.tmp, which this evaluation run"):
+        check_output_folder(out, "evaluation", ["results.json"])
 
 
 def test_overwrite_replaces_an_earlier_evaluation(synthetic_root, tmp_path):

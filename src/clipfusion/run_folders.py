@@ -35,7 +35,8 @@ def check_output_folder(out: Path, kind: str, own: Sequence[str], protected: Seq
             raise ClipfusionError(f"--out {out} contains {folder}, which this run reads; choose a folder outside it")
     if out.is_dir():
         entries = {p.name for p in out.iterdir()}
-        foreign = sorted(entries - set(own) - set(_HOUSEKEEPING))
+        foreign = sorted(name for name in entries - set(own) - set(_HOUSEKEEPING)
+                         if not _own_temporary(name, (*own, *_HOUSEKEEPING)))
         marker = out / MARKER
         previous = read_json(marker, "the output marker").get("kind") if marker.is_file() else None
         if foreign or previous not in (None, kind):
@@ -44,6 +45,13 @@ def check_output_folder(out: Path, kind: str, own: Sequence[str], protected: Seq
             raise ClipfusionError(f"--out {out} holds {held}, which this {kind} run did not write; choose an empty "
                                   "or new folder (--overwrite only ever deletes clipfusion's own files)")
     probe_writable(out)  # a folder that cannot be written is found now, not after the models load
+
+
+def _own_temporary(name: str, own: Sequence[str]) -> bool:
+    """Whether ``name`` is ``write_atomic``'s temporary of one of ``own`` (``.NAME.XXXXXXXX.tmp``): a run
+    writing into the folder now (a second run checks the folder before it meets the first one's lock), or
+    one killed in the middle of a write."""
+    return name.endswith(".tmp") and any(name.startswith(f".{entry}.") for entry in own)
 
 
 def claim_output_folder(out: Path, kind: str, own: Sequence[str], overwrite: bool = False,
