@@ -69,6 +69,10 @@ def test_a_digest_is_kept_until_a_weight_is_written_or_replaced(hashed):
     assert weights_digest(layer) == first and len(hashed) == 3
     layer.bias = nn.Parameter(torch.from_numpy(bias * 2))  # replaced by another tensor
     assert weights_digest(layer) == _expected({"weight": weight, "bias": bias * 2}) and len(hashed) == 4
+    version = layer.weight._version
+    layer.weight.data = torch.from_numpy(weight * 3)  # other values swapped in: the version counter stays
+    assert layer.weight._version == version
+    assert weights_digest(layer) == _expected({"weight": weight * 3, "bias": bias * 2}) and len(hashed) == 5
 
 
 def test_weights_without_a_version_counter_are_hashed_at_every_call(hashed):

@@ -18,8 +18,8 @@ import weakref
 import torch
 from torch import nn
 
-# module → (each state-dict tensor as (name, weak reference, version counter), its digest)
-_State = tuple[tuple[str, "weakref.ref[torch.Tensor]", int], ...]
+# module → (each state-dict tensor as (name, weak reference, version counter, storage address), its digest)
+_State = tuple[tuple[str, "weakref.ref[torch.Tensor]", int, int], ...]
 _digests: weakref.WeakKeyDictionary[nn.Module, tuple[_State, str]] = weakref.WeakKeyDictionary()
 
 
@@ -27,8 +27,9 @@ def weights_digest(module: nn.Module) -> str:
     """The hex SHA-256 of ``module``'s weights (see the module's docstring); one tensor copied at a time.
 
     The digest of an earlier call is returned while every tensor is the same object with the same version
-    counter (an in-place write, ``load_state_dict`` included, moves it); a module holding tensors made under
-    ``torch.inference_mode`` (no version counter) is hashed at every call."""
+    counter (an in-place write, ``load_state_dict`` included, moves it) and the same storage (``.data =``
+    swaps it without moving the counter); a module holding tensors made under ``torch.inference_mode`` (no
+    version counter) is hashed at every call."""
     state = _state(module)
     kept = _digests.get(module)
     if state is not None and kept is not None and _same(kept[0], state):
@@ -50,10 +51,10 @@ def _state(module: nn.Module) -> _State | None:
     tensors = sorted(module.state_dict(keep_vars=True).items())
     if any(tensor.is_inference() for _, tensor in tensors):
         return None
-    return tuple((name, weakref.ref(tensor), tensor._version) for name, tensor in tensors)
+    return tuple((name, weakref.ref(tensor), tensor._version, tensor.data_ptr()) for name, tensor in tensors)
 
 
 def _same(kept: _State, now: _State) -> bool:
     return len(kept) == len(now) and all(
-        name == name_now and ref() is not None and ref() is ref_now() and version == version_now
-        for (name, ref, version), (name_now, ref_now, version_now) in zip(kept, now, strict=True))
+        name == name_now and ref() is not None and ref() is ref_now() and version == version_now and where == where_now
+        for (name, ref, version, where), (name_now, ref_now, version_now, where_now) in zip(kept, now, strict=True))
