@@ -81,8 +81,8 @@ def test_an_export_packs_no_convolution_weights_and_leaves_the_detector_packing_
     _, defective, _ = scenes
     detector = CLIPFusion("tiny", FLOAT32, fusion__sigma=0.0)
     packings = []
-    pack = torch._C._nn.mkldnn_reorder_conv2d_weight
-    monkeypatch.setattr(torch._C._nn, "mkldnn_reorder_conv2d_weight",
+    pack = torch.ops.mkldnn._reorder_convolution_weight
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_convolution_weight",
                         lambda *args: packings.append(args) or pack(*args))
     export_detector(detector, "plate", tmp_path / "export", weights="int8", check=(defective[:2], "test images"))
     assert packings == []

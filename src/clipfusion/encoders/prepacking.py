@@ -4,7 +4,7 @@ Eager PyTorch re-lays a convolution's weight out into oneDNN's blocked format at
 batch 1 on small maps (``fast``'s UNet runs 1280-channel 3×3 convolutions on 4×4 and 8×8 latents)
 that costs as much as the arithmetic.  Inductor's weight freezing (``--compile``) packs the weights
 once, after minutes of compiling; this packs them in eager mode with the same oneDNN operators of
-torch that inductor's frozen graphs call (``mkldnn_reorder_conv2d_weight`` and
+torch that inductor's frozen graphs call (``mkldnn._reorder_convolution_weight`` and
 ``mkldnn._convolution_pointwise``), at no compile time.  Measured in ``benchmarks/compile.py``.
 
 The packed weight is a second copy of each convolution's weight, made at its first call, packed
@@ -45,9 +45,11 @@ class PrepackedConv2d(nn.Conv2d):
             # Packed for one image whatever the batch: repacking at every change of batch size (serve's
             # batches vary, a run's last batch is short) cost more than eager's own re-layout, and the fast
             # UNet pass at batch 8 with weights packed for one image was still 1.17x plain eager's speed.
-            # (torch's stub omits the op's last argument, the input size the packing is chosen for.)
-            packed = torch._C._nn.mkldnn_reorder_conv2d_weight(  # type: ignore[call-arg]
-                self.weight.detach().to_mkldnn(), padding, stride, dilation, self.groups, [1, *input.shape[1:]])
+            # Straight from the dense weight, channels-last as the loader leaves it: going through
+            # to_mkldnn() first (a contiguous copy, then oneDNN's own) made packing fast's UNet 3x slower, most
+            # of a cold start's first call (benchmarks/packing.py).
+            packed = torch.ops.mkldnn._reorder_convolution_weight(
+                self.weight.detach(), padding, stride, dilation, self.groups, [1, *input.shape[1:]])
             self._packed = (key, packed)
         # channels-last in, as eager's convolution turns its output when the weight is channels-last
         return torch.ops.mkldnn._convolution_pointwise(input.contiguous(memory_format=torch.channels_last),
