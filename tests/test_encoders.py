@@ -418,3 +418,36 @@ def test_a_text_tower_that_pools_otherwise_runs_open_clips_own_call_on_every_col
     tokens = parts.tokenizer(["a photo of a flawless disc"])
     with torch.inference_mode():
         torch.testing.assert_close(encode_tokens(model, tokens), model.encode_text(tokens), atol=0, rtol=0)
+
+
+def test_clip_weights_read_from_a_file_are_not_drawn_at_random_first(tmp_path, monkeypatch):
+    import dataclasses
+
+    from safetensors.torch import load_file, save_file
+
+    from clipfusion.encoders.loading import TINY_CLIP_NAME
+
+    drawn: list[tuple[int, ...]] = []
+    kaiming = torch.nn.init.kaiming_uniform_
+
+    def spy(tensor: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        drawn.append(tuple(tensor.shape))
+        return kaiming(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", spy)  # what nn.Linear's initialisation calls
+    tiny = get_preset("tiny").clip
+    random_model = load_open_clip(tiny, FLOAT32).model
+    assert drawn  # random weights are drawn
+    path = tmp_path / "clip.safetensors"
+    save_file({name: tensor.contiguous() for name, tensor in random_model.state_dict().items()}, str(path))
+    drawn.clear()
+    loaded = load_open_clip(dataclasses.replace(tiny, model_name=TINY_CLIP_NAME, pretrained=str(path)), FLOAT32).model
+    assert drawn == []  # none drawn for weights the file holds
+    assert torch.nn.init.kaiming_uniform_ is spy  # torch's initialisers are back after the build
+    expected = load_file(str(path))
+    state = loaded.state_dict()
+    assert sorted(state) == sorted(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(state[name], tensor), name
+    load_open_clip(tiny, FLOAT32)
+    assert drawn  # and drawn again for the next random build

@@ -8,13 +8,16 @@ looked in, and the two fixes.  ``tiny`` builds the same classes from the small c
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import logging
 import os
 import pickle
+import threading
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -154,6 +157,31 @@ class OpenClipParts:
     std: tuple[float, float, float]
 
 
+_BUILD_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _building(skip_init: bool) -> Iterator[None]:
+    """One model build at a time; ``skip_init``: without drawing random initial weights.
+
+    open_clip draws every weight at random before it reads the checkpoint over them (strictly: every
+    parameter and buffer it keeps is in the file): 3 s of a cold start for ``fast``'s CLIP.  transformers'
+    ``no_init_weights`` (what its own ``from_pretrained`` uses) turns torch's initialisers into no-ops, for
+    the whole process while it lasts; the lock keeps another clipfusion build (a random tiny model in
+    another thread) from running inside it.
+    """
+    with _BUILD_LOCK:
+        if not skip_init:
+            yield
+            return
+        try:
+            from transformers.initialization import no_init_weights
+        except ImportError:  # transformers 4.x kept it here
+            from transformers.modeling_utils import no_init_weights
+        with no_init_weights():
+            yield
+
+
 def load_open_clip(
     config: ClipConfig, runtime: RuntimeConfig, device: str | torch.device | None = None
 ) -> OpenClipParts:
@@ -195,7 +223,8 @@ def load_open_clip(
     if pretrained is None:  # random weights on purpose: silence open_clip's "no pretrained weights" warning
         logging.disable(logging.WARNING)
     try:
-        with torch.random.fork_rng(devices=[]):
+        # a local-dir: folder without weights is built at random (open_clip only warns): initialised then
+        with torch.random.fork_rng(devices=[]), _building(skip_init=pretrained is not None):
             torch.manual_seed(TINY_SEED)  # random (tiny) weights are the same on every run
             model = open_clip.create_model(
                 name, pretrained=pretrained, device=target, force_quick_gelu=quick_gelu,
