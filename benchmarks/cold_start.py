@@ -5,7 +5,9 @@ Each start is its own process (``--one MODE``), as a user's ``predict``/``serve`
 model file, scores one image, then scores it ``--repeats`` more times; the parent takes the wall time
 from launching it to its first verdict, and the child reports its peak RSS.  In order:
 
-- ``eager``: no compiling (``--precompiled off``);
+- ``eager-first``: no compiling (``--precompiled off``), the first run on a machine: the text embeddings'
+  cache (``CLIPFUSION_TEXT_CACHE``) emptied first;
+- ``eager``: the same, a later start (the text embeddings read from that cache);
 - ``compile-cold`` and ``compile-warm``: ``--compile`` with inductor's on-disk caches in a fresh folder,
   then again with that folder filled (``TORCHINDUCTOR_CACHE_DIR``: what a restarted service gets);
 - ``precompiled-build``: ``--precompiled build`` on an empty package cache (the one-off compile);
@@ -30,6 +32,7 @@ import argparse
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,9 +40,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-MODES = ("eager", "compile-cold", "compile-warm", "precompiled-build", "precompiled")
+MODES = ("eager-first", "eager", "compile-cold", "compile-warm", "precompiled-build", "precompiled")
 RUNTIME: dict[str, dict[str, Any]] = {  # mode → RuntimeConfig's compile settings
-    "eager": {"precompiled": "off"}, "compile-cold": {"compile": True}, "compile-warm": {"compile": True},
+    "eager-first": {"precompiled": "off"}, "eager": {"precompiled": "off"},
+    "compile-cold": {"compile": True}, "compile-warm": {"compile": True},
     "precompiled-build": {"precompiled": "build"}, "precompiled": {"precompiled": "auto"}}
 
 
@@ -164,9 +168,11 @@ def main() -> None:
             weights = disk_weights(folder / "weights")
         model = str(make_model(args.preset, data / "disc" / "train" / "good", folder / "disc.cfm", weights))
         env = {**os.environ, "CLIPFUSION_COMPILED_CACHE": str(folder / "packages"),
-               "TORCHINDUCTOR_CACHE_DIR": str(folder / "inductor")}
+               "TORCHINDUCTOR_CACHE_DIR": str(folder / "inductor"), "CLIPFUSION_TEXT_CACHE": str(folder / "text")}
         runs = []
         for mode in args.modes:
+            if mode == "eager-first":
+                shutil.rmtree(folder / "text", ignore_errors=True)
             result, launched = _child(["--one", mode, "--model", model, "--dtype", args.dtype, "--repeats",
                                        str(args.repeats)], env)
             row = {"mode": mode, "cold_start_s": round(result.pop("first_verdict_at") - launched, 1), **result}

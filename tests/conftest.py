@@ -17,6 +17,7 @@ import pytest
 from clipfusion import notices
 from clipfusion.config import PRECOMPILED_CACHE_ENV
 from clipfusion.data.synthetic import SyntheticSpec, generate
+from clipfusion.encoders.text_cache import TEXT_CACHE_ENV
 from clipfusion.hardware import NATIVE_BF16_SWITCH
 
 from .commands import clipfusion_here
@@ -24,10 +25,11 @@ from .scenes import CORNERS, scene
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Precompiled packages go to a folder of this session's (inherited by the commands it starts), never
-    the user's ~/.cache; it starts empty, so serve and watch (``--precompiled auto``) run eager unless a
-    test builds packages in a folder of its own."""
+    """Precompiled packages and text embeddings go to folders of this session's (inherited by the commands
+    it starts), never the user's ~/.cache; they start empty, so serve and watch (``--precompiled auto``) run
+    eager unless a test builds packages in a folder of its own."""
     os.environ[PRECOMPILED_CACHE_ENV] = tempfile.mkdtemp(prefix="clipfusion-compiled-")
+    os.environ[TEXT_CACHE_ENV] = tempfile.mkdtemp(prefix="clipfusion-text-")
 
 
 SMALL_SPEC = SyntheticSpec(
@@ -193,7 +195,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         return [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon
                 and t.is_alive() and not _idle_pool_worker(t, frames)]
 
-    shutil.rmtree(os.environ.get(PRECOMPILED_CACHE_ENV, ""), ignore_errors=True)
+    for folder in (PRECOMPILED_CACHE_ENV, TEXT_CACHE_ENV):
+        shutil.rmtree(os.environ.get(folder, ""), ignore_errors=True)
     deadline = time.monotonic() + LEFT_THREADS_GRACE_S
     while (left := blocking()) and time.monotonic() < deadline:
         left[0].join(timeout=0.5)

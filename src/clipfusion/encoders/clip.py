@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from clipfusion.config import ClipConfig, RuntimeConfig
 from clipfusion.encoders.loading import OpenClipParts, load_open_clip
+from clipfusion.encoders.text_cache import cached_text_embeddings
 from clipfusion.errors import SettingError
 from clipfusion.geometry import window_indices
 from clipfusion.resampling import normalised_pixels
@@ -206,11 +207,13 @@ class ClipEncoder:
 
     @torch.inference_mode()
     def encode_text(self, prompts: Sequence[str]) -> torch.Tensor:
-        """(N, D) L2-normalised text embeddings, cached per prompt list for the encoder's lifetime."""
+        """(N, D) L2-normalised text embeddings, cached per prompt list for the encoder's lifetime, and on disk
+        per model and machine (:mod:`clipfusion.encoders.text_cache`)."""
         key = tuple(prompts)
         if key not in self._text_cache:
             tokens = self.tokenizer(list(prompts)).to(self.device)
-            self._text_cache[key] = F.normalize(encode_tokens(self.model, tokens).float(), dim=-1)
+            embeddings = cached_text_embeddings(self.model, tokens, lambda: encode_tokens(self.model, tokens))
+            self._text_cache[key] = F.normalize(embeddings.float(), dim=-1)
         return self._text_cache[key]
 
     def encode_prompt_ensembles(self, ensembles: Sequence[Sequence[str]]) -> torch.Tensor:
