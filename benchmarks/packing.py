@@ -6,8 +6,8 @@ groups, input size) is recorded, then packed again by each way, in interleaved r
 on fresh memory (the packed copies of the round before are released):
 
 - ``two_step``: ``weight.to_mkldnn()`` then ``torch._C._nn.mkldnn_reorder_conv2d_weight`` (what
-  clipfusion did up to 0.x: a contiguous copy of the channels-last weight, oneDNN's plain copy, then
-  the blocked copy);
+  clipfusion did before: a contiguous copy of the channels-last weight, oneDNN's plain copy, then the
+  blocked copy);
 - ``one_op``: ``torch.ops.mkldnn._reorder_convolution_weight`` straight from the dense weight (what
   inductor's weight freezing calls, and clipfusion now).
 
