@@ -1,6 +1,8 @@
 """The encoders read exactly what they claim, on tiny random models (and real architectures on meta)."""
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -327,7 +329,7 @@ def test_stable_diffusion_loads_from_a_local_diffusers_folder_and_a_separate_aut
     """The real loading path (``from_pretrained``), as an offline user gives it: ``diffusion__model_id`` a
     local diffusers folder, and ``diffusion__vae_id`` a separate autoencoder folder (as ``fast`` names
     TAESD): every weight read back equal to the saved models', and the hub never asked (an air-gapped
-    machine would wait for its answer at every start)."""
+    machine would wait for its answer at every start), nor accelerate asked for on the terminal."""
     from clipfusion.encoders import loading
     from clipfusion.encoders.loading import load_diffusion
 
@@ -344,12 +346,22 @@ def test_stable_diffusion_loads_from_a_local_diffusers_folder_and_a_separate_aut
     other_vae = build_diffusion_from_configs("tiny-unet", "tiny-vae", "tiny-text-encoder", seed=4).vae
     other_vae.save_pretrained(tmp_path / "vae")
     runtime = RuntimeConfig("cpu", "float32", offline=False)
-    for vae_id, vae in ((None, saved.vae), (str(tmp_path / "vae"), other_vae)):
-        loaded = load_diffusion(DiffusionConfig(model_id=str(folder), vae_id=vae_id), runtime)
-        for got, want in ((loaded.unet, saved.unet), (loaded.vae, vae), (loaded.text_encoder, saved.text_encoder)):
-            want_state = want.state_dict()
-            assert got.state_dict().keys() == want_state.keys()
-            assert all(torch.equal(value, want_state[key]) for key, value in got.state_dict().items())
+    said: list[logging.LogRecord] = []
+    listener = logging.Handler(logging.WARNING)
+    listener.emit = said.append  # type: ignore[method-assign]
+    diffusers_log = logging.getLogger("diffusers")  # its own handler, not propagated: listened to directly
+    monkeypatch.setattr(diffusers_log, "level", logging.WARNING)  # as a plain `clipfusion predict` leaves it
+    diffusers_log.addHandler(listener)
+    try:
+        for vae_id, vae in ((None, saved.vae), (str(tmp_path / "vae"), other_vae)):
+            loaded = load_diffusion(DiffusionConfig(model_id=str(folder), vae_id=vae_id), runtime)
+            assert not [record.getMessage() for record in said if "accelerate" in record.getMessage()]
+            for got, want in ((loaded.unet, saved.unet), (loaded.vae, vae), (loaded.text_encoder, saved.text_encoder)):
+                want_state = want.state_dict()
+                assert got.state_dict().keys() == want_state.keys()
+                assert all(torch.equal(value, want_state[key]) for key, value in got.state_dict().items())
+    finally:
+        diffusers_log.removeHandler(listener)
 
 
 def test_tiny_models_are_identical_across_builds():

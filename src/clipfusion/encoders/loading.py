@@ -340,6 +340,7 @@ def load_diffusion(config: DiffusionConfig, runtime: RuntimeConfig) -> Diffusion
     ``tiny`` and ``random:<architecture>`` (benchmarks) build random weights from shipped configs.
     """
     from diffusers import AutoModel, DDPMScheduler, UNet2DConditionModel
+    from diffusers.utils import is_accelerate_available
     from transformers import CLIPTextModel, CLIPTokenizer
 
     runtime = runtime.resolved()[0]
@@ -368,10 +369,16 @@ def load_diffusion(config: DiffusionConfig, runtime: RuntimeConfig) -> Diffusion
         # 0.42), so a pretrained_model_name_or_path keyword was taken as an unknown option and the VAE looked for
         # in None (found by tests/test_doctor.py's local diffusers folder)
         vae_source, vae_subfolder = (config.vae_id, None) if config.vae_id else (source, "vae")
+        # Without accelerate diffusers asks for it at every model it loads (a warning at every start) and loads
+        # as it does with this set; installing it changed neither a start's time nor its peak here
+        # (docs/speed.md), so it is used where present, never asked for.
+        low_memory = {"low_cpu_mem_usage": is_accelerate_available()}
         try:
             parts = DiffusionParts(
-                unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **common),
-                vae=AutoModel.from_pretrained(vae_source, subfolder=vae_subfolder, torch_dtype=vae_dtype, **common),
+                unet=UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=dtype, **common,
+                                                          **low_memory),
+                vae=AutoModel.from_pretrained(vae_source, subfolder=vae_subfolder, torch_dtype=vae_dtype, **common,
+                                              **low_memory),
                 text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype, **common),
                 tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common),
                 scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler", **common),
