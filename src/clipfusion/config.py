@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from clipfusion.errors import ClipfusionError, SettingError
@@ -165,6 +167,13 @@ class FusionConfig:
     score_rule: str = "mean"
     topk_fraction: float = 0.01
     maps: tuple[str, ...] = ("clip_language", "clip_visual", "diff_language", "diff_visual")
+
+
+def user_cache_dir(name: str) -> Path:
+    """``$XDG_CACHE_HOME/clipfusion/<name>`` (``~/.cache/clipfusion/<name>``), beside the Hugging Face cache's
+    default: where clipfusion keeps what it can make again (demo data, tokenizer files, compiled parts, text
+    embeddings)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clipfusion" / name
 
 
 PRECOMPILED_MODES = ("off", "auto", "build")  # RuntimeConfig.precompiled

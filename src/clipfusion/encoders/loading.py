@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from clipfusion.config import TINY, ClipConfig, DiffusionConfig, RuntimeConfig
+from clipfusion.config import TINY, ClipConfig, DiffusionConfig, RuntimeConfig, user_cache_dir
 from clipfusion.encoders.prepacking import prepack_convolutions
 from clipfusion.errors import ClipfusionError, WeightsNotFoundError
 from clipfusion.hardware import cpu_info, slow_on_cpu
@@ -260,7 +260,7 @@ def tiny_tokenizer_dir() -> str:
     """
     import open_clip.tokenizer as oc_tokenizer
 
-    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clipfusion" / "clip-tokenizer"
+    folder = user_cache_dir("clip-tokenizer")
     if all((folder / name).is_file() for name in ("vocab.json", "merges.txt", "tokenizer_config.json")):
         return str(folder)
     with gzip.open(oc_tokenizer.default_bpe()) as handle:

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import torch
 from filelock import FileLock
 
-from clipfusion.config import PRECOMPILED_CACHE_ENV
+from clipfusion.config import PRECOMPILED_CACHE_ENV, user_cache_dir
 from clipfusion.encoders.attention import CaptureState
 from clipfusion.encoders.compiling import route_compiler_logs
 from clipfusion.encoders.digest import weights_digest
@@ -66,8 +66,7 @@ def cache_root() -> Path:
     (``~/.cache/clipfusion/compiled``), beside the Hugging Face cache's default."""
     if os.environ.get(PRECOMPILED_CACHE_ENV):
         return Path(os.environ[PRECOMPILED_CACHE_ENV])
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "clipfusion" / "compiled"
+    return user_cache_dir("compiled")
 
 
 @functools.cache

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from clipfusion.config import user_cache_dir
 from clipfusion.encoders.digest import weights_digest
 from clipfusion.hardware import cpu_info
 from clipfusion.outputs import write_atomic
@@ -39,7 +40,7 @@ def cache_folder() -> Path | None:
     chosen = os.environ.get(TEXT_CACHE_ENV)
     if chosen:
         return None if chosen.lower() in {"off", "0", "none"} else Path(chosen)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clipfusion" / "text"
+    return user_cache_dir("text")
 
 
 @functools.cache

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from clipfusion.config import get_preset
+from clipfusion.config import get_preset, user_cache_dir
 from clipfusion.data.base import MAX_PIXELS
 from clipfusion.data.synthetic import ensure_synthetic
 from clipfusion.encoders.loading import weights_cached
@@ -23,8 +22,7 @@ DEMO_METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro")
 
 def default_data_dir() -> Path:
     """Where the demo keeps its synthetic data: ``$XDG_CACHE_HOME/clipfusion`` or ``~/.cache/clipfusion``."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "clipfusion" / "synthetic-v1"
+    return user_cache_dir("synthetic-v1")
 
 
 def demo_preset(asked: str, cache_dir: str | None) -> str:
