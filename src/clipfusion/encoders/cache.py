@@ -9,6 +9,8 @@ import dataclasses
 import gc
 from functools import lru_cache
 
+import torch
+
 from clipfusion.config import ClipConfig, DiffusionConfig, RuntimeConfig
 from clipfusion.encoders.clip import ClipEncoder
 from clipfusion.encoders.diffusion import DiffusionEncoder
@@ -21,15 +23,21 @@ def clip_encoder(config: ClipConfig, runtime: RuntimeConfig) -> ClipEncoder:
                                                      precompiled="off"))
 
 
+# Weights are loaded outside torch.inference_mode even where a detector loads them lazily inside it (predict):
+# tensors made inside it have no version counter, so the digest of their weights (the text cache's key, the
+# self-check, the precompiled parts' keys) could not be kept and was hashed again at every call (0.55 s a time
+# for fast's CLIP; seconds for its UNet).
 @lru_cache(maxsize=2)
 def _clip_encoder(config: ClipConfig, runtime: RuntimeConfig) -> ClipEncoder:
-    return ClipEncoder.from_config(config, runtime)
+    with torch.inference_mode(False):
+        return ClipEncoder.from_config(config, runtime)
 
 
 @lru_cache(maxsize=2)
 def _diffusion_parts(model_id: str, vae_id: str | None, vae_dtype: str | None, runtime: RuntimeConfig
                      ) -> DiffusionParts:
-    return load_diffusion(DiffusionConfig(model_id=model_id, vae_id=vae_id, vae_dtype=vae_dtype), runtime)
+    with torch.inference_mode(False):
+        return load_diffusion(DiffusionConfig(model_id=model_id, vae_id=vae_id, vae_dtype=vae_dtype), runtime)
 
 
 def diffusion_encoder(config: DiffusionConfig, runtime: RuntimeConfig) -> DiffusionEncoder:
