@@ -8,6 +8,8 @@ from launching it to its first verdict, and the child reports its peak RSS.  In 
 - ``eager-first``: no compiling (``--precompiled off``), the first run on a machine: the text embeddings'
   cache (``CLIPFUSION_TEXT_CACHE``) emptied first;
 - ``eager``: the same, a later start (the text embeddings read from that cache);
+- ``self-checked``: ``eager`` with the self-check that ``serve`` and ``watch`` run before their first verdict
+  by default (``--self-check refuse``: the digest of every weight, the three probe images scored);
 - ``compile-cold`` and ``compile-warm``: ``--compile`` with inductor's on-disk caches in a fresh folder,
   then again with that folder filled (``TORCHINDUCTOR_CACHE_DIR``: what a restarted service gets);
 - ``precompiled-build``: ``--precompiled build`` on an empty package cache (the one-off compile);
@@ -40,9 +42,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-MODES = ("eager-first", "eager", "compile-cold", "compile-warm", "precompiled-build", "precompiled")
+MODES = ("eager-first", "eager", "self-checked", "compile-cold", "compile-warm", "precompiled-build", "precompiled")
 RUNTIME: dict[str, dict[str, Any]] = {  # mode → RuntimeConfig's compile settings
-    "eager-first": {"precompiled": "off"}, "eager": {"precompiled": "off"},
+    "eager-first": {"precompiled": "off"}, "eager": {"precompiled": "off"}, "self-checked": {"precompiled": "off"},
     "compile-cold": {"compile": True}, "compile-warm": {"compile": True},
     "precompiled-build": {"precompiled": "build"}, "precompiled": {"precompiled": "auto"}}
 
@@ -60,9 +62,13 @@ def one(mode: str, model: str, dtype: str, repeats: int) -> None:
 
     from clipfusion.config import RuntimeConfig
     from clipfusion.inspection import ModelFile
+    from clipfusion.inspection.selfcheck import self_check
     from clipfusion.tasks.benchmark import _peak_rss_mb
 
-    detector = ModelFile.open(model).detector(RuntimeConfig("cpu", dtype, **RUNTIME[mode]), batch_size=1)
+    model_file = ModelFile.open(model)
+    detector = model_file.detector(RuntimeConfig("cpu", dtype, **RUNTIME[mode]), batch_size=1)
+    if mode == "self-checked":
+        self_check(model_file, detector, "refuse")
     image = _image()
     detector.predict([image], "disc")
     first = time.time()
