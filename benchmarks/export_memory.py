@@ -24,7 +24,7 @@ def one(preset: str, weights: str, out: str) -> None:
     from clipfusion.tasks.benchmark import _peak_rss_mb, random_weight_preset
 
     detector = CLIPFusion(random_weight_preset(preset), RuntimeConfig("cpu", "float32"), batch_size=1)
-    export_detector(detector, "object", Path(out), weights=weights)
+    export_detector(detector, "object", Path(out), weights=weights, release_models=True)  # as clipfusion export
     print(json.dumps({"peak_rss_mb": round(_peak_rss_mb())}))  # VmHWM: ru_maxrss keeps the parent's peak
 
 

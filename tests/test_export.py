@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import shutil
 import signal
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import httpx
@@ -88,6 +90,32 @@ def test_an_export_packs_no_convolution_weights_and_leaves_the_detector_packing_
     assert packings == []
     detector.predict(defective[:1], "plate")
     assert len(packings) > 3  # the UNet's convolutions pack again once the export is done
+
+
+def test_clipfusion_export_lets_go_of_the_pytorch_weights_before_it_runs_the_int8_graphs(scenes, tmp_path,
+                                                                                          monkeypatch):
+    # OpenVINO expands the 8-bit weights to run them: beside the PyTorch weights, both at once were the int8
+    # export's peak (docs/speed.md)
+    _, defective, _ = scenes
+    runtime = RuntimeConfig("cpu", "float32", hub_timeout=9.0)  # a runtime of its own: weights no other test holds
+    detector = CLIPFusion("tiny", runtime, fusion__sigma=0.0)
+    before = detector.predict(defective[:2], "plate")
+    unet = weakref.ref(detector._branches()[1].encoder.unet)
+    held_while_run = []
+    predict = ExportedDetector.predict
+
+    def watched(self, *args, **kwargs):
+        gc.collect()
+        held_while_run.append(unet() is not None)
+        return predict(self, *args, **kwargs)
+
+    monkeypatch.setattr(ExportedDetector, "predict", watched)
+    export_detector(detector, "plate", tmp_path / "export", weights="int8", check=(defective[:2], "test images"),
+                    release_models=True)
+    assert held_while_run == [False]
+    after = detector.predict(defective[:2], "plate")  # loaded again at its next call: the same weights
+    np.testing.assert_array_equal(after.maps, before.maps)
+    np.testing.assert_array_equal(after.scores, before.scores)
 
 
 def test_export_refuses_what_it_cannot_write(tmp_path):

@@ -18,7 +18,7 @@ import numpy as np
 
 from clipfusion.decisions import label
 from clipfusion.images import Images
-from clipfusion.protocol import Detector
+from clipfusion.protocol import Prediction
 
 
 @dataclass(frozen=True)
@@ -40,13 +40,13 @@ class Int8Check:
                 f"{self.max_score_difference:.4f}, maps by up to {100 * self.max_map_difference:.1f} % of their range")
 
 
-def measure_int8(reference: Detector, folder: Path, images: Images, category: str, what: str) -> Int8Check:
-    """``folder``'s export (int8, complete with its manifest) against ``reference`` (the float32 PyTorch
-    model it came from) on ``images``."""
+def measure_int8(expected: Prediction, folder: Path, images: Images, category: str, what: str) -> Int8Check:
+    """``folder``'s export (int8, complete with its manifest) on ``images`` against ``expected``, what the
+    float32 PyTorch model it came from predicted for them (computed first, so that its weights can be let go
+    before OpenVINO expands the 8-bit ones)."""
     from clipfusion.runtime.exported import ExportedDetector
 
-    exported = ExportedDetector(folder, dtype="float32")  # like with like: the reference runs float32
-    expected, got = reference.predict(images, category), exported.predict(images, category)
+    got = ExportedDetector(folder, dtype="float32").predict(images, category)  # like with like: float32
     spread = max(float(np.ptp(expected.maps)), 1e-12)
     flips, threshold = None, expected.image_threshold  # the model's own, for both
     if threshold is not None:

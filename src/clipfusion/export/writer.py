@@ -28,10 +28,12 @@ from clipfusion.encoders.prepacking import convolutions_unpacked
 from clipfusion.errors import ClipfusionError
 from clipfusion.export.graphs import ClipGraph, DiffusionGraph, VaeGraph
 from clipfusion.export.int8_check import Int8Check, measure_int8
+from clipfusion.inspection.fingerprint import probe_images
 from clipfusion.inspection.models import ModelFile
 from clipfusion.methods.clipfusion.detector import CLIPFusion
 from clipfusion.methods.clipfusion.model_file import ModelCard
 from clipfusion.outputs import file_sha256, json_safe, json_text, write_atomic
+from clipfusion.protocol import Prediction
 from clipfusion.runtime.manifest import (
     EXPORT_FORMAT,
     GRAPH_FORMATS,
@@ -134,12 +136,12 @@ def export_model(out: Path, graph_format: str, runtime: RuntimeConfig, model: Mo
         source = {"model": model.path.name, "sha256": model.sha256}
         fingerprint = None if model.fingerprint is None else model.fingerprint.to_json()
         return export_detector(detector, model.card.category, out, graph_format, model.card, source, overwrite,
-                               weights, fingerprint, check, force)
+                               weights, fingerprint, check, force, release_models=True)
     if preset is None or category is None:
         raise ClipfusionError("a zero-shot export needs both --preset and --category")
     detector = CLIPFusion(preset, runtime)
     return export_detector(detector, category, out, graph_format, None, {"preset": preset, "category": category},
-                           overwrite, weights, None, check, force)
+                           overwrite, weights, None, check, force, release_models=True)
 
 
 def check_exportable(detector: CLIPFusion) -> None:
@@ -154,14 +156,18 @@ def check_exportable(detector: CLIPFusion) -> None:
 def export_detector(detector: CLIPFusion, category: str, out: Path, graph_format: str = "openvino",
                     card: ModelCard | None = None, source: dict[str, Any] | None = None,
                     overwrite: bool = False, weights: str = "float32", fingerprint: str | None = None,
-                    check: tuple[list[np.ndarray], str] | None = None, force: bool = False) -> Path:
+                    check: tuple[list[np.ndarray], str] | None = None, force: bool = False,
+                    release_models: bool = False) -> Path:
     """Write ``detector`` (fitted or not; loaded on the CPU in float32) for ``category`` into ``out``;
     ``fingerprint``: the model file's (``inspection.fingerprint``), kept in the manifest for ``doctor``.
 
     weights: ``float32`` (the same maps as PyTorch), or ``int8`` (OpenVINO IR only: weights compressed
     to 8 bits, smaller and possibly faster, maps no longer equal).  An int8 export is measured against
     ``detector`` on ``check``'s images (the fingerprint's probes when None) before it is kept
-    (``export.int8_check``): one that flips a decision is refused unless ``force``."""
+    (``export.int8_check``): one that flips a decision is refused unless ``force``.  release_models: the
+    detector's weights are let go (:meth:`CLIPFusion.release_models`) before the int8 graphs are run for
+    that check, for a caller that needs them no more (``clipfusion export``): OpenVINO expands the 8-bit
+    weights to run them, and both at once were the export's peak."""
     _check_request(graph_format, weights, out, overwrite)
     check_exportable(detector)
     import_openvino("export", "export")
@@ -169,18 +175,33 @@ def export_detector(detector: CLIPFusion, category: str, out: Path, graph_format
     if patchclip.encoder.device.type != "cpu" or mapdiff.encoder.device.type != "cpu" \
             or mapdiff.encoder.dtype != torch.float32 or patchclip.encoder.dtype != torch.float32:
         raise ClipfusionError("export runs the models on the CPU in float32: pass --device cpu --dtype float32")
+    unet = mapdiff.encoder.unet
+    del patchclip, mapdiff  # nothing here may hold the weights once they are released
+    images, what = check or (probe_images(), "probe images")
     # the conversion holds a copy of the UNet's weights of its own: no packed third copy beside it (2.2 GB for
     # paper-recon in float32) for the few images the export runs
-    with convolutions_unpacked(mapdiff.encoder.unet):
-        return _write_export(detector, category, out, graph_format, card, source, weights, fingerprint, check,
-                             force)
+    with convolutions_unpacked(unet):
+        expected = detector.predict(images, category) if weights == "int8" else None
+        partial, manifest, files = _write_graphs(detector, category, out, graph_format, card, source, weights)
+    del unet
+    manifest["fingerprint"] = fingerprint
+    if expected is not None:
+        if release_models:
+            detector.release_models()
+        manifest["int8_check"] = _checked_int8(expected, partial, manifest, images, category, what,
+                                               force).to_json()
+    (out / MANIFEST).unlink(missing_ok=True)  # the folder is no export until the new manifest is in
+    for name in files:
+        (partial / name).replace(out / name)
+    shutil.rmtree(partial)
+    write_atomic(out / MANIFEST, json_text({**manifest, "digest": manifest_digest(manifest)}))
+    return out
 
 
-def _write_export(detector: CLIPFusion, category: str, out: Path, graph_format: str, card: ModelCard | None,
-                  source: dict[str, Any] | None, weights: str, fingerprint: str | None,
-                  check: tuple[list[np.ndarray], str] | None, force: bool) -> Path:
-    """:func:`export_detector` once its request is checked: the graphs traced and written under
-    ``out/.partial``, int8 weights measured, then everything moved into ``out``, the manifest last."""
+def _write_graphs(detector: CLIPFusion, category: str, out: Path, graph_format: str, card: ModelCard | None,
+                  source: dict[str, Any] | None, weights: str) -> tuple[Path, dict[str, Any], list[str]]:
+    """The graphs of :func:`export_detector` traced and written under ``out/.partial``: that folder, the
+    manifest (without fingerprint and int8 check) and the files written."""
     patchclip, mapdiff = detector._branches()
     blank = np.full((mapdiff.encoder.config.image_size,) * 2 + (3,), 127, dtype=np.uint8)
     with torch.inference_mode():  # fills the text caches and the noise, which the graphs then hold as constants
@@ -203,28 +224,17 @@ def _write_export(detector: CLIPFusion, category: str, out: Path, graph_format: 
         graphs[name] = written[0]
         files += written
     manifest = _manifest(detector, category, partial, graph_format, weights, graphs, outputs, files, card, source)
-    manifest["fingerprint"] = fingerprint
-    if weights == "int8":
-        manifest["int8_check"] = _checked_int8(detector, category, partial, manifest, check, force).to_json()
-    (out / MANIFEST).unlink(missing_ok=True)  # the folder is no export until the new manifest is in
-    for name in files:
-        (partial / name).replace(out / name)
-    shutil.rmtree(partial)
-    write_atomic(out / MANIFEST, json_text({**manifest, "digest": manifest_digest(manifest)}))
-    return out
+    return partial, manifest, files
 
 
-def _checked_int8(detector: CLIPFusion, category: str, partial: Path, manifest: dict[str, Any],
-                  check: tuple[list[np.ndarray], str] | None, force: bool) -> Int8Check:
-    """The int8 graphs in ``partial`` measured against ``detector`` (their manifest written there for the
-    runtime to read); a flipped decision refuses the export (``partial`` removed, an earlier export in
-    ``--out`` left as it was) unless ``force``, which warns."""
-    from clipfusion.inspection.fingerprint import probe_images
-
-    images, what = check or (probe_images(), "probe images")
+def _checked_int8(expected: Prediction, partial: Path, manifest: dict[str, Any], images: list[np.ndarray],
+                  category: str, what: str, force: bool) -> Int8Check:
+    """The int8 graphs in ``partial`` measured against ``expected``, what the float32 model predicted for
+    ``images`` (their manifest written there for the runtime to read); a flipped decision refuses the export
+    (``partial`` removed, an earlier export in ``--out`` left as it was) unless ``force``, which warns."""
     write_atomic(partial / MANIFEST, json_text({**manifest, "digest": manifest_digest(manifest)}))
     logger.info("export: checking the int8 weights on %d %s against the float32 model", len(images), what)
-    measured = measure_int8(detector, partial, images, category, what)
+    measured = measure_int8(expected, partial, images, category, what)
     if measured.flips:
         if not force:
             shutil.rmtree(partial)

@@ -151,6 +151,13 @@ class CLIPFusion(Estimator):
             self._built = (patchclip, mapdiff)
         return self._built
 
+    def release_models(self) -> None:
+        """Let go of the models' weights: this detector's and the ones the process shares
+        (``encoders.cache``), so that their memory can go once nothing else holds them.  They load again at
+        the next call, the same weights (read from their files again; random ones drawn from a fixed seed)."""
+        self.__dict__.pop("_built", None)
+        cache.release()
+
     def _settings_bank_fields(self) -> dict[str, Any]:
         """What a memory bank must agree on that the settings alone decide (no model is built)."""
         config = self.config
